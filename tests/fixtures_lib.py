@@ -1,0 +1,83 @@
+"""Builders for the local test assets (no network): tokenizers and the SmolLM2 HF folder."""
+
+import pathlib
+
+_DONE = ".complete"
+
+
+def _ready(out: pathlib.Path) -> bool:
+  return (out / _DONE).exists()
+
+
+def _mark(out: pathlib.Path) -> pathlib.Path:
+  (out / _DONE).write_text("ok")
+  return out
+
+
+def smollm2_tokenizer_dir(gguf: pathlib.Path, out: pathlib.Path) -> pathlib.Path:
+  if _ready(out):
+    return out
+  import transformers
+
+  tok = transformers.AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+  tok.save_pretrained(out)
+  return _mark(out)
+
+
+def smollm2_hf_dir(gguf: pathlib.Path, out: pathlib.Path) -> pathlib.Path:
+  if _ready(out):
+    return out
+  import torch
+  import transformers
+
+  loaded = transformers.AutoModelForCausalLM.from_pretrained(
+      str(gguf.parent), gguf_file=gguf.name, torch_dtype=torch.float32)
+  # Copy into a plain LlamaForCausalLM so save_pretrained writes an ordinary fp32 folder.
+  config = transformers.LlamaConfig.from_dict(loaded.config.to_dict())
+  plain = transformers.LlamaForCausalLM(config).to(torch.float32)
+  plain.load_state_dict(loaded.state_dict())
+  plain.save_pretrained(out)
+  tok = transformers.AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+  tok.save_pretrained(out)
+  return _mark(out)
+
+
+TINY_CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+_TINY_CORPUS = [
+    "The quick brown fox jumps over the lazy dog.",
+    "Instruction modelling applies the loss to instructions as well as outputs.",
+    "Write a short poem about the sea. The sea is wide and grey.",
+    "What is the capital of France? The capital of France is Paris.",
+    "Summarise the following text in one sentence.",
+    "Numbers: 0 1 2 3 4 5 6 7 8 9 10 100 1000.",
+    "<|system|>\n<|user|>\n<|assistant|>\n",
+] * 20
+
+
+def tiny_tokenizer_dir(out: pathlib.Path, vocab_size: int = 512) -> pathlib.Path:
+  if _ready(out):
+    return out
+  import tokenizers
+  import transformers
+  from tokenizers import decoders, models, pre_tokenizers, trainers
+
+  tok = tokenizers.Tokenizer(models.BPE())
+  tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+  tok.decoder = decoders.ByteLevel()
+  special = ["<pad>", "<s>", "</s>", "<|im_start|>", "<|im_end|>"]
+  trainer = trainers.BpeTrainer(
+      vocab_size=vocab_size, special_tokens=special,
+      initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+  tok.train_from_iterator(_TINY_CORPUS, trainer=trainer)
+  fast = transformers.PreTrainedTokenizerFast(
+      tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>",
+      additional_special_tokens=["<|im_start|>", "<|im_end|>"])
+  fast.chat_template = TINY_CHAT_TEMPLATE
+  fast.save_pretrained(out)
+  return _mark(out)
