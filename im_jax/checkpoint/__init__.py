@@ -1,0 +1,5 @@
+"""Orbax checkpoints of a training run: state, data-iterator position and metadata."""
+
+from im_jax.checkpoint.store import CheckpointConfig, CheckpointStore, Restored
+
+__all__ = ["CheckpointConfig", "CheckpointStore", "Restored"]
