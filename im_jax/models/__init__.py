@@ -1,0 +1,1 @@
+"""Models: the Flax NNX Llama family and its attention."""

@@ -1,0 +1,81 @@
+"""Attention for packed rows: causal by position, never across segments.
+
+One function serves training (S == T) and, later, decoding with a KV cache (S != T): the
+mask is built from explicit segment ids and positions of both sides, never from array indices.
+"""
+
+from typing import Literal
+
+import jax
+import jax.numpy as jnp
+
+Implementation = Literal["xla", "cudnn"]
+
+
+def attention_mask(
+    q_segment_ids: jax.Array,
+    kv_segment_ids: jax.Array,
+    q_positions: jax.Array,
+    kv_positions: jax.Array,
+) -> jax.Array:
+  """Boolean mask `[B, T, S]`: same segment, not padding, and kv_pos <= q_pos."""
+  same = q_segment_ids[:, :, None] == kv_segment_ids[:, None, :]
+  real = (q_segment_ids[:, :, None] != 0) & (kv_segment_ids[:, None, :] != 0)
+  causal = kv_positions[:, None, :] <= q_positions[:, :, None]
+  return same & real & causal
+
+
+def attention(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    q_segment_ids: jax.Array,
+    kv_segment_ids: jax.Array,
+    q_positions: jax.Array,
+    kv_positions: jax.Array,
+    *,
+    scale: float | None = None,
+    implementation: Implementation = "xla",
+) -> jax.Array:
+  """Grouped-query attention over packed rows.
+
+  Args:
+    q: `[B, T, H, hd]` queries (RoPE already applied).
+    k: `[B, S, K, hd]` keys, K divides H (query head h reads kv head h // (H // K), as
+      transformers' `repeat_kv` does).
+    v: `[B, S, K, hd]` values.
+    q_segment_ids, kv_segment_ids: `[B, T]`, `[B, S]` int; 0 marks padding.
+    q_positions, kv_positions: `[B, T]`, `[B, S]` int positions within each segment.
+    scale: logit scale, default `hd ** -0.5`.
+    implementation: "xla" (plain einsums, runs everywhere, the tested path) or "cudnn"
+      (`jax.nn.dot_product_attention` with the same mask; GPU only).
+
+  Returns:
+    `[B, T, H, hd]` in q's dtype. Rows that may attend to nothing (padding) are exactly 0.
+  """
+  b, t, h, hd = q.shape
+  kv_heads = k.shape[2]
+  if h % kv_heads:
+    raise ValueError(f"query heads {h} not divisible by kv heads {kv_heads}")
+  scale = hd**-0.5 if scale is None else scale
+  mask = attention_mask(q_segment_ids, kv_segment_ids, q_positions, kv_positions)
+  any_visible = jnp.any(mask, axis=-1)  # [B, T]
+
+  if implementation == "cudnn":
+    out = jax.nn.dot_product_attention(
+        q, k, v, mask=mask[:, None], scale=scale, implementation="cudnn")
+  elif implementation == "xla":
+    groups = h // kv_heads
+    qg = q.reshape(b, t, kv_heads, groups, hd)
+    # Scores and softmax in float32 whatever the compute dtype.
+    logits = jnp.einsum(
+        "btkgd,bskd->bkgts", qg, k, preferred_element_type=jnp.float32) * scale
+    m = mask[:, None, None]
+    # A finite fill keeps fully masked rows finite (uniform) instead of NaN; they are zeroed below.
+    logits = jnp.where(m, logits, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(logits, axis=-1)
+    out = jnp.einsum("bkgts,bskd->btkgd", probs.astype(v.dtype), v)
+    out = out.reshape(b, t, h, hd)
+  else:
+    raise ValueError(f"unknown attention implementation {implementation!r}")
+  return jnp.where(any_visible[:, :, None, None], out, 0).astype(q.dtype)

@@ -1,0 +1,250 @@
+"""Llama-family decoder in Flax NNX (Llama 2/3/3.1, Mistral, Qwen2, SmolLM2).
+
+Parameters are kept in `param_dtype` and cast to `compute_dtype` where used; attention scores,
+softmax, RMSNorm statistics and RoPE are float32, and so are the logits `__call__` returns.
+
+RoPE uses the rotate-half convention (`x * cos + rotate_half(x) * sin`, with the frequencies
+repeated over the two halves of a head), which is how transformers applies HF Llama q/k
+weights. So HF q/k projections load as they are, with no permutation, and export back
+bit-identically (see params.py).
+
+Every `nnx.Param` carries `logical_axes` metadata; with `scan_layers` the decoder layers are
+one stacked `Block` (leading `layers` axis) run by `jax.lax.scan`, else an `nnx.List`.
+"""
+
+from collections.abc import Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from im_jax.models import attention as attention_lib
+from im_jax.models.llama.config import LlamaConfig
+
+_REMAT_POLICIES = {
+    "minimal": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+    "full": jax.checkpoint_policies.nothing_saveable,
+}
+
+
+def _param(rngs: nnx.Rngs, init: Callable, shape: Sequence[int], axes: Sequence[str | None],
+           dtype, stack: int | None) -> nnx.Param:
+  """A parameter with `logical_axes`; `stack` adds a leading `layers` dimension."""
+  shape, axes = tuple(shape), tuple(axes)
+  if stack is not None:
+    shape, axes = (stack, *shape), ("layers", *axes)
+  return nnx.Param(init(rngs.params(), shape, dtype), logical_axes=axes)
+
+
+def _zeros(key, shape, dtype):
+  del key
+  return jnp.zeros(shape, dtype)
+
+
+def _ones(key, shape, dtype):
+  del key
+  return jnp.ones(shape, dtype)
+
+
+class Dense(nnx.Module):
+  """Contracts the last `n_in` dims of x with the first `n_in` dims of a (multi-dim) kernel."""
+
+  def __init__(self, shape: Sequence[int], axes: Sequence[str | None], *, n_in: int = 1,
+               use_bias: bool = False, config: LlamaConfig, rngs: nnx.Rngs,
+               stack: int | None = None):
+    dtype = jnp.dtype(config.param_dtype)
+    self.n_in = n_in
+    self.compute_dtype = jnp.dtype(config.compute_dtype)
+    init = jax.nn.initializers.normal(config.initializer_range)
+    self.kernel = _param(rngs, init, shape, axes, dtype, stack)
+    self.bias = (_param(rngs, _zeros, shape[n_in:], axes[n_in:], dtype, stack)
+                 if use_bias else None)
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    dt = self.compute_dtype
+    y = jnp.tensordot(x.astype(dt), self.kernel[...].astype(dt), axes=self.n_in)
+    if self.bias is not None:
+      y = y + self.bias[...].astype(dt)
+    return y
+
+
+class RMSNorm(nnx.Module):
+
+  def __init__(self, config: LlamaConfig, *, rngs: nnx.Rngs, stack: int | None = None):
+    self.eps = config.rms_norm_eps
+    self.compute_dtype = jnp.dtype(config.compute_dtype)
+    self.scale = _param(rngs, _ones, (config.hidden_size,), ("embed",),
+                        jnp.dtype(config.param_dtype), stack)
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    x32 = x.astype(jnp.float32)
+    y = x32 * jax.lax.rsqrt(jnp.mean(jnp.square(x32), axis=-1, keepdims=True) + self.eps)
+    # As transformers: normalise in float32, cast, then scale.
+    return y.astype(self.compute_dtype) * self.scale[...].astype(self.compute_dtype)
+
+
+def rope_inv_freq(config: LlamaConfig) -> np.ndarray:
+  """Inverse frequencies `[head_dim // 2]` float32, with llama3/linear scaling as transformers."""
+  dim = config.head_dim
+  exponent = np.arange(0, dim, 2, dtype=np.int64).astype(np.float32) / np.float32(dim)
+  inv_freq = np.float32(1.0) / (np.float32(config.rope_theta) ** exponent)
+  s = config.rope_scaling
+  if s is None:
+    return inv_freq
+  if s.rope_type == "linear":
+    return (inv_freq / np.float32(s.factor)).astype(np.float32)
+  old_len = s.original_max_position_embeddings
+  low_wavelen = old_len / s.low_freq_factor
+  high_wavelen = old_len / s.high_freq_factor
+  wavelen = 2 * np.pi / inv_freq
+  scaled = np.where(wavelen > low_wavelen, inv_freq / s.factor, inv_freq)
+  smooth = (old_len / wavelen - s.low_freq_factor) / (s.high_freq_factor - s.low_freq_factor)
+  smoothed = (1 - smooth) * scaled / s.factor + smooth * scaled
+  medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
+  return np.where(medium, smoothed, scaled).astype(np.float32)
+
+
+def rope_cos_sin(positions: jax.Array, inv_freq: np.ndarray) -> tuple[jax.Array, jax.Array]:
+  """cos, sin `[B, T, head_dim]` float32 for integer positions `[B, T]`."""
+  freqs = positions.astype(jnp.float32)[..., None] * jnp.asarray(inv_freq)
+  emb = jnp.concatenate([freqs, freqs], axis=-1)
+  return jnp.cos(emb), jnp.sin(emb)
+
+
+def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
+  """Rotate-half RoPE on `[B, T, heads, head_dim]`."""
+  x32 = x.astype(jnp.float32)
+  x1, x2 = jnp.split(x32, 2, axis=-1)
+  rotated = jnp.concatenate([-x2, x1], axis=-1)
+  out = x32 * cos[:, :, None] + rotated * sin[:, :, None]
+  return out.astype(x.dtype)
+
+
+class Attention(nnx.Module):
+
+  def __init__(self, config: LlamaConfig, *, rngs: nnx.Rngs, stack: int | None = None):
+    d, h, k, hd = config.hidden_size, config.num_heads, config.num_kv_heads, config.head_dim
+    kw = dict(config=config, rngs=rngs, stack=stack)
+    self.q_proj = Dense((d, h, hd), ("embed", "heads", "head_dim"), use_bias=config.qkv_bias, **kw)
+    self.k_proj = Dense((d, k, hd), ("embed", "kv_heads", "head_dim"),
+                        use_bias=config.qkv_bias, **kw)
+    self.v_proj = Dense((d, k, hd), ("embed", "kv_heads", "head_dim"),
+                        use_bias=config.qkv_bias, **kw)
+    self.o_proj = Dense((h, hd, d), ("heads", "head_dim", "embed"), n_in=2,
+                        use_bias=config.o_bias, **kw)
+    self.implementation = config.attention_impl
+
+  def __call__(self, x, cos, sin, positions, segment_ids):
+    q = apply_rope(self.q_proj(x), cos, sin)
+    k = apply_rope(self.k_proj(x), cos, sin)
+    v = self.v_proj(x)
+    out = attention_lib.attention(
+        q, k, v, segment_ids, segment_ids, positions, positions,
+        implementation=self.implementation)
+    return self.o_proj(out)
+
+
+class MLP(nnx.Module):
+  """SwiGLU: down(silu(gate(x)) * up(x))."""
+
+  def __init__(self, config: LlamaConfig, *, rngs: nnx.Rngs, stack: int | None = None):
+    d, f = config.hidden_size, config.intermediate_size
+    kw = dict(config=config, rngs=rngs, stack=stack)
+    self.gate_proj = Dense((d, f), ("embed", "mlp"), **kw)
+    self.up_proj = Dense((d, f), ("embed", "mlp"), **kw)
+    self.down_proj = Dense((f, d), ("mlp", "embed"), **kw)
+
+  def __call__(self, x):
+    return self.down_proj(jax.nn.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Block(nnx.Module):
+  """One pre-norm decoder layer; with `stack=n`, n layers' parameters stacked for scan."""
+
+  def __init__(self, config: LlamaConfig, *, rngs: nnx.Rngs, stack: int | None = None):
+    kw = dict(rngs=rngs, stack=stack)
+    self.attn_norm = RMSNorm(config, **kw)
+    self.attn = Attention(config, **kw)
+    self.mlp_norm = RMSNorm(config, **kw)
+    self.mlp = MLP(config, **kw)
+
+  def __call__(self, x, cos, sin, positions, segment_ids):
+    x = x + self.attn(self.attn_norm(x), cos, sin, positions, segment_ids)
+    return x + self.mlp(self.mlp_norm(x))
+
+
+class Embedder(nnx.Module):
+
+  def __init__(self, config: LlamaConfig, *, rngs: nnx.Rngs):
+    self.embedding = _param(
+        rngs, jax.nn.initializers.normal(config.initializer_range),
+        (config.vocab_size, config.hidden_size), ("vocab", "embed"),
+        jnp.dtype(config.param_dtype), None)
+
+
+class Llama(nnx.Module):
+  """Decoder-only Llama-family language model (see docs/design.md, Model API)."""
+
+  def __init__(self, config: LlamaConfig, *, rngs: nnx.Rngs):
+    self.config = config
+    d, v = config.hidden_size, config.vocab_size
+    self.compute_dtype = jnp.dtype(config.compute_dtype)
+    self.embedder = Embedder(config, rngs=rngs)
+    if config.scan_layers:
+      self.layers = Block(config, rngs=rngs, stack=config.num_layers)
+    else:
+      self.layers = nnx.List([Block(config, rngs=rngs) for _ in range(config.num_layers)])
+    self.final_norm = RMSNorm(config, rngs=rngs)
+    self.lm_head = (None if config.tie_word_embeddings else
+                    Dense((d, v), ("embed", "vocab"), config=config, rngs=rngs))
+
+  def embed(self, tokens: jax.Array) -> jax.Array:
+    """Input embeddings `[B, T, D]` in the compute dtype."""
+    return jnp.take(self.embedder.embedding[...], tokens, axis=0).astype(self.compute_dtype)
+
+  def hidden_states(self, embeddings: jax.Array, positions: jax.Array,
+                    segment_ids: jax.Array) -> jax.Array:
+    """Decoder stack plus final norm: `[B, T, D]` in the compute dtype."""
+    cfg = self.config
+    if cfg.sliding_window is not None and embeddings.shape[1] > cfg.sliding_window:
+      raise ValueError(f"sequence length {embeddings.shape[1]} exceeds sliding_window "
+                       f"{cfg.sliding_window}; sliding-window attention is not implemented")
+    cos, sin = rope_cos_sin(positions, rope_inv_freq(cfg))
+    x = embeddings.astype(self.compute_dtype)
+
+    def run(graphdef, state, x):
+      return nnx.merge(graphdef, state)(x, cos, sin, positions, segment_ids)
+
+    if cfg.remat_policy != "none":
+      run = jax.checkpoint(run, policy=_REMAT_POLICIES[cfg.remat_policy], static_argnums=(0,),
+                           prevent_cse=not cfg.scan_layers)
+    if cfg.scan_layers:
+      graphdef, state = nnx.split(self.layers)
+      x, _ = jax.lax.scan(lambda h, layer_state: (run(graphdef, layer_state, h), None), x, state)
+    else:
+      for layer in self.layers:
+        x = run(*nnx.split(layer), x)
+    return self.final_norm(x)
+
+  def output_embedding(self) -> jax.Array:
+    """The output projection `[D, V]` in the compute dtype (tied: the embedding transposed).
+
+    Multiply with `preferred_element_type=jnp.float32` to get float32 logits.
+    """
+    if self.lm_head is None:
+      w = self.embedder.embedding[...].T
+    else:
+      w = self.lm_head.kernel[...]
+    return w.astype(self.compute_dtype)
+
+  def __call__(self, tokens: jax.Array, positions: jax.Array | None = None,
+               segment_ids: jax.Array | None = None) -> jax.Array:
+    """Logits `[B, T, V]` float32. Defaults: one unpadded segment per row."""
+    if positions is None:
+      positions = jnp.broadcast_to(jnp.arange(tokens.shape[1], dtype=jnp.int32), tokens.shape)
+    if segment_ids is None:
+      segment_ids = jnp.ones(tokens.shape, jnp.int32)
+    h = self.hidden_states(self.embed(tokens), positions, segment_ids)
+    return jnp.einsum("btd,dv->btv", h, self.output_embedding(),
+                      preferred_element_type=jnp.float32)
