@@ -1,0 +1,280 @@
+"""Chat templates: render a conversation, tokenize it once, and give every token a kind.
+
+The method (both templates):
+1. Render the conversation to one string, recording the character span of every message's
+   content and of every end-of-turn (EOS) text closing an assistant turn.
+2. Tokenize the whole string once, with `add_special_tokens=False`, keeping character offsets.
+   The ids are what the model sees at inference.
+3. A token containing any character of a message's content takes that message's kind (BPE
+   merges content with template whitespace); a token inside an assistant-closing EOS span is
+   `eos`; everything else the template added is `template`. A prepended BOS id is `bos`.
+
+Special-token text inside message content (say a user writing "<|im_end|>") stays plain text:
+when content holds such text, the string is cut at the special tokens the *template* placed and
+the pieces between are tokenized with special-token matching off. Cutting at special tokens is
+what the tokenizer does itself before its normaliser and pre-tokenizer run, so for content
+without special text both paths give the same ids (tested).
+
+Templates:
+- `tulu`: the paper's format: `<|system|>\n{c}\n`, `<|user|>\n{c}\n`, `<|assistant|>\n{c}{eos}\n`,
+  the whole string stripped, a BOS id in front when the tokenizer has one. The string always
+  starts with a role header, so only the end is affected by the strip (the trailing newline,
+  or trailing whitespace of a final non-assistant message). Content is not stripped.
+- `hf`: the tokenizer's own chat template (`apply_chat_template(tokenize=False)`), no
+  `{% generation %}` markers needed. Content is located by rendering once with sentinel
+  placeholders and once for real; templates may strip content whitespace and inject text (a
+  default system prompt, a date header), which is `template`. The EOS of an assistant turn is
+  the first special token after the content when only whitespace lies in between (`<|im_end|>`,
+  `<|eot_id|>`, `</s>`, `<end_of_turn>`); a template closing an assistant turn otherwise is
+  rejected. The first token is `bos` when it is the tokenizer's BOS id and that id does not
+  recur (SmolLM2's GGUF BOS is `<|im_start|>`, which there is a role header: `template`).
+"""
+
+import dataclasses
+import re
+from typing import Any
+
+import numpy as np
+import tokenizers
+
+from im_jax.data.conversation import Conversation
+from im_jax.data.kinds import KIND_DTYPE, ROLE_KINDS, TokenKind
+
+TEMPLATES = ("tulu", "hf")
+_SENTINEL = "\ue000{}\ue001"  # private-use code points: never in real text, never stripped
+_SENTINEL_RE = re.compile("\ue000(\\d+)\ue001")
+
+
+@dataclasses.dataclass(frozen=True)
+class TemplateConfig:
+  name: str = "tulu"  # tulu | hf
+  add_bos: bool | None = None  # tulu only; None: prepend BOS iff the tokenizer has one
+
+  def __post_init__(self):
+    if self.name not in TEMPLATES:
+      raise ValueError(f"template must be one of {TEMPLATES}, got {self.name!r}")
+    if self.add_bos is not None and self.name != "tulu":
+      raise ValueError("add_bos applies to the tulu template only")
+
+
+@dataclasses.dataclass(frozen=True)
+class TokenizedConversation:
+  """One conversation as token ids with per-token kinds and provenance."""
+
+  ids: np.ndarray  # int32 [n]
+  kinds: np.ndarray  # int8 [n], TokenKind
+  message_index: np.ndarray  # int32 [n]: message a content/EOS token belongs to, else -1
+  offsets: np.ndarray  # int32 [n, 2]: character span in `text` (a prepended BOS: (0, 0))
+  text: str  # the rendered string (without a prepended BOS)
+  content_spans: tuple[tuple[int, int, int], ...]  # (start, end, message index) in `text`
+
+  def __len__(self) -> int:
+    return len(self.ids)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Rendered:
+  text: str
+  content_spans: list[tuple[int, int, int]]  # (start, end, message index)
+  eos_spans: list[tuple[int, int, int]]  # (start, end, assistant message index)
+  roles: tuple[str, ...]  # role of each message
+
+
+class ChatTemplate:
+  """Renders and tokenizes conversations for one HF tokenizer and template."""
+
+  def __init__(self, tokenizer: Any, config: TemplateConfig):
+    self.config = config
+    self.tokenizer = tokenizer
+    state = tokenizer.backend_tokenizer.to_str()
+    # Own copies of the Rust tokenizer: no post-processor (it may trim offsets; with
+    # add_special_tokens=False it adds nothing), and one that reads special text literally.
+    self._plain = tokenizers.Tokenizer.from_str(state)
+    self._plain.post_processor = None
+    self._literal = tokenizers.Tokenizer.from_str(state)
+    self._literal.post_processor = None
+    self._literal.encode_special_tokens = True
+    special = sorted({t.content for t in tokenizer.added_tokens_decoder.values() if t.special},
+                     key=len, reverse=True)
+    self._special_ids = {s: self._plain.token_to_id(s) for s in special}
+    self._special_re = re.compile("|".join(map(re.escape, special))) if special else None
+    self.bos_id = tokenizer.bos_token_id
+    if config.name == "tulu":
+      if tokenizer.eos_token is None:
+        raise ValueError("the tulu template needs a tokenizer with an EOS token")
+      self._add_bos = (self.bos_id is not None) if config.add_bos is None else config.add_bos
+      if self._add_bos and self.bos_id is None:
+        raise ValueError("add_bos=True but the tokenizer has no BOS token")
+    else:
+      if not getattr(tokenizer, "chat_template", None):
+        raise ValueError("the hf template needs a tokenizer with a chat template")
+      self._add_bos = False
+
+  def tokenize(self, conversation: Conversation) -> TokenizedConversation:
+    if self.config.name == "tulu":
+      rendered = self._render_tulu(conversation)
+    else:
+      rendered = self._render_hf(conversation)
+    ids, offsets = self._encode(rendered)
+    kinds, message_index = _assign_kinds(rendered, offsets)
+    if self._add_bos:
+      ids = np.concatenate([[self.bos_id], ids])
+      offsets = np.concatenate([np.zeros((1, 2), np.int32), offsets])
+      kinds = np.concatenate([[TokenKind.BOS], kinds])
+      message_index = np.concatenate([[-1], message_index])
+    elif (self.config.name == "hf" and len(ids) and ids[0] == self.bos_id
+          and not np.any(ids[1:] == self.bos_id)):
+      kinds[0] = TokenKind.BOS  # a BOS id that recurs is a role header (SmolLM2's GGUF BOS)
+    return TokenizedConversation(
+        ids=ids.astype(np.int32), kinds=kinds.astype(KIND_DTYPE),
+        message_index=message_index.astype(np.int32), offsets=offsets.astype(np.int32),
+        text=rendered.text, content_spans=tuple(rendered.content_spans))
+
+  # --- rendering -------------------------------------------------------------------------
+
+  def _render_tulu(self, conversation: Conversation) -> _Rendered:
+    eos = self.tokenizer.eos_token
+    parts, content_spans, eos_spans, pos = [], [], [], 0
+    for i, message in enumerate(conversation.messages):
+      header = f"<|{message.role}|>\n"
+      parts.append(header)
+      pos += len(header)
+      content_spans.append((pos, pos + len(message.content), i))
+      parts.append(message.content)
+      pos += len(message.content)
+      if message.role == "assistant":
+        eos_spans.append((pos, pos + len(eos), i))
+        parts.append(eos)
+        pos += len(eos)
+      parts.append("\n")
+      pos += 1
+    # The paper strips the string; it starts with a role header, so only the end changes.
+    text = "".join(parts).rstrip()
+    return _Rendered(text, _clip(content_spans, len(text)), _clip(eos_spans, len(text)),
+                     _roles(conversation))
+
+  def _render_hf(self, conversation: Conversation) -> _Rendered:
+    messages = conversation.messages
+    real = self._apply(conversation, [m.content for m in messages])
+    with_sentinels = self._apply(conversation, [_SENTINEL.format(i) for i in range(len(messages))])
+    # pieces alternate: template text, sentinel index, template text, ...
+    pieces = _SENTINEL_RE.split(with_sentinels)
+    order = [int(x) for x in pieces[1::2]]
+    if len(set(order)) != len(order):
+      raise ValueError("the chat template repeats a message's content; unsupported")
+    text_parts, content_spans, pos = [pieces[0]], [], len(pieces[0])
+    if not real.startswith(pieces[0]):
+      raise ValueError("the chat template does not render content as plain text")
+    for k, i in enumerate(order):
+      after = pieces[2 * k + 2]
+      content = messages[i].content
+      for candidate in (content, content.strip(), content.rstrip(), content.lstrip()):
+        if real.startswith(candidate + after, pos):
+          break
+      else:
+        raise ValueError(f"cannot locate message {i} in the rendered chat template; the "
+                         "template transforms message content")
+      content_spans.append((pos, pos + len(candidate), i))
+      text_parts += [candidate, after]
+      pos += len(candidate) + len(after)
+    if "".join(text_parts) != real:
+      raise ValueError("the chat template does not render content as plain text")
+    rendered_ids = {i for _, _, i in content_spans}
+    for i, message in enumerate(messages):
+      if message.role == "assistant" and i not in rendered_ids:
+        raise ValueError(f"the chat template dropped assistant message {i}")
+    return _Rendered(real, content_spans, self._hf_eos_spans(real, content_spans, messages),
+                     _roles(conversation))
+
+  def _apply(self, conversation: Conversation, contents: list[str]) -> str:
+    messages = [{"role": m.role, "content": c} for m, c in zip(conversation.messages, contents)]
+    return self.tokenizer.apply_chat_template(messages, tokenize=False)
+
+  def _hf_eos_spans(self, text, content_spans, messages) -> list[tuple[int, int, int]]:
+    eos_spans = []
+    for start, end, i in content_spans:
+      if messages[i].role != "assistant":
+        continue
+      match = self._special_re.search(text, end) if self._special_re else None
+      if match is None or text[end:match.start()].strip():
+        raise ValueError(
+            "the chat template does not close an assistant turn with a special token right "
+            f"after its content (found {text[end:end + 20]!r})")
+      eos_spans.append((match.start(), match.end(), i))
+    return eos_spans
+
+  # --- tokenizing ------------------------------------------------------------------------
+
+  def _encode(self, rendered: _Rendered) -> tuple[np.ndarray, np.ndarray]:
+    text = rendered.text
+    matches = list(self._special_re.finditer(text)) if self._special_re else []
+    inside = [m for m in matches if _overlaps(m.start(), m.end(), rendered.content_spans)]
+    if not inside:
+      encoding = self._plain.encode(text, add_special_tokens=False)
+      return np.asarray(encoding.ids, np.int64), np.asarray(encoding.offsets, np.int64)
+    return self._encode_pieces(text, [m for m in matches if m not in inside])
+
+  def _encode_pieces(self, text: str, placed: list[re.Match]) -> tuple[np.ndarray, np.ndarray]:
+    """Special tokens only where the template put them; content's special text stays text."""
+    ids, offsets, pos = [], [], 0
+    for match in placed + [None]:
+      end = len(text) if match is None else match.start()
+      if end > pos:
+        encoding = self._literal.encode(text[pos:end], add_special_tokens=False)
+        ids += encoding.ids
+        offsets += [(s + pos, e + pos) for s, e in encoding.offsets]
+      if match is not None:
+        ids.append(self._special_ids[match.group()])
+        offsets.append((match.start(), match.end()))
+        pos = match.end()
+    return np.asarray(ids, np.int64), np.asarray(offsets, np.int64).reshape(-1, 2)
+
+  def encode_text_literal(self, text: str) -> list[int]:
+    """Tokenizes text with special-token matching off (used by tests and previews)."""
+    return self._literal.encode(text, add_special_tokens=False).ids
+
+
+def _roles(conversation: Conversation) -> tuple[str, ...]:
+  return tuple(m.role for m in conversation.messages)
+
+
+def _clip(spans, length):
+  return [(min(s, length), min(e, length), i) for s, e, i in spans]
+
+
+def _overlaps(start, end, spans) -> bool:
+  return any(start < e and s < end for s, e, _ in spans)
+
+
+def _assign_kinds(rendered: _Rendered, offsets: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+  """Token kinds from character kinds, vectorised over tokens."""
+  n_chars = len(rendered.text)
+  char_kind = np.full(n_chars + 1, int(TokenKind.TEMPLATE), np.int8)
+  char_message = np.full(n_chars + 1, -1, np.int32)
+  is_content = np.zeros(n_chars + 1, bool)
+  is_eos = np.zeros(n_chars + 1, bool)
+  for start, end, i in rendered.content_spans:
+    char_kind[start:end] = ROLE_KINDS[rendered.roles[i]]
+    char_message[start:end] = i
+    is_content[start:end] = True
+  for start, end, i in rendered.eos_spans:
+    char_kind[start:end] = TokenKind.EOS
+    char_message[start:end] = i
+    is_eos[start:end] = True
+  starts, ends = offsets[:, 0], np.maximum(offsets[:, 1], offsets[:, 0])
+  content_before = np.concatenate([[0], np.cumsum(is_content)])
+  eos_before = np.concatenate([[0], np.cumsum(is_eos)])
+  has_content = content_before[ends] > content_before[starts]
+  has_eos = eos_before[ends] > eos_before[starts]
+  # index of the first content (or EOS) character at or after each position
+  index = np.arange(n_chars + 1)
+  next_content = np.minimum.accumulate(np.where(is_content, index, n_chars)[::-1])[::-1]
+  next_eos = np.minimum.accumulate(np.where(is_eos, index, n_chars)[::-1])[::-1]
+  kinds = np.full(len(offsets), int(TokenKind.TEMPLATE), np.int8)
+  message_index = np.full(len(offsets), -1, np.int32)
+  pick_eos = has_eos & ~has_content
+  kinds[pick_eos] = TokenKind.EOS
+  message_index[pick_eos] = char_message[next_eos[starts[pick_eos]]]
+  kinds[has_content] = char_kind[next_content[starts[has_content]]]
+  message_index[has_content] = char_message[next_content[starts[has_content]]]
+  return kinds, message_index

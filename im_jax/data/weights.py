@@ -1,0 +1,73 @@
+"""Loss modes: rules from token kinds to float32 per-token loss weights.
+
+- `it` (instruction tuning): assistant content and the EOS closing each assistant turn.
+- `im` (instruction modelling, paper Eq. 4): system, user and assistant content plus assistant
+  EOS; template tokens and BOS carry nothing. `instruction_weight` scales system/user tokens,
+  so `im` with `instruction_weight=0` equals `it` exactly.
+- `im_release` (compatibility, `tulu` only): what the authors' released code does: every token
+  carries weight except BOS and the first role header (the template tokens before the first
+  content token), i.e. later role headers, newlines and EOS carry loss.
+- `assistant_turns`: `all` assistant turns carry weight, or only the `last` (`it`/`im`).
+
+Weights here are per *token*; `encode.py` shifts them onto targets.
+"""
+
+import dataclasses
+
+import numpy as np
+
+from im_jax.data.kinds import TokenKind
+
+LOSS_MODES = ("it", "im", "im_release")
+ASSISTANT_TURNS = ("all", "last")
+
+
+@dataclasses.dataclass(frozen=True)
+class LossMaskConfig:
+  mode: str = "it"  # it | im | im_release
+  instruction_weight: float = 1.0  # im only: weight of system and user content tokens
+  assistant_turns: str = "all"  # all | last
+
+  def __post_init__(self):
+    if self.mode not in LOSS_MODES:
+      raise ValueError(f"loss mode must be one of {LOSS_MODES}, got {self.mode!r}")
+    if self.assistant_turns not in ASSISTANT_TURNS:
+      raise ValueError(f"assistant_turns must be one of {ASSISTANT_TURNS}, "
+                       f"got {self.assistant_turns!r}")
+    if self.instruction_weight != 1.0 and self.mode != "im":
+      raise ValueError(f"instruction_weight applies to the im loss mode only, not {self.mode!r}")
+    if self.instruction_weight < 0:
+      raise ValueError("instruction_weight must be >= 0")
+    if self.mode == "im_release" and self.assistant_turns != "all":
+      raise ValueError("im_release weights every turn; assistant_turns must be 'all'")
+
+  def check_template(self, template_name: str) -> None:
+    if self.mode == "im_release" and template_name != "tulu":
+      raise ValueError("the im_release loss mode reproduces the authors' tulu code; "
+                       f"it needs the tulu template, not {template_name!r}")
+
+
+def output_mask(kinds: np.ndarray, message_index: np.ndarray, assistant_turns: str) -> np.ndarray:
+  """Tokens IT trains on: assistant content and assistant EOS (of the last turn if asked)."""
+  mask = (kinds == TokenKind.ASSISTANT) | (kinds == TokenKind.EOS)
+  if assistant_turns == "last" and mask.any():
+    mask &= message_index == message_index[mask].max()
+  return mask
+
+
+def token_weights(kinds: np.ndarray, message_index: np.ndarray,
+                  config: LossMaskConfig) -> np.ndarray:
+  """Float32 loss weight of each token (of predicting it), from its kind."""
+  if config.mode == "im_release":
+    weights = np.ones(len(kinds), np.float32)
+    weights[kinds == TokenKind.BOS] = 0.0
+    # the first role header: template tokens before the first non-template, non-BOS token
+    body = np.flatnonzero((kinds != TokenKind.BOS) & (kinds != TokenKind.TEMPLATE))
+    first_body = body[0] if len(body) else len(kinds)
+    weights[:first_body][kinds[:first_body] == TokenKind.TEMPLATE] = 0.0
+    return weights
+  weights = output_mask(kinds, message_index, config.assistant_turns).astype(np.float32)
+  if config.mode == "im":
+    instruction = (kinds == TokenKind.SYSTEM) | (kinds == TokenKind.USER)
+    weights[instruction] = np.float32(config.instruction_weight)
+  return weights
