@@ -1,0 +1,1 @@
+"""Training: loss, optimiser, mesh/sharding, the jit train and eval steps."""

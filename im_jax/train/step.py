@@ -1,0 +1,193 @@
+"""Sharded train state, the jit train step (exact gradient accumulation, NEFTune) and eval step.
+
+The NNX model is split into a static graph definition and pure state: `TrainState` holds the
+parameters, optimizer state and other model variables as pytrees, and the step re-merges the
+model inside one `jax.jit` with explicit in/out shardings and a donated state.
+
+Gradient accumulation is exact under both loss normalisations: the step sums the numerator,
+the denominator, the metric sums and the gradient of the numerator over its k micro-batches,
+then divides once (d(sum num / sum den) = sum d num / sum den, as the denominator does not
+depend on the parameters).
+
+Typical use:
+
+    mesh = sharding.make_mesh(sharding.MeshConfig(data=1, fsdp=-1, tensor=1))
+    tx, schedule = optim.make_optimizer(optim.OptimConfig(), total_steps)
+    graphdef, state, shardings = create_train_state(
+        lambda: Llama(config, rngs=nnx.Rngs(0)), tx, mesh, seed=0)
+    loss_fn = make_loss_fn(LossConfig("sequence"), neftune_alpha=5.0)
+    train_step = make_train_step(graphdef, tx, shardings, mesh, loss_fn, schedule=schedule)
+    eval_step = make_eval_step(graphdef, shardings, mesh, loss_fn)
+    state, metrics = train_step(state, sharding.global_batch(rows, mesh, micro_batches=k))
+    sums = eval_step(state, sharding.global_batch(eval_rows, mesh))  # sum over batches, then
+    metrics = loss.finalize(sums)
+"""
+
+from typing import Any, Callable, Mapping
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from im_jax.train import neftune, sharding
+from im_jax.train.loss import (DENOMINATOR, NUMERATOR, Batch, LossConfig, LossSums,
+                               chunked_cross_entropy, finalize, loss_sums)
+
+# loss_fn(model, batch, rng) -> sums with at least NUMERATOR and DENOMINATOR. `rng` is a key
+# in training and None in evaluation (no noise, no dropout).
+LossFn = Callable[[nnx.Module, Batch, jax.Array | None], LossSums]
+
+
+@flax.struct.dataclass
+class TrainState:
+  step: jax.Array  # int32 scalar: optimizer updates applied so far
+  params: nnx.State  # the model's nnx.Param variables
+  opt_state: Any
+  rest: nnx.State  # the model's other variables, carried unchanged
+  rng: jax.Array  # raw uint32 key; per-step keys are folded in from it
+
+
+def make_loss_fn(config: LossConfig = LossConfig(), neftune_alpha: float = 0.0) -> LossFn:
+  """The default loss: embed, NEFTune noise (train only), hidden states, (chunked) CE."""
+
+  def loss_fn(model: nnx.Module, batch: Batch, rng: jax.Array | None) -> LossSums:
+    embeddings = model.embed(batch["tokens"])
+    if rng is not None and neftune_alpha > 0:
+      embeddings = neftune.add_noise(embeddings, batch["segment_ids"], neftune_alpha, rng)
+    hidden = model.hidden_states(embeddings, batch["positions"], batch["segment_ids"])
+    ce = chunked_cross_entropy(hidden, model.output_embedding(), batch["targets"],
+                               config.chunk_size)
+    return loss_sums(ce, batch, config.normalization)
+
+  return loss_fn
+
+
+def _replicated(mesh: Mesh) -> NamedSharding:
+  return NamedSharding(mesh, PartitionSpec())
+
+
+def create_train_state(model_fn: Callable[[], nnx.Module], tx: optax.GradientTransformation,
+                       mesh: Mesh, *, seed: int = 0,
+                       rules=sharding.LOGICAL_AXIS_RULES,
+                       on_indivisible: sharding.OnIndivisible = "replicate",
+                       ) -> tuple[nnx.GraphDef, TrainState, TrainState]:
+  """Creates the train state directly in its sharded layout.
+
+  `model_fn()` builds the model (e.g. `lambda: Llama(config, rngs=nnx.Rngs(0))`). Shapes and
+  shardings come from an abstract evaluation; the real initialisation is one jit whose
+  out_shardings place every parameter and optimizer moment on its shard, so no device ever
+  holds the whole model. Returns (graphdef, state, state shardings).
+  """
+  abstract = nnx.eval_shape(model_fn)
+  graphdef, abs_params, abs_rest = nnx.split(abstract, nnx.Param, ...)
+  kw = dict(rules=rules, on_indivisible=on_indivisible)
+  param_sh = sharding.state_shardings(abs_params, mesh, **kw)
+  rep = _replicated(mesh)
+  # Optimizer moments mirror the parameters; counters and the like are replicated.
+  opt_sh = optax.tree_map_params(tx, lambda _, s: s, jax.eval_shape(tx.init, abs_params),
+                                 param_sh, transform_non_params=lambda _: rep,
+                                 is_leaf=lambda x: isinstance(x, nnx.Variable))
+  shardings = TrainState(step=rep, params=param_sh, opt_state=opt_sh,
+                         rest=sharding.state_shardings(abs_rest, mesh, **kw), rng=rep)
+
+  def init() -> TrainState:
+    _, params, rest = nnx.split(model_fn(), nnx.Param, ...)
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
+                      rest=rest, rng=jax.random.PRNGKey(seed))
+
+  with jax.set_mesh(mesh):
+    state = jax.jit(init, out_shardings=shardings)()
+  return graphdef, state, shardings
+
+
+def _tree_add(a, b):
+  return jax.tree.map(jnp.add, a, b)
+
+
+def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
+                    shardings: TrainState, mesh: Mesh, loss_fn: LossFn, *,
+                    schedule: optax.Schedule | None = None, donate: bool = True,
+                    ) -> Callable[[TrainState, Batch], tuple[TrainState, dict[str, jax.Array]]]:
+  """`step(state, batch) -> (state, metrics)` for batches shaped [k, rows, T].
+
+  k (the leading axis, see `sharding.global_batch`) is the number of accumulated
+  micro-batches. Metrics: loss, output_loss, instruction_loss, their token counts,
+  loss_denominator, grad_norm (before clipping) and lr (when `schedule` is given).
+  """
+
+  def micro_grads(params, rest, batch, rng):
+    def numerator(p):
+      sums = loss_fn(nnx.merge(graphdef, p, rest), batch, rng)
+      return sums[NUMERATOR], sums
+
+    grads, sums = jax.grad(numerator, has_aux=True)(params)
+    return jax.lax.with_sharding_constraint(grads, shardings.params), sums
+
+  def step(state: TrainState, batch: Batch):
+    key = jax.random.fold_in(state.rng, state.step)
+    k = batch["tokens"].shape[0]
+    micro = lambda i: {name: value[i] for name, value in batch.items()}
+    if k == 1:
+      grads, sums = micro_grads(state.params, state.rest, micro(0), key)
+    else:
+      def body(carry, i):
+        g, s = micro_grads(state.params, state.rest,
+                           jax.tree.map(lambda x: x[i], batch), jax.random.fold_in(key, i))
+        return (_tree_add(carry[0], g), _tree_add(carry[1], s)), None
+
+      shapes = jax.eval_shape(micro_grads, state.params, state.rest, micro(0), key)
+      zeros = jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), shapes)
+      zeros = (jax.lax.with_sharding_constraint(zeros[0], shardings.params), zeros[1])
+      (grads, sums), _ = jax.lax.scan(body, zeros, jnp.arange(k))
+    denominator = sums[DENOMINATOR]
+    scale = 1.0 / jnp.where(denominator > 0, denominator, 1.0)
+    grads = jax.tree.map(lambda g: g * scale.astype(g.dtype), grads)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    metrics = finalize(sums)
+    metrics["grad_norm"] = optax.tree.norm(grads)
+    if schedule is not None:
+      metrics["lr"] = jnp.asarray(schedule(state.step), jnp.float32)
+    new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state)
+    return new_state, metrics
+
+  jitted = jax.jit(step,
+                   in_shardings=(shardings, sharding.batch_sharding(mesh, micro_batched=True)),
+                   out_shardings=(shardings, _replicated(mesh)),
+                   donate_argnums=(0,) if donate else ())
+  return _in_mesh(jitted, mesh)
+
+
+def make_eval_step(graphdef: nnx.GraphDef, shardings: TrainState, mesh: Mesh,
+                   loss_fn: LossFn) -> Callable[[TrainState, Batch], LossSums]:
+  """`eval_step(state, batch) -> sums` for [rows, T] batches: forward only, no noise.
+
+  Returns sums (not means) so a loop can add them over batches and call `loss.finalize`.
+  """
+
+  def step(state: TrainState, batch: Batch) -> LossSums:
+    return loss_fn(nnx.merge(graphdef, state.params, state.rest), batch, None)
+
+  jitted = jax.jit(step,
+                   in_shardings=(shardings, sharding.batch_sharding(mesh, micro_batched=False)),
+                   out_shardings=_replicated(mesh))
+  return _in_mesh(jitted, mesh)
+
+
+def _in_mesh(jitted, mesh: Mesh):
+  """Runs `jitted` with `mesh` set, so model code may use mesh-relative constraints."""
+
+  def run(*args):
+    with jax.set_mesh(mesh):
+      return jitted(*args)
+
+  run.jitted = jitted  # for .lower(...) (cost analysis, HLO dumps)
+  return run
+
+
+def host_metrics(metrics: Mapping[str, jax.Array]) -> dict[str, float]:
+  """Device scalars -> Python floats (one transfer)."""
+  return {k: float(v) for k, v in jax.device_get(dict(metrics)).items()}

@@ -1,0 +1,154 @@
+"""Loss sums against a numpy reference; chunked CE; IM vs IT numerators; kind-group metrics."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from im_jax.data.kinds import INSTRUCTION_KINDS, OUTPUT_KINDS
+from im_jax.train import loss
+from tests import train_rows
+
+VOCAB = 37
+
+
+def _np_ce(logits: np.ndarray, targets: np.ndarray) -> np.ndarray:
+  logits = logits.astype(np.float64)
+  m = logits.max(-1, keepdims=True)
+  lse = np.log(np.exp(logits - m).sum(-1)) + m[..., 0]
+  return lse - np.take_along_axis(logits, targets[..., None], -1)[..., 0]
+
+
+def _np_reference(logits, batch, normalization):
+  """Loops over rows and segments: the per-example definition, written independently."""
+  ce = _np_ce(logits, batch["targets"])
+  num = den = 0.0
+  for r in range(ce.shape[0]):
+    for s in set(batch["segment_ids"][r].tolist()) - {0}:
+      sel = batch["segment_ids"][r] == s
+      w = batch["loss_weights"][r][sel].astype(np.float64)
+      wce = float((w * ce[r][sel]).sum())
+      if normalization == "token":
+        num, den = num + wce, den + float(w.sum())
+      elif w.sum() > 0:
+        num, den = num + wce / float(w.sum()), den + 1
+  return ce, num, den
+
+
+def _batch(seed=0, instruction_weight=1.0, rows=4, length=64):
+  examples = train_rows.make_examples(seed, 7, VOCAB)
+  return train_rows.pack(examples, rows, length, instruction_weight=instruction_weight)
+
+
+def _logits(batch, seed=1):
+  rng = np.random.default_rng(seed)
+  return rng.normal(size=batch["targets"].shape + (VOCAB,)).astype(np.float32) * 3
+
+
+@pytest.mark.parametrize("normalization", ["token", "sequence"])
+def test_loss_sums_match_numpy_reference(normalization):
+  batch = _batch(instruction_weight=0.3)
+  # A segment with no weight at all must not count as an example.
+  batch["loss_weights"][0, batch["segment_ids"][0] == 1] = 0.0
+  logits = _logits(batch)
+  ce_ref, num_ref, den_ref = _np_reference(logits, batch, normalization)
+  ce = loss.cross_entropy(jnp.asarray(logits), jnp.asarray(batch["targets"]))
+  np.testing.assert_allclose(ce, ce_ref, rtol=1e-5, atol=1e-5)
+  sums = loss.loss_sums(ce, {k: jnp.asarray(v) for k, v in batch.items()}, normalization)
+  np.testing.assert_allclose(sums["numerator"], num_ref, rtol=1e-5)
+  np.testing.assert_allclose(sums["denominator"], den_ref, rtol=1e-6)
+  if normalization == "sequence":
+    n_segments = sum(len(set(r.tolist()) - {0}) for r in batch["segment_ids"])
+    assert float(sums["denominator"]) == n_segments - 1
+
+
+def test_metric_sums_are_unweighted_per_group_and_independent_of_mode():
+  batch = _batch(instruction_weight=0.0)
+  logits = _logits(batch)
+  ce_ref = _np_ce(logits, batch["targets"])
+  ce = loss.cross_entropy(jnp.asarray(logits), jnp.asarray(batch["targets"]))
+  jbatch = {k: jnp.asarray(v) for k, v in batch.items()}
+  by_mode = [loss.loss_sums(ce, jbatch, mode) for mode in ("token", "sequence")]
+  for group, kinds in (("output", OUTPUT_KINDS), ("instruction", INSTRUCTION_KINDS)):
+    sel = np.isin(batch["target_kinds"], [int(k) for k in kinds])
+    assert sel.sum() > 0
+    for sums in by_mode:
+      np.testing.assert_allclose(sums[f"{group}_ce_sum"], ce_ref[sel].sum(), rtol=1e-5)
+      assert float(sums[f"{group}_tokens"]) == sel.sum()
+  metrics = loss.finalize(by_mode[0])
+  sel = np.isin(batch["target_kinds"], [int(k) for k in INSTRUCTION_KINDS])
+  np.testing.assert_allclose(metrics["instruction_loss"], ce_ref[sel].mean(), rtol=1e-5)
+
+
+def test_finalize_empty_group_is_zero_not_nan():
+  zero = jnp.zeros(())
+  sums = {k: zero for k in ("numerator", "denominator", *loss.METRIC_SUM_KEYS)}
+  assert all(np.isfinite(float(v)) for v in loss.finalize(sums).values())
+
+
+@pytest.mark.parametrize("chunk_size", [8, 12, 64])
+def test_chunked_cross_entropy_equals_unchunked(chunk_size):
+  rng = np.random.default_rng(3)
+  b, t, d = 2, 40, 16
+  hidden = jnp.asarray(rng.normal(size=(b, t, d)), jnp.float32)
+  emb = jnp.asarray(rng.normal(size=(d, VOCAB)), jnp.float32)
+  targets = jnp.asarray(rng.integers(0, VOCAB, size=(b, t)), jnp.int32)
+  weights = jnp.asarray(rng.uniform(size=(b, t)), jnp.float32)
+
+  def total(h, w, size):
+    return jnp.sum(weights * loss.chunked_cross_entropy(h, w, targets, size))
+
+  full = loss.cross_entropy(loss.project_logits(hidden, emb), targets)
+  chunked = jax.jit(loss.chunked_cross_entropy, static_argnums=3)(hidden, emb, targets,
+                                                                   chunk_size)
+  np.testing.assert_allclose(chunked, full, rtol=1e-6, atol=1e-6)
+  np.testing.assert_allclose(full, _np_ce(np.einsum("btd,dv->btv", hidden, emb), targets),
+                             rtol=1e-5, atol=1e-5)
+  g_full = jax.grad(total, argnums=(0, 1))(hidden, emb, 0)
+  g_chunk = jax.jit(jax.grad(total, argnums=(0, 1)), static_argnums=2)(hidden, emb, chunk_size)
+  for a, b_ in zip(g_chunk, g_full):
+    np.testing.assert_allclose(a, b_, rtol=1e-5, atol=1e-6)
+
+
+def test_chunked_cross_entropy_never_builds_full_logits():
+  b, t, d, v, chunk = 1, 64, 8, 4096, 16
+  args = (jnp.zeros((b, t, d)), jnp.zeros((d, v)), jnp.zeros((b, t), jnp.int32))
+  fn = lambda h, w, y: jnp.sum(loss.chunked_cross_entropy(h, w, y, chunk))
+  hlo = jax.jit(jax.grad(fn, argnums=(0, 1))).lower(*args).as_text()
+  assert f"{t}x{v}" not in hlo and f"{chunk}x{v}" in hlo
+
+
+def test_im_minus_it_numerator_is_instruction_ce():
+  examples = train_rows.make_examples(5, 6, VOCAB)
+  im = train_rows.pack(examples, 4, 64, instruction_weight=1.0)
+  it = train_rows.pack(examples, 4, 64, instruction_weight=0.0)
+  logits = _logits(im)
+  ce = loss.cross_entropy(jnp.asarray(logits), jnp.asarray(im["targets"]))
+  sums = {name: loss.loss_sums(ce, {k: jnp.asarray(v) for k, v in b.items()}, "token")
+          for name, b in (("im", im), ("it", it))}
+  sel = np.isin(im["target_kinds"], [int(k) for k in INSTRUCTION_KINDS])
+  expected = _np_ce(logits, im["targets"])[sel].sum()
+  np.testing.assert_allclose(sums["im"]["numerator"] - sums["it"]["numerator"], expected,
+                             rtol=1e-5)
+  assert float(sums["im"]["denominator"] - sums["it"]["denominator"]) == sel.sum()
+
+
+def test_instruction_weight_interpolates_linearly():
+  examples = train_rows.make_examples(6, 6, VOCAB)
+  logits = None
+  values = {}
+  for weight in (0.0, 0.25, 0.6, 1.0):
+    batch = train_rows.pack(examples, 4, 64, instruction_weight=weight)
+    logits = _logits(batch) if logits is None else logits
+    ce = loss.cross_entropy(jnp.asarray(logits), jnp.asarray(batch["targets"]))
+    s = loss.loss_sums(ce, {k: jnp.asarray(v) for k, v in batch.items()}, "token")
+    values[weight] = np.array([float(s["numerator"]), float(s["denominator"])])
+  assert not np.allclose(values[0.0], values[1.0])
+  for weight in (0.25, 0.6):
+    expected = (1 - weight) * values[0.0] + weight * values[1.0]
+    np.testing.assert_allclose(values[weight], expected, rtol=1e-5)
+
+
+def test_config_rejects_unknown_normalization():
+  with pytest.raises(ValueError, match="normalization"):
+    loss.LossConfig(normalization="mean")
