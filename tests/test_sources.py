@@ -2,6 +2,8 @@
 
 import json
 import pathlib
+import subprocess
+import sys
 
 import pytest
 
@@ -250,6 +252,18 @@ def test_tfds_source(tfds_dir):
   assert [_roles_contents(c) for c in test] == [[(U, "Q0 é"), (A, "A0")]]
   with pytest.raises(DataError, match="tfds:no_such_dataset:train: cannot open"):
     sources.load_conversations("tfds:no_such_dataset:train", tfds_data_dir=str(tfds_dir))
+
+
+def test_tfds_source_in_a_fresh_process(tfds_dir):
+  # A new process reads the dataset from its files alone, with no builder class registered.
+  done = subprocess.run(
+      [sys.executable, "-m", "im_jax.data", "stats", "--data", "tfds:im_jax_tiny_chat:train",
+       "--tfds-data-dir", str(tfds_dir), "--json"],
+      cwd=pathlib.Path(__file__).resolve().parents[1], capture_output=True, text=True,
+      timeout=120, check=False)
+  assert done.returncode == 0, done.stderr
+  report = json.loads(done.stdout)
+  assert (report["examples"], report["container"], report["mean_output_words"]) == (3, "tfds", 1)
 
 
 def test_tfds_spec_parsing():

@@ -3,8 +3,8 @@ JSON, Parquet or a TFDS dataset.
 
 Two independent choices describe a source:
 - the *container*, always detected: `tfds:` prefix -> TFDS; `PAR1` magic or `.parquet` ->
-  Parquet; otherwise text, a JSON array when the first non-blank character is `[`, else JSONL
-  (so `.json` files holding JSON lines also work);
+  Parquet; `.jsonl`/`.ndjson` -> JSONL; otherwise a JSON array when the first non-blank
+  character is `[`, else JSONL (so `.json` files holding JSON lines also work);
 - the record *format* (`FORMATS`), detected from the first record whose keys say which it is
   (`messages` -> tulu, `conversations` -> sharegpt, `instruction` -> alpaca), or forced.
 
@@ -43,6 +43,7 @@ SHAREGPT_ROLES = {
     "bard": "assistant",
 }
 
+_JSONL_SUFFIXES = (".jsonl", ".ndjson")  # trusted: a bad first line stays a line error
 _PARQUET_BATCH_ROWS = 1024
 _log = logging.getLogger(__name__)
 
@@ -179,7 +180,7 @@ def _open_records(source: str, tfds_data_dir: str | None) -> tuple[str, Iterator
     return "parquet", _parquet_records(source)
   data = path.read_bytes()
   data = data.removeprefix(b"\xef\xbb\xbf")  # a UTF-8 byte-order mark is not content
-  if data.lstrip()[:1] == b"[":
+  if path.suffix not in _JSONL_SUFFIXES and data.lstrip()[:1] == b"[":
     return "json", _json_array_records(source, data)
   return "jsonl", _jsonl_records(data)
 
@@ -210,7 +211,9 @@ def _json_array_records(source: str, data: bytes) -> Iterator[tuple[int, Any]]:
   try:
     items = json.loads(text)
   except json.JSONDecodeError as e:
-    cut = " (the file looks truncated)" if e.pos >= len(text.rstrip()) else ""
+    # An unterminated string ran into the end of the text: the json module says so no other way.
+    cut = e.pos >= len(text.rstrip()) or e.msg.startswith("Unterminated string")
+    cut = " (the file looks truncated)" if cut else ""
     raise DataError(source, f"line {e.lineno} column {e.colno}",
                     f"invalid JSON{cut}: {e.msg}") from None
   except (ValueError, RecursionError) as e:
@@ -224,9 +227,12 @@ def _parquet_records(source: str) -> Iterator[tuple[int, Any]]:
   import pyarrow  # pylint: disable=g-import-not-at-top  (only Parquet users pay the import)
   import pyarrow.parquet as pq  # pylint: disable=g-import-not-at-top
 
-  index = 0
   try:
     parquet = pq.ParquetFile(source)
+  except (pyarrow.ArrowException, OSError) as e:
+    raise DataError(source, None, f"not a readable Parquet file: {e}") from None
+  index = 0
+  try:
     for batch in parquet.iter_batches(batch_size=_PARQUET_BATCH_ROWS):
       for row in batch.to_pylist():  # one batch at a time: the file is never held twice
         yield index, row
