@@ -67,8 +67,10 @@ CASES = {
         "p.jsonl", _lines(json.dumps({"instruction": "a", "input": [], "output": "b"}).encode()),
         ":1: field 'input' must be a string, got an array"),
     "json array cut short": ("t.json", b'[\n' + GOOD_LINE + b',\n' + GOOD_LINE[:25],
-                             ":line 3 column 24: invalid JSON (the file looks truncated): Unterminated string"),
-    "json array bad utf-8": ("t.json", b'[\n' + GOOD_LINE + b',\n"\xc3"]', ":line 3: invalid UTF-8"),
+                             ":line 3 column 24: invalid JSON (the file looks truncated): "
+                             "Unterminated string"),
+    "json array bad utf-8": ("t.json", b'[\n' + GOOD_LINE + b',\n"\xc3"]',
+                             ":line 3: invalid UTF-8"),
     "empty file": ("e.jsonl", b"", ": empty dataset: no records"),
     "blank lines only": ("e.jsonl", b"\n  \n\t\n", ": empty dataset: no records"),
     "empty json array": ("e.json", b" [ ] ", ": empty dataset: no records"),

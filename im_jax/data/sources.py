@@ -337,7 +337,8 @@ def _parse_sharegpt(item: Any, source: str, record: int) -> Conversation:
     if speaker not in SHAREGPT_ROLES:
       raise _Bad(f"conversations[{j}]: unknown role {speaker!r} "
                  f"(expected one of {', '.join(SHAREGPT_ROLES)})")
-    messages.append(Message(SHAREGPT_ROLES[speaker], _string(turn, "value", f"conversations[{j}].")))
+    value = _string(turn, "value", f"conversations[{j}].")
+    messages.append(Message(SHAREGPT_ROLES[speaker], value))
   return _conversation(messages, obj, source, record)
 
 
