@@ -141,16 +141,19 @@ RECORD = (
                             optional={"input": st.text() | JSON, "output": st.text() | JSON}))
 
 
-def _check_error(error: DataError, path: pathlib.Path, lines: int) -> None:
-  """The message names the file and either a line in it or the whole file (empty dataset)."""
+def _check_error(error: DataError, path: pathlib.Path, lines: int, records: int = 0) -> None:
+  """The message names the file and a line in it (JSONL: `file:7:`, a JSON array's syntax:
+  `file:line 7 column 3:`), a record of a JSON array (`file:record 2:`, when `records`), or
+  the whole file for an empty dataset."""
   message = str(error)
   assert message.startswith(f"{path}:")
   where = message[len(str(path)) + 1:]
-  number = re.match(r"(?:line )?(\d+)[: ]", where)
-  if number:
-    assert 1 <= int(number.group(1)) <= lines, message
+  if line := re.match(r"(?:line )?(\d+)[: ]", where):
+    assert 1 <= int(line.group(1)) <= lines, message
+  elif record := re.match(r"record (\d+): ", where):
+    assert 0 <= int(record.group(1)) < records, message
   else:
-    assert where.startswith(" empty dataset") or where.startswith("record "), message
+    assert where.startswith(" empty dataset"), message
 
 
 @PROPERTY
@@ -180,11 +183,12 @@ def test_any_records_in_any_container_and_format(tmp_path, records, forced, arra
     data = json.dumps(records, indent=1).encode("utf-8", "surrogatepass")
   else:
     data = _lines(*(json.dumps(r).encode() for r in records))
-  path = _file(tmp_path, "prop.json", data)
+  # A .json file whose first line is an array is a JSON array; .jsonl is always JSON lines.
+  path = _file(tmp_path, "prop.json" if array else "prop.jsonl", data)
   try:
     sources.load_conversations(path, format=forced)
   except DataError as e:
-    _check_error(e, path, data.count(b"\n") + 1)
+    _check_error(e, path, data.count(b"\n") + 1, records=len(records) if array else 0)
 
 
 @PROPERTY
