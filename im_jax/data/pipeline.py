@@ -31,8 +31,10 @@ from im_jax.data.conversation import Conversation
 @dataclasses.dataclass(frozen=True)
 class PipelineConfig:
   batch_size: int = 8  # rows per batch on each process
-  packing: str = "first_fit"  # first_fit | best_fit | none (one example per row)
-  num_packing_bins: int = 64  # bins grain's packer fills at once: more bins, less padding
+  packing: str = "best_fit"  # best_fit | first_fit | none (one example per row)
+  # Bins grain's packer fills before emitting them: more bins, less padding (LIMA at 2048:
+  # 97.3% with 64, 98.4% with 256), at the cost of a slower first batch.
+  num_packing_bins: int = 256
   max_segments_per_row: int | None = 64
   seed: int = 0
   shuffle: bool = True
