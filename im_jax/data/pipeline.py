@@ -40,6 +40,10 @@ class PipelineConfig:
   shuffle: bool = True
   num_epochs: int = 1
   read_threads: int = 2  # grain ReadOptions threads for the encode map (0: inline)
+  # Worker processes encoding examples (grain mp_prefetch; 0: none). They encode only: packing
+  # stays in this process and sees the same example order, so batches and counts are the same.
+  # Outside absl.app.run call absl.flags.FLAGS.mark_as_parsed() first, under __main__ guard.
+  num_workers: int = 0
   cache_examples: bool = False  # keep the plan's encoded examples instead of re-encoding
 
   def __post_init__(self):
@@ -129,7 +133,10 @@ class DataPipeline:
     """This process's batches for one epoch: exactly `steps_per_epoch` of them."""
     read = grain.ReadOptions(num_threads=self.config.read_threads)
     examples = self._shard_indices(self.shard_index, epoch).map(self._encode)
-    rows = packing_lib.pack(examples.to_iter_dataset(read), **self._pack_kwargs(epoch))
+    examples = examples.to_iter_dataset(read)
+    if self.config.num_workers:
+      examples = examples.mp_prefetch(grain.MultiprocessingOptions(self.config.num_workers))
+    rows = packing_lib.pack(examples, **self._pack_kwargs(epoch))
     row_length = self.row_length
     padding = grain.MapDataset.range(int(self.padding_rows()[self.shard_index, epoch])).map(
         lambda _: packing_lib.empty_row(row_length))
