@@ -43,6 +43,9 @@ def _save_tiny_hf(case: str, out) -> transformers.PreTrainedModel:
   return model
 
 
+forward = nnx.jit(lambda model, *args: model(*args))
+
+
 def _torch_logits(model, tokens: np.ndarray) -> np.ndarray:
   with torch.no_grad():
     return model(torch.tensor(tokens, dtype=torch.long)).logits.numpy()
@@ -60,7 +63,7 @@ def test_tiny_logits_and_bit_exact_round_trip(hf_case, scan_layers):
   config = LlamaConfig.from_hf(hf_dir, scan_layers=scan_layers)
   model = params.load_hf(hf_dir, config)
   tokens = np.random.RandomState(0).randint(0, 256, (2, 24))
-  diff = np.abs(np.asarray(model(tokens)) - _torch_logits(torch_model, tokens)).max()
+  diff = np.abs(np.asarray(forward(model, tokens)) - _torch_logits(torch_model, tokens)).max()
   assert diff <= 1e-4, diff
 
   original = load_file(hf_dir / "model.safetensors")
@@ -68,6 +71,9 @@ def test_tiny_logits_and_bit_exact_round_trip(hf_case, scan_layers):
   assert sorted(exported) == sorted(original) == sorted(params.hf_tensor_names(config))
   for name, x in original.items():
     assert exported[name].dtype == x.dtype and np.array_equal(exported[name], x), name
+  # A plain nested dict (e.g. restored from a checkpoint) exports the same.
+  from_dict = params.to_hf(nnx.to_pure_dict(nnx.state(model, nnx.Param)), config)
+  assert all(np.array_equal(from_dict[n], x) for n, x in exported.items())
 
 
 def test_export_loads_in_transformers_sharded(hf_case, tmp_path):
@@ -84,7 +90,7 @@ def test_export_loads_in_transformers_sharded(hf_case, tmp_path):
   # And back in through the sharded index.
   again = params.load_hf(tmp_path, LlamaConfig.from_hf(tmp_path, scan_layers=True))
   tokens = np.arange(10)[None]
-  np.testing.assert_array_equal(again(tokens), model(tokens))
+  np.testing.assert_array_equal(forward(again, tokens), forward(model, tokens))
 
 
 def test_load_into_shardings(tmp_path):
@@ -109,7 +115,7 @@ def test_load_into_shardings(tmp_path):
   tokens = np.arange(12)[None]
   ref = _torch_logits(torch_model, tokens)
   for m in (model, same):
-    assert np.abs(np.asarray(jax.jit(lambda t, m=m: m(t))(tokens)) - ref).max() <= 1e-4
+    assert np.abs(np.asarray(forward(m, tokens)) - ref).max() <= 1e-4
 
 
 def test_load_errors_name_the_tensor(tmp_path):
@@ -171,7 +177,7 @@ def test_smollm2_logits_match_transformers(smollm2_hf_dir):
   tokens = np.concatenate([np.asarray(r) for r in rows])[None]
   positions = np.concatenate([np.arange(len(r)) for r in rows])[None]
   segments = np.concatenate([np.full(len(r), i + 1) for i, r in enumerate(rows)])[None]
-  packed = np.asarray(jax.jit(lambda *a: model(*a))(tokens, positions, segments))
+  packed = np.asarray(forward(model, tokens, positions, segments))
   start, worst = 0, 0.0
   for r in rows:
     ref = _torch_logits(torch_model, np.asarray([r]))

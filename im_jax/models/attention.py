@@ -48,7 +48,8 @@ def attention(
     q_positions, kv_positions: `[B, T]`, `[B, S]` int positions within each segment.
     scale: logit scale, default `hd ** -0.5`.
     implementation: "xla" (plain einsums, runs everywhere, the tested path) or "cudnn"
-      (`jax.nn.dot_product_attention` with the same mask; GPU only).
+      (`jax.nn.dot_product_attention` with the same dense mask; GPU only, not yet verified
+      on a GPU: the mask layout is tested through that function's XLA path).
 
   Returns:
     `[B, T, H, hd]` in q's dtype. Rows that may attend to nothing (padding) are exactly 0.
