@@ -79,3 +79,35 @@ def write_jsonl(path: str | pathlib.Path, conversations: list[Conversation]) -> 
                 "messages": [{"role": m.role, "content": m.content} for m in c.messages]}
       f.write(json.dumps(record) + "\n")
   return path
+
+
+def train_tokenizer(texts: list[str], out_dir: str | pathlib.Path, vocab_size: int = 1024,
+                    chat_template: str | None = None) -> pathlib.Path:
+  """A byte-level BPE tokenizer trained on `texts`, saved as a HF folder.
+
+  Special tokens: `<pad>` (0), `<s>` (BOS, 1), `</s>` (EOS, 2). Any text encodes (byte
+  fallback), so it also works on data it was not trained on, just less compactly.
+  """
+  import tokenizers  # pylint: disable=g-import-not-at-top  (only the demo needs these)
+  import transformers
+  from tokenizers import decoders, models, pre_tokenizers, trainers
+
+  tok = tokenizers.Tokenizer(models.BPE())
+  tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+  tok.decoder = decoders.ByteLevel()
+  trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<pad>", "<s>", "</s>"],
+                                initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+  tok.train_from_iterator(texts, trainer=trainer)
+  fast = transformers.PreTrainedTokenizerFast(
+      tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>")
+  if chat_template is not None:
+    fast.chat_template = chat_template
+  out_dir = pathlib.Path(out_dir)
+  fast.save_pretrained(out_dir)
+  return out_dir
+
+
+def tokenizer_texts(conversations: list[Conversation]) -> list[str]:
+  """Training text for `train_tokenizer`: every message plus the tulu role headers."""
+  texts = [m.content for c in conversations for m in c.messages]
+  return texts + ["<|system|>\n<|user|>\n<|assistant|>\n"] * 10

@@ -1,0 +1,77 @@
+"""Every key an im_jax training run reads, with the paper's defaults (docs: README).
+
+Other config files start from `get_config()` here and change what they need, so every key
+exists in every config and any of them can be overridden on the command line:
+`--config.loss.mode=it`.
+"""
+
+import ml_collections
+
+
+def get_config() -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+
+  c.model = ml_collections.ConfigDict()
+  c.model.preset = "tiny"  # tiny | smollm2_135m | llama2_7b | llama2_13b | llama3_8b | ...
+  c.model.init_from = ""  # "" (random init) | hf:DIR | a CKPT folder (python -m im_jax.convert)
+  c.model.scan_layers = True
+  c.model.remat_policy = "none"  # none | minimal | full
+  c.model.param_dtype = "float32"
+  c.model.compute_dtype = "float32"  # bfloat16 on accelerators
+
+  c.data = ml_collections.ConfigDict()
+  c.data.train = ""  # a file (tulu/alpaca/sharegpt JSON(L) or parquet), tfds:NAME:SPLIT, synthetic:N
+  c.data.format = ""  # "" = detect | tulu | alpaca | sharegpt
+  c.data.tokenizer = ""  # "" = the init_from folder's | a HF tokenizer folder | synthetic
+  c.data.template = "tulu"  # tulu (the paper's) | hf (the tokenizer's chat template)
+  c.data.max_seq_len = 2048
+  c.data.truncation = "right"  # right (the paper's) | drop
+  c.data.drop_rule = "no_output"  # no_output (IT and IM keep the same examples) | no_weight
+  c.data.packing = "first_fit"  # first_fit | best_fit | none (one example per row)
+  c.data.max_segments_per_row = 64
+  c.data.eval_fraction = 0.0  # held out by a hash of each example's id
+  c.data.on_bad_record = "error"  # error | skip (skipped records are counted and reported)
+  c.data.read_threads = 2
+
+  c.loss = ml_collections.ConfigDict()
+  c.loss.mode = "im"  # it | im | im_release
+  c.loss.instruction_weight = 1.0  # im only
+  c.loss.normalization = "sequence"  # sequence (the paper's per-example mean) | token
+  c.loss.assistant_turns = "all"  # all | last
+  c.loss.chunk_size = 0  # >0: chunked cross-entropy over this many positions
+
+  c.optim = ml_collections.ConfigDict()
+  c.optim.lr = 2e-5
+  c.optim.warmup_ratio = 0.03
+  c.optim.decay = "linear"  # linear | cosine | constant
+  c.optim.weight_decay = 0.0
+  c.optim.b1 = 0.9
+  c.optim.b2 = 0.98
+  c.optim.eps = 1e-6
+  c.optim.max_grad_norm = 1.0  # <= 0: no clipping
+
+  c.train = ml_collections.ConfigDict()
+  c.train.batch_size = 128  # global rows per optimizer step
+  c.train.max_steps = 0  # 0 = derived from train.epochs
+  c.train.epochs = 2
+  c.train.seed = 0
+  c.train.grad_accum = 1  # micro-batches per optimizer step
+  c.train.log_every = 1
+
+  c.mesh = ml_collections.ConfigDict()
+  c.mesh.data = 1
+  c.mesh.fsdp = -1  # -1 takes the remaining devices
+  c.mesh.tensor = 1
+
+  c.checkpoint = ml_collections.ConfigDict()
+  c.checkpoint.every_steps = 500
+  c.checkpoint.keep = 3
+  c.checkpoint.async_save = True
+
+  c.eval = ml_collections.ConfigDict()
+  c.eval.every_steps = 0  # 0 = only at the end
+  c.eval.batch_size = 8  # global rows per eval batch
+
+  c.neftune_alpha = 0.0  # the paper uses 5 for NEFTune runs
+  c.export_hf = False  # write a Hugging Face folder to WORKDIR/hf at the end
+  return c

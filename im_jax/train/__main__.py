@@ -1,0 +1,44 @@
+"""`python -m im_jax.train --config configs/FILE.py[:ARGS] --workdir DIR [--config.KEY=VALUE]`.
+
+Thin: parse, build the experiment, run it, export. A bad config or bad data stops with one
+line and exit status 2. Rerunning in the same workdir resumes from its newest checkpoint.
+"""
+
+import logging
+import sys
+
+from absl import app, flags
+from ml_collections import config_flags
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "experiment config file")
+_WORKDIR = flags.DEFINE_string("workdir", None, "run folder: config, metrics, checkpoints")
+flags.mark_flags_as_required(["config", "workdir"])
+
+
+def main(argv) -> int:
+  del argv
+  # Orbax and grain log every file operation at INFO through absl: keep theirs to warnings.
+  logging.getLogger("absl").setLevel(logging.WARNING)
+  logging.getLogger("im_jax").setLevel(logging.INFO)
+  from im_jax.data.conversation import DataError  # pylint: disable=g-import-not-at-top
+  from im_jax.train import experiment
+
+  try:
+    exp = experiment.build(_CONFIG.value, _WORKDIR.value)
+    result = exp.run()
+  except (experiment.ConfigError, DataError) as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 2
+  if result.preempted:
+    print(f"preempted at step {result.step}; rerun the same command to resume", file=sys.stderr)
+    return 0
+  summary = {**result.last_metrics, **result.last_eval}
+  print("done: step %d, %s" % (result.step, ", ".join(
+      f"{k}={v:.4g}" for k, v in summary.items() if k.endswith("loss"))))
+  if exp.config.export_hf:
+    exp.export_hf(result.state)
+  return 0
+
+
+if __name__ == "__main__":
+  app.run(main)

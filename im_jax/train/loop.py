@@ -1,0 +1,189 @@
+"""The training loop: steps, periodic evaluation, checkpoints, exact resume, preemption.
+
+A run in a workdir that already has checkpoints continues from the newest readable one: the
+train state (parameters, optimiser state, step, RNG) and the grain iterator position are
+restored, so the resumed run sees the same batches and produces the same losses and
+parameters as an uninterrupted one. Per-step randomness is `fold_in(rng, step)`, a pure
+function of the restored state.
+
+SIGTERM (a Cloud TPU preemption notice) sets a flag; at the next step boundary every process
+agrees on it, a checkpoint is written by all processes together, and the loop returns.
+"""
+
+import dataclasses
+import logging
+import signal
+import threading
+import time
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any
+
+import jax
+import numpy as np
+from jax.experimental import multihost_utils
+
+from im_jax.checkpoint import CheckpointConfig, CheckpointStore
+from im_jax.train import loss as loss_lib
+from im_jax.train import sharding
+from im_jax.train.metrics_log import MetricsLogger
+from im_jax.train.step import TrainState, host_metrics
+
+log = logging.getLogger(__name__)
+
+Batch = dict[str, np.ndarray]
+
+
+@dataclasses.dataclass(frozen=True)
+class LoopConfig:
+  total_steps: int
+  grad_accum: int = 1  # micro-batches per optimizer step (the batch's rows split k ways)
+  log_every: int = 1
+  eval_every: int = 0  # 0: evaluate only at the end (when eval data is given)
+  checkpoint: CheckpointConfig = CheckpointConfig()
+
+
+@dataclasses.dataclass(frozen=True)
+class LoopResult:
+  state: TrainState
+  step: int  # optimizer steps done
+  preempted: bool
+  resumed_from: int | None
+  last_metrics: dict[str, float]
+  last_eval: dict[str, float]
+
+
+class _Preemption:
+  """SIGTERM -> flag; restores the previous handler on exit (main thread only)."""
+
+  def __init__(self):
+    self.requested = False
+    self._previous = None
+
+  def __enter__(self):
+    if threading.current_thread() is threading.main_thread():
+      self._previous = signal.signal(signal.SIGTERM, self._handle)
+    return self
+
+  def _handle(self, signum, frame):
+    del signum, frame
+    log.warning("SIGTERM received: saving a checkpoint at the next step boundary")
+    self.requested = True
+
+  def __exit__(self, *exc):
+    if self._previous is not None:
+      signal.signal(signal.SIGTERM, self._previous)
+
+  def agreed(self) -> bool:
+    """True when any process was asked to stop (all processes must stop together)."""
+    if jax.process_count() == 1:
+      return self.requested
+    flags = multihost_utils.process_allgather(np.asarray(self.requested, np.int32))
+    return bool(np.any(flags))
+
+
+def abstract_like(state: Any) -> Any:
+  """ShapeDtypeStructs with the current shardings: what a restore should produce."""
+  return jax.tree.map(
+      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state)
+
+
+def evaluate(state: TrainState, eval_step: Callable, batches: Iterable[Batch],
+             mesh: jax.sharding.Mesh) -> dict[str, float]:
+  """Sums the eval step's loss sums over all batches, then divides once."""
+  total = None
+  for local in batches:
+    sums = eval_step(state, sharding.global_batch(local, mesh))
+    total = sums if total is None else jax.tree.map(lambda a, b: a + b, total, sums)
+  if total is None:
+    return {}
+  return {f"eval_{k}": v for k, v in host_metrics(loss_lib.finalize(total)).items()}
+
+
+def run(*, workdir: str, state: TrainState, train_step: Callable, mesh: jax.sharding.Mesh,
+        train_batches: Any, config: LoopConfig, meta: dict[str, Any],
+        eval_step: Callable | None = None,
+        eval_batches: Callable[[], Iterable[Batch]] | None = None,
+        logger: MetricsLogger | None = None) -> LoopResult:
+  """Trains until `config.total_steps`, resuming from `workdir`'s checkpoints if any.
+
+  Args:
+    state: a freshly created (sharded) train state; replaced by the checkpoint if one exists.
+    train_step: `step(state, global_batch) -> (state, metrics)` (see `step.make_train_step`).
+    train_batches: a grain dataset (or anything whose `iter()` has `get_state/set_state`)
+      yielding this process's rows for one optimizer step: `[rows, T]` numpy arrays.
+    meta: JSON-able run description stored with every checkpoint (config, model config).
+    eval_batches: returns a fresh iterable of this process's held-out batches.
+  """
+  store = CheckpointStore(workdir, config.checkpoint)
+  iterator = iter(train_batches)
+  restored = store.restore_latest(abstract_like(state), data_iterator=iterator)
+  start = 0
+  if restored is not None:
+    state, start = restored.state, restored.step
+    for step, reason in restored.skipped:
+      log.warning("skipped damaged checkpoint %d: %s", step, reason)
+    log.info("resumed from checkpoint %d in %s", start, store.directory)
+  own_logger = logger is None
+  if own_logger:
+    logger = MetricsLogger(workdir, total_steps=config.total_steps, start_step=start)
+  last_metrics: dict[str, float] = {}
+  last_eval: dict[str, float] = {}
+  preempted = False
+  step = start
+  saved = start if restored is not None else -1  # the newest step saved (or being saved)
+
+  def run_eval() -> None:
+    nonlocal last_eval
+    if eval_step is not None and eval_batches is not None:
+      last_eval = evaluate(state, eval_step, eval_batches(), mesh)
+      if last_eval:
+        logger.write({"step": step, **last_eval})
+
+  try:
+    with _Preemption() as preemption:
+      # Throughput over each logging interval: steps are dispatched asynchronously, so
+      # only the wall time between two synchronising log points is honest.
+      interval_tokens, interval_start = 0, time.perf_counter()
+      while step < config.total_steps:
+        local = _next_batch(iterator, step)
+        # Non-padding tokens; every process holds an equal share of the rows.
+        interval_tokens += int(np.count_nonzero(local["segment_ids"])) * jax.process_count()
+        state, metrics = train_step(
+            state, sharding.global_batch(local, mesh, micro_batches=config.grad_accum))
+        step += 1
+        if step % config.log_every == 0 or step == config.total_steps:
+          last_metrics = host_metrics(metrics)  # waits for the step
+          now = time.perf_counter()
+          logger.write({"step": step, **last_metrics, "tokens": interval_tokens,
+                        "tokens_per_sec": interval_tokens / max(now - interval_start, 1e-9)})
+          interval_tokens, interval_start = 0, now
+        if config.eval_every and step % config.eval_every == 0 and step < config.total_steps:
+          run_eval()
+        if preemption.agreed():
+          store.save(step, state, iterator.get_state(), meta, force=True)
+          store.wait()
+          log.warning("preempted: checkpoint %d written, stopping", step)
+          preempted = True
+          break
+        if store.save(step, state, iterator.get_state(), meta):
+          saved = step
+      if not preempted:
+        run_eval()
+        if saved != step:
+          store.save(step, state, iterator.get_state(), meta, force=True)
+  finally:
+    store.close()
+    if own_logger:
+      logger.close()
+  return LoopResult(state=state, step=step, preempted=preempted,
+                    resumed_from=None if restored is None else restored.step,
+                    last_metrics=last_metrics, last_eval=last_eval)
+
+
+def _next_batch(iterator: Iterator[Batch], step: int) -> Batch:
+  try:
+    return next(iterator)
+  except StopIteration:
+    raise RuntimeError(
+        f"the data ran out before step {step + 1}: the pipeline must yield at least "
+        "total_steps batches (raise data epochs or lower train.max_steps)") from None

@@ -1,0 +1,88 @@
+"""Where training metrics go: `metrics.jsonl`, TensorBoard event files and a progress bar.
+
+Only JAX process 0 writes. On resume, records past the restored step (written by the
+interrupted run after its last checkpoint) are dropped, so `metrics.jsonl` reads as one run.
+"""
+
+import json
+import pathlib
+from typing import Any
+
+import jax
+
+METRICS_FILE = "metrics.jsonl"
+
+
+def read_metrics(workdir: str | pathlib.Path) -> list[dict[str, Any]]:
+  path = pathlib.Path(workdir) / METRICS_FILE
+  if not path.exists():
+    return []
+  return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def _truncate_after(path: pathlib.Path, step: int) -> None:
+  if not path.exists():
+    return
+  kept = [line for line in path.read_text().splitlines()
+          if line.strip() and json.loads(line).get("step", 0) <= step]
+  path.write_text("".join(line + "\n" for line in kept))
+
+
+class MetricsLogger:
+  """Appends one JSON object per record; mirrors scalars to TensorBoard; drives a bar."""
+
+  def __init__(self, workdir: str | pathlib.Path, *, total_steps: int, start_step: int = 0,
+               tensorboard: bool = True, progress: bool = True):
+    self.enabled = jax.process_index() == 0
+    self._file = self._tb = self._bar = None
+    if not self.enabled:
+      return
+    workdir = pathlib.Path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    path = workdir / METRICS_FILE
+    _truncate_after(path, start_step)
+    self._file = path.open("a", encoding="utf-8")
+    if tensorboard:
+      import tensorboardX  # no TensorFlow needed
+
+      self._tb = tensorboardX.SummaryWriter(str(workdir / "tensorboard"))
+    if progress:
+      import tqdm
+
+      self._bar = tqdm.tqdm(total=total_steps, initial=start_step, unit="step",
+                            dynamic_ncols=True, mininterval=1.0)
+
+  def write(self, record: dict[str, Any]) -> None:
+    if not self.enabled:
+      return
+    self._file.write(json.dumps(record) + "\n")
+    self._file.flush()
+    step = int(record["step"])
+    if self._tb is not None:
+      for key, value in record.items():
+        if key != "step" and isinstance(value, (int, float)):
+          self._tb.add_scalar(key, value, step)
+    if self._bar is not None:
+      if "loss" in record:
+        self._bar.n = step
+        self._bar.set_postfix(_bar_fields(record), refresh=False)
+        self._bar.refresh()
+      else:
+        self._bar.write(" ".join(f"{k}={_fmt(v)}" for k, v in record.items()))
+
+  def close(self) -> None:
+    if self._file is not None:
+      self._file.close()
+    if self._tb is not None:
+      self._tb.close()
+    if self._bar is not None:
+      self._bar.close()
+
+
+def _fmt(value: Any) -> str:
+  return f"{value:.4g}" if isinstance(value, float) else str(value)
+
+
+def _bar_fields(record: dict[str, Any]) -> dict[str, str]:
+  keys = ("loss", "output_loss", "instruction_loss", "tokens_per_sec")
+  return {k.replace("_loss", ""): _fmt(record[k]) for k in keys if k in record}

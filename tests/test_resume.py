@@ -1,0 +1,119 @@
+"""Exact resume: a run killed (SIGKILL) or preempted (SIGTERM) and restarted in its workdir
+gives the same per-step losses and bit-identical parameters as an uninterrupted run."""
+
+import os
+import pathlib
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+
+from im_jax.data import synthetic
+from im_jax.train.metrics_log import read_metrics
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+STEPS = 24
+
+
+@pytest.fixture(scope="module")
+def tokenizer_dir(tmp_path_factory):
+  convs = synthetic.make_conversations(200, seed=0)
+  return synthetic.train_tokenizer(synthetic.tokenizer_texts(convs),
+                                   tmp_path_factory.mktemp("tok"), vocab_size=400)
+
+
+def _command(workdir, tokenizer_dir, *extra):
+  return [sys.executable, "-m", "im_jax.train", "--config", str(ROOT / "configs/base.py"),
+          "--workdir", str(workdir), "--config.data.train=synthetic:200",
+          f"--config.data.tokenizer={tokenizer_dir}", "--config.data.max_seq_len=128",
+          "--config.train.batch_size=8", f"--config.train.max_steps={STEPS}",
+          "--config.optim.lr=1e-3", "--config.checkpoint.every_steps=4",
+          "--config.checkpoint.keep=10", "--config.mesh.fsdp=4", "--config.mesh.data=2",
+          "--config.data.read_threads=0", *extra]
+
+
+def _env():
+  env = dict(os.environ)
+  env["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
+  env["JAX_PLATFORMS"] = "cpu"
+  return env
+
+
+def _run(workdir, tokenizer_dir):
+  proc = subprocess.run(_command(workdir, tokenizer_dir), cwd=ROOT, env=_env(),
+                        capture_output=True, text=True, timeout=300)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  return proc
+
+
+def _finished_steps(workdir: pathlib.Path) -> list[int]:
+  d = workdir / "checkpoints"
+  return sorted(int(p.name) for p in d.iterdir() if p.name.isdigit()) if d.exists() else []
+
+
+def _start_and_signal(workdir, tokenizer_dir, sig, after_checkpoint=4):
+  """Starts a run, sends `sig` once a checkpoint >= `after_checkpoint` is complete."""
+  proc = subprocess.Popen(_command(workdir, tokenizer_dir), cwd=ROOT, env=_env(),
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+  deadline = time.time() + 240
+  while time.time() < deadline and proc.poll() is None:
+    if any(s >= after_checkpoint for s in _finished_steps(workdir)):
+      proc.send_signal(sig)
+      break
+    time.sleep(0.02)
+  out, err = proc.communicate(timeout=120)
+  return proc.returncode, err
+
+
+def _losses(workdir):
+  return {r["step"]: r["loss"] for r in read_metrics(workdir) if "loss" in r}
+
+
+def _final_params(workdir):
+  state = ocp.StandardCheckpointer().restore(workdir / "checkpoints" / str(STEPS) / "state")
+  flat, _ = _flatten(state["params"])
+  return flat
+
+
+def _flatten(tree, prefix=""):
+  out = {}
+  if isinstance(tree, dict):
+    for k, v in tree.items():
+      out.update(_flatten(v, f"{prefix}/{k}")[0])
+  else:
+    out[prefix] = np.asarray(tree)
+  return out, None
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory, tokenizer_dir):
+  workdir = tmp_path_factory.mktemp("uninterrupted")
+  _run(workdir, tokenizer_dir)
+  return workdir
+
+
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM], ids=["sigkill", "sigterm"])
+def test_interrupted_run_resumes_exactly(tmp_path, tokenizer_dir, uninterrupted, sig):
+  code, err = _start_and_signal(tmp_path, tokenizer_dir, sig)
+  if sig == signal.SIGKILL:
+    assert code == -signal.SIGKILL
+  else:
+    assert code == 0, err[-3000:]
+    assert "preempted at step" in err
+  interrupted_at = max(_finished_steps(tmp_path))
+  assert interrupted_at < STEPS, "the run finished before the signal: nothing was tested"
+  assert max(_losses(tmp_path)) < STEPS
+
+  resumed = _run(tmp_path, tokenizer_dir)
+  assert "resumed from checkpoint" in resumed.stderr
+  expected = _losses(uninterrupted)
+  assert sorted(expected) == list(range(1, STEPS + 1))
+  assert _losses(tmp_path) == expected  # exact float equality, every step
+  want, got = _final_params(uninterrupted), _final_params(tmp_path)
+  assert want.keys() == got.keys() and want
+  for name in want:
+    np.testing.assert_array_equal(got[name], want[name], err_msg=name)
