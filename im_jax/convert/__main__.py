@@ -1,0 +1,102 @@
+"""Command line: HF folder -> CKPT, and CKPT (or a training checkpoint) -> HF folder.
+
+    python -m im_jax.convert from-hf --hf DIR --out CKPT [--template tulu|hf] [--tokenizer DIR]
+    python -m im_jax.convert to-hf --ckpt CKPT|WORKDIR --out DIR [--dtype float32|bfloat16]
+        [--template tulu|hf] [--max-shard-gb 5]
+
+Bad input (missing folder, unsupported architecture, missing/unknown tensor, an existing
+output) prints one line on stderr and exits with status 2.
+"""
+
+import argparse
+import pathlib
+import sys
+
+import jax
+from safetensors import SafetensorError
+
+from im_jax.convert import ckpt, hf_export, load
+
+EXIT_BAD_INPUT = 2
+
+
+def _host(axes, shape) -> jax.sharding.Sharding:
+  """Conversion works in host memory: an accelerator may not hold the whole model."""
+  del axes, shape
+  try:
+    device = jax.local_devices(backend="cpu")[0]
+  except RuntimeError:  # JAX_PLATFORMS excludes the CPU backend
+    device = jax.local_devices()[0]
+  return jax.sharding.SingleDeviceSharding(device)
+
+
+def _from_hf(args: argparse.Namespace) -> str:
+  hf_dir = pathlib.Path(args.hf)
+  if not hf_dir.is_dir():
+    raise FileNotFoundError(f"--hf {hf_dir}: no such folder")
+  # Scanned: the stored CKPT layout, so nothing is stacked a second time.
+  loaded = load.load_hf_folder(hf_dir, shardings=_host, scan_layers=True)
+  out = ckpt.save_ckpt(args.out, loaded.model, loaded.config, args.tokenizer or hf_dir,
+                       template=args.template, source=str(hf_dir.absolute()),
+                       overwrite=args.overwrite)
+  return f"wrote {out} ({loaded.config.model_type}, {loaded.config.num_layers} layers)"
+
+
+def _to_hf(args: argparse.Namespace) -> str:
+  source = pathlib.Path(args.ckpt)
+  if not source.is_dir():
+    raise FileNotFoundError(f"--ckpt {source}: no such folder")
+  loaded = load.load_pretrained(source, shardings=_host)
+  template = args.template or loaded.info.get("template")
+  if template is None:
+    raise ValueError(f"{source} does not record its chat template; pass --template tulu|hf")
+  tokenizer = args.tokenizer or loaded.tokenizer_dir
+  if tokenizer is None:
+    raise ValueError(f"{source} does not record a tokenizer; pass --tokenizer DIR")
+  out = hf_export.export_hf(args.out, loaded.model, loaded.config, tokenizer,
+                            template=template, dtype=args.dtype,
+                            max_shard_bytes=int(args.max_shard_gb * 2**30),
+                            overwrite=args.overwrite)
+  return f"wrote {out} ({args.dtype}, template {template})"
+
+
+def _parser() -> argparse.ArgumentParser:
+  parser = argparse.ArgumentParser(prog="python -m im_jax.convert", description=__doc__,
+                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+  sub = parser.add_subparsers(dest="command", required=True)
+  p = sub.add_parser("from-hf", help="Hugging Face folder -> CKPT folder")
+  p.add_argument("--hf", required=True, help="HF model folder (config.json, safetensors)")
+  p.add_argument("--out", required=True, help="CKPT folder to create")
+  p.add_argument("--template", choices=("tulu", "hf"), default="tulu",
+                 help="chat template the model will be trained with (recorded)")
+  p.add_argument("--tokenizer", help="tokenizer folder (default: the HF folder)")
+  p.add_argument("--overwrite", action="store_true")
+  p.set_defaults(run=_from_hf)
+  p = sub.add_parser("to-hf", help="CKPT folder or training workdir -> Hugging Face folder")
+  p.add_argument("--ckpt", required=True,
+                 help="CKPT folder, training workdir, or WORKDIR/checkpoints/<step>")
+  p.add_argument("--out", required=True, help="HF folder to create")
+  p.add_argument("--dtype", choices=hf_export.DTYPES, default="float32")
+  p.add_argument("--template", choices=("tulu", "hf"),
+                 help="override the recorded chat template")
+  p.add_argument("--tokenizer", help="override the recorded tokenizer folder")
+  p.add_argument("--max-shard-gb", type=float, default=5.0,
+                 help="split safetensors into shards with an index above this size")
+  p.add_argument("--overwrite", action="store_true")
+  p.set_defaults(run=_to_hf)
+  return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+  args = _parser().parse_args(argv)
+  try:
+    print(args.run(args))
+  except (OSError, ValueError, KeyError, SafetensorError) as e:
+    message = str(e).splitlines()[0] if str(e) else type(e).__name__
+    print(f"error: {message}", file=sys.stderr)
+    return EXIT_BAD_INPUT
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())

@@ -1,0 +1,113 @@
+"""Load a pretrained model from any source the stack knows, straight into shardings.
+
+`load_pretrained(spec)` accepts:
+- `hf:DIR` (or a folder with config.json and safetensors): a Hugging Face folder, streamed
+  tensor by tensor through `params.load_hf`;
+- a CKPT folder (has im_jax.json): `ckpt.load_ckpt`;
+- a training workdir, its `checkpoints/` folder or one `checkpoints/<step>/` folder: the
+  parameters of the newest (or that) step, read from the `state` item's `params` field with an
+  orbax partial restore (optimizer state is never read), plus the `meta` item's
+  `model_config`, `tokenizer` and, if present, `template`.
+
+The trainer passes `shardings=lambda axes, shape: NamedSharding(mesh,
+sharding.logical_to_spec(axes, shape, mesh))` so every parameter lands on its shard directly.
+"""
+
+import json
+import pathlib
+from typing import Any
+
+import jax
+import orbax.checkpoint as ocp
+from flax import nnx
+
+from im_jax.convert import ckpt
+from im_jax.convert.files import PathLike
+from im_jax.models.llama import LlamaConfig
+from im_jax.models.llama import params as hf_params
+
+HF_PREFIX = "hf:"
+
+
+def load_pretrained(spec: PathLike, *, shardings: ckpt.ShardingFn | None = None,
+                    **config_overrides) -> ckpt.LoadedCkpt:
+  """(model, config, tokenizer_dir, info) from `hf:DIR`, a CKPT or a training checkpoint.
+
+  `info["template"]` is the chat template recorded at training/conversion time, or None when
+  the source does not say (a HF folder).
+  """
+  text = str(spec)
+  if text.startswith(HF_PREFIX) or (pathlib.Path(text) / "config.json").exists():
+    return load_hf_folder(text.removeprefix(HF_PREFIX), shardings=shardings,
+                          **config_overrides)
+  path = pathlib.Path(text)
+  if (path / ckpt.INFO_FILE).exists():
+    return ckpt.load_ckpt(path, shardings=shardings, **config_overrides)
+  if path.is_dir() and _step_dir(path, required=False) is not None:
+    return load_train_checkpoint(path, shardings=shardings, **config_overrides)
+  raise FileNotFoundError(f"{text}: not a HF folder (config.json), an im_jax CKPT folder "
+                          f"({ckpt.INFO_FILE}) or a training workdir with checkpoints")
+
+
+def load_hf_folder(hf_dir: PathLike, *, shardings: ckpt.ShardingFn | None = None,
+                   **config_overrides) -> ckpt.LoadedCkpt:
+  hf_dir = pathlib.Path(hf_dir).absolute()
+  if not (hf_dir / "config.json").exists():
+    raise FileNotFoundError(f"{hf_dir}: no config.json (not a Hugging Face model folder)")
+  config = LlamaConfig.from_hf(hf_dir, **config_overrides)
+  model = hf_params.load_hf(hf_dir, config, shardings=shardings)
+  info = {"format": "hf", "template": None, "source": str(hf_dir)}
+  return ckpt.LoadedCkpt(model, config, hf_dir, info)
+
+
+def _step_dir(path: pathlib.Path, *, required: bool = True) -> pathlib.Path | None:
+  """The newest complete step folder under a workdir / checkpoints folder, or `path` itself."""
+  if (path / "state").is_dir() and (path / "meta").is_dir():
+    return path
+  root = path / "checkpoints" if (path / "checkpoints").is_dir() else path
+  steps = sorted((int(p.name), p) for p in root.iterdir() if p.name.isdigit()
+                 and (p / "state").is_dir() and (p / "meta").is_dir())
+  if not steps:
+    if required:
+      raise FileNotFoundError(f"{path}: no training checkpoint (checkpoints/<step>/state)")
+    return None
+  return steps[-1][1]
+
+
+def load_train_checkpoint(path: PathLike, *, shardings: ckpt.ShardingFn | None = None,
+                          **config_overrides) -> ckpt.LoadedCkpt:
+  """The model parameters of a training checkpoint (see the module docstring).
+
+  The parameters are restored in the layout they were trained with: `scan_layers` cannot be
+  overridden here (convert through a CKPT folder to change it).
+  """
+  step_dir = _step_dir(pathlib.Path(path).absolute())
+  meta = json.loads((step_dir / "meta" / "metadata").read_text())
+  if "model_config" not in meta:
+    raise ValueError(f"{step_dir / 'meta'}: no model_config")
+  stored = LlamaConfig.from_dict(meta["model_config"])
+  config = stored.replace(**config_overrides)
+  if config.scan_layers != stored.scan_layers:
+    raise ValueError(f"{step_dir}: trained with scan_layers={stored.scan_layers}; it cannot be "
+                     "changed when reading a training checkpoint")
+  fn = shardings or ckpt.default_sharding
+  graphdef, state = nnx.split(hf_params.abstract_model(config))
+  flat = dict(nnx.to_flat_state(state))
+  # On disk an nnx.Param is a {"value": array} node; layer indices are string keys.
+  item = ckpt.unflatten({
+      ("params", *map(str, p), "value"): jax.ShapeDtypeStruct(
+          v.shape, v.dtype, sharding=fn(v.get_metadata().get("logical_axes"), v.shape))
+      for p, v in flat.items()})
+  restore_args = jax.tree.map(lambda s: ocp.ArrayRestoreArgs(
+      sharding=s.sharding, global_shape=s.shape, dtype=s.dtype), item)
+  with ocp.PyTreeCheckpointer() as checkpointer:
+    restored = checkpointer.restore(step_dir / "state", args=ocp.args.PyTreeRestore(
+        item=item, restore_args=restore_args, partial_restore=True))
+  values = dict(ckpt.flatten(restored))
+  for p, var in flat.items():
+    var.set_value(values[("params", *map(str, p), "value")])
+  tokenizer = meta.get("tokenizer") or meta.get("tokenizer_dir")
+  info = {"format": "train", "template": meta.get("template"), "source": str(step_dir),
+          "step": int(step_dir.name) if step_dir.name.isdigit() else None}
+  return ckpt.LoadedCkpt(nnx.merge(graphdef, nnx.from_flat_state(flat)), config,
+                         pathlib.Path(tokenizer) if tokenizer else None, info)
