@@ -174,3 +174,25 @@ def test_resume_yields_identical_batches():
     for got, want in zip(rest, reference[stop:]):
       for f in packing.ROW_FIELDS:
         np.testing.assert_array_equal(got[f], want[f])
+
+
+def test_with_epochs_equals_a_pipeline_built_for_those_epochs():
+  examples = _synthetic(90, seed=3)
+  config = pipeline_lib.PipelineConfig(batch_size=4, num_packing_bins=4, num_epochs=1, seed=5)
+  calls = collections.Counter()
+
+  def get_example(i):
+    calls[i] += 1
+    return examples[i]
+
+  one = pipeline_lib.DataPipeline(get_example, len(examples), 64, config, 0, 2)
+  planned = sum(calls.values())
+  three = one.with_epochs(3)
+  assert sum(calls.values()) == planned  # no re-encoding for the plan
+  direct = pipeline_lib.from_examples(
+      examples, 64, pipeline_lib.PipelineConfig(batch_size=4, num_packing_bins=4, num_epochs=3,
+                                                seed=5), 0, 2)
+  assert three.total_steps == direct.total_steps and one.config.num_epochs == 1
+  for a, b in zip(three, direct, strict=True):
+    for key in a:
+      np.testing.assert_array_equal(a[key], b[key])

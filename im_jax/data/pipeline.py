@@ -16,6 +16,7 @@ the largest row count over processes and epochs, rounded up to a whole batch, so
 processes yield `steps_per_epoch` batches in every epoch, known before iterating.
 """
 
+import copy
 import dataclasses
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -90,12 +91,23 @@ class DataPipeline:
     self._get_example = cache.__getitem__ if config.cache_examples else get_example
     self.kept_indices = np.flatnonzero(lengths > 0)
     self.example_lengths = lengths
+    self._count_all_rows()
+
+  def _count_all_rows(self) -> None:
     # rows[s, e]: packed rows of shard s in epoch e, counted with grain's own packer.
+    config = self.config
     self.rows = np.array([[self._count_rows(s, e) for e in range(config.num_epochs)]
-                          for s in range(shard_count)], np.int64)
+                          for s in range(self.shard_count)], np.int64)
     batch = config.batch_size
     self.rows_per_epoch = max(1, -(-int(self.rows.max()) // batch)) * batch
     self.steps_per_epoch = self.rows_per_epoch // batch
+
+  def with_epochs(self, num_epochs: int) -> "DataPipeline":
+    """The same pipeline over `num_epochs`, reusing the encoding plan (no re-encoding)."""
+    other = copy.copy(self)
+    other.config = dataclasses.replace(self.config, num_epochs=num_epochs)
+    other._count_all_rows()
+    return other
 
   @property
   def total_steps(self) -> int:

@@ -211,7 +211,7 @@ def build(c: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> Experime
   total_steps = c.train.max_steps or train_data.total_steps
   if total_steps > train_data.total_steps:  # more steps than the epochs hold: add epochs
     epochs = math.ceil(total_steps / train_data.steps_per_epoch)
-    train_data = make_pipeline(train_convs, rows, epochs, True)
+    train_data = train_data.with_epochs(epochs)
   log.info("data: %s; %d steps per epoch, %d steps", train_data.stats.as_dict(),
            train_data.steps_per_epoch, total_steps)
   eval_data = None
