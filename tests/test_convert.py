@@ -133,7 +133,15 @@ def test_restore_into_mesh_shardings(ckpt_dir, hf_dir):
   exported = hf_params.to_hf(loaded.model, loaded.config)
   for name, x in _hf_tensors(hf_dir).items():
     assert np.array_equal(exported[name], x), name
-  # The trainer's form: the same model from the HF folder straight into the mesh.
+  # The trainer's form: a pytree of shardings for an unscanned model (experiment._load_params).
+  config = loaded.config.replace(scan_layers=False)
+  tree = sharding.state_shardings(nnx.state(hf_params.abstract_model(config), nnx.Param), mesh)
+  unscanned = ckpt.load_ckpt(ckpt_dir, shardings=tree, scan_layers=False).model
+  k = unscanned.layers[2].mlp.down_proj.kernel[...]
+  assert k.sharding.spec == PartitionSpec(None, "fsdp")
+  exported = hf_params.to_hf(unscanned, config)
+  for name, x in _hf_tensors(hf_dir).items():
+    assert np.array_equal(exported[name], x), name
   direct = load.load_pretrained(f"hf:{hf_dir}", shardings=shard)
   assert direct.model.embedder.embedding[...].sharding.spec == PartitionSpec(None, "fsdp")
 

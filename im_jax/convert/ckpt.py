@@ -109,27 +109,51 @@ def default_sharding(axes, shape) -> jax.sharding.Sharding:
   return jax.sharding.SingleDeviceSharding(jax.devices()[0])
 
 
-def _flat_vars(config: LlamaConfig) -> dict[tuple, nnx.Variable]:
-  state = nnx.state(hf_params.abstract_model(config), nnx.Param)
-  return {tuple(p): v for p, v in nnx.to_flat_state(state)}
+def sharding_lookup(shardings: Any) -> Callable[[tuple, nnx.Variable], jax.sharding.Sharding]:
+  """(path, abstract variable) -> Sharding, from None, a ShardingFn or a pytree of shardings.
+
+  The pytree form is what the trainer has: `sharding.state_shardings(abstract_params, mesh)`
+  (an nnx.State of NamedShardings) or the same as a plain dict.
+  """
+  if shardings is None or callable(shardings):
+    fn = shardings or default_sharding
+    return lambda path, var: fn(var.get_metadata().get("logical_axes"), var.shape)
+  if isinstance(shardings, nnx.State):
+    items = nnx.to_flat_state(shardings)
+  else:
+    items = flatten(shardings)
+  table = {tuple(int(k) if isinstance(k, str) and k.isdigit() else k for k in p):
+           s.get_value() if isinstance(s, nnx.Variable) else s for p, s in items}
+  return lambda path, var: table[path]
 
 
-def restore_params(params_dir: PathLike, config: LlamaConfig,
-                   shardings: ShardingFn | None = None) -> Llama:
+def _stacked(s: jax.sharding.Sharding) -> jax.sharding.Sharding:
+  """The sharding of a layers-stacked array whose slices use `s` (layers not split)."""
+  if isinstance(s, jax.sharding.NamedSharding):
+    return jax.sharding.NamedSharding(s.mesh, jax.sharding.PartitionSpec(None, *s.spec))
+  return s
+
+
+def restore_params(params_dir: PathLike, config: LlamaConfig, shardings: Any = None) -> Llama:
   """A `Llama` for `config` from stacked-layout parameters saved with orbax at `params_dir`.
 
-  Each array is restored straight into `shardings(logical_axes, shape)` (default: the first
-  device), in `config.param_dtype`.
+  Each array is restored straight into its sharding (see `sharding_lookup`; default: the
+  first device), in `config.param_dtype`. For an unscanned `config` the stacked arrays are
+  restored unsplit along `layers` and sliced one parameter at a time.
   """
-  fn = shardings or default_sharding
-  stacked_cfg = config.replace(scan_layers=True)
-  abstract = {p: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=fn(
-      v.get_metadata().get("logical_axes"), v.shape)) for p, v in _flat_vars(stacked_cfg).items()}
+  lookup = sharding_lookup(shardings)
+  graphdef, state = nnx.split(hf_params.abstract_model(config))
+  target = dict(nnx.to_flat_state(state))
+  abstract = {}
+  for path, var in target.items():
+    if config.scan_layers or path[0] != "layers":
+      abstract[path] = jax.ShapeDtypeStruct(var.shape, var.dtype, sharding=lookup(path, var))
+    elif path[1] == 0:
+      abstract[("layers", *path[2:])] = jax.ShapeDtypeStruct(
+          (config.num_layers, *var.shape), var.dtype, sharding=_stacked(lookup(path, var)))
   with ocp.StandardCheckpointer() as checkpointer:
     restored = checkpointer.restore(pathlib.Path(params_dir).absolute(), unflatten(abstract))
   flat = dict(flatten(restored))
-  graphdef, state = nnx.split(hf_params.abstract_model(config))
-  target = dict(nnx.to_flat_state(state))
   for path, var in target.items():
     if config.scan_layers or path[0] != "layers":
       var.set_value(flat.pop(path))
@@ -137,21 +161,19 @@ def restore_params(params_dir: PathLike, config: LlamaConfig,
     for rel in sorted({p[2:] for p in target if p[0] == "layers"}):
       stacked = flat.pop(("layers", *rel))
       for i in range(config.num_layers):
-        var = target[("layers", i, *rel)]
-        var.set_value(jax.device_put(stacked[i], fn(var.get_metadata().get("logical_axes"),
-                                                    var.shape)))
+        path = ("layers", i, *rel)
+        target[path].set_value(jax.device_put(stacked[i], lookup(path, target[path])))
       del stacked
   return nnx.merge(graphdef, nnx.from_flat_state(target))
 
 
-def load_ckpt(path: PathLike, *, shardings: ShardingFn | None = None,
-              **config_overrides) -> LoadedCkpt:
+def load_ckpt(path: PathLike, *, shardings: Any = None, **config_overrides) -> LoadedCkpt:
   """Loads a CKPT folder into `shardings`.
 
   Args:
     path: the CKPT folder.
-    shardings: None (first device) or `(logical_axes, shape) -> Sharding`, e.g.
-      `mesh_shardings(mesh)`.
+    shardings: None (first device), `(logical_axes, shape) -> Sharding`, or a pytree of
+      shardings in the layout of `config_overrides`' model (`sharding.state_shardings`).
     **config_overrides: runtime options such as `scan_layers=True`, `compute_dtype="bfloat16"`,
       `param_dtype` (the stored values are cast on restore), `remat_policy`.
 

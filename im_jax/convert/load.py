@@ -9,8 +9,10 @@
   orbax partial restore (optimizer state is never read), plus the `meta` item's
   `model_config`, `tokenizer` and, if present, `template`.
 
-The trainer passes `shardings=lambda axes, shape: NamedSharding(mesh,
-sharding.logical_to_spec(axes, shape, mesh))` so every parameter lands on its shard directly.
+`shardings` is None (first device), a callable `(logical_axes, shape) -> Sharding` such as
+`lambda axes, shape: NamedSharding(mesh, sharding.logical_to_spec(axes, shape, mesh))`, or the
+trainer's pytree `sharding.state_shardings(abstract_params, mesh)`: every parameter is placed on
+its shards directly.
 """
 
 import json
@@ -29,7 +31,7 @@ from im_jax.models.llama import params as hf_params
 HF_PREFIX = "hf:"
 
 
-def load_pretrained(spec: PathLike, *, shardings: ckpt.ShardingFn | None = None,
+def load_pretrained(spec: PathLike, *, shardings: Any = None,
                     **config_overrides) -> ckpt.LoadedCkpt:
   """(model, config, tokenizer_dir, info) from `hf:DIR`, a CKPT or a training checkpoint.
 
@@ -49,7 +51,7 @@ def load_pretrained(spec: PathLike, *, shardings: ckpt.ShardingFn | None = None,
                           f"({ckpt.INFO_FILE}) or a training workdir with checkpoints")
 
 
-def load_hf_folder(hf_dir: PathLike, *, shardings: ckpt.ShardingFn | None = None,
+def load_hf_folder(hf_dir: PathLike, *, shardings: Any = None,
                    **config_overrides) -> ckpt.LoadedCkpt:
   hf_dir = pathlib.Path(hf_dir).absolute()
   if not (hf_dir / "config.json").exists():
@@ -74,7 +76,7 @@ def _step_dir(path: pathlib.Path, *, required: bool = True) -> pathlib.Path | No
   return steps[-1][1]
 
 
-def load_train_checkpoint(path: PathLike, *, shardings: ckpt.ShardingFn | None = None,
+def load_train_checkpoint(path: PathLike, *, shardings: Any = None,
                           **config_overrides) -> ckpt.LoadedCkpt:
   """The model parameters of a training checkpoint (see the module docstring).
 
@@ -90,13 +92,13 @@ def load_train_checkpoint(path: PathLike, *, shardings: ckpt.ShardingFn | None =
   if config.scan_layers != stored.scan_layers:
     raise ValueError(f"{step_dir}: trained with scan_layers={stored.scan_layers}; it cannot be "
                      "changed when reading a training checkpoint")
-  fn = shardings or ckpt.default_sharding
+  lookup = ckpt.sharding_lookup(shardings)
   graphdef, state = nnx.split(hf_params.abstract_model(config))
   flat = dict(nnx.to_flat_state(state))
   # On disk an nnx.Param is a {"value": array} node; layer indices are string keys.
   item = ckpt.unflatten({
       ("params", *map(str, p), "value"): jax.ShapeDtypeStruct(
-          v.shape, v.dtype, sharding=fn(v.get_metadata().get("logical_axes"), v.shape))
+          v.shape, v.dtype, sharding=lookup(p, v))
       for p, v in flat.items()})
   restore_args = jax.tree.map(lambda s: ocp.ArrayRestoreArgs(
       sharding=s.sharding, global_shape=s.shape, dtype=s.dtype), item)
