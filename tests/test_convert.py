@@ -90,6 +90,9 @@ def test_round_trip_is_bit_identical_and_loads_in_transformers(hf_dir, ckpt_dir,
   gen = json.loads((out / "generation_config.json").read_text())
   assert gen["eos_token_id"] == tok.eos_token_id == 2 and gen["bos_token_id"] == 1
   assert json.loads((out / "config.json").read_text())["dtype"] == "float32"
+  # Readable by others like every other file of the export (safetensors writes 0600).
+  config_mode = (out / "config.json").stat().st_mode & 0o777
+  assert (out / "model.safetensors").stat().st_mode & 0o777 == config_mode
   assert not list(tmp_path.glob(".*"))  # no temporary folder left behind
 
   # Saved from the unscanned model (layers stacked on save), read back scanned: same tensors.

@@ -9,6 +9,7 @@ The folder is written under a temporary name and renamed when complete.
 
 import copy
 import json
+import os
 import pathlib
 from typing import Any
 
@@ -90,6 +91,14 @@ def export_hf(out_dir: PathLike, model_or_state: Any, config: LlamaConfig, token
   with atomic_dir(out_dir, overwrite=overwrite) as tmp:
     hf_params.save_hf_safetensors(tmp, model_or_state, config, dtype=dtype,
                                   max_shard_bytes=max_shard_bytes)
+    for f in tmp.glob("*.safetensors"):  # safetensors writes 0600; others must read the export
+      f.chmod(0o644 & ~_umask())
     (tmp / "generation_config.json").write_text(json.dumps(gen, indent=2) + "\n")
     tok.save_pretrained(str(tmp))
   return pathlib.Path(out_dir).absolute()
+
+
+def _umask() -> int:
+  mask = os.umask(0)
+  os.umask(mask)
+  return mask
