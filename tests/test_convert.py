@@ -11,16 +11,15 @@ import pathlib
 import subprocess
 import sys
 
-import jax
 import numpy as np
 import pytest
 import torch
 import transformers
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
-from safetensors.numpy import load_file
+from safetensors.numpy import load_file, save_file
 
-from im_jax.convert import TULU_CHAT_TEMPLATE, ckpt, export_hf, hf_export, load
+from im_jax.convert import TULU_CHAT_TEMPLATE, ckpt, export_hf, load
 from im_jax.convert.__main__ import main as cli_main
 from im_jax.data.conversation import Conversation, Message
 from im_jax.data.templates import ChatTemplate, TemplateConfig
@@ -179,7 +178,6 @@ def test_cli_errors_name_the_problem(hf_dir, tmp_path, capsys):
     (broken / f.name).write_bytes(f.read_bytes())
   tensors = load_file(broken / "model.safetensors")
   del tensors["model.layers.1.mlp.up_proj.weight"]
-  from safetensors.numpy import save_file
   save_file(tensors, broken / "model.safetensors", metadata={"format": "pt"})
   assert cli_main(["from-hf", "--hf", str(broken), "--out", str(tmp_path / "b")]) == 2
   err = capsys.readouterr().err
