@@ -14,6 +14,7 @@ one stacked `Block` (leading `layers` axis) run by `jax.lax.scan`, else an `nnx.
 
 from collections.abc import Callable, Sequence
 
+import flax.struct
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -121,6 +122,31 @@ def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
   return out.astype(x.dtype)
 
 
+@flax.struct.dataclass
+class KVCache:
+  """A fixed-size key/value cache for decoding (`Llama.init_cache`, `Llama.decode`).
+
+  Slots `[0, index)` are written; a slot's segment id 0 marks it empty or padding, so the
+  attention mask (same segment, kv position <= q position) needs no separate length.
+  """
+
+  k: jax.Array  # [layers, B, S, kv_heads, head_dim] compute dtype
+  v: jax.Array  # [layers, B, S, kv_heads, head_dim]
+  segment_ids: jax.Array  # [B, S] int32, 0 = empty or padding
+  positions: jax.Array  # [B, S] int32 RoPE positions of the cached tokens
+  index: jax.Array  # int32 scalar: the next slot to write
+
+
+@flax.struct.dataclass
+class LayerCache:
+  """One layer's view of a `KVCache` (k, v `[B, S, K, hd]`) plus the shared masks."""
+
+  k: jax.Array
+  v: jax.Array
+  segment_ids: jax.Array
+  positions: jax.Array
+
+
 class Attention(nnx.Module):
 
   def __init__(self, config: LlamaConfig, *, rngs: nnx.Rngs, stack: int | None = None):
@@ -135,14 +161,32 @@ class Attention(nnx.Module):
                         use_bias=config.o_bias, **kw)
     self.implementation = config.attention_impl
 
-  def __call__(self, x, cos, sin, positions, segment_ids):
+  def _qkv(self, x, cos, sin):
     q = apply_rope(self.q_proj(x), cos, sin)
     k = apply_rope(self.k_proj(x), cos, sin)
-    v = self.v_proj(x)
+    return q, k, self.v_proj(x)
+
+  def __call__(self, x, cos, sin, positions, segment_ids):
+    q, k, v = self._qkv(x, cos, sin)
     out = attention_lib.attention(
         q, k, v, segment_ids, segment_ids, positions, positions,
         implementation=self.implementation)
     return self.o_proj(out)
+
+  def decode(self, x, cos, sin, positions, segment_ids, layer_cache: LayerCache, index):
+    """Writes this call's k/v at `index` of the layer's cache, then attends over the cache.
+
+    The cache's segment ids and positions (already updated by the caller) mask empty slots
+    and padding. Always the XLA path: T differs from S and T is often 1.
+    """
+    q, k, v = self._qkv(x, cos, sin)
+    dt = layer_cache.k.dtype
+    k_all = jax.lax.dynamic_update_slice(layer_cache.k, k.astype(dt), (0, index, 0, 0))
+    v_all = jax.lax.dynamic_update_slice(layer_cache.v, v.astype(dt), (0, index, 0, 0))
+    out = attention_lib.attention(
+        q, k_all, v_all, segment_ids, layer_cache.segment_ids, positions,
+        layer_cache.positions, implementation="xla")
+    return self.o_proj(out), (k_all, v_all)
 
 
 class MLP(nnx.Module):
@@ -172,6 +216,13 @@ class Block(nnx.Module):
   def __call__(self, x, cos, sin, positions, segment_ids):
     x = x + self.attn(self.attn_norm(x), cos, sin, positions, segment_ids)
     return x + self.mlp(self.mlp_norm(x))
+
+  def decode(self, x, cos, sin, positions, segment_ids, layer_cache: LayerCache, index):
+    """`__call__` against a KV cache: returns (x, (k, v)) with this layer's updated cache."""
+    a, kv = self.attn.decode(self.attn_norm(x), cos, sin, positions, segment_ids,
+                             layer_cache, index)
+    x = x + a
+    return x + self.mlp(self.mlp_norm(x)), kv
 
 
 class Embedder(nnx.Module):
@@ -227,6 +278,58 @@ class Llama(nnx.Module):
         x = run(*nnx.split(layer), x)
     return self.final_norm(x)
 
+  def init_cache(self, batch: int, length: int) -> KVCache:
+    """An empty cache for `batch` rows of up to `length` tokens (prompt plus new tokens)."""
+    cfg = self.config
+    shape = (cfg.num_layers, batch, length, cfg.num_kv_heads, cfg.head_dim)
+    return KVCache(k=jnp.zeros(shape, self.compute_dtype), v=jnp.zeros(shape, self.compute_dtype),
+                   segment_ids=jnp.zeros((batch, length), jnp.int32),
+                   positions=jnp.zeros((batch, length), jnp.int32),
+                   index=jnp.zeros((), jnp.int32))
+
+  def decode(self, tokens: jax.Array, positions: jax.Array, segment_ids: jax.Array,
+             cache: KVCache) -> tuple[jax.Array, KVCache]:
+    """Logits `[B, T, V]` float32 for `tokens` `[B, T]` appended to `cache` at `cache.index`.
+
+    Used for both prefill (T = prompt length, left padding marked by segment id 0) and
+    one-token steps (T = 1). Tokens attend to cached tokens of the same segment at positions
+    <= their own, so the logits equal `__call__` over the whole sequence.
+    """
+    cfg = self.config
+    length = cache.segment_ids.shape[1]
+    if cfg.sliding_window is not None and length > cfg.sliding_window:
+      raise ValueError(f"cache length {length} exceeds sliding_window {cfg.sliding_window}; "
+                       "sliding-window attention is not implemented")
+    index = cache.index
+    kv_segments = jax.lax.dynamic_update_slice(cache.segment_ids, segment_ids, (0, index))
+    kv_positions = jax.lax.dynamic_update_slice(cache.positions, positions, (0, index))
+    cos, sin = rope_cos_sin(positions, rope_inv_freq(cfg))
+    x = self.embed(tokens)
+
+    def layer(block, h, k, v):
+      return block.decode(h, cos, sin, positions, segment_ids,
+                          LayerCache(k, v, kv_segments, kv_positions), index)
+
+    if cfg.scan_layers:
+      graphdef, state = nnx.split(self.layers)
+
+      def body(h, xs):
+        layer_state, k, v = xs
+        return layer(nnx.merge(graphdef, layer_state), h, k, v)
+
+      x, (ks, vs) = jax.lax.scan(body, x, (state, cache.k, cache.v))
+    else:
+      ks, vs = [], []
+      for i, block in enumerate(self.layers):
+        x, (k, v) = layer(block, x, cache.k[i], cache.v[i])
+        ks.append(k)
+        vs.append(v)
+      ks, vs = jnp.stack(ks), jnp.stack(vs)
+    logits = self._logits(self.final_norm(x))
+    new_cache = KVCache(k=ks, v=vs, segment_ids=kv_segments, positions=kv_positions,
+                        index=index + tokens.shape[1])
+    return logits, new_cache
+
   def output_embedding(self) -> jax.Array:
     """The output projection `[D, V]` in the compute dtype (tied: the embedding transposed).
 
@@ -245,6 +348,8 @@ class Llama(nnx.Module):
       positions = jnp.broadcast_to(jnp.arange(tokens.shape[1], dtype=jnp.int32), tokens.shape)
     if segment_ids is None:
       segment_ids = jnp.ones(tokens.shape, jnp.int32)
-    h = self.hidden_states(self.embed(tokens), positions, segment_ids)
-    return jnp.einsum("btd,dv->btv", h, self.output_embedding(),
+    return self._logits(self.hidden_states(self.embed(tokens), positions, segment_ids))
+
+  def _logits(self, hidden: jax.Array) -> jax.Array:
+    return jnp.einsum("btd,dv->btv", hidden, self.output_embedding(),
                       preferred_element_type=jnp.float32)
