@@ -88,21 +88,23 @@ def abstract_like(state: Any) -> Any:
 
 
 def evaluate(state: TrainState, eval_step: Callable, batches: Iterable[Batch],
-             mesh: jax.sharding.Mesh) -> dict[str, float]:
-  """Sums the eval step's loss sums over all batches, then divides once."""
+             mesh: jax.sharding.Mesh,
+             finalize: Callable[[Any], Any] = loss_lib.finalize) -> dict[str, float]:
+  """Sums the eval step's loss sums over all batches, then divides once (`finalize`)."""
   total = None
   for local in batches:
     sums = eval_step(state, sharding.global_batch(local, mesh))
     total = sums if total is None else jax.tree.map(lambda a, b: a + b, total, sums)
   if total is None:
     return {}
-  return {f"eval_{k}": v for k, v in host_metrics(loss_lib.finalize(total)).items()}
+  return {f"eval_{k}": v for k, v in host_metrics(finalize(total)).items()}
 
 
 def run(*, workdir: str, state: TrainState, train_step: Callable, mesh: jax.sharding.Mesh,
         train_batches: Any, config: LoopConfig, meta: dict[str, Any],
         eval_step: Callable | None = None,
         eval_batches: Callable[[], Iterable[Batch]] | None = None,
+        eval_finalize: Callable[[Any], Any] = loss_lib.finalize,
         logger: MetricsLogger | None = None) -> LoopResult:
   """Trains until `config.total_steps`, resuming from `workdir`'s checkpoints if any.
 
@@ -113,6 +115,8 @@ def run(*, workdir: str, state: TrainState, train_step: Callable, mesh: jax.shar
       yielding this process's rows for one optimizer step: `[rows, T]` numpy arrays.
     meta: JSON-able run description stored with every checkpoint (config, model config).
     eval_batches: returns a fresh iterable of this process's held-out batches.
+    eval_finalize: summed eval sums -> metrics (`eval.loss_eval.finalize` for the eval
+      step built from `eval.loss_eval.make_eval_loss_fn`).
   """
   store = CheckpointStore(workdir, config.checkpoint)
   iterator = iter(train_batches)
@@ -135,7 +139,7 @@ def run(*, workdir: str, state: TrainState, train_step: Callable, mesh: jax.shar
   def run_eval() -> None:
     nonlocal last_eval
     if eval_step is not None and eval_batches is not None:
-      last_eval = evaluate(state, eval_step, eval_batches(), mesh)
+      last_eval = evaluate(state, eval_step, eval_batches(), mesh, eval_finalize)
       if last_eval:
         logger.write({"step": step, **last_eval})
 

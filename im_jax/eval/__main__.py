@@ -1,0 +1,139 @@
+"""Command line: held-out loss and AlpacaEval-format generations.
+
+    python -m im_jax.eval loss --model CKPT|WORKDIR|hf:DIR --data PATH [--template tulu|hf]
+        [--loss-mode it|im|im_release] [--max-seq-len L] [--limit N] [--json]
+    python -m im_jax.eval generate --model ... --data PATH --out FILE.json
+        [--max-new-tokens N] [--temperature T] [--template tulu|hf] [--generator NAME]
+
+The template defaults to the one the checkpoint records, else `hf` when the tokenizer has a
+chat template, else `tulu`. Bad data or a bad model path prints one line on stderr and exits
+with status 2.
+"""
+
+import argparse
+import json
+import pathlib
+import sys
+from typing import Any
+
+from safetensors import SafetensorError
+
+from im_jax.data import sources
+from im_jax.data.conversation import DataError
+from im_jax.data.stats import load_tokenizer
+
+EXIT_BAD_INPUT = 2
+_DTYPES = ("float32", "bfloat16")
+
+
+def _load(args: argparse.Namespace, mesh=None) -> tuple[Any, Any, str]:
+  """(model, tokenizer, template) for `--model`, placed by the eval mesh's shardings."""
+  from im_jax.convert import load  # pylint: disable=g-import-not-at-top  (jax/orbax: slow)
+  from im_jax.eval import loss_eval  # pylint: disable=g-import-not-at-top
+
+  overrides = {"param_dtype": args.dtype, "compute_dtype": args.dtype}
+  shardings = None if mesh is None else loss_eval.param_shardings(mesh)
+  loaded = load.load_pretrained(args.model, shardings=shardings, **overrides)
+  if loaded.tokenizer_dir is None:
+    raise ValueError(f"{args.model} does not record a tokenizer folder")
+  tokenizer = load_tokenizer(str(loaded.tokenizer_dir))
+  template = (args.template or loaded.info.get("template")
+              or ("hf" if getattr(tokenizer, "chat_template", None) else "tulu"))
+  return loaded.model, tokenizer, template
+
+
+def _conversations(args: argparse.Namespace):
+  conversations = sources.load_from_args(args).conversations
+  return conversations[:args.limit] if args.limit else conversations
+
+
+def _loss(args: argparse.Namespace) -> int:
+  from im_jax.eval import loss_eval  # pylint: disable=g-import-not-at-top
+  from im_jax.train import sharding  # pylint: disable=g-import-not-at-top
+
+  conversations = _conversations(args)
+  mesh = sharding.make_mesh(sharding.MeshConfig(data=1, fsdp=-1, tensor=1))
+  model, tokenizer, template = _load(args, mesh)
+  config = loss_eval.LossEvalConfig(
+      template=template, loss_mode=args.loss_mode, max_seq_len=args.max_seq_len,
+      batch_size=args.batch_size, chunk_size=args.chunk_size)
+  metrics = loss_eval.evaluate_loss(model, tokenizer, conversations, config, mesh)
+  report = {"model": args.model, "data": args.data, "template": template,
+            "loss_mode": args.loss_mode, **metrics}
+  if args.json:
+    print(json.dumps(report))
+  else:
+    print("\n".join(f"{k:>20}: {v:.6f}" if isinstance(v, float) else f"{k:>20}: {v}"
+                    for k, v in report.items()))
+  return 0
+
+
+def _generate(args: argparse.Namespace) -> int:
+  from im_jax.eval import generate  # pylint: disable=g-import-not-at-top
+
+  conversations = _conversations(args)
+  model, tokenizer, template = _load(args)
+  config = generate.GenerateConfig(
+      max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+      batch_size=args.batch_size, seed=args.seed)
+  name = args.generator or pathlib.Path(args.model.removeprefix("hf:")).absolute().name
+  model_dir = args.model.removeprefix("hf:")
+  records = generate.generate_records(conversations, model, tokenizer, template, config, name,
+                                      model_dir=model_dir)
+  out = pathlib.Path(args.out)
+  out.parent.mkdir(parents=True, exist_ok=True)
+  out.write_text(json.dumps(records, indent=2, ensure_ascii=False) + "\n")
+  print(f"wrote {len(records)} generations to {out} (generator {name}, template {template})")
+  return 0
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+  p.add_argument("--model", required=True,
+                 help="hf:DIR (a Hugging Face folder), a CKPT folder or a training workdir")
+  sources.add_source_arguments(p)
+  p.add_argument("--template", choices=("tulu", "hf"), default=None,
+                 help="chat template (default: recorded by the checkpoint, else hf when the "
+                      "tokenizer has one, else tulu)")
+  p.add_argument("--limit", type=int, default=0, help="only the first N examples")
+  p.add_argument("--batch-size", type=int, default=8)
+  p.add_argument("--dtype", choices=_DTYPES, default="float32",
+                 help="parameter and compute dtype")
+
+
+def _parser() -> argparse.ArgumentParser:
+  parser = argparse.ArgumentParser(prog="python -m im_jax.eval", description=__doc__,
+                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+  sub = parser.add_subparsers(dest="command", required=True)
+  p = sub.add_parser("loss", help="held-out loss on output tokens (and per token kind)")
+  _common(p)
+  p.add_argument("--loss-mode", choices=("it", "im", "im_release"), default="it",
+                 help="which tokens loss_token_mean / loss_sequence_mean weigh (it: outputs)")
+  p.add_argument("--max-seq-len", type=int, default=2048)
+  p.add_argument("--chunk-size", type=int, default=0,
+                 help="sequence chunk of the cross-entropy (0: full logits)")
+  p.add_argument("--json", action="store_true", help="one JSON object on stdout")
+  p.set_defaults(run=_loss)
+  p = sub.add_parser("generate", help="generations in AlpacaEval's JSON format")
+  _common(p)
+  p.add_argument("--out", required=True, help="JSON file to write")
+  p.add_argument("--max-new-tokens", type=int, default=512)
+  p.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
+  p.add_argument("--seed", type=int, default=0)
+  p.add_argument("--generator", default=None,
+                 help="the `generator` field (default: the model folder's name)")
+  p.set_defaults(run=_generate)
+  return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+  args = _parser().parse_args(argv)
+  try:
+    return args.run(args)
+  except (DataError, OSError, ValueError, KeyError, SafetensorError) as e:
+    message = str(e).splitlines()[0] if str(e) else type(e).__name__
+    print(f"error: {message}", file=sys.stderr)
+    return EXIT_BAD_INPUT
+
+
+if __name__ == "__main__":
+  sys.exit(main())
