@@ -20,7 +20,7 @@ def get_config():
   c.optim.warmup_ratio = 0.05
   c.optim.decay = "cosine"
   c.train.batch_size = 16
-  c.train.max_steps = 300
+  c.train.max_steps = 200
   c.train.log_every = 10
   c.eval.every_steps = 100
   c.eval.batch_size = 16

@@ -19,14 +19,16 @@ import ml_collections
 from flax import nnx
 
 from im_jax.checkpoint import CheckpointConfig
+from im_jax.convert import hf_export
+from im_jax.convert.load import load_pretrained
 from im_jax.data import encode as encode_lib
 from im_jax.data import pipeline as pipeline_lib
 from im_jax.data import sources, synthetic, templates
 from im_jax.data import weights as weights_lib
 from im_jax.data.conversation import Conversation
 from im_jax.data.stats import load_tokenizer
+from im_jax.eval import loss_eval
 from im_jax.models.llama import Llama, LlamaConfig
-from im_jax.models.llama import params as llama_params
 from im_jax.train import loop as loop_lib
 from im_jax.train import optim as optim_lib
 from im_jax.train import sharding, step as step_lib
@@ -53,9 +55,12 @@ def load_train_conversations(c: ml_collections.ConfigDict) -> Sequence[Conversat
   spec = c.data.train
   _check(bool(spec), "data.train is empty: give a data file, tfds:NAME:SPLIT or synthetic:N")
   if spec.startswith(SYNTHETIC + ":"):
-    return synthetic.make_conversations(int(spec.split(":", 1)[1]), seed=c.train.seed)
-  return sources.load_conversations(spec, format=c.data.format or None,
-                                    on_bad_record=c.data.on_bad_record)
+    conversations = synthetic.make_conversations(int(spec.split(":", 1)[1]), seed=c.train.seed)
+  else:
+    conversations = sources.load_conversations(spec, format=c.data.format or None,
+                                               on_bad_record=c.data.on_bad_record)
+  limit = c.data.max_examples  # the split is per example: a subset keeps its held-out part
+  return list(conversations)[:limit] if limit > 0 else conversations
 
 
 def is_held_out(conversation: Conversation, fraction: float) -> bool:
@@ -86,7 +91,8 @@ def encode_config(c: ml_collections.ConfigDict) -> encode_lib.EncodeConfig:
 
 
 def resolve_tokenizer_dir(c: ml_collections.ConfigDict, workdir: pathlib.Path,
-                          conversations: Sequence[Conversation]) -> pathlib.Path:
+                          conversations: Sequence[Conversation],
+                          pretrained_tokenizer_dir: pathlib.Path | None) -> pathlib.Path:
   if c.data.tokenizer == SYNTHETIC:
     out = workdir / "tokenizer"
     if not (out / "tokenizer.json").exists():  # a resumed run must reuse the same one
@@ -94,26 +100,26 @@ def resolve_tokenizer_dir(c: ml_collections.ConfigDict, workdir: pathlib.Path,
     return out
   if c.data.tokenizer:
     return pathlib.Path(c.data.tokenizer)
-  init = c.model.init_from
-  _check(bool(init), "data.tokenizer is empty and model.init_from names no folder to take it from")
-  folder = pathlib.Path(init[3:] if init.startswith("hf:") else init)
-  return folder / "tokenizer" if (folder / "tokenizer").is_dir() else folder
+  _check(pretrained_tokenizer_dir is not None,
+         "data.tokenizer is empty and model.init_from names no model to take it from")
+  return pathlib.Path(pretrained_tokenizer_dir)
 
 
 # Model.
 
 
-def model_config(c: ml_collections.ConfigDict, vocab_needed: int) -> LlamaConfig:
-  options = dict(scan_layers=c.model.scan_layers, remat_policy=c.model.remat_policy,
-                 param_dtype=c.model.param_dtype, compute_dtype=c.model.compute_dtype)
-  init = c.model.init_from
-  if init.startswith("hf:"):
-    config = LlamaConfig.from_hf(init[3:], **options)
-  elif init:
-    saved = json.loads((pathlib.Path(init) / "model_config.json").read_text())
-    config = LlamaConfig.from_dict(saved).replace(**options)
+def model_options(c: ml_collections.ConfigDict) -> dict[str, Any]:
+  """The runtime options of the JAX model, applied to presets and pretrained configs alike."""
+  return dict(scan_layers=c.model.scan_layers, remat_policy=c.model.remat_policy,
+              param_dtype=c.model.param_dtype, compute_dtype=c.model.compute_dtype)
+
+
+def model_config(c: ml_collections.ConfigDict, vocab_needed: int,
+                 pretrained: LlamaConfig | None = None) -> LlamaConfig:
+  if pretrained is not None:
+    config = pretrained
   else:
-    config = LlamaConfig.preset(c.model.preset, **options)
+    config = LlamaConfig.preset(c.model.preset, **model_options(c))
     if config.vocab_size < vocab_needed and c.model.preset == "tiny":
       config = config.replace(vocab_size=vocab_needed)  # tiny adapts to its tokenizer
   _check(config.vocab_size >= vocab_needed,
@@ -177,12 +183,20 @@ class Experiment:
   loop_config: loop_lib.LoopConfig
   meta: dict[str, Any]
 
+  def export_hf(self, state: step_lib.TrainState) -> pathlib.Path:
+    """Writes the trained model as a Hugging Face folder to WORKDIR/hf (replacing it)."""
+    out = self.workdir / "hf"
+    hf_export.export_hf(out, state.params, self.model_config, str(self.tokenizer_dir),
+                        template=self.config.data.template, overwrite=True)
+    log.info("exported a Hugging Face model to %s", out)
+    return out
+
   def run(self) -> loop_lib.LoopResult:
     eval_batches = None if self.eval_data is None else (lambda: iter(self.eval_data.dataset()))
     return loop_lib.run(workdir=str(self.workdir), state=self.state, train_step=self.train_step,
                         mesh=self.mesh, train_batches=self.train_data.dataset(),
                         config=self.loop_config, meta=self.meta, eval_step=self.eval_step,
-                        eval_batches=eval_batches)
+                        eval_batches=eval_batches, eval_finalize=loss_eval.finalize)
 
 
 def build(c: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> Experiment:
@@ -193,10 +207,16 @@ def build(c: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> Experime
   if jax.process_index() == 0:
     (workdir / "config.json").write_text(c.to_json(indent=2) + "\n")
 
+  mesh = sharding.make_mesh(sharding.MeshConfig(c.mesh.data, c.mesh.fsdp, c.mesh.tensor))
+  pretrained = None
+  if c.model.init_from:  # placed straight into the parameters' shardings
+    pretrained = load_pretrained(c.model.init_from, shardings=_logical_sharding(mesh),
+                                 **model_options(c))
   conversations = load_train_conversations(c)
   train_convs, held_convs = split_held_out(conversations, c.data.eval_fraction)
   _check(len(train_convs) > 0, f"no training examples left in {c.data.train}")
-  tokenizer_dir = resolve_tokenizer_dir(c, workdir, conversations)
+  tokenizer_dir = resolve_tokenizer_dir(c, workdir, conversations,
+                                        pretrained.tokenizer_dir if pretrained else None)
   tokenizer = load_tokenizer(str(tokenizer_dir))
   enc = encode_config(c)
 
@@ -218,17 +238,21 @@ def build(c: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> Experime
   if held_convs:
     eval_data = make_pipeline(held_convs, c.eval.batch_size // processes, 1, False)
 
-  mcfg = model_config(c, len(tokenizer))
-  mesh = sharding.make_mesh(sharding.MeshConfig(c.mesh.data, c.mesh.fsdp, c.mesh.tensor))
+  mcfg = model_config(c, len(tokenizer), pretrained.config if pretrained else None)
   tx, schedule = optim_lib.make_optimizer(optim_config(c), total_steps)
   graphdef, state, shardings = step_lib.create_train_state(
       lambda: Llama(mcfg, rngs=nnx.Rngs(c.train.seed)), tx, mesh, seed=c.train.seed)
-  if c.model.init_from:
-    state = state.replace(params=_load_params(c.model.init_from, mcfg, shardings.params))
+  if pretrained is not None:
+    # Adam's moments start at zero whatever the parameters are, so only these change.
+    state = state.replace(params=nnx.state(pretrained.model, nnx.Param))
+    del pretrained
   loss_fn = step_lib.make_loss_fn(LossConfig(c.loss.normalization, c.loss.chunk_size),
                                   neftune_alpha=c.neftune_alpha)
   train_step = step_lib.make_train_step(graphdef, tx, shardings, mesh, loss_fn, schedule=schedule)
-  eval_step = step_lib.make_eval_step(graphdef, shardings, mesh, loss_fn)
+  # Held-out eval shares `python -m im_jax.eval loss`'s loss function and reduction.
+  eval_step = step_lib.make_eval_step(
+      graphdef, shardings, mesh,
+      loss_eval.make_eval_loss_fn(LossConfig(c.loss.normalization, c.loss.chunk_size)))
   loop_config = loop_lib.LoopConfig(
       total_steps=total_steps, grad_accum=c.train.grad_accum, log_every=c.train.log_every,
       eval_every=c.eval.every_steps,
@@ -241,12 +265,7 @@ def build(c: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> Experime
                     state, train_step, eval_step, loop_config, meta)
 
 
-def _load_params(init_from: str, config: LlamaConfig, param_shardings: Any) -> nnx.State:
-  """Pretrained parameters placed straight into the train state's shardings."""
-  if init_from.startswith("hf:"):
-    model = llama_params.load_hf(init_from[3:], config, shardings=param_shardings)
-  else:
-    from im_jax.convert import ckpt  # pylint: disable=g-import-not-at-top
-
-    model = ckpt.load_ckpt(init_from, shardings=param_shardings, scan_layers=config.scan_layers)[0]
-  return nnx.state(model, nnx.Param)
+def _logical_sharding(mesh: jax.sharding.Mesh) -> Callable[..., jax.sharding.NamedSharding]:
+  """(logical_axes, shape) -> the sharding the train state gives such a parameter."""
+  return lambda axes, shape: jax.sharding.NamedSharding(
+      mesh, sharding.logical_to_spec(axes, shape, mesh))
