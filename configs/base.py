@@ -30,6 +30,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.data.packing = "first_fit"  # first_fit | best_fit | none (one example per row)
   c.data.max_segments_per_row = 64
   c.data.eval_fraction = 0.0  # held out by a hash of each example's id
+  c.data.max_examples = 0  # >0: only the first N examples of data.train (quick tests)
   c.data.on_bad_record = "error"  # error | skip (skipped records are counted and reported)
   c.data.read_threads = 2
 
