@@ -1,0 +1,228 @@
+"""Loss curves and a summary table for one or several training runs.
+
+    python -m im_jax.report --workdir DIR [DIR ...] --out FILE.png [--label NAME ...]
+
+Reads each workdir's `metrics.jsonl` and draws the paper's IT-vs-IM overfitting picture:
+output loss and instruction loss over optimizer steps, on train (left) and on the held-out
+split (right). With IT the train output loss falls lower; with IM the held-out output loss
+stays lower. The Markdown summary (final losses, tokens seen, throughput) is printed to
+stdout and written next to the PNG as FILE.md.
+
+A missing or empty `metrics.jsonl` prints one error line and exits with status 2.
+"""
+
+import argparse
+import dataclasses
+import json
+import math
+import pathlib
+import sys
+from typing import Any, Sequence
+
+from im_jax.train.metrics_log import METRICS_FILE
+
+EXIT_BAD_INPUT = 2
+EVAL_PREFIX = "eval_"
+
+Record = dict[str, Any]
+
+
+class ReportError(ValueError):
+  """A run that cannot be reported; the message is one line for the user."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Run:
+  label: str
+  train: list[Record]  # logged train steps (records with a "loss"), in step order
+  eval: list[Record]  # held-out evaluations (records with "eval_*" keys), in step order
+
+
+@dataclasses.dataclass(frozen=True)
+class Summary:
+  label: str
+  steps: int
+  train_loss: float | None
+  train_output_loss: float | None
+  train_instruction_loss: float | None
+  eval_output_loss: float | None
+  eval_instruction_loss: float | None
+  tokens: int | None  # non-padding tokens seen in training (sum of the records' "tokens")
+  tokens_per_sec: float | None
+
+
+def load_run(workdir: str | pathlib.Path, label: str | None = None) -> Run:
+  """Reads `workdir/metrics.jsonl`; a missing, empty or unreadable file is a ReportError."""
+  workdir = pathlib.Path(workdir)
+  path = workdir / METRICS_FILE
+  if not path.is_file():
+    raise ReportError(f"{path}: not found (is {workdir} a training workdir?)")
+  records = []
+  for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+    if not line.strip():
+      continue
+    try:
+      record = json.loads(line)
+    except json.JSONDecodeError as e:
+      raise ReportError(f"{path}:{number}: not JSON ({e.msg})") from None
+    if not isinstance(record, dict) or "step" not in record:
+      raise ReportError(f"{path}:{number}: a metrics record must be an object with a 'step'")
+    records.append(record)
+  train = sorted((r for r in records if "loss" in r), key=lambda r: r["step"])
+  evals = sorted((r for r in records if any(k.startswith(EVAL_PREFIX) for k in r)),
+                 key=lambda r: r["step"])
+  if not train and not evals:
+    raise ReportError(f"{path}: no metrics records yet")
+  # resolve() so "." and "runs/x/" get a real name.
+  return Run(label or workdir.resolve().name, train, evals)
+
+
+def _last(records: Sequence[Record], key: str) -> float | None:
+  for record in reversed(records):
+    if key in record:
+      return float(record[key])
+  return None
+
+
+def summarize(run: Run) -> Summary:
+  """Final losses, tokens seen and throughput of one run.
+
+  Throughput is total tokens over total time of the logged intervals (each interval's time is
+  tokens / tokens_per_sec). The first interval is left out when there are others: it holds
+  the compilation.
+  """
+  timed = [r for r in run.train if r.get("tokens") and r.get("tokens_per_sec")]
+  if len(timed) > 1:
+    timed = timed[1:]
+  seconds = sum(r["tokens"] / r["tokens_per_sec"] for r in timed)
+  with_tokens = [r["tokens"] for r in run.train if "tokens" in r]
+  steps = [r["step"] for r in run.train + run.eval]
+  return Summary(
+      label=run.label, steps=int(max(steps)),
+      train_loss=_last(run.train, "loss"),
+      train_output_loss=_last(run.train, "output_loss"),
+      train_instruction_loss=_last(run.train, "instruction_loss"),
+      eval_output_loss=_last(run.eval, "eval_output_loss"),
+      eval_instruction_loss=_last(run.eval, "eval_instruction_loss"),
+      tokens=int(sum(with_tokens)) if with_tokens else None,
+      tokens_per_sec=sum(r["tokens"] for r in timed) / seconds if seconds > 0 else None)
+
+
+_COLUMNS = (
+    ("run", "label", "{}"),
+    ("steps", "steps", "{:d}"),
+    ("train loss", "train_loss", "{:.4f}"),
+    ("train output loss", "train_output_loss", "{:.4f}"),
+    ("train instruction loss", "train_instruction_loss", "{:.4f}"),
+    ("eval output loss", "eval_output_loss", "{:.4f}"),
+    ("eval instruction loss", "eval_instruction_loss", "{:.4f}"),
+    ("tokens seen", "tokens", "{:,d}"),
+    ("tokens/s", "tokens_per_sec", "{:,.0f}"),
+)
+
+
+def markdown_table(summaries: Sequence[Summary]) -> str:
+  """One row per run; "n/a" where a run has no such metric (e.g. no held-out split)."""
+  def cell(summary: Summary, field: str, fmt: str) -> str:
+    value = getattr(summary, field)
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+      return "n/a"
+    return fmt.format(value).replace("|", "\\|")
+
+  lines = ["| " + " | ".join(name for name, _, _ in _COLUMNS) + " |",
+           "| " + " | ".join("---" if f == "label" else "---:" for _, f, _ in _COLUMNS) + " |"]
+  for s in summaries:
+    lines.append("| " + " | ".join(cell(s, f, fmt) for _, f, fmt in _COLUMNS) + " |")
+  return "\n".join(lines) + "\n"
+
+
+# (row, column) of each panel: output loss on top, instruction loss below; train | eval.
+_PANELS = (
+    (0, 0, "output_loss", "train output loss"),
+    (0, 1, "eval_output_loss", "held-out output loss"),
+    (1, 0, "instruction_loss", "train instruction loss"),
+    (1, 1, "eval_instruction_loss", "held-out instruction loss"),
+)
+
+
+def plot(runs: Sequence[Run], out: str | pathlib.Path) -> pathlib.Path:
+  """Writes the 2x2 loss figure; each run keeps its colour in every panel."""
+  import matplotlib  # pylint: disable=g-import-not-at-top
+
+  matplotlib.use("Agg")  # files only: no display on servers
+  from matplotlib import pyplot as plt  # pylint: disable=g-import-not-at-top
+
+  fig, axes = plt.subplots(2, 2, figsize=(11, 7.5), sharex=True, squeeze=False)
+  colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+  for row, col, key, title in _PANELS:
+    ax = axes[row][col]
+    records_of = (lambda run: run.eval) if key.startswith(EVAL_PREFIX) else (lambda run: run.train)
+    drawn = False
+    for i, run in enumerate(runs):
+      points = [(r["step"], r[key]) for r in records_of(run) if key in r]
+      if not points:
+        continue
+      steps, values = zip(*points)
+      # Eval is sparse (often one point per run): markers keep single points visible.
+      ax.plot(steps, values, color=colors[i % len(colors)], label=run.label,
+              marker="o" if key.startswith(EVAL_PREFIX) else None, markersize=4)
+      drawn = True
+    if not drawn:
+      ax.text(0.5, 0.5, "no records", ha="center", va="center", transform=ax.transAxes,
+              color="gray")
+    ax.set_title(title)
+    ax.grid(True, alpha=0.3)
+    if row == 1:
+      ax.set_xlabel("step")
+    if col == 0:
+      ax.set_ylabel("cross-entropy (nats/token)")
+  handles, labels = [], []
+  for ax in axes.flat:  # one legend for the figure, from whichever panels have lines
+    for h, l in zip(*ax.get_legend_handles_labels()):
+      if l not in labels:
+        handles.append(h)
+        labels.append(l)
+  if handles:
+    fig.legend(handles, labels, loc="upper center", ncol=min(len(labels), 5), frameon=False)
+  fig.tight_layout(rect=(0, 0, 1, 0.94))
+  out = pathlib.Path(out)
+  out.parent.mkdir(parents=True, exist_ok=True)
+  fig.savefig(out, dpi=120)
+  plt.close(fig)
+  return out
+
+
+def report(workdirs: Sequence[str | pathlib.Path], out: str | pathlib.Path,
+           labels: Sequence[str] | None = None) -> tuple[pathlib.Path, pathlib.Path, str]:
+  """Plots the runs to `out` and writes the table to `out` with a .md suffix."""
+  if labels and len(labels) != len(workdirs):
+    raise ReportError(f"{len(labels)} --label values for {len(workdirs)} workdirs")
+  runs = [load_run(w, labels[i] if labels else None) for i, w in enumerate(workdirs)]
+  png = plot(runs, out)
+  table = markdown_table([summarize(run) for run in runs])
+  md = png.with_suffix(".md")
+  md.write_text(table, encoding="utf-8")
+  return png, md, table
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+  parser = argparse.ArgumentParser(
+      prog="python -m im_jax.report", description=__doc__.split("\n\n")[0])
+  parser.add_argument("--workdir", nargs="+", action="extend", required=True,
+                      help="training run folders (one flag with several, or repeated)")
+  parser.add_argument("--out", required=True, help="the PNG to write (the table goes to .md)")
+  parser.add_argument("--label", action="append", help="legend name per workdir, in order "
+                      "(default: the workdir's folder name)")
+  args = parser.parse_args(argv)
+  try:
+    png, md, table = report(args.workdir, args.out, args.label)
+  except ReportError as e:
+    print(f"error: {e}", file=sys.stderr)
+    return EXIT_BAD_INPUT
+  print(table, end="")
+  print(f"wrote {png} and {md}", file=sys.stderr)
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())

@@ -1,0 +1,90 @@
+"""`python -m im_jax.report`: figure, Markdown summary and its numbers, bad workdirs."""
+
+import json
+import pathlib
+
+import pytest
+
+from im_jax import report
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def _write_run(workdir: pathlib.Path, records: list[dict]) -> pathlib.Path:
+  workdir.mkdir(parents=True)
+  (workdir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+  return workdir
+
+
+def _train(step, loss, out, inst, tokens, tps):
+  return {"step": step, "loss": loss, "output_loss": out, "instruction_loss": inst,
+          "tokens": tokens, "tokens_per_sec": tps, "lr": 1e-5}
+
+
+def _eval(step, out, inst):
+  return {"step": step, "eval_loss": out, "eval_output_loss": out, "eval_instruction_loss": inst}
+
+
+@pytest.fixture
+def two_runs(tmp_path):
+  # IT: train output loss falls lower, held-out output loss ends higher (the paper's picture).
+  it = _write_run(tmp_path / "lima_it", [
+      _train(1, 2.0, 2.0, 3.0, 1000, 100.0), _eval(2, 2.1, 3.0),
+      _train(2, 1.5, 1.5, 3.2, 1000, 500.0), _train(3, 1.0, 1.0, 3.4, 3000, 1000.0),
+      _eval(3, 1.9, 3.5)])
+  im = _write_run(tmp_path / "lima_im", [
+      _train(1, 2.5, 2.0, 3.0, 1000, 100.0), _train(2, 2.0, 1.7, 2.5, 2000, 1000.0),
+      _eval(2, 2.0, 2.6), _train(3, 1.75, 1.5, 2.0, 2000, 500.0), _eval(3, 1.8, 2.1)])
+  return it, im
+
+
+def test_report_writes_png_and_table(two_runs, tmp_path, capsys):
+  it, im = two_runs
+  out = tmp_path / "plots" / "lima.png"
+  assert report.main(["--workdir", str(it), str(im), "--out", str(out)]) == 0
+  assert out.read_bytes()[:8] == PNG_MAGIC and out.stat().st_size > 10_000
+  table = (tmp_path / "plots" / "lima.md").read_text()
+  assert capsys.readouterr().out == table
+  rows = [line.split("|")[1:-1] for line in table.splitlines()]
+  header, rows = [c.strip() for c in rows[0]], {r[0].strip(): [c.strip() for c in r] for r in rows[2:]}
+  assert header[:2] == ["run", "steps"] and "tokens seen" in header and "tokens/s" in header
+  # Final train losses at step 3, final eval losses, tokens summed, throughput: tokens over
+  # time of the intervals after the first (which holds the compilation).
+  assert rows["lima_it"] == ["lima_it", "3", "1.0000", "1.0000", "3.4000", "1.9000", "3.5000",
+                             "5,000", "800"]  # 4000 tokens / (2 s + 3 s)
+  assert rows["lima_im"] == ["lima_im", "3", "1.7500", "1.5000", "2.0000", "1.8000", "2.1000",
+                             "5,000", "667"]  # 4000 tokens / (2 s + 4 s)
+
+
+def test_labels_missing_eval_and_single_record(tmp_path):
+  one = _write_run(tmp_path / "a", [_train(5, 1.0, 0.5, 2.0, 100, 50.0)])
+  png, md, table = report.report([one], tmp_path / "one.png", labels=["IT (lima)"])
+  assert png.is_file() and md == tmp_path / "one.md"
+  row = table.splitlines()[2]
+  assert row.startswith("| IT (lima) | 5 | 1.0000 |") and "n/a | n/a | 100 | 50 |" in row
+
+
+@pytest.mark.parametrize("content, match", [
+    (None, "metrics.jsonl: not found"),
+    ("", "no metrics records yet"),
+    ('{"step": 1, "loss": 1.0}\n{"step": 2,\n', "metrics.jsonl:2: not JSON"),
+    ('[1, 2]\n', "metrics.jsonl:1: a metrics record must be an object"),
+])
+def test_bad_workdir_is_one_error_line_exit_2(tmp_path, capsys, content, match):
+  good = _write_run(tmp_path / "good", [_train(1, 1.0, 1.0, 1.0, 10, 1.0)])
+  bad = tmp_path / "bad"
+  bad.mkdir()
+  if content is not None:
+    (bad / "metrics.jsonl").write_text(content)
+  out = tmp_path / "r.png"
+  assert report.main(["--workdir", str(good), "--workdir", str(bad), "--out", str(out)]) == 2
+  captured = capsys.readouterr()
+  assert captured.out == "" and not out.exists()
+  lines = captured.err.strip().splitlines()
+  assert len(lines) == 1 and lines[0].startswith("error: ") and match in lines[0]
+
+
+def test_label_count_must_match(two_runs, tmp_path, capsys):
+  assert report.main(["--workdir", *map(str, two_runs), "--label", "only one",
+                      "--out", str(tmp_path / "r.png")]) == 2
+  assert "1 --label values for 2 workdirs" in capsys.readouterr().err
