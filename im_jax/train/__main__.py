@@ -10,6 +10,8 @@ import sys
 from absl import app, flags
 from ml_collections import config_flags
 
+from im_jax import distributed  # defines --coordinator_address --num_processes --process_id
+
 _CONFIG = config_flags.DEFINE_config_file("config", None, "experiment config file")
 _WORKDIR = flags.DEFINE_string("workdir", None, "run folder: config, metrics, checkpoints")
 flags.mark_flags_as_required(["config", "workdir"])
@@ -20,6 +22,7 @@ def main(argv) -> int:
   # Orbax and grain log every file operation at INFO through absl: keep theirs to warnings.
   logging.getLogger("absl").setLevel(logging.WARNING)
   logging.getLogger("im_jax").setLevel(logging.INFO)
+  distributed.initialize()  # before any other JAX use; single process when nothing is set
   from im_jax.data.conversation import DataError  # pylint: disable=g-import-not-at-top
   from im_jax.train import experiment
 
