@@ -18,6 +18,7 @@ import jax
 import ml_collections
 from flax import nnx
 
+from im_jax import distributed
 from im_jax.checkpoint import CheckpointConfig
 from im_jax.convert import hf_export
 from im_jax.convert.load import load_pretrained
@@ -95,8 +96,10 @@ def resolve_tokenizer_dir(c: ml_collections.ConfigDict, workdir: pathlib.Path,
                           pretrained_tokenizer_dir: pathlib.Path | None) -> pathlib.Path:
   if c.data.tokenizer == SYNTHETIC:
     out = workdir / "tokenizer"
-    if not (out / "tokenizer.json").exists():  # a resumed run must reuse the same one
+    # A resumed run must reuse the same one; process 0 writes it, the others wait to read it.
+    if not (out / "tokenizer.json").exists() and distributed.is_main_process():
       synthetic.train_tokenizer(synthetic.tokenizer_texts(list(conversations)), out)
+    distributed.sync("synthetic_tokenizer")
     return out
   if c.data.tokenizer:
     return pathlib.Path(c.data.tokenizer)
@@ -184,11 +187,18 @@ class Experiment:
   meta: dict[str, Any]
 
   def export_hf(self, state: step_lib.TrainState) -> pathlib.Path:
-    """Writes the trained model as a Hugging Face folder to WORKDIR/hf (replacing it)."""
+    """Writes the trained model as a Hugging Face folder to WORKDIR/hf (replacing it).
+
+    In a multi-process run every process must call it (see `distributed.fetchable`).
+    """
     out = self.workdir / "hf"
-    hf_export.export_hf(out, state.params, self.model_config, str(self.tokenizer_dir),
-                        template=self.config.data.template, overwrite=True)
-    log.info("exported a Hugging Face model to %s", out)
+    # Every process takes part in gathering parameters sharded across hosts; process 0 writes.
+    params = distributed.fetchable(state.params)
+    if distributed.is_main_process():
+      hf_export.export_hf(out, params, self.model_config, str(self.tokenizer_dir),
+                          template=self.config.data.template, overwrite=True)
+      log.info("exported a Hugging Face model to %s", out)
+    distributed.sync("export_hf")  # no process returns before the folder is complete
     return out
 
   def run(self) -> loop_lib.LoopResult:
