@@ -63,9 +63,25 @@ def _loss(args: argparse.Namespace) -> int:
   if args.json:
     print(json.dumps(report))
   else:
-    print("\n".join(f"{k:>20}: {v:.6f}" if isinstance(v, float) else f"{k:>20}: {v}"
-                    for k, v in report.items()))
+    print("\n".join(f"{k:>20}: {_number(v)}" for k, v in report.items()))
   return 0
+
+
+def _number(v: Any) -> str:
+  if not isinstance(v, float):
+    return str(v)
+  return str(int(v)) if v.is_integer() else f"{v:.6f}"
+
+
+def _generator_name(model: str) -> str:
+  """The model folder's name; for WORKDIR/checkpoints[/STEP], the workdir's (and step)."""
+  path = pathlib.Path(model.removeprefix("hf:")).absolute()
+  step = path.name if path.name.isdigit() else None
+  if step is not None:
+    path = path.parent
+  if path.name == "checkpoints":
+    path = path.parent
+  return path.name + (f"-step{step}" if step else "")
 
 
 def _generate(args: argparse.Namespace) -> int:
@@ -76,7 +92,7 @@ def _generate(args: argparse.Namespace) -> int:
   config = generate.GenerateConfig(
       max_new_tokens=args.max_new_tokens, temperature=args.temperature,
       batch_size=args.batch_size, seed=args.seed)
-  name = args.generator or pathlib.Path(args.model.removeprefix("hf:")).absolute().name
+  name = args.generator or _generator_name(args.model)
   model_dir = args.model.removeprefix("hf:")
   records = generate.generate_records(conversations, model, tokenizer, template, config, name,
                                       model_dir=model_dir)

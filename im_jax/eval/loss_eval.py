@@ -12,8 +12,11 @@ this module only adds the reductions an evaluation reports:
   paper's averaging);
 - `loss_<kind>` / `tokens_<kind>`: unweighted mean CE and count per target kind present
   (bos, template, system, user, assistant, eos), independent of the loss mode;
-- `loss`, `output_loss`, `instruction_loss` and their token counts: `train.loss.finalize`
-  under the run's normalisation, as train metrics report them.
+- `output_loss`, `instruction_loss` and their token counts: `train.loss.finalize`, as train
+  metrics report them (in training also `loss`, under the run's normalisation).
+
+In training the loss mode is the run's, so there `loss_token_mean` weighs instructions too
+under `im`; `output_loss` is the paper's measure whatever the mode.
 """
 
 import dataclasses
@@ -143,7 +146,9 @@ def evaluate_loss(model: nnx.Module, tokenizer: Any, conversations: Sequence[Con
   # The trainer's own evaluation loop (it prefixes keys with "eval_").
   result = loop_lib.evaluate(state, eval_step, iter(pipeline.dataset()), mesh,
                              finalize=finalize)
-  metrics = {k.removeprefix("eval_"): v for k, v in result.items()}
+  # Under token normalisation `loss` is `loss_token_mean`; drop the duplicates.
+  metrics = {k.removeprefix("eval_"): v for k, v in result.items()
+             if k not in ("eval_loss", "eval_loss_denominator")}
   stats = pipeline.stats
   metrics["examples_dropped"] = float(sum(stats.dropped.values()))
   metrics["examples_truncated"] = float(stats.truncated_examples)
