@@ -15,6 +15,10 @@ from tests import train_rows
 LENGTH = 32
 # 8 heads / 4 kv heads: tensor=2 shards both, tensor=8 has to replicate the kv heads.
 TINY = LlamaConfig.preset("tiny", vocab_size=128, num_heads=8, num_kv_heads=4, head_dim=8)
+# Scanned layers: covers the stacked `layers` axis and compiles one layer body.
+TINY_SCAN = TINY.replace(scan_layers=True)
+# One layer where depth does not matter (quicker to compile).
+SHALLOW = TINY.replace(num_layers=1)
 # SmolLM2's head layout (9 heads, 3 kv heads, tied embeddings), other dims shrunk.
 SMOL = LlamaConfig.preset("smollm2_135m", vocab_size=128, hidden_size=72, intermediate_size=96,
                           num_layers=2, head_dim=8)
@@ -61,18 +65,18 @@ def _assert_same_run(run, ref, atol=1e-5):
 
 @pytest.fixture(scope="module")
 def single_device_run():
-  return _run((1, 1, 1))
+  return _run((1, 1, 1), TINY_SCAN)
 
 
 @pytest.mark.parametrize("mesh_shape", [(8, 1, 1), (1, 8, 1), (1, 1, 8), (2, 2, 2)])
 def test_sharded_steps_equal_single_device(mesh_shape, single_device_run):
-  run = _run(mesh_shape)
+  run = _run(mesh_shape, TINY_SCAN)
   assert run[0][0]["loss"] > 0 and run[0][-1]["loss"] != run[0][0]["loss"]
   _assert_same_run(run, single_device_run)
 
 
 def test_state_is_created_sharded():
-  _, state, _, _, _ = _setup((1, 4, 2))
+  _, state, _, _, _ = _setup((1, 4, 2), SHALLOW)
   kernel = state.params["layers"][0]["mlp"]["up_proj"]["kernel"]
   assert kernel.sharding.spec == jax.sharding.PartitionSpec("fsdp", "tensor")
   assert kernel.addressable_shards[0].data.shape == (TINY.hidden_size // 4,
@@ -113,7 +117,7 @@ def test_packed_gradient_equals_unpacked(normalization):
   packed = train_rows.pack(examples, 3, LENGTH, instruction_weight=0.5)
   alone = train_rows.unpacked(examples, 16, instruction_weight=0.5)
   assert (packed["segment_ids"].max(1) > 1).sum() >= 2  # really packed
-  model = _model_fn(TINY)()
+  model = _model_fn(SHALLOW)()
   loss_fn = step.make_loss_fn(loss.LossConfig(normalization))
   g_packed, s_packed = _grads(model, packed, loss_fn)
   g_alone, s_alone = _grads(model, alone, loss_fn)
@@ -132,8 +136,8 @@ def test_grad_accumulation_k4_equals_one_large_batch(normalization):
   # SGD makes the update proportional to the gradient (Adam's first step would hide scale).
   kw = dict(tx=optax.sgd(0.5),
             loss_fn=step.make_loss_fn(loss.LossConfig(normalization, chunk_size=8)))
-  one = _run((2, 1, 1), steps=1, micro_batches=1, **kw)
-  four = _run((2, 1, 1), steps=1, micro_batches=4, **kw)
+  one = _run((2, 1, 1), SHALLOW, steps=1, micro_batches=1, **kw)
+  four = _run((2, 1, 1), SHALLOW, steps=1, micro_batches=4, **kw)
   _assert_same_run(four, one)
   assert one[0][0]["loss_denominator"] == four[0][0]["loss_denominator"]
 
@@ -156,7 +160,7 @@ def test_neftune_noise_scale_per_segment_and_no_noise_on_padding():
 
 
 def test_neftune_only_in_training_eval_is_clean():
-  mesh, state, _, graphdef, shardings = _setup((1, 1, 1), tx=optax.sgd(0.1))
+  mesh, state, _, graphdef, shardings = _setup((1, 1, 1), SHALLOW, tx=optax.sgd(0.1))
   batch_np = _rows(3)
   batch = sharding.global_batch(batch_np, mesh)
   noisy = step.make_loss_fn(loss.LossConfig("token"), neftune_alpha=5.0)
