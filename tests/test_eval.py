@@ -164,6 +164,12 @@ def test_greedy_generation_equals_transformers_tiny(tiny_hf):
   model = params.load_hf(hf_dir, LlamaConfig.from_hf(hf_dir))
   got = _check_greedy(model, torch_model, tok, "tulu", CONVERSATIONS[:3])
   assert max(len(g) for g in got) == 20  # a random model rarely stops: the full length
+  # Sampling: reproducible for a seed, different from greedy.
+  prompts = [generate.prompt_ids(tok, "tulu", c.messages[:1]) for c in CONVERSATIONS[:3]]
+  config = generate.GenerateConfig(max_new_tokens=20, temperature=1.0, batch_size=4, seed=3)
+  sampled = [generate.Generator(model, [tok.eos_token_id], config).generate_ids(prompts)
+             for _ in range(2)]
+  assert sampled[0] == sampled[1] and sampled[0] != got
 
 
 def test_greedy_generation_equals_transformers_smollm2(smollm2_hf_dir):
