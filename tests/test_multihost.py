@@ -70,7 +70,8 @@ def _flags(workdir, tokenizer_dir):
           "--config.data.max_seq_len=128", "--config.train.batch_size=8",
           f"--config.train.max_steps={STEPS}", "--config.optim.lr=1e-3",
           f"--config.checkpoint.every_steps={EVERY}", "--config.checkpoint.keep=10",
-          "--config.mesh.data=2", "--config.mesh.fsdp=-1", "--config.data.read_threads=0"]
+          "--config.mesh.data=2", "--config.mesh.fsdp=-1", "--config.data.read_threads=0",
+          "--config.data.eval_fraction=0.2", f"--config.eval.every_steps={STEPS // 2}"]
 
 
 def _env(cache, local_devices, **extra):
@@ -158,8 +159,8 @@ def _finished_steps(workdir: pathlib.Path) -> list[int]:
   return sorted(int(p.name) for p in d.iterdir() if p.name.isdigit()) if d.exists() else []
 
 
-def _losses(workdir):
-  return {r["step"]: r["loss"] for r in read_metrics(workdir) if "loss" in r}
+def _losses(workdir, key="loss"):
+  return {r["step"]: r[key] for r in read_metrics(workdir) if key in r}
 
 
 def _final_params(workdir) -> dict[str, np.ndarray]:
@@ -214,6 +215,12 @@ def test_two_processes_match_one_process_on_the_same_global_batches(runs):
   assert a.keys() == b.keys() and a
   for name in a:
     np.testing.assert_allclose(a[name], b[name], rtol=1e-4, atol=1e-5, err_msg=name)
+  # Held-out loss: each process evaluates its own shard (packed differently from the
+  # reference's single shard); per-example sums make the totals agree all the same.
+  got, want = _losses(multi, "eval_loss"), _losses(reference, "eval_loss")
+  assert sorted(got) == sorted(want) == [STEPS // 2, STEPS]
+  np.testing.assert_allclose([got[s] for s in sorted(got)], [want[s] for s in sorted(want)],
+                             rtol=1e-5)
 
 
 def test_two_process_export_matches_one_process(runs):
@@ -286,6 +293,7 @@ def test_interrupted_two_process_run_resumes_exactly(tmp_path, tokenizer_dir, co
   multi, _ = runs
   expected = _losses(multi)
   assert _losses(workdir) == expected  # exact float equality, every step
+  assert _losses(workdir, "eval_loss") == _losses(multi, "eval_loss")
   want, got = _final_params(multi), _final_params(workdir)
   assert want.keys() == got.keys() and want
   for name in want:
