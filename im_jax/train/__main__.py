@@ -27,7 +27,12 @@ def main(argv) -> int:
   from im_jax.train import experiment
 
   try:
-    exp = experiment.build(_CONFIG.value, _WORKDIR.value)
+    config = _CONFIG.value
+    config.keys()  # the file's load error, if any, is raised on first use
+  except OSError as e:
+    _fail(" ".join(str(e).split()))
+  try:
+    exp = experiment.build(config, _WORKDIR.value)
     result = exp.run()
   except (experiment.ConfigError, DataError) as e:
     print(f"error: {e}", file=sys.stderr)
@@ -43,5 +48,26 @@ def main(argv) -> int:
   return 0
 
 
+def parse_flags(argv: list[str]) -> list[str]:
+  """absl parsing, but a bad config file, key or value is one line and exit status 2."""
+  try:
+    return flags.FLAGS(argv)
+  except AttributeError as e:  # ml-collections: an override of a key the config lacks
+    key = str(e.args[0]).strip("\"'") if e.args else ""
+    _fail(f"unknown config key '{key}' (every key is in configs/base.py)")
+  except Exception as e:  # noqa: BLE001 - flag errors wrap config-file exceptions of any type
+    _fail(_last_line(e))
+
+
+def _last_line(e: BaseException) -> str:
+  lines = [line.strip() for line in str(e).strip().splitlines() if line.strip()]
+  return lines[-1] if lines else type(e).__name__
+
+
+def _fail(message: str) -> None:
+  print(f"error: {message}", file=sys.stderr)
+  sys.exit(2)
+
+
 if __name__ == "__main__":
-  app.run(main)
+  app.run(main, flags_parser=parse_flags)
