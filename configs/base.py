@@ -18,6 +18,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.model.remat_policy = "none"  # none | minimal | full
   c.model.param_dtype = "float32"
   c.model.compute_dtype = "float32"  # bfloat16 on accelerators
+  c.model.attention_impl = "xla"  # xla (runs everywhere) | cudnn (fused, NVIDIA GPUs)
 
   c.data = ml_collections.ConfigDict()
   c.data.train = ""  # a file (tulu/alpaca/sharegpt JSON(L) or parquet), tfds:NAME:SPLIT, synthetic:N

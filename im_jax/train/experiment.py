@@ -114,7 +114,8 @@ def resolve_tokenizer_dir(c: ml_collections.ConfigDict, workdir: pathlib.Path,
 def model_options(c: ml_collections.ConfigDict) -> dict[str, Any]:
   """The runtime options of the JAX model, applied to presets and pretrained configs alike."""
   return dict(scan_layers=c.model.scan_layers, remat_policy=c.model.remat_policy,
-              param_dtype=c.model.param_dtype, compute_dtype=c.model.compute_dtype)
+              param_dtype=c.model.param_dtype, compute_dtype=c.model.compute_dtype,
+              attention_impl=c.model.attention_impl)
 
 
 def model_config(c: ml_collections.ConfigDict, vocab_needed: int,
