@@ -125,8 +125,9 @@ def _parser() -> argparse.ArgumentParser:
   p.add_argument("--loss-mode", choices=("it", "im", "im_release"), default="it",
                  help="which tokens loss_token_mean / loss_sequence_mean weigh (it: outputs)")
   p.add_argument("--max-seq-len", type=int, default=2048)
-  p.add_argument("--chunk-size", type=int, default=0,
-                 help="sequence chunk of the cross-entropy (0: full logits)")
+  p.add_argument("--chunk-size", type=int, default=512,
+                 help="positions per cross-entropy chunk, bounding the [rows, chunk, vocab] "
+                      "logits held at once (0: all at once)")
   p.add_argument("--json", action="store_true", help="one JSON object on stdout")
   p.set_defaults(run=_loss)
   p = sub.add_parser("generate", help="generations in AlpacaEval's JSON format")

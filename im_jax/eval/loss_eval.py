@@ -106,7 +106,7 @@ class LossEvalConfig:
   max_seq_len: int = 2048  # right truncation, as in training
   batch_size: int = 8  # rows per batch; rounded up to a multiple of the devices
   packing: str = "best_fit"  # packing never changes the sums (segment-masked attention)
-  chunk_size: int = 0  # loss.LossConfig.chunk_size: bounds [B, chunk, V] logits
+  chunk_size: int = 512  # loss.LossConfig.chunk_size: only [B, chunk, V] logits at a time
 
 
 def param_shardings(mesh: jax.sharding.Mesh):
