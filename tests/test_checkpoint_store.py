@@ -98,3 +98,13 @@ def test_iterator_position_is_the_one_at_save_time(tmp_path):
   got = CheckpointStore(tmp_path).restore_latest(_abstract(mesh, P()), data_iterator=fresh)
   assert got.step == 2
   assert [next(fresh) for _ in range(5)] == expected
+
+
+def test_saves_only_when_due_or_forced(tmp_path):
+  mesh = _mesh((8, 1))
+  store = CheckpointStore(tmp_path, CheckpointConfig(every_steps=4, keep=5))
+  saved = [s for s in range(1, 10) if store.save(s, _state(s, mesh), None, {})]
+  assert saved == [4, 8]
+  assert store.save(9, _state(9, mesh), None, {}, force=True)
+  store.close()
+  assert CheckpointStore(tmp_path).steps() == [4, 8, 9]

@@ -82,10 +82,14 @@ class CheckpointStore:
   def save(self, step: int, state: Any, data_state: dict | None, meta: dict,
            force: bool = False) -> bool:
     """Starts saving `step` if it is due (or `force`); returns whether it did."""
+    # Decided here, not by orbax, whose manager also saves whenever it has no checkpoint yet
+    # (step 1 of every run: a full-model write nobody asked for).
+    if not force and step % self.config.every_steps:
+      return False
     items = {STATE: ocp.args.StandardSave(state), META: ocp.args.JsonSave(meta)}
     if data_state is not None:
       items[DATA] = grain.checkpoint.CheckpointSave(_IteratorSnapshot(data_state))
-    return self._manager.save(step, args=ocp.args.Composite(**items), force=force)
+    return self._manager.save(step, args=ocp.args.Composite(**items), force=True)
 
   def wait(self) -> None:
     """Blocks until pending asynchronous saves are complete on disk."""
