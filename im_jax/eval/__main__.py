@@ -59,18 +59,18 @@ def _loss(args: argparse.Namespace) -> int:
       batch_size=args.batch_size, chunk_size=args.chunk_size)
   metrics = loss_eval.evaluate_loss(model, tokenizer, conversations, config, mesh)
   report = {"model": args.model, "data": args.data, "template": template,
-            "loss_mode": args.loss_mode, **metrics}
+            "loss_mode": args.loss_mode,
+            **{k: int(v) if _is_count(k) else v for k, v in metrics.items()}}
   if args.json:
     print(json.dumps(report))
   else:
-    print("\n".join(f"{k:>20}: {_number(v)}" for k, v in report.items()))
+    print("\n".join(f"{k:>20}: {v:.6f}" if isinstance(v, float) else f"{k:>20}: {v}"
+                    for k, v in report.items()))
   return 0
 
 
-def _number(v: Any) -> str:
-  if not isinstance(v, float):
-    return str(v)
-  return str(int(v)) if v.is_integer() else f"{v:.6f}"
+def _is_count(key: str) -> bool:
+  return key.startswith(("tokens_", "examples")) or key.endswith("_tokens")
 
 
 def _generator_name(model: str) -> str:
