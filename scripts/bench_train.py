@@ -214,7 +214,7 @@ def main() -> None:
                   "load_avg_1m_at_start": os.getloadavg()[0]},
       "xla_matmul_gflops": peak / 1e9, "sizes": {}}
   for name in args.sizes.split(","):
-    steps = args.steps or (10 if name == "tiny" else 3)
+    steps = args.steps or (20 if name == "tiny" else 5)
     report["sizes"][name] = run_size(name, steps, args.warmup, args.rows, args.length,
                                      args.chunk, peak)
     if not args.json:

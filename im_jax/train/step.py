@@ -103,8 +103,8 @@ def create_train_state(model_fn: Callable[[], nnx.Module], tx: optax.GradientTra
   return graphdef, state, shardings
 
 
-def _tree_add(a, b):
-  return jax.tree.map(jnp.add, a, b)
+def _tree_add(total, x):
+  return jax.tree.map(lambda t, v: t + v.astype(t.dtype), total, x)
 
 
 def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
@@ -129,17 +129,20 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
   def step(state: TrainState, batch: Batch):
     key = jax.random.fold_in(state.rng, state.step)
     k = batch["tokens"].shape[0]
-    micro = lambda i: {name: value[i] for name, value in batch.items()}
+
+    def micro(i):
+      return {name: value[i] for name, value in batch.items()}
+
     if k == 1:
       grads, sums = micro_grads(state.params, state.rest, micro(0), key)
     else:
       def body(carry, i):
-        g, s = micro_grads(state.params, state.rest,
-                           jax.tree.map(lambda x: x[i], batch), jax.random.fold_in(key, i))
+        g, s = micro_grads(state.params, state.rest, micro(i), jax.random.fold_in(key, i))
         return (_tree_add(carry[0], g), _tree_add(carry[1], s)), None
 
+      # Accumulate in float32 whatever the parameter dtype.
       shapes = jax.eval_shape(micro_grads, state.params, state.rest, micro(0), key)
-      zeros = jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), shapes)
+      zeros = jax.tree.map(lambda x: jnp.zeros(x.shape, jnp.float32), shapes)
       zeros = (jax.lax.with_sharding_constraint(zeros[0], shardings.params), zeros[1])
       (grads, sums), _ = jax.lax.scan(body, zeros, jnp.arange(k))
     denominator = sums[DENOMINATOR]
