@@ -10,7 +10,11 @@ import numpy as np
 import torch
 import transformers
 
+from safetensors.numpy import load_file
+
 from configs import base
+from im_jax.convert import load
+from im_jax.models.llama import params as llama_params
 from im_jax.train import experiment, sharding
 from im_jax.train.metrics_log import read_metrics
 
@@ -90,3 +94,9 @@ def test_demo_job_trains_evaluates_and_exports(tmp_path):
 
   answer = hf_generate.main(str(workdir / "hf"), "What is 2 plus 3?", max_new_tokens=5)
   assert isinstance(answer, str)
+  # The workdir itself (which also holds the run's config.json) loads as a model: its newest
+  # checkpoint, equal to the export.
+  loaded = load.load_pretrained(workdir)
+  exported = load_file(workdir / "hf" / "model.safetensors")
+  for name, value in llama_params.iter_hf(loaded.model, loaded.config):
+    np.testing.assert_array_equal(value, exported[name], err_msg=name)

@@ -39,14 +39,17 @@ def load_pretrained(spec: PathLike, *, shardings: Any = None,
   the source does not say (a HF folder).
   """
   text = str(spec)
-  if text.startswith(HF_PREFIX) or (pathlib.Path(text) / "config.json").exists():
+  if text.startswith(HF_PREFIX):
     return load_hf_folder(text.removeprefix(HF_PREFIX), shardings=shardings,
                           **config_overrides)
   path = pathlib.Path(text)
   if (path / ckpt.INFO_FILE).exists():
     return ckpt.load_ckpt(path, shardings=shardings, **config_overrides)
+  # Before config.json: a training workdir holds its run config under that name too.
   if path.is_dir() and _step_dir(path, required=False) is not None:
     return load_train_checkpoint(path, shardings=shardings, **config_overrides)
+  if (path / "config.json").exists():
+    return load_hf_folder(path, shardings=shardings, **config_overrides)
   raise FileNotFoundError(f"{text}: not a HF folder (config.json), an im_jax CKPT folder "
                           f"({ckpt.INFO_FILE}) or a training workdir with checkpoints")
 
