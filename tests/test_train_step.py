@@ -151,7 +151,7 @@ def test_neftune_noise_scale_per_segment_and_no_noise_on_padding():
   for row, seg, length in ((0, 1, 7), (0, 2, 23), (1, 1, 12)):
     values = noise[row][segment_ids[row] == seg]
     assert values.shape == (length, dim)
-    scale = alpha / np.sqrt(length * dim)
+    scale = alpha / np.sqrt((length + 1) * dim)  # the example had length + 1 tokens
     assert np.abs(values).max() <= scale * (1 + 1e-6)
     assert np.abs(values).max() > 0.99 * scale
     np.testing.assert_allclose(values.std(), scale / np.sqrt(3), rtol=0.05)
@@ -251,3 +251,22 @@ def test_global_batch_micro_batches_and_sharding():
                                 rows["targets"])
   with pytest.raises(ValueError, match="micro-batches"):
     sharding.global_batch(rows, mesh, micro_batches=3)
+
+
+def test_all_padding_batch_moves_nothing():
+  # Epochs are padded to equal batch counts with all-padding rows; such a batch has no
+  # weighted token and must leave parameters and optimiser state as they were.
+  mesh, state, train_step, _, _ = _setup((1, 1, 1), SHALLOW)
+  state, _ = train_step(state, sharding.global_batch(_rows(0), mesh, micro_batches=1))
+  before = jax.device_get((state.params, state.opt_state))
+  empty = {k: np.zeros_like(v) for k, v in _rows(1).items()}
+  state, metrics = train_step(state, sharding.global_batch(empty, mesh, micro_batches=1))
+  assert float(metrics["loss_denominator"]) == 0 and int(state.step) == 2
+  for got, want in zip(jax.tree.leaves(jax.device_get((state.params, state.opt_state))),
+                       jax.tree.leaves(before)):
+    np.testing.assert_array_equal(got, want)
+  # and a real batch after it still trains
+  params = jax.device_get(state.params)
+  state, _ = train_step(state, sharding.global_batch(_rows(2), mesh, micro_batches=1))
+  assert any(not np.array_equal(a, b) for a, b in
+             zip(jax.tree.leaves(jax.device_get(state.params)), jax.tree.leaves(params)))

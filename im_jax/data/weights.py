@@ -13,6 +13,7 @@ Weights here are per *token*; `encode.py` shifts them onto targets.
 """
 
 import dataclasses
+import math
 
 import numpy as np
 
@@ -36,8 +37,8 @@ class LossMaskConfig:
                        f"got {self.assistant_turns!r}")
     if self.instruction_weight != 1.0 and self.mode != "im":
       raise ValueError(f"instruction_weight applies to the im loss mode only, not {self.mode!r}")
-    if self.instruction_weight < 0:
-      raise ValueError("instruction_weight must be >= 0")
+    if not math.isfinite(self.instruction_weight) or self.instruction_weight < 0:
+      raise ValueError(f"instruction_weight must be finite and >= 0, got {self.instruction_weight}")
     if self.mode == "im_release" and self.assistant_turns != "all":
       raise ValueError("im_release weights every turn; assistant_turns must be 'all'")
 

@@ -3,8 +3,9 @@
 noise = Uniform(-1, 1) * alpha / sqrt(L * d), with d the embedding width and L the length of
 the *example* the token belongs to. The reference implementation uses the padded length of a
 batch of one unpacked example, i.e. that example's length; with packing, the packed row's
-length would shrink the noise of every example in it, so L is the token count of the token's
-segment here. Padding (segment 0) gets no noise. Applied in training only: evaluation passes
+length would shrink the noise of every example in it, so L here is the token count of the
+example the token belongs to: its segment's length + 1, since shifting drops the last token
+from the inputs (the reference embeds all n tokens of an example, we embed n - 1). Padding (segment 0) gets no noise. Applied in training only: evaluation passes
 no random key and sees clean embeddings.
 """
 
@@ -24,8 +25,8 @@ def segment_lengths(segment_ids: jax.Array) -> jax.Array:
 
 def noise_scale(segment_ids: jax.Array, dim: int, alpha: float) -> jax.Array:
   """[B, T] per-token scale alpha / sqrt(L * d); 0 on padding."""
-  lengths = segment_lengths(segment_ids)
-  return jnp.where(lengths > 0, alpha / jnp.sqrt(jnp.maximum(lengths, 1.0) * dim), 0.0)
+  lengths = segment_lengths(segment_ids) + 1.0  # + the final target (see module docstring)
+  return jnp.where(segment_ids > 0, alpha / jnp.sqrt(lengths * dim), 0.0)
 
 
 def add_noise(embeddings: jax.Array, segment_ids: jax.Array, alpha: float,

@@ -36,6 +36,13 @@ class OptimConfig:
   decay: Decay = "linear"  # after warmup, down to 0 at the last step
 
   def __post_init__(self):
+    if not (math.isfinite(self.learning_rate) and self.learning_rate >= 0):
+      raise ValueError(f"learning rate must be finite and >= 0, got {self.learning_rate}")
+    if not (0.0 <= self.b1 < 1.0 and 0.0 <= self.b2 < 1.0 and self.eps > 0):
+      raise ValueError(f"AdamW needs 0 <= b1, b2 < 1 and eps > 0, got b1={self.b1}, "
+                       f"b2={self.b2}, eps={self.eps}")
+    if not (math.isfinite(self.weight_decay) and self.weight_decay >= 0):
+      raise ValueError(f"weight_decay must be finite and >= 0, got {self.weight_decay}")
     if not 0.0 <= self.warmup_ratio < 1.0:
       raise ValueError(f"warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
     if self.decay not in ("linear", "cosine", "constant"):

@@ -150,10 +150,17 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
     grads = jax.tree.map(lambda g: g * scale.astype(g.dtype), grads)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
+    # A batch with no weighted token (all padding: epochs are padded to equal batch counts)
+    # must not move anything: AdamW would still step on its moments and its schedule.
+    has_loss = denominator > 0
+    keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(has_loss, n, o), new, old)
+    params, opt_state = keep(params, state.params), keep(opt_state, state.opt_state)
     metrics = finalize(sums)
     metrics["grad_norm"] = optax.tree.norm(grads)
     if schedule is not None:
       metrics["lr"] = jnp.asarray(schedule(state.step), jnp.float32)
+    # The step counter still advances: it numbers batches, so resume and per-step keys stay
+    # aligned with the data.
     new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state)
     return new_state, metrics
 
