@@ -100,3 +100,31 @@ def test_demo_job_trains_evaluates_and_exports(tmp_path):
   exported = load_file(workdir / "hf" / "model.safetensors")
   for name, value in llama_params.iter_hf(loaded.model, loaded.config):
     np.testing.assert_array_equal(value, exported[name], err_msg=name)
+
+
+def test_resume_with_other_settings_is_refused():
+  from im_jax.train import loop  # pylint: disable=import-outside-toplevel
+
+  c = base.get_config()
+  key = experiment.resume_key(c)
+  loop._check_same_run({loop.RESUME_KEY: key}, {loop.RESUME_KEY: key}, "w")
+  c.train.log_every, c.eval.every_steps, c.mesh.fsdp = 7, 3, 2  # free to change
+  loop._check_same_run({loop.RESUME_KEY: key}, {loop.RESUME_KEY: experiment.resume_key(c)}, "w")
+  c.loss.mode = "it"
+  try:
+    loop._check_same_run({loop.RESUME_KEY: key}, {loop.RESUME_KEY: experiment.resume_key(c)},
+                         "w")
+  except loop.ResumeMismatch as e:
+    assert "loss" in str(e) and "'im'" in str(e) and "'it'" in str(e)
+  else:
+    raise AssertionError("a changed loss mode was accepted on resume")
+
+
+def test_missing_init_from_is_one_line(tmp_path):
+  proc = subprocess.run(
+      [sys.executable, "-m", "im_jax.train", "--config", str(ROOT / "configs/demo.py"),
+       "--workdir", str(tmp_path), f"--config.model.init_from={tmp_path / 'nope'}"],
+      cwd=ROOT, capture_output=True, text=True, timeout=300)
+  assert proc.returncode == 2
+  assert "Traceback" not in proc.stderr
+  assert "model.init_from=" in proc.stderr and "nope" in proc.stderr

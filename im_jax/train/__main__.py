@@ -22,9 +22,12 @@ def main(argv) -> int:
   # Orbax and grain log every file operation at INFO through absl: keep theirs to warnings.
   logging.getLogger("absl").setLevel(logging.WARNING)
   logging.getLogger("im_jax").setLevel(logging.INFO)
-  distributed.initialize()  # before any other JAX use; single process when nothing is set
+  try:
+    distributed.initialize()  # before any other JAX use; single process when nothing is set
+  except ValueError as e:  # incomplete or malformed IM_JAX_* / --coordinator settings
+    _fail(str(e))
   from im_jax.data.conversation import DataError  # pylint: disable=g-import-not-at-top
-  from im_jax.train import experiment
+  from im_jax.train import experiment, loop
 
   try:
     config = _CONFIG.value
@@ -34,7 +37,7 @@ def main(argv) -> int:
   try:
     exp = experiment.build(config, _WORKDIR.value)
     result = exp.run()
-  except (experiment.ConfigError, DataError) as e:
+  except (experiment.ConfigError, DataError, loop.ResumeMismatch) as e:
     print(f"error: {e}", file=sys.stderr)
     return 2
   if result.preempted:

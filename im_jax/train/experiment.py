@@ -221,8 +221,11 @@ def build(c: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> Experime
   mesh = sharding.make_mesh(sharding.MeshConfig(c.mesh.data, c.mesh.fsdp, c.mesh.tensor))
   pretrained = None
   if c.model.init_from:  # placed straight into the parameters' shardings
-    pretrained = load_pretrained(c.model.init_from, shardings=_logical_sharding(mesh),
-                                 **model_options(c))
+    try:
+      pretrained = load_pretrained(c.model.init_from, shardings=_logical_sharding(mesh),
+                                   **model_options(c))
+    except (OSError, ValueError, KeyError) as e:  # a missing folder, an unsupported config
+      raise ConfigError(f"model.init_from={c.model.init_from}: {e}") from None
   conversations = load_train_conversations(c)
   train_convs, held_convs = split_held_out(conversations, c.data.eval_fraction)
   _check(len(train_convs) > 0, f"no training examples left in {c.data.train}")
@@ -271,9 +274,22 @@ def build(c: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> Experime
                                   c.checkpoint.async_save))
   meta = {"config": c.to_dict(), "model_config": mcfg.to_dict(),
           "tokenizer_dir": str(tokenizer_dir.absolute()), "template": c.data.template,
-          "data_stats": train_data.stats.as_dict()}
+          "data_stats": train_data.stats.as_dict(), loop_lib.RESUME_KEY: resume_key(c)}
   return Experiment(c, workdir, mesh, tokenizer_dir, mcfg, train_data, eval_data, graphdef,
                     state, train_step, eval_step, loop_config, meta)
+
+
+def resume_key(c: ml_collections.ConfigDict) -> dict[str, Any]:
+  """The settings a resumed run must share with the run that wrote the checkpoints.
+
+  Data, loss, optimiser, schedule and model numerics; logging, evaluation, checkpointing and
+  the mesh shape (restores re-shard) may change between the two.
+  """
+  data = {k: v for k, v in c.data.to_dict().items() if k != "read_threads"}
+  train = {k: v for k, v in c.train.to_dict().items() if k != "log_every"}
+  model = {k: c.model[k] for k in ("preset", "param_dtype", "compute_dtype", "scan_layers")}
+  return {"data": data, "loss": c.loss.to_dict(), "optim": c.optim.to_dict(), "train": train,
+          "model": model, "neftune_alpha": c.neftune_alpha}
 
 
 def _logical_sharding(mesh: jax.sharding.Mesh) -> Callable[..., jax.sharding.NamedSharding]:

@@ -52,6 +52,25 @@ class LoopResult:
   last_eval: dict[str, float]
 
 
+class ResumeMismatch(ValueError):
+  """The workdir's checkpoints belong to a run with other settings."""
+
+
+# meta[RESUME_KEY]: the settings a resumed run must share with the one that saved (data,
+# loss, schedule, batch, model); anything else (logging, eval, mesh shape) may change.
+RESUME_KEY = "resume_key"
+
+
+def _check_same_run(saved: dict[str, Any], now: dict[str, Any], directory) -> None:
+  before, after = saved.get(RESUME_KEY), now.get(RESUME_KEY)
+  if before is None or after is None or before == after:
+    return
+  changed = sorted(k for k in set(before) | set(after) if before.get(k) != after.get(k))
+  detail = ", ".join(f"{k}: {before.get(k)!r} -> {after.get(k)!r}" for k in changed[:5])
+  raise ResumeMismatch(f"{directory} holds checkpoints of a run with other settings ({detail}); "
+                       "use a new workdir, or restore those settings to resume")
+
+
 class _Preemption:
   """SIGTERM -> flag; restores the previous handler on exit (main thread only)."""
 
@@ -74,7 +93,11 @@ class _Preemption:
       signal.signal(signal.SIGTERM, self._previous)
 
   def agreed(self) -> bool:
-    """True when any process was asked to stop (all processes must stop together)."""
+    """True when any process was asked to stop (all processes must stop together).
+
+    With several processes this is a collective that waits for the queued steps, so the
+    loop asks only at logging steps, which every process reaches together.
+    """
     if jax.process_count() == 1:
       return self.requested
     flags = multihost_utils.process_allgather(np.asarray(self.requested, np.int32))
@@ -123,6 +146,7 @@ def run(*, workdir: str, state: TrainState, train_step: Callable, mesh: jax.shar
   restored = store.restore_latest(abstract_like(state), data_iterator=iterator)
   start = 0
   if restored is not None:
+    _check_same_run(restored.meta, meta, store.directory)
     state, start = restored.state, restored.step
     for step, reason in restored.skipped:
       log.warning("skipped damaged checkpoint %d: %s", step, reason)
@@ -163,7 +187,7 @@ def run(*, workdir: str, state: TrainState, train_step: Callable, mesh: jax.shar
           interval_tokens, interval_start = 0, now
         if config.eval_every and step % config.eval_every == 0 and step < config.total_steps:
           run_eval()
-        if preemption.agreed():
+        if (jax.process_count() == 1 or step % config.log_every == 0) and preemption.agreed():
           store.save(step, state, iterator.get_state(), meta, force=True)
           store.wait()
           log.warning("preempted: checkpoint %d written, stopping", step)

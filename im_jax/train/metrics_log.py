@@ -13,18 +13,26 @@ import jax
 METRICS_FILE = "metrics.jsonl"
 
 
+def _records(path: pathlib.Path) -> list[tuple[str, dict[str, Any]]]:
+  """(line, record) pairs; a line cut short by a killed process is left out."""
+  out = []
+  for line in path.read_text().splitlines():
+    try:
+      out.append((line, json.loads(line)))
+    except json.JSONDecodeError:
+      continue
+  return out
+
+
 def read_metrics(workdir: str | pathlib.Path) -> list[dict[str, Any]]:
   path = pathlib.Path(workdir) / METRICS_FILE
-  if not path.exists():
-    return []
-  return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+  return [record for _, record in _records(path)] if path.exists() else []
 
 
 def _truncate_after(path: pathlib.Path, step: int) -> None:
   if not path.exists():
     return
-  kept = [line for line in path.read_text().splitlines()
-          if line.strip() and json.loads(line).get("step", 0) <= step]
+  kept = [line for line, record in _records(path) if record.get("step", 0) <= step]
   path.write_text("".join(line + "\n" for line in kept))
 
 
