@@ -61,7 +61,7 @@ def _shard_pipelines(exp, shards: int):
   """The pipelines processes 0..shards-1 build in `experiment.build` (same plan and epochs)."""
   from im_jax.data import pipeline as pipeline_lib  # pylint: disable=g-import-not-at-top
   from im_jax.data.stats import load_tokenizer  # pylint: disable=g-import-not-at-top
-  from im_jax.train import experiment  # pylint: disable=g-import-not-at-top
+  from im_jax import experiment  # pylint: disable=g-import-not-at-top
 
   c = exp.config
   convs, _ = experiment.split_held_out(experiment.load_train_conversations(c),
@@ -85,7 +85,7 @@ def _shard_pipelines(exp, shards: int):
 
 def main(argv) -> int:
   del argv
-  from im_jax.train import experiment  # pylint: disable=g-import-not-at-top
+  from im_jax import experiment  # pylint: disable=g-import-not-at-top
 
   real_build = experiment.build
 

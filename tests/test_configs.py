@@ -24,7 +24,7 @@ import pytest
 
 from configs import base, paper
 from im_jax.data.kinds import INSTRUCTION_KINDS, TokenKind
-from im_jax.train import experiment
+from im_jax import experiment
 from im_jax.train.metrics_log import read_metrics
 
 REPO = pathlib.Path(__file__).resolve().parents[1]

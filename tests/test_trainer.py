@@ -15,7 +15,8 @@ from safetensors.numpy import load_file
 from configs import base
 from im_jax.convert import load
 from im_jax.models.llama import params as llama_params
-from im_jax.train import experiment, sharding
+from im_jax import experiment
+from im_jax.train import sharding
 from im_jax.train.metrics_log import read_metrics
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]

@@ -29,10 +29,10 @@ _DTYPES = ("float32", "bfloat16")
 def _load(args: argparse.Namespace, mesh=None) -> tuple[Any, Any, str]:
   """(model, tokenizer, template) for `--model`, placed by the eval mesh's shardings."""
   from im_jax.convert import load  # pylint: disable=g-import-not-at-top  (jax/orbax: slow)
-  from im_jax.eval import loss_eval  # pylint: disable=g-import-not-at-top
+  from im_jax.train import sharding  # pylint: disable=g-import-not-at-top
 
   overrides = {"param_dtype": args.dtype, "compute_dtype": args.dtype}
-  shardings = None if mesh is None else loss_eval.param_shardings(mesh)
+  shardings = None if mesh is None else sharding.sharding_fn(mesh)
   loaded = load.load_pretrained(args.model, shardings=shardings, **overrides)
   if loaded.tokenizer_dir is None:
     raise ValueError(f"{args.model} does not record a tokenizer folder")

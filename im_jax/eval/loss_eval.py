@@ -2,7 +2,7 @@
 
 One loss function (`make_eval_loss_fn`) and one reduction (`finalize`) serve both
 `python -m im_jax.eval loss` and the trainer's periodic eval on the held-out split
-(`train.experiment` builds its eval step from them; `train.loop.evaluate` sums the sums over
+(`im_jax.experiment` builds its eval step from them; `train.loop.evaluate` sums the sums over
 batches and calls `finalize` once). The cross-entropy and its reductions are `train.loss`'s;
 this module only adds the reductions an evaluation reports:
 
@@ -109,18 +109,13 @@ class LossEvalConfig:
   chunk_size: int = 512  # loss.LossConfig.chunk_size: only [B, chunk, V] logits at a time
 
 
-def param_shardings(mesh: jax.sharding.Mesh):
-  """`(logical_axes, shape) -> NamedSharding` under the trainer's rules, for model loading."""
-  return lambda axes, shape: NamedSharding(mesh, sharding.logical_to_spec(axes, shape, mesh))
-
-
 def evaluate_loss(model: nnx.Module, tokenizer: Any, conversations: Sequence[Conversation],
                   config: LossEvalConfig = LossEvalConfig(),
                   mesh: jax.sharding.Mesh | None = None) -> dict[str, float]:
   """The held-out losses of `model` on `conversations` (see the module docstring).
 
   `mesh` defaults to all devices on the fsdp axis; load the model with
-  `param_shardings(mesh)` so no parameter moves. Adds the encoder's counts
+  `sharding.sharding_fn(mesh)` so no parameter moves. Adds the encoder's counts
   (`examples_dropped`, `examples_truncated`).
   """
   mesh = mesh or sharding.make_mesh(sharding.MeshConfig(data=1, fsdp=-1, tensor=1))

@@ -27,7 +27,8 @@ def main(argv) -> int:
   except ValueError as e:  # incomplete or malformed IM_JAX_* / --coordinator settings
     _fail(str(e))
   from im_jax.data.conversation import DataError  # pylint: disable=g-import-not-at-top
-  from im_jax.train import experiment, loop
+  from im_jax import experiment
+  from im_jax.train import loop
 
   try:
     config = _CONFIG.value

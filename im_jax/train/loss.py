@@ -17,6 +17,7 @@ same footing.
 """
 
 import dataclasses
+import functools
 from typing import Literal, Mapping
 
 import jax
@@ -54,11 +55,14 @@ class LossConfig:
 def cross_entropy(logits: jax.Array, targets: jax.Array) -> jax.Array:
   """Per-token CE in float32: [..., V] logits, [...] int targets -> [...]."""
   logits = logits.astype(jnp.float32)
-  log_z = jax.nn.logsumexp(logits, axis=-1)
+  return jax.nn.logsumexp(logits, axis=-1) - _target_logit(logits, targets)
+
+
+def _target_logit(logits: jax.Array, targets: jax.Array) -> jax.Array:
   # A one-hot contraction rather than a gather: XLA fuses it into the reduction and it
   # partitions cleanly when the vocabulary axis is sharded.
   one_hot = jax.nn.one_hot(targets, logits.shape[-1], dtype=logits.dtype)
-  return log_z - jnp.sum(logits * one_hot, axis=-1)
+  return jnp.sum(logits * one_hot, axis=-1)
 
 
 def project_logits(hidden: jax.Array, output_embedding: jax.Array) -> jax.Array:
@@ -69,29 +73,68 @@ def project_logits(hidden: jax.Array, output_embedding: jax.Array) -> jax.Array:
 
 def chunked_cross_entropy(hidden: jax.Array, output_embedding: jax.Array, targets: jax.Array,
                           chunk_size: int) -> jax.Array:
-  """Per-token CE without materialising [B, T, V] logits: a scan over sequence chunks.
+  """Per-token CE [B, T] from hidden states, never holding more than [B, chunk, V] logits.
 
-  Each chunk's logits are recomputed in the backward pass (jax.checkpoint), so the peak is
-  one [B, chunk_size, V] block in both directions. Equal to the unchunked computation.
+  A scan over sequence chunks (`chunk_size` <= 0: one chunk, the whole sequence) with a
+  hand-written backward pass: the forward keeps only each position's log-normaliser; the
+  backward recomputes a chunk's logits and forms (softmax - one_hot) * g in one pass. Besides
+  bounding memory for 128k vocabularies this does fewer passes over the logits than autodiff
+  of `cross_entropy`, which it equals (tested).
   """
-  batch, length, dim = hidden.shape
-  if chunk_size <= 0 or chunk_size >= length:
-    return cross_entropy(project_logits(hidden, output_embedding), targets)
-  pad = -length % chunk_size  # padded positions are computed, then dropped
+  batch, length, _ = hidden.shape
+  chunk = length if chunk_size <= 0 else min(chunk_size, length)
+  pad = -length % chunk  # padded positions are computed, then dropped
   if pad:
     hidden = jnp.pad(hidden, ((0, 0), (0, pad), (0, 0)))
     targets = jnp.pad(targets, ((0, 0), (0, pad)))
-  n = (length + pad) // chunk_size
-  hidden_chunks = hidden.reshape(batch, n, chunk_size, dim).swapaxes(0, 1)
-  target_chunks = targets.reshape(batch, n, chunk_size).swapaxes(0, 1)
+  ce = _fused_ce(hidden, output_embedding, targets, (length + pad) // chunk)
+  return ce[:, :length]
 
-  @jax.checkpoint
+
+def _to_chunks(x: jax.Array, n: int) -> jax.Array:
+  """[B, T, ...] -> [n, B, T / n, ...] (the scan axis first)."""
+  return x.reshape(x.shape[0], n, x.shape[1] // n, *x.shape[2:]).swapaxes(0, 1)
+
+
+def _from_chunks(x: jax.Array) -> jax.Array:
+  return x.swapaxes(0, 1).reshape(x.shape[1], -1, *x.shape[3:])
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def _fused_ce(hidden, w, targets, n):
+  return _fused_ce_fwd(hidden, w, targets, n)[0]
+
+
+def _fused_ce_fwd(hidden, w, targets, n):
   def body(carry, xs):
     h, t = xs
-    return carry, cross_entropy(project_logits(h, output_embedding), t)
+    logits = project_logits(h, w)
+    log_z = jax.nn.logsumexp(logits, axis=-1)
+    return carry, (log_z - _target_logit(logits, t), log_z)
 
-  _, ce = jax.lax.scan(body, None, (hidden_chunks, target_chunks))
-  return ce.swapaxes(0, 1).reshape(batch, length + pad)[:, :length]
+  _, (ce, log_z) = jax.lax.scan(body, None, (_to_chunks(hidden, n), _to_chunks(targets, n)))
+  return _from_chunks(ce), (hidden, w, targets, log_z)
+
+
+def _fused_ce_bwd(n, residuals, g):
+  hidden, w, targets, log_z = residuals
+  vocab = w.shape[-1]
+
+  def body(dw, xs):
+    h, t, lz, gc = xs
+    logits = project_logits(h, w)
+    one_hot = jax.nn.one_hot(t, vocab, dtype=jnp.float32)
+    dlogits = ((jnp.exp(logits - lz[..., None]) - one_hot) * gc[..., None]).astype(w.dtype)
+    dh = jnp.einsum("bcv,dv->bcd", dlogits, w, preferred_element_type=jnp.float32)
+    dw = dw + jnp.einsum("bcd,bcv->dv", h, dlogits, preferred_element_type=jnp.float32)
+    return dw, dh.astype(hidden.dtype)
+
+  xs = (_to_chunks(hidden, n), _to_chunks(targets, n), log_z, _to_chunks(g, n))
+  dw, dh = jax.lax.scan(body, jnp.zeros(w.shape, jnp.float32), xs)
+  return _from_chunks(dh), dw.astype(w.dtype), None
+
+
+_fused_ce.defvjp(_fused_ce_fwd, _fused_ce_bwd)
 
 
 def segment_sums(values: jax.Array, segment_ids: jax.Array) -> jax.Array:

@@ -14,7 +14,7 @@ with a ValueError when `on_indivisible="error"`.
 import dataclasses
 import logging
 import math
-from typing import Any, Literal, Mapping, Sequence
+from typing import Any, Callable, Literal, Mapping, Sequence
 
 import jax
 import numpy as np
@@ -154,6 +154,15 @@ def state_shardings(state: Any, mesh: Mesh, *,
     return NamedSharding(mesh, spec)
 
   return jax.tree_util.tree_map_with_path(one, state, is_leaf=_is_variable)
+
+
+def sharding_fn(mesh: Mesh, *, rules: Sequence[tuple[str, MeshAxes]] = LOGICAL_AXIS_RULES,
+                on_indivisible: OnIndivisible = "replicate"
+                ) -> Callable[[Sequence[str | None] | None, Sequence[int]], NamedSharding]:
+  """`(logical_axes, shape) -> NamedSharding`: where model loaders place each parameter, the
+  same place `state_shardings` gives it in the train state."""
+  return lambda axes, shape: NamedSharding(mesh, logical_to_spec(
+      axes, shape, mesh, rules=rules, on_indivisible=on_indivisible))
 
 
 def batch_spec(mesh: Mesh, *, micro_batched: bool) -> PartitionSpec:

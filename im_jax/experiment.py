@@ -222,7 +222,7 @@ def build(c: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> Experime
   pretrained = None
   if c.model.init_from:  # placed straight into the parameters' shardings
     try:
-      pretrained = load_pretrained(c.model.init_from, shardings=_logical_sharding(mesh),
+      pretrained = load_pretrained(c.model.init_from, shardings=sharding.sharding_fn(mesh),
                                    **model_options(c))
     except (OSError, ValueError, KeyError) as e:  # a missing folder, an unsupported config
       raise ConfigError(f"model.init_from={c.model.init_from}: {e}") from None
@@ -290,9 +290,3 @@ def resume_key(c: ml_collections.ConfigDict) -> dict[str, Any]:
   model = {k: c.model[k] for k in ("preset", "param_dtype", "compute_dtype", "scan_layers")}
   return {"data": data, "loss": c.loss.to_dict(), "optim": c.optim.to_dict(), "train": train,
           "model": model, "neftune_alpha": c.neftune_alpha}
-
-
-def _logical_sharding(mesh: jax.sharding.Mesh) -> Callable[..., jax.sharding.NamedSharding]:
-  """(logical_axes, shape) -> the sharding the train state gives such a parameter."""
-  return lambda axes, shape: jax.sharding.NamedSharding(
-      mesh, sharding.logical_to_spec(axes, shape, mesh))
