@@ -224,3 +224,15 @@ def test_cli_generate_writes_alpaca_eval_json_and_loss_json(tiny_hf, tmp_path):
   bad = _cli("loss", "--model", tmp_path / "missing", "--data", data, check=False)
   assert bad.returncode == 2 and "Traceback" not in bad.stderr
   assert len(bad.stderr.strip().splitlines()) == 1 and bad.stderr.startswith("error: ")
+
+
+def test_tulu_prompt_is_the_training_prefix_of_the_reply(tiny_tokenizer_dir):
+  # Multi-turn, with special-token text inside a message: the prompt must be exactly the
+  # training tokens before the last reply's content (earlier replies keep their EOS).
+  tok = transformers.AutoTokenizer.from_pretrained(tiny_tokenizer_dir)
+  conv = Conversation((Message("user", "Say </s> twice"), Message("assistant", "</s> </s>"),
+                       Message("user", "Again"), Message("assistant", "Fine")))
+  trained = ChatTemplate(tok, TemplateConfig("tulu")).tokenize(conv)
+  last = np.flatnonzero((trained.kinds == TokenKind.ASSISTANT) & (trained.message_index == 3))[0]
+  prompt = generate.prompt_ids(tok, "tulu", generate.split_prompt(conv)[0])
+  assert prompt == [int(i) for i in trained.ids[:last]]

@@ -60,16 +60,22 @@ def split_prompt(conversation: Conversation) -> tuple[tuple[Message, ...], str]:
   return prompt, users[-1]
 
 
-def prompt_ids(tokenizer: Any, template: str, messages: Sequence[Message]) -> list[int]:
+def prompt_ids(tokenizer: Any, template: str, messages: Sequence[Message],
+               chat_template: ChatTemplate | None = None) -> list[int]:
   """Token ids of the prompt plus the generation prompt, tokenized as in training.
 
   Training (`templates.ChatTemplate`) tokenizes the rendered string once with
   `add_special_tokens=False` and, for `tulu`, puts the tokenizer's BOS in front.
   """
   if template == "tulu":
-    text = "".join(f"<|{m.role}|>\n{m.content}\n" for m in messages) + "<|assistant|>\n"
-    bos = [] if tokenizer.bos_token_id is None else [tokenizer.bos_token_id]
-    return bos + tokenizer(text, add_special_tokens=False)["input_ids"]
+    # Exactly the training tokens before a reply: the conversation with an empty reply, less
+    # that reply's EOS. Earlier replies keep their EOS and special-token text inside a
+    # message stays literal, as in training.
+    chat_template = chat_template or ChatTemplate(tokenizer, TemplateConfig("tulu"))
+    tokenized = chat_template.tokenize(Conversation(tuple(messages) + (Message("assistant", ""),)))
+    if len(tokenized.kinds) == 0 or tokenized.kinds[-1] != TokenKind.EOS:
+      raise ValueError("the tulu template needs a tokenizer with an EOS token")
+    return [int(i) for i in tokenized.ids[:-1]]
   if template == "hf":
     text = tokenizer.apply_chat_template([{"role": m.role, "content": m.content}
                                           for m in messages],
@@ -192,7 +198,8 @@ def generate_records(conversations: Sequence[Conversation], model: Llama, tokeni
                      model_dir: str | pathlib.Path | None = None) -> list[dict[str, str]]:
   """AlpacaEval records `{instruction, output, generator}`, one per conversation, in order."""
   split = [split_prompt(c) for c in conversations]
-  prompts = [prompt_ids(tokenizer, template, messages) for messages, _ in split]
+  chat_template = ChatTemplate(tokenizer, TemplateConfig(template))
+  prompts = [prompt_ids(tokenizer, template, messages, chat_template) for messages, _ in split]
   generator = Generator(model, stop_token_ids(tokenizer, template, model_dir), config,
                         pad_id=tokenizer.pad_token_id)
   outputs = generator.generate_ids(prompts)
