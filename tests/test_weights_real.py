@@ -10,6 +10,8 @@ import transformers
 
 from im_jax.data import __main__ as cli
 from im_jax.data import encode as encode_lib
+from im_jax.data import packing
+from im_jax.data import pipeline as pipeline_lib
 from im_jax.data import preview
 from im_jax.data import sources
 from im_jax.data import templates
@@ -87,26 +89,39 @@ def test_empty_replies_keep_their_eos(smollm2, real_conversations):
 
 @pytest.mark.parametrize("mode", ["it", "im", "im_release"])
 def test_preview_matches_the_rows(smollm2, real_conversations, mode):
-  """preview's tokens[j].weight == loss_weights[j-1] of the training example (sampled)."""
+  """preview's tokens[j].weight == loss_weights[i] where targets[i] is token j, checked
+  against the packed rows training receives (sampled), not against the encoder's output."""
   config = encode_lib.EncodeConfig(loss=weights_lib.LossMaskConfig(mode), max_seq_len=2048)
   encoder = encode_lib.Encoder(smollm2, config)
   for conversations in real_conversations.values():
     # a sample: the longest (truncated) example and every 150th
     longest = max(range(len(conversations)), key=lambda i: sum(
         len(m.content) for m in conversations[i].messages))
-    for index in sorted({longest, *range(0, len(conversations), 150)}):
-      record = preview.preview_record(encoder, conversations[index], index)
-      example = encoder.encode(conversations[index])
+    sample = [conversations[i] for i in sorted({longest, *range(0, len(conversations), 150)})]
+    pipe = pipeline_lib.build_pipeline(
+        sample, smollm2, config,
+        pipeline_lib.PipelineConfig(batch_size=4, shuffle=False, read_threads=0), 0, 1)
+    trained = {}  # input tokens -> the packed segment training sees
+    for batch in pipe:
+      for r in range(batch["tokens"].shape[0]):
+        for segment in packing.split_row({k: v[r] for k, v in batch.items()}):
+          trained[tuple(segment["tokens"].tolist())] = segment
+    seen = 0
+    for index, conversation in enumerate(sample):
+      record = preview.preview_record(encoder, conversation, index)
       ids = [t["id"] for t in record["tokens"]]
       weights = [t["weight"] for t in record["tokens"]]
-      if example is None:  # dropped (a prompt filling max_seq_len): nothing is trained on
-        assert record["dropped"] and not any(weights)
+      segment = trained.get(tuple(ids[:-1]))
+      if segment is None:  # dropped (a prompt filling max_seq_len): nothing is trained on
+        assert record.get("dropped") and not any(weights)
         continue
-      assert ids[:-1] == example["tokens"].tolist() and ids[1:] == example["targets"].tolist()
-      assert weights[0] == 0.0
-      np.testing.assert_array_equal(np.float32(weights[1:]), example["loss_weights"])
+      seen += 1
+      assert ids[1:] == segment["targets"].tolist() and weights[0] == 0.0
+      np.testing.assert_array_equal(np.float32(weights[1:]), segment["loss_weights"])
       kinds = [TokenKind[t["kind"].upper()] for t in record["tokens"]]
-      assert kinds[1:] == example["target_kinds"].tolist()
+      assert kinds[1:] == segment["target_kinds"].tolist()
+      assert segment["positions"].tolist() == list(range(len(ids) - 1))
+    assert seen == len(trained) > 5
 
 
 def test_preview_command_json(shared_data_dir, smollm2_tokenizer_dir):
