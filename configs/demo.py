@@ -20,10 +20,10 @@ def get_config():
   c.optim.warmup_ratio = 0.05
   c.optim.decay = "cosine"
   c.train.batch_size = 16
-  c.train.max_steps = 200
+  c.train.max_steps = 400
   c.train.log_every = 10
-  c.eval.every_steps = 100
+  c.eval.every_steps = 200
   c.eval.batch_size = 16
-  c.checkpoint.every_steps = 100
+  c.checkpoint.every_steps = 200
   c.export_hf = True
   return c

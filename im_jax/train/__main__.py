@@ -45,8 +45,9 @@ def main(argv) -> int:
     print(f"preempted at step {result.step}; rerun the same command to resume", file=sys.stderr)
     return 0
   summary = {**result.last_metrics, **result.last_eval}
+  shown = ("loss", "output_loss", "instruction_loss", "eval_output_loss", "eval_instruction_loss")
   print("done: step %d, %s" % (result.step, ", ".join(
-      f"{k}={v:.4g}" for k, v in summary.items() if k.endswith("loss"))))
+      f"{k}={summary[k]:.4g}" for k in shown if k in summary)))
   if exp.config.export_hf:
     exp.export_hf(result.state)
   return 0
