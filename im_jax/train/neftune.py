@@ -5,8 +5,9 @@ the *example* the token belongs to. The reference implementation uses the padded
 batch of one unpacked example, i.e. that example's length; with packing, the packed row's
 length would shrink the noise of every example in it, so L here is the token count of the
 example the token belongs to: its segment's length + 1, since shifting drops the last token
-from the inputs (the reference embeds all n tokens of an example, we embed n - 1). Padding (segment 0) gets no noise. Applied in training only: evaluation passes
-no random key and sees clean embeddings.
+from the inputs (the reference embeds all n tokens of an example, we embed n - 1). Padding
+(segment 0) gets no noise. Applied in training only: evaluation passes no random key and sees
+clean embeddings.
 """
 
 import jax
