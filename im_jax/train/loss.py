@@ -24,6 +24,7 @@ import jax
 import jax.numpy as jnp
 
 from im_jax.data.kinds import INSTRUCTION_KINDS, OUTPUT_KINDS
+from im_jax.models import partitioning as act
 
 Normalization = Literal["token", "sequence"]
 Batch = Mapping[str, jax.Array]
@@ -67,8 +68,9 @@ def _target_logit(logits: jax.Array, targets: jax.Array) -> jax.Array:
 
 def project_logits(hidden: jax.Array, output_embedding: jax.Array) -> jax.Array:
   """[B, T, D] hidden states @ [D, V] output embedding -> float32 logits."""
-  return jnp.einsum("btd,dv->btv", hidden, output_embedding,
-                    preferred_element_type=jnp.float32)
+  logits = jnp.einsum("btd,dv->btv", hidden, output_embedding,
+                      preferred_element_type=jnp.float32)
+  return act.constrain(logits, (act.BATCH, act.LENGTH, act.VOCAB))
 
 
 def chunked_cross_entropy(hidden: jax.Array, output_embedding: jax.Array, targets: jax.Array,

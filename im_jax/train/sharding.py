@@ -1,12 +1,17 @@
 """Device mesh (data, fsdp, tensor), logical-axis rules, parameter and batch shardings.
 
 The mesh uses Auto axis types (`jax.sharding.Mesh` semantics): parameters and batches are
-placed with explicit NamedShardings at the jit boundary and XLA's partitioner propagates the
-rest, so model code needs no sharding annotations. (`jax.make_mesh` alone would default to
+placed with explicit NamedShardings at the jit boundary, the model's activations are
+constrained by their logical names (`activation_constraint`, installed by the train and eval
+steps) and XLA's partitioner propagates the rest. (`jax.make_mesh` alone would default to
 Explicit axes, under which every op must agree on shardings.)
 
-Parameters name their dimensions with `logical_axes` metadata; `LOGICAL_AXIS_RULES` is the one
-table mapping those names to mesh axes. A dimension that a mesh axis does not divide (e.g.
+This is FSDP (ZeRO-3): parameters and optimizer moments are split along `embed` over `fsdp`,
+activations along their rows over (data, fsdp), so XLA all-gathers each layer's weights for
+its matmuls and reduce-scatters their gradients; `tensor` splits heads, MLP and vocabulary.
+
+Parameters name their dimensions with `logical_axes` metadata and activations with
+`models.partitioning` names; `LOGICAL_AXIS_RULES` is the one table mapping both to mesh axes. A dimension that a mesh axis does not divide (e.g.
 SmolLM2's 9 heads on tensor=2) is replicated along that axis with a logged warning, or refused
 with a ValueError when `on_indivisible="error"`.
 """
@@ -20,6 +25,8 @@ import jax
 import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from im_jax.models import partitioning as act
 
 MESH_AXES = ("data", "fsdp", "tensor")
 # The rows of a batch are split over both data-parallel axes.
@@ -36,6 +43,15 @@ LOGICAL_AXIS_RULES: tuple[tuple[str, MeshAxes], ...] = (
     ("kv_heads", "tensor"),
     ("head_dim", None),
     ("layers", None),
+    # Activations: rows split like the batch; heads, MLP and vocabulary as their weights.
+    (act.BATCH, BATCH_AXES),
+    (act.LENGTH, None),
+    (act.EMBED, None),
+    (act.HEADS, "tensor"),
+    (act.KV_HEADS, "tensor"),
+    (act.HEAD_DIM, None),
+    (act.MLP, "tensor"),
+    (act.VOCAB, "tensor"),
 )
 
 OnIndivisible = Literal["replicate", "error"]
@@ -93,7 +109,7 @@ def _as_tuple(axes: MeshAxes) -> tuple[str, ...]:
 def logical_to_spec(logical_axes: Sequence[str | None] | None, shape: Sequence[int], mesh: Mesh,
                     *, rules: Sequence[tuple[str, MeshAxes]] = LOGICAL_AXIS_RULES,
                     on_indivisible: OnIndivisible = "replicate",
-                    name: str = "array") -> PartitionSpec:
+                    name: str = "array", warn: bool = True) -> PartitionSpec:
   """PartitionSpec for an array whose dimensions carry logical names.
 
   Mesh axes of size 1 are dropped; an axis already used by an earlier dimension is not
@@ -123,7 +139,8 @@ def logical_to_spec(logical_axes: Sequence[str | None] | None, shape: Sequence[i
         if on_indivisible == "error":
           raise ValueError(message + "; choose mesh sizes that divide it, or "
                            "on_indivisible='replicate'")
-        _log.warning("%s; replicating it along %r", message, axis)
+        if warn:
+          _log.warning("%s; replicating it along %r", message, axis)
         continue
       kept.append(axis)
     used.update(kept)
@@ -163,6 +180,22 @@ def sharding_fn(mesh: Mesh, *, rules: Sequence[tuple[str, MeshAxes]] = LOGICAL_A
   same place `state_shardings` gives it in the train state."""
   return lambda axes, shape: NamedSharding(mesh, logical_to_spec(
       axes, shape, mesh, rules=rules, on_indivisible=on_indivisible))
+
+
+def activation_constraint(mesh: Mesh, *,
+                          rules: Sequence[tuple[str, MeshAxes]] = LOGICAL_AXIS_RULES
+                          ) -> act.ConstrainFn:
+  """The `models.partitioning` hook: lays activations out by the rules table on `mesh`.
+
+  Indivisible dimensions (SmolLM2's 9 heads on tensor=2) are replicated silently: the
+  parameters' sharding already warned about them.
+  """
+
+  def constrain(x: jax.Array, logical_axes: Sequence[str | None]) -> jax.Array:
+    spec = logical_to_spec(logical_axes, x.shape, mesh, rules=rules, warn=False)
+    return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec))
+
+  return constrain
 
 
 def batch_spec(mesh: Mesh, *, micro_batched: bool) -> PartitionSpec:

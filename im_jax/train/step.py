@@ -32,6 +32,7 @@ import optax
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from im_jax.models import partitioning
 from im_jax.train import neftune, sharding
 from im_jax.train.loss import (DENOMINATOR, NUMERATOR, Batch, LossConfig, LossSums,
                                chunked_cross_entropy, finalize, loss_sums)
@@ -69,6 +70,39 @@ def _replicated(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, PartitionSpec())
 
 
+def train_state_shardings(model_fn: Callable[[], nnx.Module], tx: optax.GradientTransformation,
+                          mesh: Mesh, *, rules=sharding.LOGICAL_AXIS_RULES,
+                          on_indivisible: sharding.OnIndivisible = "replicate",
+                          ) -> tuple[nnx.GraphDef, TrainState, TrainState]:
+  """(graphdef, abstract state, state shardings) without allocating anything.
+
+  The abstract state holds `jax.ShapeDtypeStruct`s carrying their shardings: what
+  `jax.jit(...).lower` needs to compile the train step for any devices (`python -m
+  im_jax.plan`), and the layout `create_train_state` allocates.
+  """
+  abstract = nnx.eval_shape(model_fn)
+  graphdef, abs_params, abs_rest = nnx.split(abstract, nnx.Param, ...)
+  kw = dict(rules=rules, on_indivisible=on_indivisible)
+  param_sh = sharding.state_shardings(abs_params, mesh, **kw)
+  rep = _replicated(mesh)
+  # Optimizer moments mirror the parameters; counters and the like are replicated.
+  abs_opt = jax.eval_shape(tx.init, abs_params)
+  opt_sh = optax.tree_map_params(tx, lambda _, s: s, abs_opt,
+                                 param_sh, transform_non_params=lambda _: rep,
+                                 is_leaf=lambda x: isinstance(x, nnx.Variable))
+  shardings = TrainState(step=rep, params=param_sh, opt_state=opt_sh,
+                         rest=sharding.state_shardings(abs_rest, mesh, **kw), rng=rep)
+  shapes = TrainState(step=jax.ShapeDtypeStruct((), jnp.int32), params=abs_params,
+                      opt_state=abs_opt, rest=abs_rest,
+                      rng=jax.eval_shape(lambda: jax.random.PRNGKey(0)))
+  # `shardings` is a prefix of `shapes` (one sharding per Variable).
+  abstract_state = jax.tree.map(
+      lambda s, sub: jax.tree.map(
+          lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), sub),
+      shardings, shapes)
+  return graphdef, abstract_state, shardings
+
+
 def create_train_state(model_fn: Callable[[], nnx.Module], tx: optax.GradientTransformation,
                        mesh: Mesh, *, seed: int = 0,
                        rules=sharding.LOGICAL_AXIS_RULES,
@@ -81,17 +115,14 @@ def create_train_state(model_fn: Callable[[], nnx.Module], tx: optax.GradientTra
   out_shardings place every parameter and optimizer moment on its shard, so no device ever
   holds the whole model. Returns (graphdef, state, state shardings).
   """
-  abstract = nnx.eval_shape(model_fn)
-  graphdef, abs_params, abs_rest = nnx.split(abstract, nnx.Param, ...)
-  kw = dict(rules=rules, on_indivisible=on_indivisible)
-  param_sh = sharding.state_shardings(abs_params, mesh, **kw)
-  rep = _replicated(mesh)
-  # Optimizer moments mirror the parameters; counters and the like are replicated.
-  opt_sh = optax.tree_map_params(tx, lambda _, s: s, jax.eval_shape(tx.init, abs_params),
-                                 param_sh, transform_non_params=lambda _: rep,
-                                 is_leaf=lambda x: isinstance(x, nnx.Variable))
-  shardings = TrainState(step=rep, params=param_sh, opt_state=opt_sh,
-                         rest=sharding.state_shardings(abs_rest, mesh, **kw), rng=rep)
+  graphdef, _, shardings = train_state_shardings(model_fn, tx, mesh, rules=rules,
+                                                 on_indivisible=on_indivisible)
+  return graphdef, init_train_state(model_fn, tx, shardings, mesh, seed=seed), shardings
+
+
+def init_train_state(model_fn: Callable[[], nnx.Module], tx: optax.GradientTransformation,
+                     shardings: TrainState, mesh: Mesh, *, seed: int = 0) -> TrainState:
+  """The initial state, each array created on its shards (see `create_train_state`)."""
 
   def init() -> TrainState:
     _, params, rest = nnx.split(model_fn(), nnx.Param, ...)
@@ -99,8 +130,7 @@ def create_train_state(model_fn: Callable[[], nnx.Module], tx: optax.GradientTra
                       rest=rest, rng=jax.random.PRNGKey(seed))
 
   with jax.set_mesh(mesh):
-    state = jax.jit(init, out_shardings=shardings)()
-  return graphdef, state, shardings
+    return jax.jit(init, out_shardings=shardings)()
 
 
 def _tree_add(total, x):
@@ -127,6 +157,10 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
     return jax.lax.with_sharding_constraint(grads, shardings.params), sums
 
   def step(state: TrainState, batch: Batch):
+    with partitioning.activation_sharding(sharding.activation_constraint(mesh)):
+      return _step(state, batch)
+
+  def _step(state: TrainState, batch: Batch):
     key = jax.random.fold_in(state.rng, state.step)
     k = batch["tokens"].shape[0]
 
@@ -179,7 +213,8 @@ def make_eval_step(graphdef: nnx.GraphDef, shardings: TrainState, mesh: Mesh,
   """
 
   def step(state: TrainState, batch: Batch) -> LossSums:
-    return loss_fn(nnx.merge(graphdef, state.params, state.rest), batch, None)
+    with partitioning.activation_sharding(sharding.activation_constraint(mesh)):
+      return loss_fn(nnx.merge(graphdef, state.params, state.rest), batch, None)
 
   jitted = jax.jit(step,
                    in_shardings=(shardings, sharding.batch_sharding(mesh, micro_batched=False)),

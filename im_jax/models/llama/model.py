@@ -21,7 +21,14 @@ import numpy as np
 from flax import nnx
 
 from im_jax.models import attention as attention_lib
+from im_jax.models import partitioning as P
 from im_jax.models.llama.config import LlamaConfig
+
+# Logical names of the activations' dimensions (see partitioning.py).
+_RESIDUAL = (P.BATCH, P.LENGTH, P.EMBED)
+_Q = (P.BATCH, P.LENGTH, P.HEADS, P.HEAD_DIM)
+_KV = (P.BATCH, P.LENGTH, P.KV_HEADS, P.HEAD_DIM)
+_MLP = (P.BATCH, P.LENGTH, P.MLP)
 
 _REMAT_POLICIES = {
     "minimal": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
@@ -162,16 +169,16 @@ class Attention(nnx.Module):
     self.implementation = config.attention_impl
 
   def _qkv(self, x, cos, sin):
-    q = apply_rope(self.q_proj(x), cos, sin)
-    k = apply_rope(self.k_proj(x), cos, sin)
-    return q, k, self.v_proj(x)
+    q = P.constrain(apply_rope(self.q_proj(x), cos, sin), _Q)
+    k = P.constrain(apply_rope(self.k_proj(x), cos, sin), _KV)
+    return q, k, P.constrain(self.v_proj(x), _KV)
 
   def __call__(self, x, cos, sin, positions, segment_ids):
     q, k, v = self._qkv(x, cos, sin)
     out = attention_lib.attention(
         q, k, v, segment_ids, segment_ids, positions, positions,
         implementation=self.implementation)
-    return self.o_proj(out)
+    return self.o_proj(P.constrain(out, _Q))
 
   def decode(self, x, cos, sin, positions, segment_ids, layer_cache: LayerCache, index):
     """Writes this call's k/v at `index` of the layer's cache, then attends over the cache.
@@ -200,7 +207,9 @@ class MLP(nnx.Module):
     self.down_proj = Dense((f, d), ("mlp", "embed"), **kw)
 
   def __call__(self, x):
-    return self.down_proj(jax.nn.silu(self.gate_proj(x)) * self.up_proj(x))
+    gate = P.constrain(self.gate_proj(x), _MLP)
+    up = P.constrain(self.up_proj(x), _MLP)
+    return self.down_proj(jax.nn.silu(gate) * up)
 
 
 class Block(nnx.Module):
@@ -214,8 +223,9 @@ class Block(nnx.Module):
     self.mlp = MLP(config, **kw)
 
   def __call__(self, x, cos, sin, positions, segment_ids):
-    x = x + self.attn(self.attn_norm(x), cos, sin, positions, segment_ids)
-    return x + self.mlp(self.mlp_norm(x))
+    x = P.constrain(x + self.attn(self.attn_norm(x), cos, sin, positions, segment_ids),
+                    _RESIDUAL)
+    return P.constrain(x + self.mlp(self.mlp_norm(x)), _RESIDUAL)
 
   def decode(self, x, cos, sin, positions, segment_ids, layer_cache: LayerCache, index):
     """`__call__` against a KV cache: returns (x, (k, v)) with this layer's updated cache."""
@@ -252,7 +262,11 @@ class Llama(nnx.Module):
 
   def embed(self, tokens: jax.Array) -> jax.Array:
     """Input embeddings `[B, T, D]` in the compute dtype."""
-    return jnp.take(self.embedder.embedding[...], tokens, axis=0).astype(self.compute_dtype)
+    # The table is gathered (FSDP) and rows looked up locally: looking up in the sharded
+    # table would need every row's tokens on every device.
+    table = P.constrain(self.embedder.embedding[...], (P.VOCAB, P.EMBED))
+    x = jnp.take(table, tokens, axis=0).astype(self.compute_dtype)
+    return P.constrain(x, _RESIDUAL)
 
   def hidden_states(self, embeddings: jax.Array, positions: jax.Array,
                     segment_ids: jax.Array) -> jax.Array:
@@ -262,7 +276,7 @@ class Llama(nnx.Module):
       raise ValueError(f"sequence length {embeddings.shape[1]} exceeds sliding_window "
                        f"{cfg.sliding_window}; sliding-window attention is not implemented")
     cos, sin = rope_cos_sin(positions, rope_inv_freq(cfg))
-    x = embeddings.astype(self.compute_dtype)
+    x = P.constrain(embeddings.astype(self.compute_dtype), _RESIDUAL)
 
     def run(graphdef, state, x):
       return nnx.merge(graphdef, state)(x, cos, sin, positions, segment_ids)
@@ -276,7 +290,7 @@ class Llama(nnx.Module):
     else:
       for layer in self.layers:
         x = run(*nnx.split(layer), x)
-    return self.final_norm(x)
+    return P.constrain(self.final_norm(x), _RESIDUAL)
 
   def init_cache(self, batch: int, length: int) -> KVCache:
     """An empty cache for `batch` rows of up to `length` tokens (prompt plus new tokens)."""
@@ -339,7 +353,8 @@ class Llama(nnx.Module):
       w = self.embedder.embedding[...].T
     else:
       w = self.lm_head.kernel[...]
-    return w.astype(self.compute_dtype)
+    # Gathered like every weight under FSDP, so the logits keep the hidden states' rows split.
+    return P.constrain(w.astype(self.compute_dtype), (P.EMBED, P.VOCAB))
 
   def __call__(self, tokens: jax.Array, positions: jax.Array | None = None,
                segment_ids: jax.Array | None = None) -> jax.Array:
