@@ -23,6 +23,7 @@ from im_jax.checkpoint import CheckpointConfig
 from im_jax.convert import hf_export
 from im_jax.convert.load import load_pretrained
 from im_jax.data import encode as encode_lib
+from im_jax.data import packing
 from im_jax.data import pipeline as pipeline_lib
 from im_jax.data import sources, synthetic, templates
 from im_jax.data import weights as weights_lib
@@ -31,6 +32,7 @@ from im_jax.data.stats import load_tokenizer
 from im_jax.eval import loss_eval
 from im_jax.models.llama import Llama, LlamaConfig
 from im_jax.train import loop as loop_lib
+from im_jax.train import memory as memory_lib
 from im_jax.train import optim as optim_lib
 from im_jax.train import sharding, step as step_lib
 from im_jax.train.loss import LossConfig
@@ -172,6 +174,44 @@ def optim_config(c: ml_collections.ConfigDict) -> optim_lib.OptimConfig:
 
 
 @dataclasses.dataclass
+class Steps:
+  """The compiled-to-be computations of a run, before any array exists."""
+
+  model_fn: Callable[[], nnx.Module]
+  tx: Any  # optax.GradientTransformation
+  graphdef: nnx.GraphDef
+  abstract_state: step_lib.TrainState  # ShapeDtypeStructs carrying their shardings
+  shardings: step_lib.TrainState
+  train_step: Callable
+  eval_step: Callable
+
+
+def build_steps(c: ml_collections.ConfigDict, mcfg: LlamaConfig, mesh: jax.sharding.Mesh,
+                total_steps: int) -> Steps:
+  """The train and eval steps of a run: what the trainer runs and `im_jax.plan` compiles."""
+  model_fn = lambda: Llama(mcfg, rngs=nnx.Rngs(c.train.seed))
+  tx, schedule = optim_lib.make_optimizer(optim_config(c), total_steps)
+  graphdef, abstract_state, shardings = step_lib.train_state_shardings(model_fn, tx, mesh)
+  loss_config = LossConfig(c.loss.normalization, c.loss.chunk_size)
+  loss_fn = step_lib.make_loss_fn(loss_config, neftune_alpha=c.neftune_alpha)
+  train_step = step_lib.make_train_step(graphdef, tx, shardings, mesh, loss_fn, schedule=schedule)
+  # Held-out eval shares `python -m im_jax.eval loss`'s loss function and reduction.
+  eval_step = step_lib.make_eval_step(graphdef, shardings, mesh,
+                                      loss_eval.make_eval_loss_fn(loss_config))
+  return Steps(model_fn, tx, graphdef, abstract_state, shardings, train_step, eval_step)
+
+
+def train_batch_shapes(c: ml_collections.ConfigDict, mesh: jax.sharding.Mesh
+                       ) -> dict[str, jax.ShapeDtypeStruct]:
+  """The global train batch `[grad_accum, rows per micro-batch, max_seq_len]` per field."""
+  k = c.train.grad_accum
+  shape = (k, c.train.batch_size // k, c.data.max_seq_len)
+  batch_sharding = sharding.batch_sharding(mesh, micro_batched=True)
+  return {name: jax.ShapeDtypeStruct(shape, dtype, sharding=batch_sharding)
+          for name, dtype in packing.ROW_DTYPES.items()}
+
+
+@dataclasses.dataclass
 class Experiment:
   config: ml_collections.ConfigDict
   workdir: pathlib.Path
@@ -203,6 +243,8 @@ class Experiment:
     return out
 
   def run(self) -> loop_lib.LoopResult:
+    memory_lib.log_step_memory(self.train_step, self.state,
+                               train_batch_shapes(self.config, self.mesh), self.mesh)
     eval_batches = None if self.eval_data is None else (lambda: iter(self.eval_data.dataset()))
     return loop_lib.run(workdir=str(self.workdir), state=self.state, train_step=self.train_step,
                         mesh=self.mesh, train_batches=self.train_data.dataset(),
@@ -253,20 +295,14 @@ def build(c: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> Experime
     eval_data = make_pipeline(held_convs, c.eval.batch_size // processes, 1, False)
 
   mcfg = model_config(c, len(tokenizer), pretrained.config if pretrained else None)
-  tx, schedule = optim_lib.make_optimizer(optim_config(c), total_steps)
-  graphdef, state, shardings = step_lib.create_train_state(
-      lambda: Llama(mcfg, rngs=nnx.Rngs(c.train.seed)), tx, mesh, seed=c.train.seed)
+  steps = build_steps(c, mcfg, mesh, total_steps)
+  state = step_lib.init_train_state(steps.model_fn, steps.tx, steps.shardings, mesh,
+                                    seed=c.train.seed)
   if pretrained is not None:
     # Adam's moments start at zero whatever the parameters are, so only these change.
     state = state.replace(params=nnx.state(pretrained.model, nnx.Param))
     del pretrained
-  loss_fn = step_lib.make_loss_fn(LossConfig(c.loss.normalization, c.loss.chunk_size),
-                                  neftune_alpha=c.neftune_alpha)
-  train_step = step_lib.make_train_step(graphdef, tx, shardings, mesh, loss_fn, schedule=schedule)
-  # Held-out eval shares `python -m im_jax.eval loss`'s loss function and reduction.
-  eval_step = step_lib.make_eval_step(
-      graphdef, shardings, mesh,
-      loss_eval.make_eval_loss_fn(LossConfig(c.loss.normalization, c.loss.chunk_size)))
+  graphdef, train_step, eval_step = steps.graphdef, steps.train_step, steps.eval_step
   loop_config = loop_lib.LoopConfig(
       total_steps=total_steps, grad_accum=c.train.grad_accum, log_every=c.train.log_every,
       eval_every=c.eval.every_steps,

@@ -5,7 +5,10 @@
 #   scripts/tpu_vm.sh [--dry-run] COMMAND [-- EXTRA TRAIN FLAGS]
 #
 # COMMAND: create | setup | train | logs | stop | fetch | delete | ssh
-#   create  the TPU VM / pod slice (ACCELERATOR, RUNTIME, SPOT)
+#   create  first `python -m im_jax.plan` here: the run's train step compiled for ACCELERATOR
+#           (EXTRA flags after -- go to the plan: give it the overrides you will train with);
+#           stops when it does not fit (SKIP_PLAN=1 creates anyway). Then the TPU VM / pod
+#           slice (ACCELERATOR, RUNTIME, SPOT)
 #   setup   on every worker: this repository (committed HEAD), the paper's data files, a venv
 #           with requirements.txt's runtime part and jax[tpu], the bucket mounted at MOUNT
 #           (the shared workdir), the pretrained model copied to local disk
@@ -79,7 +82,33 @@ workdir() {
 }
 
 # --- Commands ---------------------------------------------------------------------------
+# The run's memory plan for ACCELERATOR, compiled on this machine; dies when it does not fit.
+plan_check() {
+  if [[ "${SKIP_PLAN:-0}" == 1 ]]; then
+    echo "tpu_vm.sh: SKIP_PLAN=1: not checking that the run fits ${ACCELERATOR}" >&2
+    return
+  fi
+  local py="${REPO_ROOT}/.venv/bin/python"
+  [[ -x "${py}" ]] || py=python3
+  local plan=("${py}" -m im_jax.plan --config "${CONFIG}" --topology "${ACCELERATOR}" "$@")
+  if [[ "${DRY_RUN}" == 1 ]]; then
+    run "${plan[@]}"
+    return
+  fi
+  if ! "${py}" -c "import libtpu" 2>/dev/null; then
+    echo "tpu_vm.sh: warning: no libtpu here (it has wheels for Linux x86_64 only), so the" \
+      "run's memory cannot be checked before creating ${ACCELERATOR}; going on" >&2
+    return
+  fi
+  local out
+  out="$(cd "${REPO_ROOT}" && "${plan[@]}")" || die "the plan failed (above); SKIP_PLAN=1 skips it"
+  echo "${out}"
+  grep -q '^verdict: fits' <<<"${out}" || die "the run does not fit ${ACCELERATOR} (above):" \
+    "change the config (flags after --, e.g. --config.model.remat_policy=full), or SKIP_PLAN=1"
+}
+
 cmd_create() {
+  plan_check "$@"
   local args=(create "${TPU_NAME}" --accelerator-type="${ACCELERATOR}" --version="${RUNTIME}")
   [[ "${SPOT}" == 1 ]] && args+=(--spot)
   gcloud_tpu "${args[@]}"
@@ -174,8 +203,8 @@ main() {
   (($#)) && shift
   [[ "${1:-}" == "--" ]] && shift
   case "${command}" in
-    create|setup|logs|stop|fetch|delete) "cmd_${command}" ;;
-    train|ssh) "cmd_${command}" "$@" ;;
+    setup|logs|stop|fetch|delete) "cmd_${command}" ;;
+    create|train|ssh) "cmd_${command}" "$@" ;;
     *) awk 'NR > 1 && /^set -euo/ {exit} NR > 1' "${BASH_SOURCE[0]}"
        die "unknown command '${command}'" ;;
   esac

@@ -54,6 +54,23 @@ def load_pretrained(spec: PathLike, *, shardings: Any = None,
                           f"({ckpt.INFO_FILE}) or a training workdir with checkpoints")
 
 
+def read_model_config(spec: PathLike, **config_overrides) -> LlamaConfig:
+  """The model config `load_pretrained(spec)` would give, reading no weights."""
+  text = str(spec)
+  if text.startswith(HF_PREFIX):
+    return LlamaConfig.from_hf(text.removeprefix(HF_PREFIX), **config_overrides)
+  path = pathlib.Path(text)
+  if (path / ckpt.INFO_FILE).exists():
+    return ckpt.read_info(path)[0].replace(**config_overrides)
+  if path.is_dir() and _step_dir(path, required=False) is not None:
+    meta = json.loads((_step_dir(path) / "meta" / "metadata").read_text())
+    return LlamaConfig.from_dict(meta["model_config"]).replace(**config_overrides)
+  if (path / "config.json").exists():
+    return LlamaConfig.from_hf(path, **config_overrides)
+  raise FileNotFoundError(f"{text}: not a HF folder (config.json), an im_jax CKPT folder "
+                          f"({ckpt.INFO_FILE}) or a training workdir with checkpoints")
+
+
 def load_hf_folder(hf_dir: PathLike, *, shardings: Any = None,
                    **config_overrides) -> ckpt.LoadedCkpt:
   hf_dir = pathlib.Path(hf_dir).absolute()

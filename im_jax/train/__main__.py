@@ -10,7 +10,7 @@ import sys
 from absl import app, flags
 from ml_collections import config_flags
 
-from im_jax import distributed  # defines --coordinator_address --num_processes --process_id
+from im_jax import cli, distributed  # defines --coordinator_address --num_processes --process_id
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "experiment config file")
 _WORKDIR = flags.DEFINE_string("workdir", None, "run folder: config, metrics, checkpoints")
@@ -25,7 +25,7 @@ def main(argv) -> int:
   try:
     distributed.initialize()  # before any other JAX use; single process when nothing is set
   except ValueError as e:  # incomplete or malformed IM_JAX_* / --coordinator settings
-    _fail(str(e))
+    cli.fail(str(e))
   from im_jax.data.conversation import DataError  # pylint: disable=g-import-not-at-top
   from im_jax import experiment
   from im_jax.train import loop
@@ -34,7 +34,7 @@ def main(argv) -> int:
     config = _CONFIG.value
     config.keys()  # the file's load error, if any, is raised on first use
   except OSError as e:
-    _fail(" ".join(str(e).split()))
+    cli.fail(" ".join(str(e).split()))
   try:
     exp = experiment.build(config, _WORKDIR.value)
     result = exp.run()
@@ -53,26 +53,5 @@ def main(argv) -> int:
   return 0
 
 
-def parse_flags(argv: list[str]) -> list[str]:
-  """absl parsing, but a bad config file, key or value is one line and exit status 2."""
-  try:
-    return flags.FLAGS(argv)
-  except AttributeError as e:  # ml-collections: an override of a key the config lacks
-    key = str(e.args[0]).strip("\"'") if e.args else ""
-    _fail(f"unknown config key '{key}' (every key is in configs/base.py)")
-  except Exception as e:  # noqa: BLE001 - flag errors wrap config-file exceptions of any type
-    _fail(_last_line(e))
-
-
-def _last_line(e: BaseException) -> str:
-  lines = [line.strip() for line in str(e).strip().splitlines() if line.strip()]
-  return lines[-1] if lines else type(e).__name__
-
-
-def _fail(message: str) -> None:
-  print(f"error: {message}", file=sys.stderr)
-  sys.exit(2)
-
-
 if __name__ == "__main__":
-  app.run(main, flags_parser=parse_flags)
+  app.run(main, flags_parser=cli.parse_flags)

@@ -1,0 +1,156 @@
+"""Real FSDP and launch plans: the train step compiled for the 8-device CPU mesh and for virtual
+TPUs (libtpu, compile only), checked in the compiled per-device shapes and memory."""
+
+import json
+import os
+import pathlib
+import re
+import subprocess
+import sys
+
+import jax
+import pytest
+
+from configs import base
+from im_jax import experiment
+from im_jax.plan import analysis
+from im_jax.plan import topology as topo_lib
+from im_jax.train import sharding
+
+GiB = 2**30
+REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+def _config(preset="tiny", rows=16, seq_len=40, mesh=(1, -1, 1), remat="none", dtype="float32"):
+  c = base.get_config()
+  c.model.preset = preset
+  c.model.remat_policy = remat
+  c.model.compute_dtype = dtype
+  c.train.batch_size = rows
+  c.data.max_seq_len = seq_len
+  c.loss.chunk_size = 512
+  c.eval.batch_size = rows
+  c.mesh.data, c.mesh.fsdp, c.mesh.tensor = mesh
+  return c
+
+
+def _compile(c, devices):
+  mesh = sharding.make_mesh(sharding.MeshConfig(c.mesh.data, c.mesh.fsdp, c.mesh.tensor),
+                            devices)
+  steps = experiment.build_steps(c, analysis.model_config(c), mesh, total_steps=10)
+  batch = experiment.train_batch_shapes(c, mesh)
+  with jax.set_mesh(mesh):
+    return steps.train_step.jitted.lower(steps.abstract_state, batch).compile()
+
+
+def _row_shapes(hlo: str, rows: int, seq_len: int) -> set[str]:
+  """Array shapes in the HLO whose dimensions hold `rows` then `seq_len`: [.., rows, T, ..]."""
+  return set(re.findall(r"\w+\[(?:\d+,)*%d,%d(?:,\d+)*\]" % (rows, seq_len), hlo))
+
+
+@pytest.mark.parametrize("mesh", [(1, 8, 1), (2, 2, 2)])
+def test_activations_split_by_rows_on_cpu_mesh(mesh):
+  rows, seq_len = 24, 40
+  per_device = rows // (mesh[0] * mesh[1])
+  hlo = _compile(_config(rows=rows, seq_len=seq_len, mesh=mesh), jax.devices()[:8]).as_text()
+  assert not _row_shapes(hlo, rows, seq_len), "an activation holds every row"
+  # The residual stream (hidden 64) is there, with this device's rows only.
+  assert _row_shapes(hlo, per_device, seq_len) & {f"f32[{per_device},{seq_len},64]"}
+
+
+def test_tiny_step_compiles_for_v5e_with_rows_split():
+  devices = topo_lib.devices(topo_lib.parse("v5e:2x2"))
+  rows, seq_len = 8, 384
+  c = _config(rows=rows, seq_len=seq_len, mesh=(1, 2, 2), dtype="bfloat16")
+  hlo = _compile(c, devices).as_text()
+  assert not _row_shapes(hlo, rows, seq_len)
+  assert f"bf16[4,{seq_len},64]" in _row_shapes(hlo, 4, seq_len)
+
+
+def test_smollm2_temporaries_scale_with_rows_per_chip():
+  """SmolLM2-135M, 2048 tokens, remat full on v5e:2x2: 1 row per chip in at most 2 GiB of
+  temporaries, 4 rows per chip in at most 4.5x that (before FSDP was real: 3.88 and 52.7 GB)."""
+  topology = topo_lib.parse("v5e:2x2")
+  temps = {}
+  for rows in (4, 16):
+    c = _config("smollm2_135m", rows=rows, seq_len=2048, remat="full", dtype="bfloat16")
+    p = analysis.plan(c, topology)
+    assert p.fits, p.verdict()
+    temps[rows] = p.memory["temporaries"]
+  assert temps[4] <= 2 * GiB, temps
+  assert temps[16] <= 4.5 * temps[4], temps
+
+
+@pytest.mark.parametrize("name,expected", [
+    ("v5e:8x8", ("v5e", (8, 8))), ("v5litepod-64", ("v5e", (8, 8))),
+    ("v5litepod-4", ("v5e", (2, 2))), ("v5litepod-8", ("v5e", (2, 4))),
+    ("v4-8", ("v4", (2, 2, 1))), ("v4-32", ("v4", (2, 2, 4))), ("v4-128", ("v4", (4, 4, 4))),
+    ("v5p-16", ("v5p", (2, 2, 2))), ("v6e-16", ("v6e", (4, 4))), ("cpu:8", (None, (8,))),
+])
+def test_topology_names(name, expected):
+  t = topo_lib.parse(name)
+  assert ((t.chip.kind if t.chip else None), t.shape) == expected
+
+
+@pytest.mark.parametrize("name", ["v5e:3", "v9:2x2", "v4-12", "v5litepod-6", "tpu", "cpu:0"])
+def test_bad_topology_names_are_one_line(name):
+  with pytest.raises(topo_lib.TopologyError) as e:
+    topo_lib.parse(name)
+  assert "\n" not in str(e.value) and name in str(e.value)
+
+
+def test_usable_hbm_is_the_compilers():
+  """The chip table's usable HBM is what the TPU compiler says when a program does not fit."""
+  for chip in topo_lib.CHIPS.values():
+    shape = "x".join(["2"] * chip.dims) if chip.dims == 2 else "2x2x1"
+    device = topo_lib.devices(topo_lib.parse(f"{chip.kind}:{shape}"))[0]
+    mesh = jax.sharding.Mesh([device], ("x",))
+    huge = jax.ShapeDtypeStruct((64 * GiB,), jax.numpy.float32,
+                                sharding=jax.sharding.NamedSharding(mesh, jax.P()))
+    with pytest.raises(Exception, match="RESOURCE_EXHAUSTED") as e:
+      jax.jit(lambda x: (x * 2, x * 3)).lower(huge).compile()
+    available = re.search(r"exceeds available HBM \(([0-9.]+)G\)", str(e.value))
+    assert float(available.group(1)) == chip.usable_hbm_gib, (chip.kind, str(e.value)[:300])
+
+
+def test_llama2_7b_paper_recipe_plan_on_v5e_64():
+  """The README's worked example, through the CLI: the paper's Llama-2-7B recipe on 64 v5e
+  chips fits with full remat, and parameters + AdamW moments per chip equal the analytic
+  12 bytes x 6,738,415,616 / 64."""
+  out = subprocess.run(
+      [sys.executable, "-m", "im_jax.plan", "--config", "configs/paper.py:lima,im,llama2_7b",
+       "--topology", "v5litepod-64", "--config.train.grad_accum=2",
+       "--config.eval.batch_size=64", "--json"],
+      cwd=REPO_ROOT, capture_output=True, text=True, timeout=600, check=True)
+  plan = json.loads(out.stdout)
+  assert plan["devices"] == 64 and plan["mesh"] == {"data": 1, "fsdp": 64, "tensor": 1}
+  assert plan["parameters"] == 6_738_415_616 and plan["remat_policy"] == "full"
+  assert plan["fits"] is True, plan["verdict"]
+  state = plan["memory"]["params"] + plan["memory"]["optimizer"]
+  assert state == pytest.approx(12 * 6_738_415_616 / 64, rel=0.05)
+  assert plan["compiler_flops_per_device"] > 0
+
+
+def _tpu_vm(tmp_path, *args, **env):
+  """scripts/tpu_vm.sh with a stand-in gcloud that records its calls."""
+  bin_dir = tmp_path / "bin"
+  bin_dir.mkdir(exist_ok=True)
+  calls = tmp_path / "gcloud_calls"
+  (bin_dir / "gcloud").write_text(f'#!/bin/sh\necho "$@" >> {calls}\n')
+  (bin_dir / "gcloud").chmod(0o755)
+  full_env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}",
+              "CONFIG": "configs/demo.py", "ACCELERATOR": "v5litepod-4", **env}
+  out = subprocess.run(["bash", "scripts/tpu_vm.sh", *args], cwd=REPO_ROOT, env=full_env,
+                       capture_output=True, text=True, timeout=600)
+  return out, (calls.read_text() if calls.exists() else "")
+
+
+def test_tpu_vm_create_runs_the_plan_and_stops_when_it_does_not_fit(tmp_path):
+  out, calls = _tpu_vm(tmp_path, "create", "--", "--config.train.batch_size=1024",
+                       "--config.data.max_seq_len=8192")
+  assert out.returncode == 2, out.stderr
+  assert "DOES NOT FIT" in out.stdout and "does not fit v5litepod-4" in out.stderr
+  assert calls == ""  # no slice was created
+  out, calls = _tpu_vm(tmp_path, "create")
+  assert out.returncode == 0, out.stderr
+  assert "verdict: fits" in out.stdout and "create im-jax --accelerator-type=v5litepod-4" in calls
