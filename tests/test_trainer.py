@@ -2,6 +2,7 @@
 against PyTorch; and the README's demo job, from config to a HF export transformers runs."""
 
 import pathlib
+import re
 import subprocess
 import sys
 
@@ -84,6 +85,10 @@ def test_demo_job_trains_evaluates_and_exports(tmp_path):
        "--config.data.train=synthetic:600", "--config.train.log_every=5"],
       cwd=ROOT, capture_output=True, text=True, timeout=600)
   assert proc.returncode == 0, proc.stderr[-3000:]
+  # Before the first step: the compiled step's memory per device (CPU reports no limit).
+  assert re.search(r"compiled train step: [0-9.]+ GiB per device \(params", proc.stderr)
+  # libtpu is installed (for im_jax.plan) but a CPU run neither probes for nor mentions TPUs.
+  assert "TPU" not in proc.stderr and "libtpu" not in proc.stderr
   records = read_metrics(workdir)
   train = [r for r in records if "loss" in r]
   evals = [r for r in records if "eval_output_loss" in r]

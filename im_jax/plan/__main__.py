@@ -37,7 +37,7 @@ def _config_label() -> str:
 
 
 def _gib(n: int | None) -> str:
-  return "-" if n is None else f"{n / GiB:.2f}"
+  return "-" if n is None else f"{n / GiB:.3f}"
 
 
 def _print_plan(p, label: str) -> None:
@@ -58,8 +58,10 @@ def _print_plan(p, label: str) -> None:
     print(f"  {'usable HBM':<18}{_gib(p.usable_hbm):>9}   (the TPU compiler's limit)")
   flops = ("-" if p.compiler_flops_per_device is None
            else f"{p.compiler_flops_per_device * p.devices:.3e}")
-  print(f"FLOPs per step: compiler {flops} (all devices; Pallas kernels are not counted); "
-        f"6*N*tokens + causal attention {p.analytic_flops_per_step:.3e}")
+  print(f"FLOPs per step: 6*N*tokens + causal attention {p.analytic_flops_per_step:.3e}; "
+        f"compiler {flops} (all devices; XLA counts a loop body once, so scanned layers and "
+        "accumulated micro-batches are counted once: --config.model.scan_layers=false "
+        "--config.train.grad_accum=1 gives the full count; Pallas kernels are not counted)")
   for mfu in (0.4, 0.6):
     t = p.step_seconds(mfu)
     if t is not None:

@@ -39,6 +39,7 @@ class Plan:
   tokens_per_step: int
   memory: dict[str, int] | None  # StepMemory.as_dict() per device; None when out of memory
   usable_hbm: int | None  # bytes per device; None for cpu:N
+  # XLA's count: a loop body (scanned layers, micro-batches) counts once; no Pallas kernels.
   compiler_flops_per_device: float | None
   analytic_flops_per_step: float
   peak_flops_per_device: float | None
