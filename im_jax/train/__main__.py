@@ -27,8 +27,8 @@ def main(argv) -> int:
   except ValueError as e:  # incomplete or malformed IM_JAX_* / --coordinator settings
     _fail(str(e))
   from im_jax.data.conversation import DataError  # pylint: disable=g-import-not-at-top
-  from im_jax import experiment
-  from im_jax.train import loop
+  from im_jax import checkpoint, experiment
+  from im_jax.train import loop, workdir_lock
 
   try:
     config = _CONFIG.value
@@ -38,9 +38,12 @@ def main(argv) -> int:
   try:
     exp = experiment.build(config, _WORKDIR.value)
     result = exp.run()
-  except (experiment.ConfigError, DataError, loop.ResumeMismatch) as e:
+  except (experiment.ConfigError, DataError, loop.ResumeMismatch, workdir_lock.WorkdirBusy) as e:
     print(f"error: {e}", file=sys.stderr)
     return 2
+  except (loop.TrainingStopped, checkpoint.UnreadableCheckpoints) as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 1
   if result.preempted:
     print(f"preempted at step {result.step}; rerun the same command to resume", file=sys.stderr)
     return 0
@@ -57,11 +60,24 @@ def parse_flags(argv: list[str]) -> list[str]:
   """absl parsing, but a bad config file, key or value is one line and exit status 2."""
   try:
     return flags.FLAGS(argv)
-  except AttributeError as e:  # ml-collections: an override of a key the config lacks
-    key = str(e.args[0]).strip("\"'") if e.args else ""
-    _fail(f"unknown config key '{key}' (every key is in configs/base.py)")
+  except AttributeError:  # ml-collections: an override of a key the config lacks
+    _fail(_unknown_override(argv))
   except Exception as e:  # noqa: BLE001 - flag errors wrap config-file exceptions of any type
     _fail(_last_line(e))
+
+
+def _unknown_override(argv: list[str]) -> str:
+  """The first `--config.KEY=...` naming no key of configs/base.py, with a suggestion."""
+  from im_jax import experiment  # pylint: disable=g-import-not-at-top  (jax: slow)
+
+  for arg in argv[1:]:
+    if arg.startswith("--config."):
+      key = arg[len("--config."):].split("=", 1)[0]
+      try:
+        experiment.check_override_key(key)
+      except experiment.ConfigError as e:
+        return str(e)
+  return "unknown config key (every key is in configs/base.py)"
 
 
 def _last_line(e: BaseException) -> str:
