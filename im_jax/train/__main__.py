@@ -68,14 +68,14 @@ def parse_flags(argv: list[str]) -> list[str]:
 
 def _unknown_override(argv: list[str]) -> str:
   """The first `--config.KEY=...` naming no key of configs/base.py, with a suggestion."""
-  from im_jax import experiment  # pylint: disable=g-import-not-at-top  (jax: slow)
+  from im_jax import settings  # pylint: disable=g-import-not-at-top  (jax: slow)
 
   for arg in argv[1:]:
     if arg.startswith("--config."):
       key = arg[len("--config."):].split("=", 1)[0]
       try:
-        experiment.check_override_key(key)
-      except experiment.ConfigError as e:
+        settings.check_override_key(key)
+      except settings.ConfigError as e:
         return str(e)
   return "unknown config key (every key is in configs/base.py)"
 
