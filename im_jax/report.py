@@ -213,7 +213,7 @@ def report(workdirs: Sequence[str | pathlib.Path], out: str | pathlib.Path,
   return png, md, table
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def _parser() -> argparse.ArgumentParser:
   parser = argparse.ArgumentParser(
       prog="python -m im_jax.report", description=__doc__.split("\n\n")[0])
   parser.add_argument("--workdir", nargs="+", action="extend", required=True,
@@ -222,7 +222,11 @@ def main(argv: Sequence[str] | None = None) -> int:
   parser.add_argument("--label", nargs="+", action="extend",
                       help="legend names, one per workdir in order (one flag with several, or "
                       "repeated; default: each workdir's folder name)")
-  args = parser.parse_args(argv)
+  return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+  args = _parser().parse_args(argv)
   try:
     png, md, table = report(args.workdir, args.out, args.label)
   except ReportError as e:

@@ -78,6 +78,11 @@ def build_parser(preview: ModuleType | None = None) -> argparse.ArgumentParser:
   return parser
 
 
+def _parser() -> argparse.ArgumentParser:
+  """The parser with every command's arguments (what the docs test checks)."""
+  return build_parser(importlib.import_module("im_jax.data.preview"))
+
+
 def main(argv: list[str] | None = None) -> int:
   argv = sys.argv[1:] if argv is None else argv
   # preview pulls in templates and encoding: import it only when it is the command.
