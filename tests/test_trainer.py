@@ -85,6 +85,11 @@ def test_demo_job_trains_evaluates_and_exports(tmp_path):
        "--config.data.train=synthetic:600", "--config.train.log_every=5"],
       cwd=ROOT, capture_output=True, text=True, timeout=600)
   assert proc.returncode == 0, proc.stderr[-3000:]
+  # A quiet start: no blank lines up to the data summary (the tokenizer trainer's progress
+  # bar printed them) and no deprecation warnings.
+  start_up = proc.stderr[:proc.stderr.index("] data: ")].split("\n")
+  assert not [line for line in start_up if not line.strip()], proc.stderr
+  assert "deprecat" not in proc.stderr.lower(), proc.stderr
   records = read_metrics(workdir)
   train = [r for r in records if "loss" in r]
   evals = [r for r in records if "eval_output_loss" in r]
