@@ -5,8 +5,9 @@ crash, SIGKILL): a killed run never blocks its own resume. A second run on the s
 is refused with one line naming the holder (host, pid, start time), which the holder writes
 into the file. The other processes of a multi-host run share the workdir and do not lock.
 
-File systems without working locks (gcsfuse mounts, some NFS setups) cannot refuse a second
-run; there a warning says so and the run goes on unprotected.
+File systems without shared locks (gcsfuse mounts, some NFS setups) cannot refuse a second
+run on another host: FUSE keeps flock locks in the local kernel, and where locking fails
+outright a warning says so and the run goes on unprotected.
 """
 
 import datetime
