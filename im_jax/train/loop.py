@@ -296,6 +296,6 @@ def _next_batch(iterator: Iterator[Batch], step: int) -> Batch:
   try:
     return next(iterator)
   except StopIteration:
-    raise RuntimeError(
+    raise TrainingStopped(
         f"the data ran out before step {step + 1}: the pipeline must yield at least "
         "total_steps batches (raise data epochs or lower train.max_steps)") from None
