@@ -57,6 +57,25 @@ def setup():
   return mesh, state, train_step
 
 
+def test_the_step_skips_a_non_finite_update(setup):
+  # Parameters and optimiser state exactly as they were; the next good batch trains.
+  mesh, state, train_step = setup
+  batches = _Batches(poisoned={2})
+  state, metrics = train_step(state, sharding.global_batch(next(batches), mesh, micro_batches=1))
+  assert float(metrics["skipped"]) == 0
+  before = jax.device_get((state.params, state.opt_state))
+  state, metrics = train_step(state, sharding.global_batch(next(batches), mesh, micro_batches=1))
+  assert float(metrics["skipped"]) == 1 and not np.isfinite(float(metrics["grad_norm"]))
+  assert int(state.step) == 2  # the batch is consumed: data and step keys stay aligned
+  for got, want in zip(jax.tree.leaves(jax.device_get((state.params, state.opt_state))),
+                       jax.tree.leaves(before), strict=True):
+    np.testing.assert_array_equal(got, want)
+  state, metrics = train_step(state, sharding.global_batch(next(batches), mesh, micro_batches=1))
+  after = jax.tree.leaves(jax.device_get(state.params))
+  assert float(metrics["skipped"]) == 0 and all(np.all(np.isfinite(x)) for x in after)
+  assert any(not np.array_equal(a, b) for a, b in zip(after, jax.tree.leaves(before[0])))
+
+
 def _run(setup, workdir, poisoned, limit, log_every=1):
   mesh, state, train_step = setup
   config = loop.LoopConfig(total_steps=STEPS, log_every=log_every, max_consecutive_skips=limit,
