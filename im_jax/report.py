@@ -229,8 +229,8 @@ def main(argv: Sequence[str] | None = None) -> int:
   args = _parser().parse_args(argv)
   try:
     png, md, table = report(args.workdir, args.out, args.label)
-  except ReportError as e:
-    print(f"error: {e}", file=sys.stderr)
+  except (ReportError, ValueError, OSError) as e:  # e.g. an image format matplotlib lacks
+    print(f"error: {' '.join(str(e).split()) or type(e).__name__}", file=sys.stderr)
     return EXIT_BAD_INPUT
   print(table, end="")
   print(f"wrote {png} and {md}", file=sys.stderr)
