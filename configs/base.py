@@ -59,6 +59,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.train.seed = 0
   c.train.grad_accum = 1  # micro-batches per optimizer step
   c.train.log_every = 1
+  c.train.max_consecutive_skips = 10  # updates skipped in a row (non-finite grads) -> stop
 
   c.mesh = ml_collections.ConfigDict()
   c.mesh.data = 1

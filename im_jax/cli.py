@@ -9,11 +9,24 @@ def parse_flags(argv: list[str]) -> list[str]:
   """absl parsing, but a bad config file, key or value is one line and exit status 2."""
   try:
     return flags.FLAGS(argv)
-  except AttributeError as e:  # ml-collections: an override of a key the config lacks
-    key = str(e.args[0]).strip("\"'") if e.args else ""
-    fail(f"unknown config key '{key}' (every key is in configs/base.py)")
+  except AttributeError:  # ml-collections: an override of a key the config lacks
+    fail(_unknown_override(argv))
   except Exception as e:  # noqa: BLE001 - flag errors wrap config-file exceptions of any type
     fail(last_line(e))
+
+
+def _unknown_override(argv: list[str]) -> str:
+  """The first `--config.KEY=...` naming no key of configs/base.py, with a suggestion."""
+  from im_jax import settings  # pylint: disable=g-import-not-at-top  (jax: slow)
+
+  for arg in argv[1:]:
+    if arg.startswith("--config."):
+      key = arg[len("--config."):].split("=", 1)[0]
+      try:
+        settings.check_override_key(key)
+      except settings.ConfigError as e:
+        return str(e)
+  return "unknown config key (every key is in configs/base.py)"
 
 
 def last_line(e: BaseException) -> str:

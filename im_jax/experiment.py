@@ -1,9 +1,9 @@
-"""From a config (configs/*.py) to a running experiment: validation, data, model, state.
+"""From a config (configs/*.py) to a running experiment: data, model, state, loop.
 
 Everything a run needs is built here from the ml-collections config, through the typed
-configs of each layer (`EncodeConfig`, `PipelineConfig`, `LlamaConfig`, `OptimConfig`,
-`LossConfig`, `MeshConfig`), so the entry point stays thin. Impossible settings fail before
-any heavy work with one `ConfigError` line.
+configs of each layer (`settings`), so the entry point stays thin. Impossible settings, bad
+paths, a busy workdir or one holding another run's checkpoints fail before any heavy work
+with one line; config.json is written only after those checks.
 """
 
 import dataclasses
@@ -11,6 +11,7 @@ import hashlib
 import json
 import logging
 import math
+import os
 import pathlib
 from typing import Any, Callable, Sequence
 
@@ -19,44 +20,34 @@ import ml_collections
 from flax import nnx
 
 from im_jax import distributed
-from im_jax.checkpoint import CheckpointConfig
+from im_jax.checkpoint.store import newest_meta
 from im_jax.convert import hf_export
 from im_jax.convert.load import load_pretrained
-from im_jax.data import encode as encode_lib
 from im_jax.data import packing
 from im_jax.data import pipeline as pipeline_lib
-from im_jax.data import sources, synthetic, templates
-from im_jax.data import weights as weights_lib
+from im_jax.data import sources, synthetic
 from im_jax.data.conversation import Conversation
 from im_jax.data.stats import load_tokenizer
 from im_jax.eval import loss_eval
 from im_jax.models.llama import Llama, LlamaConfig
+from im_jax.settings import (SYNTHETIC, ConfigError, check, check_inputs,  # noqa: F401
+                             encode_config, loop_config, model_options, optim_config,
+                             pipeline_config, validate)
 from im_jax.train import loop as loop_lib
 from im_jax.train import memory as memory_lib
 from im_jax.train import optim as optim_lib
 from im_jax.train import sharding, step as step_lib
+from im_jax.train import workdir_lock
 from im_jax.train.loss import LossConfig
 
 log = logging.getLogger(__name__)
-
-SYNTHETIC = "synthetic"
-
-
-class ConfigError(ValueError):
-  """An impossible or inconsistent setting; the message is one line for the user."""
-
-
-def _check(ok: bool, message: str) -> None:
-  if not ok:
-    raise ConfigError(message)
-
 
 # Data.
 
 
 def load_train_conversations(c: ml_collections.ConfigDict) -> Sequence[Conversation]:
   spec = c.data.train
-  _check(bool(spec), "data.train is empty: give a data file, tfds:NAME:SPLIT or synthetic:N")
+  check(bool(spec), "data.train is empty: give a data file, tfds:NAME:SPLIT or synthetic:N")
   if spec.startswith(SYNTHETIC + ":"):
     conversations = synthetic.make_conversations(int(spec.split(":", 1)[1]), seed=c.train.seed)
   else:
@@ -85,14 +76,6 @@ def split_held_out(conversations: Sequence[Conversation], fraction: float
   return train, held
 
 
-def encode_config(c: ml_collections.ConfigDict) -> encode_lib.EncodeConfig:
-  return encode_lib.EncodeConfig(
-      template=templates.TemplateConfig(c.data.template),
-      loss=weights_lib.LossMaskConfig(c.loss.mode, c.loss.instruction_weight,
-                                      c.loss.assistant_turns),
-      max_seq_len=c.data.max_seq_len, truncation=c.data.truncation, drop_rule=c.data.drop_rule)
-
-
 def resolve_tokenizer_dir(c: ml_collections.ConfigDict, workdir: pathlib.Path,
                           conversations: Sequence[Conversation],
                           pretrained_tokenizer_dir: pathlib.Path | None) -> pathlib.Path:
@@ -105,19 +88,12 @@ def resolve_tokenizer_dir(c: ml_collections.ConfigDict, workdir: pathlib.Path,
     return out
   if c.data.tokenizer:
     return pathlib.Path(c.data.tokenizer)
-  _check(pretrained_tokenizer_dir is not None,
+  check(pretrained_tokenizer_dir is not None,
          "data.tokenizer is empty and model.init_from names no model to take it from")
   return pathlib.Path(pretrained_tokenizer_dir)
 
 
 # Model.
-
-
-def model_options(c: ml_collections.ConfigDict) -> dict[str, Any]:
-  """The runtime options of the JAX model, applied to presets and pretrained configs alike."""
-  return dict(scan_layers=c.model.scan_layers, remat_policy=c.model.remat_policy,
-              param_dtype=c.model.param_dtype, compute_dtype=c.model.compute_dtype,
-              attention_impl=c.model.attention_impl)
 
 
 def model_config(c: ml_collections.ConfigDict, vocab_needed: int,
@@ -128,49 +104,10 @@ def model_config(c: ml_collections.ConfigDict, vocab_needed: int,
     config = LlamaConfig.preset(c.model.preset, **model_options(c))
     if config.vocab_size < vocab_needed and c.model.preset == "tiny":
       config = config.replace(vocab_size=vocab_needed)  # tiny adapts to its tokenizer
-  _check(config.vocab_size >= vocab_needed,
+  check(config.vocab_size >= vocab_needed,
          f"the tokenizer has {vocab_needed} tokens but the model's vocabulary is "
          f"{config.vocab_size}")
   return config
-
-
-def validate(c: ml_collections.ConfigDict, num_devices: int, process_count: int) -> None:
-  """The settings that cannot work, as one clear line each (before any heavy work)."""
-  mesh_shape = (c.mesh.data, c.mesh.fsdp, c.mesh.tensor)
-  try:
-    mesh_shape = sharding.resolve_mesh_shape(mesh_shape, num_devices)
-  except ValueError as e:
-    raise ConfigError(f"mesh: {e}") from None
-  rows_axes = mesh_shape[0] * mesh_shape[1]
-  b, k = c.train.batch_size, c.train.grad_accum
-  _check(k >= 1, f"train.grad_accum must be >= 1, got {k}")
-  _check(b % (k * process_count) == 0,
-         f"train.batch_size {b} is not divisible by train.grad_accum {k} x {process_count} "
-         "processes")
-  _check((b // k) % rows_axes == 0,
-         f"train.batch_size / train.grad_accum = {b // k} rows per micro-batch do not split "
-         f"over the data x fsdp axes ({rows_axes} devices)")
-  _check(c.eval.batch_size % max(rows_axes, process_count) == 0,
-         f"eval.batch_size {c.eval.batch_size} does not split over {rows_axes} data x fsdp "
-         "devices")
-  _check(c.train.max_steps > 0 or c.train.epochs > 0,
-         "set train.max_steps > 0 or train.epochs > 0")
-  _check(0.0 <= c.data.eval_fraction < 1.0, "data.eval_fraction must be in [0, 1)")
-  _check(c.neftune_alpha >= 0, "neftune_alpha must be >= 0")
-  try:  # the typed configs check their own fields (loss modes, templates, ...)
-    encode_config(c)
-    LossConfig(c.loss.normalization, c.loss.chunk_size)
-    optim_config(c)
-  except ValueError as e:
-    raise ConfigError(str(e)) from None
-
-
-def optim_config(c: ml_collections.ConfigDict) -> optim_lib.OptimConfig:
-  return optim_lib.OptimConfig(
-      learning_rate=c.optim.lr, b1=c.optim.b1, b2=c.optim.b2, eps=c.optim.eps,
-      weight_decay=c.optim.weight_decay,
-      max_grad_norm=c.optim.max_grad_norm if c.optim.max_grad_norm > 0 else None,
-      warmup_ratio=c.optim.warmup_ratio, decay=c.optim.decay)
 
 
 @dataclasses.dataclass
@@ -256,9 +193,13 @@ def build(c: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> Experime
   workdir = pathlib.Path(workdir)
   processes = jax.process_count()
   validate(c, jax.device_count(), processes)
+  check_inputs(c, workdir)
   workdir.mkdir(parents=True, exist_ok=True)
-  if jax.process_index() == 0:
-    (workdir / "config.json").write_text(c.to_json(indent=2) + "\n")
+  if jax.process_index() == 0:  # one run per workdir; the other processes share it
+    workdir_lock.acquire(workdir)
+  check_resumable(c, workdir)
+  if jax.process_index() == 0:  # only now: a refused resume leaves the workdir as it was
+    _write_atomic(workdir / "config.json", c.to_json(indent=2) + "\n")
 
   mesh = sharding.make_mesh(sharding.MeshConfig(c.mesh.data, c.mesh.fsdp, c.mesh.tensor))
   pretrained = None
@@ -270,17 +211,15 @@ def build(c: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> Experime
       raise ConfigError(f"model.init_from={c.model.init_from}: {e}") from None
   conversations = load_train_conversations(c)
   train_convs, held_convs = split_held_out(conversations, c.data.eval_fraction)
-  _check(len(train_convs) > 0, f"no training examples left in {c.data.train}")
+  check(len(train_convs) > 0, f"no training examples left in {c.data.train}")
   tokenizer_dir = resolve_tokenizer_dir(c, workdir, conversations,
                                         pretrained.tokenizer_dir if pretrained else None)
   tokenizer = load_tokenizer(str(tokenizer_dir))
   enc = encode_config(c)
 
   def make_pipeline(convs, rows, epochs, shuffle):
-    cfg = pipeline_lib.PipelineConfig(
-        batch_size=rows, packing=c.data.packing, max_segments_per_row=c.data.max_segments_per_row,
-        seed=c.train.seed, shuffle=shuffle, num_epochs=epochs, read_threads=c.data.read_threads)
-    return pipeline_lib.build_pipeline(convs, tokenizer, enc, cfg)
+    return pipeline_lib.build_pipeline(convs, tokenizer, enc,
+                                       pipeline_config(c, rows, epochs, shuffle))
 
   rows = c.train.batch_size // processes
   train_data = make_pipeline(train_convs, rows, max(c.train.epochs, 1), True)
@@ -303,16 +242,25 @@ def build(c: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> Experime
     state = state.replace(params=nnx.state(pretrained.model, nnx.Param))
     del pretrained
   graphdef, train_step, eval_step = steps.graphdef, steps.train_step, steps.eval_step
-  loop_config = loop_lib.LoopConfig(
-      total_steps=total_steps, grad_accum=c.train.grad_accum, log_every=c.train.log_every,
-      eval_every=c.eval.every_steps,
-      checkpoint=CheckpointConfig(c.checkpoint.every_steps, c.checkpoint.keep,
-                                  c.checkpoint.async_save))
   meta = {"config": c.to_dict(), "model_config": mcfg.to_dict(),
           "tokenizer_dir": str(tokenizer_dir.absolute()), "template": c.data.template,
           "data_stats": train_data.stats.as_dict(), loop_lib.RESUME_KEY: resume_key(c)}
   return Experiment(c, workdir, mesh, tokenizer_dir, mcfg, train_data, eval_data, graphdef,
-                    state, train_step, eval_step, loop_config, meta)
+                    state, train_step, eval_step, loop_config(c, total_steps), meta)
+
+
+def check_resumable(c: ml_collections.ConfigDict, workdir: pathlib.Path) -> None:
+  """Refuses, before any work, a workdir whose checkpoints belong to other settings."""
+  newest = newest_meta(workdir)
+  if newest is not None:
+    loop_lib.check_same_run(newest[1], {loop_lib.RESUME_KEY: resume_key(c)},
+                            workdir / "checkpoints")
+
+
+def _write_atomic(path: pathlib.Path, text: str) -> None:
+  tmp = path.with_name(f".{path.name}.partial")
+  tmp.write_text(text)
+  os.replace(tmp, path)
 
 
 def resume_key(c: ml_collections.ConfigDict) -> dict[str, Any]:

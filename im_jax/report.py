@@ -1,6 +1,6 @@
 """Loss curves and a summary table for one or several training runs.
 
-    python -m im_jax.report --workdir DIR [DIR ...] --out FILE.png [--label NAME ...]
+    python -m im_jax.report --workdir DIR [DIR ...] --out FILE.png [--label NAME [NAME ...]]
 
 Reads each workdir's `metrics.jsonl` and draws the paper's IT-vs-IM overfitting picture:
 output loss and instruction loss over optimizer steps, on train (left) and on the held-out
@@ -8,7 +8,8 @@ split (right). With IT the train output loss falls lower; with IM the held-out o
 stays lower. The Markdown summary (final losses, tokens seen, throughput) is printed to
 stdout and written next to the PNG as FILE.md.
 
-A missing or empty `metrics.jsonl` prints one error line and exits with status 2.
+A missing or empty `metrics.jsonl`, a label count that differs from the workdir count, or an
+--out inside a workdir prints one error line and exits with status 2.
 """
 
 import argparse
@@ -19,6 +20,7 @@ import pathlib
 import sys
 from typing import Any, Sequence
 
+from im_jax import output_guard
 from im_jax.train.metrics_log import METRICS_FILE
 
 EXIT_BAD_INPUT = 2
@@ -197,27 +199,38 @@ def report(workdirs: Sequence[str | pathlib.Path], out: str | pathlib.Path,
   """Plots the runs to `out` and writes the table to `out` with a .md suffix."""
   if labels and len(labels) != len(workdirs):
     raise ReportError(f"{len(labels)} --label values for {len(workdirs)} workdirs")
+  md = pathlib.Path(out).with_suffix(".md")
+  try:  # a report is never written over (or into) the runs it reads
+    for path in (out, md):
+      output_guard.check_not_input(path, workdirs)
+      output_guard.check_writable_file(path)
+  except output_guard.UnsafeOutput as e:
+    raise ReportError(str(e)) from None
   runs = [load_run(w, labels[i] if labels else None) for i, w in enumerate(workdirs)]
   png = plot(runs, out)
   table = markdown_table([summarize(run) for run in runs])
-  md = png.with_suffix(".md")
   md.write_text(table, encoding="utf-8")
   return png, md, table
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def _parser() -> argparse.ArgumentParser:
   parser = argparse.ArgumentParser(
       prog="python -m im_jax.report", description=__doc__.split("\n\n")[0])
   parser.add_argument("--workdir", nargs="+", action="extend", required=True,
                       help="training run folders (one flag with several, or repeated)")
   parser.add_argument("--out", required=True, help="the PNG to write (the table goes to .md)")
-  parser.add_argument("--label", action="append", help="legend name per workdir, in order "
-                      "(default: the workdir's folder name)")
-  args = parser.parse_args(argv)
+  parser.add_argument("--label", nargs="+", action="extend",
+                      help="legend names, one per workdir in order (one flag with several, or "
+                      "repeated; default: each workdir's folder name)")
+  return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+  args = _parser().parse_args(argv)
   try:
     png, md, table = report(args.workdir, args.out, args.label)
-  except ReportError as e:
-    print(f"error: {e}", file=sys.stderr)
+  except (ReportError, ValueError, OSError) as e:  # e.g. an image format matplotlib lacks
+    print(f"error: {' '.join(str(e).split()) or type(e).__name__}", file=sys.stderr)
     return EXIT_BAD_INPUT
   print(table, end="")
   print(f"wrote {png} and {md}", file=sys.stderr)

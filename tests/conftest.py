@@ -60,3 +60,21 @@ def smollm2_hf_dir(request, smollm2_gguf) -> pathlib.Path:
 def tiny_tokenizer_dir(request) -> pathlib.Path:
   """A small byte-level BPE tokenizer built locally, with BOS/EOS and a ChatML template."""
   return fixtures_lib.tiny_tokenizer_dir(_cache_dir(request.config, "tiny_tok"))
+
+
+@pytest.fixture(scope="module")
+def compilation_cache(tmp_path_factory):
+  """A persistent compilation cache for one test module: identical step graphs compile once."""
+  import jax  # pylint: disable=g-import-not-at-top  (after XLA_FLAGS above)
+  from jax._src import compilation_cache as cc  # pylint: disable=g-import-not-at-top
+
+  names = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs",
+           "jax_persistent_cache_min_entry_size_bytes")
+  saved = {n: getattr(jax.config, n) for n in names}
+  for name, value in zip(names, (str(tmp_path_factory.mktemp("jax_cache")), 0, -1)):
+    jax.config.update(name, value)
+  cc.reset_cache()  # the cache is set up once per process: make it see the new settings
+  yield
+  for name, value in saved.items():
+    jax.config.update(name, value)
+  cc.reset_cache()

@@ -69,15 +69,40 @@ def _damage_by_deletion(step_dir: pathlib.Path):
       f.unlink()
 
 
-@pytest.mark.parametrize("damage", [_damage_by_truncation, _damage_by_deletion])
-def test_damaged_newest_falls_back(tmp_path, damage):
+def _damage_by_flipping(step_dir: pathlib.Path):
+  # Every byte of every data file: no single lucky byte decides whether damage is seen.
+  files = [f for f in (step_dir / "state").rglob("*") if f.is_file() and f.stat().st_size > 0]
+  for f in files:
+    f.write_bytes(bytes(b ^ 0x5A for b in f.read_bytes()))
+
+
+def _damage_by_emptying(step_dir: pathlib.Path):
+  for f in sorted(step_dir.rglob("*"), reverse=True):
+    f.unlink() if f.is_file() else f.rmdir()
+
+
+DAMAGE = [_damage_by_truncation, _damage_by_deletion, _damage_by_flipping, _damage_by_emptying]
+
+
+@pytest.mark.parametrize("damage", DAMAGE, ids=lambda f: f.__name__.removeprefix("_damage_by_"))
+def test_damaged_newest_is_moved_aside_and_its_step_saved_again(tmp_path, damage):
   mesh = _mesh((4, 2))
   _save_steps(tmp_path, mesh, [1, 2, 3])
   damage(tmp_path / "checkpoints" / "3")
-  got = CheckpointStore(tmp_path).restore_latest(_abstract(mesh, P("data", "fsdp")))
+  files_before = sorted(p.relative_to(tmp_path / "checkpoints" / "3")
+                        for p in (tmp_path / "checkpoints" / "3").rglob("*"))
+  store = CheckpointStore(tmp_path, CheckpointConfig(every_steps=1, keep=5))
+  got = store.restore_latest(_abstract(mesh, P("data", "fsdp")))
   assert got.step == 2
   assert [s for s, _ in got.skipped] == [3]
   np.testing.assert_array_equal(np.asarray(got.state["w"]), np.asarray(_state(2, mesh)["w"]))
+  # Renamed, not deleted: every file a person may want to inspect is still there.
+  aside = tmp_path / "damaged_checkpoints" / "3"
+  assert got.moved == (str(aside),) and not (tmp_path / "checkpoints" / "3").exists()
+  assert sorted(p.relative_to(aside) for p in aside.rglob("*")) == files_before
+  assert store.save(3, _state(3, mesh), None, {"run": "x", "step": 3})  # the resumed run saves
+  store.close()
+  assert CheckpointStore(tmp_path).steps() == [1, 2, 3]
 
 
 def test_all_damaged_is_an_error_and_empty_is_none(tmp_path):
@@ -87,6 +112,7 @@ def test_all_damaged_is_an_error_and_empty_is_none(tmp_path):
   _damage_by_deletion(tmp_path / "checkpoints" / "1")
   with pytest.raises(RuntimeError, match="no readable checkpoint"):
     CheckpointStore(tmp_path).restore_latest(_abstract(mesh, P()))
+  assert (tmp_path / "checkpoints" / "1").is_dir()  # nothing moved: starting over is the user's call
 
 
 def test_iterator_position_is_the_one_at_save_time(tmp_path):

@@ -17,7 +17,6 @@ import subprocess
 import sys
 from typing import Any
 
-import jax
 import ml_collections
 import numpy as np
 import pytest
@@ -162,23 +161,6 @@ def test_cli_impossible_setting_exits_2_without_traceback(tmp_path):
 
 
 # Every tiny combination, 2 steps, a few examples, one process.
-
-
-@pytest.fixture(scope="module")
-def compilation_cache(tmp_path_factory):
-  """A persistent compilation cache for this module only: identical step graphs compile once."""
-  from jax._src import compilation_cache as cc  # pylint: disable=g-import-not-at-top
-
-  names = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs",
-           "jax_persistent_cache_min_entry_size_bytes")
-  saved = {n: getattr(jax.config, n) for n in names}
-  for name, value in zip(names, (str(tmp_path_factory.mktemp("jax_cache")), 0, -1)):
-    jax.config.update(name, value)
-  cc.reset_cache()  # the cache is set up once per process: make it see the new settings
-  yield
-  for name, value in saved.items():
-    jax.config.update(name, value)
-  cc.reset_cache()
 
 
 def _tiny_run_config(dataset: str, method: str, tokenizer: str) -> ml_collections.ConfigDict:

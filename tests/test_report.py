@@ -88,3 +88,15 @@ def test_label_count_must_match(two_runs, tmp_path, capsys):
   assert report.main(["--workdir", *map(str, two_runs), "--label", "only one",
                       "--out", str(tmp_path / "r.png")]) == 2
   assert "1 --label values for 2 workdirs" in capsys.readouterr().err
+
+
+def test_labels_after_one_flag_like_workdirs_and_a_bad_format_is_one_line(two_runs, tmp_path,
+                                                                           capsys):
+  out = tmp_path / "r.png"
+  assert report.main(["--workdir", *map(str, two_runs), "--label", "IT", "IM",
+                      "--out", str(out)]) == 0
+  table = capsys.readouterr().out.splitlines()
+  assert table[2].startswith("| IT |") and table[3].startswith("| IM |")
+  assert report.main(["--workdir", *map(str, two_runs), "--out", str(tmp_path / "r.xyz")]) == 2
+  err = capsys.readouterr().err.strip()
+  assert err.startswith("error: Format 'xyz' is not supported") and "\n" not in err

@@ -144,3 +144,12 @@ def test_cli_preview_is_wired_and_a_bad_tokenizer_is_one_line(tmp_path, small_fi
   done = _cli("stats", "--data", str(small_file), "--tokenizer", str(tmp_path / "none"))
   assert done.returncode == 2 and "Traceback" not in done.stderr
   assert f"{tmp_path / 'none'}: cannot load a tokenizer" in done.stderr
+
+
+def test_cli_bad_option_value_is_one_line(small_file, tiny_tokenizer_dir, capsys):
+  from im_jax.data.__main__ import main  # pylint: disable=import-outside-toplevel
+
+  assert main(["preview", "--data", str(small_file), "--tokenizer", str(tiny_tokenizer_dir),
+               "--max-seq-len", "1"]) == 2
+  err = capsys.readouterr().err.strip()
+  assert err == "error: max_seq_len must be >= 2"

@@ -8,6 +8,7 @@ import sys
 
 import jax
 import numpy as np
+import pytest
 import torch
 import transformers
 
@@ -89,6 +90,11 @@ def test_demo_job_trains_evaluates_and_exports(tmp_path):
   assert re.search(r"compiled train step: [0-9.]+ GiB per device \(params", proc.stderr)
   # libtpu is installed (for im_jax.plan) but a CPU run neither probes for nor mentions TPUs.
   assert "TPU" not in proc.stderr and "libtpu" not in proc.stderr
+  # A quiet start: no blank lines up to the data summary (the tokenizer trainer's progress
+  # bar printed them) and no deprecation warnings.
+  start_up = proc.stderr[:proc.stderr.index("] data: ")].split("\n")
+  assert not [line for line in start_up if not line.strip()], proc.stderr
+  assert "deprecat" not in proc.stderr.lower(), proc.stderr
   records = read_metrics(workdir)
   train = [r for r in records if "loss" in r]
   evals = [r for r in records if "eval_output_loss" in r]
@@ -113,17 +119,16 @@ def test_resume_with_other_settings_is_refused():
 
   c = base.get_config()
   key = experiment.resume_key(c)
-  loop._check_same_run({loop.RESUME_KEY: key}, {loop.RESUME_KEY: key}, "w")
+  loop.check_same_run({loop.RESUME_KEY: key}, {loop.RESUME_KEY: key}, "w")
   c.train.log_every, c.eval.every_steps, c.mesh.fsdp = 7, 3, 2  # free to change
-  loop._check_same_run({loop.RESUME_KEY: key}, {loop.RESUME_KEY: experiment.resume_key(c)}, "w")
-  c.loss.mode = "it"
-  try:
-    loop._check_same_run({loop.RESUME_KEY: key}, {loop.RESUME_KEY: experiment.resume_key(c)},
-                         "w")
-  except loop.ResumeMismatch as e:
-    assert "loss" in str(e) and "'im'" in str(e) and "'it'" in str(e)
-  else:
-    raise AssertionError("a changed loss mode was accepted on resume")
+  loop.check_same_run({loop.RESUME_KEY: key}, {loop.RESUME_KEY: experiment.resume_key(c)}, "w")
+  c.loss.mode, c.optim.lr = "it", 1e-4
+  with pytest.raises(loop.ResumeMismatch) as info:
+    loop.check_same_run({loop.RESUME_KEY: key}, {loop.RESUME_KEY: experiment.resume_key(c)},
+                        "w")
+  # One `key: saved -> now` line per changed setting, nothing else of the sections.
+  assert str(info.value).splitlines()[1:] == ["  loss.mode: 'im' -> 'it'",
+                                              "  optim.lr: 2e-05 -> 0.0001"]
 
 
 def test_missing_init_from_is_one_line(tmp_path):

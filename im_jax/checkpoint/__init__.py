@@ -1,5 +1,6 @@
 """Orbax checkpoints of a training run: state, data-iterator position and metadata."""
 
-from im_jax.checkpoint.store import CheckpointConfig, CheckpointStore, Restored
+from im_jax.checkpoint.store import (CheckpointConfig, CheckpointStore, Restored,
+                                     UnreadableCheckpoints)
 
-__all__ = ["CheckpointConfig", "CheckpointStore", "Restored"]
+__all__ = ["CheckpointConfig", "CheckpointStore", "Restored", "UnreadableCheckpoints"]

@@ -7,7 +7,9 @@ Each checkpoint `WORKDIR/checkpoints/<step>/` holds three items:
 
 Orbax writes each save into a temporary folder and renames it when complete, so an interrupted
 save never shows up as a step. A finished checkpoint can still be damaged later (a truncated
-copy, a lost file): `restore_latest` reports it and falls back to the previous one.
+copy, a lost file, an emptied folder): `restore_latest` falls back to the previous one and
+moves the damaged folder aside to `WORKDIR/damaged_checkpoints/<step>` (never deleted: a
+person may want to look at it), so the resumed run can save that step again.
 """
 
 import dataclasses
@@ -18,11 +20,18 @@ from typing import Any
 
 import grain
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
+from jax.experimental import multihost_utils
 
 log = logging.getLogger(__name__)
 
 STATE, DATA, META = "state", "data", "meta"
+DAMAGED_DIR = "damaged_checkpoints"  # next to checkpoints/, where damaged steps are moved
+
+
+class UnreadableCheckpoints(RuntimeError):
+  """Every checkpoint of a workdir is damaged; one line for the user."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -31,6 +40,11 @@ class CheckpointConfig:
   keep: int = 3  # the newest K are kept
   async_save: bool = True
 
+  def __post_init__(self):
+    for name in ("every_steps", "keep"):
+      if getattr(self, name) < 1:
+        raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+
 
 @dataclasses.dataclass(frozen=True)
 class Restored:
@@ -38,6 +52,7 @@ class Restored:
   state: Any
   meta: dict
   skipped: tuple[tuple[int, str], ...] = ()  # (step, reason) of damaged newer checkpoints
+  moved: tuple[str, ...] = ()  # where those were moved (by process 0)
 
 
 class _IteratorSnapshot:
@@ -77,7 +92,15 @@ class CheckpointStore:
     )
 
   def steps(self) -> list[int]:
-    return sorted(self._manager.all_steps(read=True))
+    self._manager.reload()  # what is on disk now (another process may have saved)
+    return sorted(self._manager.all_steps())
+
+  def _step_folders(self) -> list[int]:
+    """Every `<step>` folder, complete or not (an emptied one is no orbax step)."""
+    if not self.directory.is_dir():
+      return []
+    return sorted(int(p.name) for p in self.directory.iterdir()
+                  if p.name.isdigit() and p.is_dir())
 
   def save(self, step: int, state: Any, data_state: dict | None, meta: dict,
            force: bool = False) -> bool:
@@ -100,33 +123,68 @@ class CheckpointStore:
     self._manager.close()
 
   def restore_latest(self, abstract_state: Any, data_iterator=None) -> Restored | None:
-    """Restores the newest readable checkpoint, falling back past damaged ones.
+    """Restores the newest readable checkpoint, moving damaged newer ones aside.
 
     `abstract_state` is a pytree of `jax.ShapeDtypeStruct` with the shardings wanted now,
     so a checkpoint written on another mesh shape is re-sharded on restore. If
     `data_iterator` is given its position is restored in place.
-    Returns None when there is no checkpoint at all; raises if every one is damaged.
+    Returns None when there is no checkpoint at all. Raises if every one is damaged, and
+    then moves nothing: starting over is the user's decision.
     """
-    steps = self.steps()
+    complete = set(self.steps())
     skipped = []
-    for step in reversed(steps):
-      try:
-        restored = self._restore_step(step, abstract_state, data_iterator)
-      except Exception as e:  # noqa: BLE001 - any failure to read means "damaged"
-        reason = f"{type(e).__name__}: {e}".splitlines()[0][:300]
-        log.warning("checkpoint %s/%d is incomplete or corrupt (%s); trying an older one",
-                    self.directory, step, reason)
-        skipped.append((step, reason))
-        continue
-      return dataclasses.replace(restored, skipped=tuple(skipped))
-    if steps:
-      raise RuntimeError(
-          f"no readable checkpoint in {self.directory}: "
-          + "; ".join(f"step {s}: {r}" for s, r in skipped))
+    for step in reversed(self._step_folders()):
+      if step not in complete:
+        reason = "not a complete checkpoint (files missing)"
+      else:
+        reason = self._try_restore(step, abstract_state, data_iterator)
+        if isinstance(reason, Restored):
+          moved = self._move_aside(skipped)
+          return dataclasses.replace(reason, skipped=tuple(skipped), moved=tuple(moved))
+      skipped.append((step, reason))
+    if skipped:
+      raise UnreadableCheckpoints(
+          f"no readable checkpoint in {self.directory} ("
+          + "; ".join(f"step {s}: {r}" for s, r in skipped)
+          + "): move the folder away to start over")
     return None
+
+  def _try_restore(self, step: int, abstract_state: Any, data_iterator) -> Restored | str:
+    """The restored checkpoint, or why it cannot be read (the same on every process)."""
+    try:
+      restored, reason = self._restore_step(step, abstract_state, data_iterator), ""
+    except Exception as e:  # noqa: BLE001 - any failure to read means "damaged"
+      restored, reason = None, f"{type(e).__name__}: {e}".splitlines()[0][:300]
+    if jax.process_count() > 1:  # damage one process sees is damage for all
+      failed = multihost_utils.process_allgather(np.asarray(restored is None, np.int32))
+      if np.any(failed) and restored is not None:
+        restored, reason = None, "unreadable on another process"
+    return restored if restored is not None else reason
+
+  def _move_aside(self, damaged: list[tuple[int, str]]) -> list[str]:
+    """Renames damaged step folders into WORKDIR/damaged_checkpoints/ (process 0)."""
+    moved = []
+    if damaged and jax.process_index() == 0:
+      target_root = self.directory.parent / DAMAGED_DIR
+      target_root.mkdir(exist_ok=True)
+      for step, reason in damaged:
+        target, n = target_root / str(step), 1
+        while target.exists():  # damaged twice: keep both
+          target, n = target_root / f"{step}.{n}", n + 1
+        (self.directory / str(step)).rename(target)
+        log.warning("checkpoint %d is damaged (%s): moved to %s, resuming from an older one",
+                    step, reason, target)
+        moved.append(str(target))
+    if damaged:
+      if jax.process_count() > 1:
+        multihost_utils.sync_global_devices("checkpoint_move_aside")
+      self._manager.reload()
+    return moved
 
   def _restore_step(self, step: int, abstract_state: Any, data_iterator) -> Restored:
     step_dir = self.directory / str(step)
+    if not (step_dir / META).is_dir():
+      raise FileNotFoundError(f"{step_dir / META} is missing")
     items = {STATE: ocp.args.StandardRestore(abstract_state), META: ocp.args.JsonRestore()}
     if data_iterator is not None:
       if not (step_dir / DATA).is_dir():
@@ -137,3 +195,20 @@ class CheckpointStore:
     # Orbax restores lazily in places; touch every array so damage surfaces here.
     jax.block_until_ready(state)
     return Restored(step=step, state=state, meta=dict(out[META]))
+
+
+def newest_meta(workdir: str | pathlib.Path) -> tuple[int, dict] | None:
+  """(step, meta) of the newest checkpoint whose metadata reads, without orbax or JAX work.
+
+  For checks before a run builds anything (is this workdir's run the same run?).
+  """
+  directory = pathlib.Path(workdir) / "checkpoints"
+  if not directory.is_dir():
+    return None
+  steps = sorted((int(p.name) for p in directory.iterdir() if p.name.isdigit()), reverse=True)
+  for step in steps:
+    try:
+      return step, json.loads((directory / str(step) / META / "metadata").read_text())
+    except (OSError, ValueError):
+      continue
+  return None

@@ -5,7 +5,8 @@
         [--template tulu|hf] [--max-shard-gb 5]
 
 Bad input (missing folder, unsupported architecture, missing/unknown tensor, an existing
-output) prints one line on stderr and exits with status 2.
+output) prints one line on stderr and exits with status 2. --out may not be, lie inside or
+contain an input, and --overwrite never replaces a training workdir or a CKPT folder.
 """
 
 import argparse
@@ -15,6 +16,7 @@ import sys
 import jax
 from safetensors import SafetensorError
 
+from im_jax import output_guard
 from im_jax.convert import ckpt, hf_export, load
 
 EXIT_BAD_INPUT = 2
@@ -32,6 +34,7 @@ def _host(axes, shape) -> jax.sharding.Sharding:
 
 def _from_hf(args: argparse.Namespace) -> str:
   hf_dir = pathlib.Path(args.hf)
+  output_guard.check_not_input(args.out, [hf_dir, args.tokenizer])
   if not hf_dir.is_dir():
     raise FileNotFoundError(f"--hf {hf_dir}: no such folder")
   # Scanned: the stored CKPT layout, so nothing is stacked a second time.
@@ -44,6 +47,7 @@ def _from_hf(args: argparse.Namespace) -> str:
 
 def _to_hf(args: argparse.Namespace) -> str:
   source = pathlib.Path(args.ckpt)
+  output_guard.check_not_input(args.out, [source, args.tokenizer])
   if not source.is_dir():
     raise FileNotFoundError(f"--ckpt {source}: no such folder")
   loaded = load.load_pretrained(source, shardings=_host)
@@ -53,6 +57,7 @@ def _to_hf(args: argparse.Namespace) -> str:
   tokenizer = args.tokenizer or loaded.tokenizer_dir
   if tokenizer is None:
     raise ValueError(f"{source} does not record a tokenizer; pass --tokenizer DIR")
+  output_guard.check_not_input(args.out, [tokenizer])  # the recorded one may live elsewhere
   out = hf_export.export_hf(args.out, loaded.model, loaded.config, tokenizer,
                             template=template, dtype=args.dtype,
                             max_shard_bytes=int(args.max_shard_gb * 2**30),

@@ -7,6 +7,8 @@ import shutil
 from collections.abc import Iterator
 from typing import Any
 
+from im_jax import output_guard
+
 PathLike = str | os.PathLike
 
 
@@ -15,11 +17,16 @@ def atomic_dir(out: PathLike, *, overwrite: bool = False) -> Iterator[pathlib.Pa
   """Yields a temporary sibling of `out`, renamed to `out` only when the body succeeds.
 
   A reader therefore never sees a half-written folder under the final name; a killed writer
-  leaves only `.NAME.partial`, which the next write to the same place removes.
+  leaves only `.NAME.partial`, which the next write to the same place removes. A training
+  workdir or a CKPT folder is never replaced (`output_guard.check_replaceable`).
   """
   out = pathlib.Path(out).absolute()
   if out.exists() and not overwrite:
     raise FileExistsError(f"{out} already exists (use --overwrite / overwrite=True to replace it)")
+  if out.exists():
+    if not out.is_dir():
+      raise FileExistsError(f"{out} is a file, not a folder; it is not replaced")
+    output_guard.check_replaceable(out)
   out.parent.mkdir(parents=True, exist_ok=True)
   tmp = out.parent / f".{out.name}.partial"
   shutil.rmtree(tmp, ignore_errors=True)

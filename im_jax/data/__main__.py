@@ -78,6 +78,11 @@ def build_parser(preview: ModuleType | None = None) -> argparse.ArgumentParser:
   return parser
 
 
+def _parser() -> argparse.ArgumentParser:
+  """The parser with every command's arguments (what the docs test checks)."""
+  return build_parser(importlib.import_module("im_jax.data.preview"))
+
+
 def main(argv: list[str] | None = None) -> int:
   argv = sys.argv[1:] if argv is None else argv
   # preview pulls in templates and encoding: import it only when it is the command.
@@ -85,12 +90,12 @@ def main(argv: list[str] | None = None) -> int:
   args = build_parser(preview).parse_args(argv)
   try:
     return args.run(args)
-  except DataError as e:
-    print(f"error: {e}", file=sys.stderr)  # one line, no traceback
-    return EXIT_DATA_ERROR
   except BrokenPipeError:  # `... | head`: the reader left; not an error worth a traceback
     os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # quiet the exit flush
     return 0
+  except (DataError, ValueError, OSError) as e:  # a bad file or option: one line, no traceback
+    print(f"error: {' '.join(str(e).split()) or type(e).__name__}", file=sys.stderr)
+    return EXIT_DATA_ERROR
 
 
 if __name__ == "__main__":

@@ -52,6 +52,11 @@ class PipelineConfig:
       raise ValueError(f"packing must be one of {packing_lib.PACKING}, got {self.packing!r}")
     if self.batch_size < 1 or self.num_epochs < 1 or self.num_packing_bins < 1:
       raise ValueError("batch_size, num_epochs and num_packing_bins must be >= 1")
+    if self.max_segments_per_row is not None and self.max_segments_per_row < 1:
+      raise ValueError(f"max_segments_per_row must be >= 1, got {self.max_segments_per_row}")
+    for name in ("read_threads", "num_workers"):
+      if getattr(self, name) < 0:
+        raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
 
 
 def _epoch_seed(seed: int, epoch: int) -> int:

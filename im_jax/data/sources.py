@@ -83,6 +83,14 @@ def load_conversations(path: str | pathlib.Path, format: str | None = None,
   return LoadedDataset(conversations, skipped, info["format"], info["container"], str(path))
 
 
+def check_options(format: str | None, on_bad_record: str) -> None:
+  """Raises ValueError for an unknown record format or bad-record policy."""
+  if format is not None and format not in FORMATS:
+    raise ValueError(f"format must be one of {FORMATS}, got {format!r}")
+  if on_bad_record not in ON_BAD_RECORD:
+    raise ValueError(f"on_bad_record must be one of {ON_BAD_RECORD}, got {on_bad_record!r}")
+
+
 def iter_conversations(path: str | pathlib.Path, format: str | None = None,
                        on_bad_record: str = "error", tfds_data_dir: str | None = None, *,
                        skipped: list[tuple[str, str]] | None = None,
@@ -92,10 +100,7 @@ def iter_conversations(path: str | pathlib.Path, format: str | None = None,
   `info` (if given) receives the detected `format` and `container`. Raises DataError at the
   end when nothing was read (no records, or every record bad).
   """
-  if format is not None and format not in FORMATS:
-    raise ValueError(f"format must be one of {FORMATS}, got {format!r}")
-  if on_bad_record not in ON_BAD_RECORD:
-    raise ValueError(f"on_bad_record must be one of {ON_BAD_RECORD}, got {on_bad_record!r}")
+  check_options(format, on_bad_record)
   skipped = [] if skipped is None else skipped
   info = {} if info is None else info
   source = str(path)

@@ -96,7 +96,8 @@ def train_tokenizer(texts: list[str], out_dir: str | pathlib.Path, vocab_size: i
   tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
   tok.decoder = decoders.ByteLevel()
   trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<pad>", "<s>", "</s>"],
-                                initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+                                initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                show_progress=False)  # its bar prints blank lines in logs
   tok.train_from_iterator(texts, trainer=trainer)
   fast = transformers.PreTrainedTokenizerFast(
       tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>")

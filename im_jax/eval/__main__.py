@@ -6,8 +6,9 @@
         [--max-new-tokens N] [--temperature T] [--template tulu|hf] [--generator NAME]
 
 The template defaults to the one the checkpoint records, else `hf` when the tokenizer has a
-chat template, else `tulu`. Bad data or a bad model path prints one line on stderr and exits
-with status 2.
+chat template, else `tulu`. Bad data, a bad model path or an --out that is not writable (or
+is, holds or lies inside an input) prints one line on stderr and exits with status 2, before
+any model is loaded.
 """
 
 import argparse
@@ -18,6 +19,7 @@ from typing import Any
 
 from safetensors import SafetensorError
 
+from im_jax import output_guard
 from im_jax.data import sources
 from im_jax.data.conversation import DataError
 from im_jax.data.stats import load_tokenizer
@@ -87,6 +89,10 @@ def _generator_name(model: str) -> str:
 def _generate(args: argparse.Namespace) -> int:
   from im_jax.eval import generate  # pylint: disable=g-import-not-at-top
 
+  # Before any work: generating takes minutes, and the output must not replace an input.
+  output_guard.check_not_input(
+      args.out, [output_guard.local_path(args.model), output_guard.local_path(args.data)])
+  output_guard.check_writable_file(args.out)
   conversations = _conversations(args)
   model, tokenizer, template = _load(args)
   config = generate.GenerateConfig(

@@ -47,6 +47,7 @@ class Plan:
 
   @property
   def needed(self) -> int | None:
+    """Bytes per device: the total when compiled; when refused, the temporaries it named."""
     if self.memory is not None:
       return self.memory["total"]
     m = _OOM.search(self.out_of_memory or "")
@@ -71,9 +72,11 @@ class Plan:
     if self.fits is None:
       return "no device memory limit known for this topology"
     need, have = self.needed, self.usable_hbm
+    if self.out_of_memory is not None:
+      temps = f"its temporaries alone need {need / GiB:.2f} GiB" if need else "it needs more"
+      return f"DOES NOT FIT: {temps} per device, {have / GiB:.2f} GiB usable"
     if not self.fits:
-      short = f"needs {need / GiB:.2f} GiB" if need else "needs more"
-      return f"DOES NOT FIT: {short} per device, {have / GiB:.2f} GiB usable"
+      return f"DOES NOT FIT: needs {need / GiB:.2f} GiB per device, {have / GiB:.2f} GiB usable"
     return (f"fits: {need / GiB:.2f} of {have / GiB:.2f} GiB usable per device "
             f"(margin {(have - need) / GiB:.2f} GiB, {(have - need) / have:.0%})")
 

@@ -1,7 +1,9 @@
 """`python -m im_jax.train --config configs/FILE.py[:ARGS] --workdir DIR [--config.KEY=VALUE]`.
 
-Thin: parse, build the experiment, run it, export. A bad config or bad data stops with one
-line and exit status 2. Rerunning in the same workdir resumes from its newest checkpoint.
+Thin: parse, build the experiment, run it, export. A bad config, bad data, a busy workdir or
+one holding another run's checkpoints stops with one line and exit status 2; a run that
+cannot go on (non-finite updates, no readable checkpoint) with one line and status 1.
+Rerunning in the same workdir resumes from its newest checkpoint.
 """
 
 import logging
@@ -27,8 +29,8 @@ def main(argv) -> int:
   except ValueError as e:  # incomplete or malformed IM_JAX_* / --coordinator settings
     cli.fail(str(e))
   from im_jax.data.conversation import DataError  # pylint: disable=g-import-not-at-top
-  from im_jax import experiment
-  from im_jax.train import loop
+  from im_jax import checkpoint, experiment
+  from im_jax.train import loop, workdir_lock
 
   try:
     config = _CONFIG.value
@@ -38,9 +40,15 @@ def main(argv) -> int:
   try:
     exp = experiment.build(config, _WORKDIR.value)
     result = exp.run()
-  except (experiment.ConfigError, DataError, loop.ResumeMismatch) as e:
+  except (experiment.ConfigError, DataError, loop.ResumeMismatch, workdir_lock.WorkdirBusy) as e:
     print(f"error: {e}", file=sys.stderr)
     return 2
+  except (ValueError, OSError) as e:  # anything else about the inputs (a tokenizer folder, ...)
+    print(f"error: {' '.join(str(e).split()) or type(e).__name__}", file=sys.stderr)
+    return 2
+  except (loop.TrainingStopped, checkpoint.UnreadableCheckpoints) as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 1
   if result.preempted:
     print(f"preempted at step {result.step}; rerun the same command to resume", file=sys.stderr)
     return 0

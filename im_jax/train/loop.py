@@ -6,6 +6,12 @@ restored, so the resumed run sees the same batches and produces the same losses 
 parameters as an uninterrupted one. Per-step randomness is `fold_in(rng, step)`, a pure
 function of the restored state.
 
+An update whose gradients are not finite is skipped by the step (parameters and optimiser
+state untouched) and counted (`skipped_steps` in the metrics); after
+`max_consecutive_skips` in a row (checked at logging steps) the run stops with
+`TrainingStopped`. Parameters are checked finite before every save, so a checkpoint never
+holds NaNs.
+
 SIGTERM (a Cloud TPU preemption notice) sets a flag; at the next step boundary every process
 agrees on it, a checkpoint is written by all processes together, and the loop returns.
 """
@@ -19,6 +25,7 @@ from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from jax.experimental import multihost_utils
 
@@ -40,6 +47,14 @@ class LoopConfig:
   log_every: int = 1
   eval_every: int = 0  # 0: evaluate only at the end (when eval data is given)
   checkpoint: CheckpointConfig = CheckpointConfig()
+  # Updates skipped in a row for non-finite gradients before the run stops (see the step).
+  max_consecutive_skips: int = 10
+
+  def __post_init__(self):
+    for name, low in (("total_steps", 1), ("grad_accum", 1), ("log_every", 1), ("eval_every", 0),
+                      ("max_consecutive_skips", 1)):
+      if getattr(self, name) < low:
+        raise ValueError(f"{name} must be >= {low}, got {getattr(self, name)}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -56,19 +71,78 @@ class ResumeMismatch(ValueError):
   """The workdir's checkpoints belong to a run with other settings."""
 
 
+class TrainingStopped(RuntimeError):
+  """Training cannot go on (non-finite gradients or parameters); one line for the user."""
+
+
+class _SkipCounter:
+  """Counts updates the step skipped; read only at logging steps (which wait anyway)."""
+
+  def __init__(self, limit: int):
+    self.limit = limit
+    self.in_a_row = 0
+    self._pending: list[jax.Array] = []
+
+  def add(self, metrics: dict[str, jax.Array]) -> None:
+    if "skipped" in metrics:
+      self._pending.append(metrics["skipped"])
+
+  def flush(self, step: int) -> int:
+    """Skips since the last flush; raises when `limit` were skipped in a row."""
+    flags = [bool(f) for f in jax.device_get(self._pending)]
+    self._pending = []
+    for flag in flags:
+      self.in_a_row = self.in_a_row + 1 if flag else 0
+      if self.in_a_row >= self.limit:
+        raise TrainingStopped(
+            f"stopped at step {step}: {self.in_a_row} updates in a row skipped for non-finite "
+            "gradients (train.max_consecutive_skips); the checkpoints hold the last good "
+            "parameters: lower optim.lr, check the data, or use float32")
+    return sum(flags)
+
+
+@jax.jit
+def _finite(leaves: list[jax.Array]) -> jax.Array:
+  return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves]))
+
+
+def _all_finite(params: Any) -> bool:
+  leaves = [x for x in jax.tree.leaves(params) if jnp.issubdtype(x.dtype, jnp.inexact)]
+  return bool(np.asarray(_finite(leaves).addressable_data(0)))
+
+
 # meta[RESUME_KEY]: the settings a resumed run must share with the one that saved (data,
 # loss, schedule, batch, model); anything else (logging, eval, mesh shape) may change.
 RESUME_KEY = "resume_key"
 
 
-def _check_same_run(saved: dict[str, Any], now: dict[str, Any], directory) -> None:
+def _flat(tree: Any, prefix: str = "") -> dict[str, Any]:
+  if not isinstance(tree, dict):
+    return {prefix: tree}
+  out = {}
+  for k, v in tree.items():
+    out.update(_flat(v, f"{prefix}.{k}" if prefix else str(k)))
+  return out
+
+
+def resume_mismatch(saved: dict[str, Any], now: dict[str, Any]) -> list[str]:
+  """`key: saved -> now` for each resume setting that differs between two runs' metas."""
   before, after = saved.get(RESUME_KEY), now.get(RESUME_KEY)
-  if before is None or after is None or before == after:
-    return
-  changed = sorted(k for k in set(before) | set(after) if before.get(k) != after.get(k))
-  detail = ", ".join(f"{k}: {before.get(k)!r} -> {after.get(k)!r}" for k in changed[:5])
-  raise ResumeMismatch(f"{directory} holds checkpoints of a run with other settings ({detail}); "
-                       "use a new workdir, or restore those settings to resume")
+  if before is None or after is None:
+    return []
+  before, after = _flat(before), _flat(after)
+  missing = "(absent)"
+  return [f"{k}: {before.get(k, missing)!r} -> {after.get(k, missing)!r}"
+          for k in sorted(set(before) | set(after)) if before.get(k) != after.get(k)]
+
+
+def check_same_run(saved: dict[str, Any], now: dict[str, Any], directory) -> None:
+  """Raises ResumeMismatch, one `key: saved -> now` line per changed setting."""
+  changed = resume_mismatch(saved, now)
+  if changed:
+    raise ResumeMismatch(
+        f"{directory} holds checkpoints of a run with other settings; use a new workdir, or "
+        "restore these settings to resume:\n" + "\n".join("  " + line for line in changed))
 
 
 class _Preemption:
@@ -146,10 +220,8 @@ def run(*, workdir: str, state: TrainState, train_step: Callable, mesh: jax.shar
   restored = store.restore_latest(abstract_like(state), data_iterator=iterator)
   start = 0
   if restored is not None:
-    _check_same_run(restored.meta, meta, store.directory)
-    state, start = restored.state, restored.step
-    for step, reason in restored.skipped:
-      log.warning("skipped damaged checkpoint %d: %s", step, reason)
+    check_same_run(restored.meta, meta, store.directory)
+    state, start = restored.state, restored.step  # the store reported damaged ones
     log.info("resumed from checkpoint %d in %s", start, store.directory)
   own_logger = logger is None
   if own_logger:
@@ -159,6 +231,15 @@ def run(*, workdir: str, state: TrainState, train_step: Callable, mesh: jax.shar
   preempted = False
   step = start
   saved = start if restored is not None else -1  # the newest step saved (or being saved)
+  skips = _SkipCounter(config.max_consecutive_skips)
+
+  def save(force: bool = False) -> bool:
+    if not force and step % config.checkpoint.every_steps:
+      return False
+    if not _all_finite(state.params):
+      raise TrainingStopped(f"stopped at step {step}: the parameters are not finite; not saving "
+                            f"them (the newest checkpoint is step {saved})")
+    return store.save(step, state, iterator.get_state(), meta, force=True)
 
   def run_eval() -> None:
     nonlocal last_eval
@@ -179,8 +260,11 @@ def run(*, workdir: str, state: TrainState, train_step: Callable, mesh: jax.shar
         state, metrics = train_step(
             state, sharding.global_batch(local, mesh, micro_batches=config.grad_accum))
         step += 1
+        skips.add(metrics)
         if step % config.log_every == 0 or step == config.total_steps:
           last_metrics = host_metrics(metrics)  # waits for the step
+          last_metrics.pop("skipped", None)  # this step's flag; the interval's count instead
+          last_metrics["skipped_steps"] = skips.flush(step)
           now = time.perf_counter()
           logger.write({"step": step, **last_metrics, "tokens": interval_tokens,
                         "tokens_per_sec": interval_tokens / max(now - interval_start, 1e-9)})
@@ -188,17 +272,17 @@ def run(*, workdir: str, state: TrainState, train_step: Callable, mesh: jax.shar
         if config.eval_every and step % config.eval_every == 0 and step < config.total_steps:
           run_eval()
         if (jax.process_count() == 1 or step % config.log_every == 0) and preemption.agreed():
-          store.save(step, state, iterator.get_state(), meta, force=True)
+          save(force=True)
           store.wait()
           log.warning("preempted: checkpoint %d written, stopping", step)
           preempted = True
           break
-        if store.save(step, state, iterator.get_state(), meta):
+        if save():
           saved = step
       if not preempted:
         run_eval()
         if saved != step:
-          store.save(step, state, iterator.get_state(), meta, force=True)
+          save(force=True)
   finally:
     store.close()
     if own_logger:
@@ -212,6 +296,6 @@ def _next_batch(iterator: Iterator[Batch], step: int) -> Batch:
   try:
     return next(iterator)
   except StopIteration:
-    raise RuntimeError(
+    raise TrainingStopped(
         f"the data ran out before step {step + 1}: the pipeline must yield at least "
         "total_steps batches (raise data epochs or lower train.max_steps)") from None

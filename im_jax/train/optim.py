@@ -37,10 +37,14 @@ class OptimConfig:
 
   def __post_init__(self):
     if not (math.isfinite(self.learning_rate) and self.learning_rate >= 0):
-      raise ValueError(f"learning rate must be finite and >= 0, got {self.learning_rate}")
-    if not (0.0 <= self.b1 < 1.0 and 0.0 <= self.b2 < 1.0 and self.eps > 0):
-      raise ValueError(f"AdamW needs 0 <= b1, b2 < 1 and eps > 0, got b1={self.b1}, "
-                       f"b2={self.b2}, eps={self.eps}")
+      raise ValueError(f"learning_rate must be finite and >= 0, got {self.learning_rate}")
+    for name in ("b1", "b2"):  # AdamW's moment decay rates
+      if not 0.0 <= getattr(self, name) < 1.0:
+        raise ValueError(f"{name} must be in [0, 1), got {getattr(self, name)}")
+    if not (math.isfinite(self.eps) and self.eps > 0):
+      raise ValueError(f"eps must be finite and > 0, got {self.eps}")
+    if self.max_grad_norm is not None and not math.isfinite(self.max_grad_norm):
+      raise ValueError(f"max_grad_norm must be finite, got {self.max_grad_norm}")
     if not (math.isfinite(self.weight_decay) and self.weight_decay >= 0):
       raise ValueError(f"weight_decay must be finite and >= 0, got {self.weight_decay}")
     if not 0.0 <= self.warmup_ratio < 1.0:

@@ -145,7 +145,8 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
 
   k (the leading axis, see `sharding.global_batch`) is the number of accumulated
   micro-batches. Metrics: loss, output_loss, instruction_loss, their token counts,
-  loss_denominator, grad_norm (before clipping) and lr (when `schedule` is given).
+  loss_denominator, grad_norm (before clipping), skipped (1.0 when non-finite gradients left
+  parameters and optimizer state untouched) and lr (when `schedule` is given).
   """
 
   def micro_grads(params, rest, batch, rng):
@@ -185,12 +186,16 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     # A batch with no weighted token (all padding: epochs are padded to equal batch counts)
-    # must not move anything: AdamW would still step on its moments and its schedule.
-    has_loss = denominator > 0
-    keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(has_loss, n, o), new, old)
+    # must not move anything: AdamW would still step on its moments and its schedule. Nor
+    # may non-finite gradients (one bad batch, a bf16 overflow): they would poison both.
+    grad_norm = optax.tree.norm(grads)
+    finite = jnp.isfinite(grad_norm)
+    apply = (denominator > 0) & finite
+    keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(apply, n, o), new, old)
     params, opt_state = keep(params, state.params), keep(opt_state, state.opt_state)
     metrics = finalize(sums)
-    metrics["grad_norm"] = optax.tree.norm(grads)
+    metrics["grad_norm"] = grad_norm
+    metrics["skipped"] = (~finite).astype(jnp.float32)  # 1: this update was not applied
     if schedule is not None:
       metrics["lr"] = jnp.asarray(schedule(state.step), jnp.float32)
     # The step counter still advances: it numbers batches, so resume and per-step keys stay

@@ -1,0 +1,164 @@
+"""Every key of configs/base.py, given wrong values, is refused in one line naming the key.
+
+Most cases run in-process through `settings.validate` and `settings.check_inputs`, exactly
+what `python -m im_jax.train` runs before any work; a handful go through the command line,
+which must exit 2 with one `error:` line and leave no workdir behind.
+"""
+
+import os
+import pathlib
+import subprocess
+import sys
+
+import ml_collections
+import pytest
+
+from configs import base
+from im_jax import settings
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+DEVICES = 8  # conftest's simulated CPU devices
+
+# key -> wrong values: a wrong type, an out-of-range number, an unknown choice. A key added
+# to configs/base.py must be added here (test_every_key_has_wrong_values).
+WRONG = {
+    "model.preset": ["llama4", ""],
+    "model.init_from": ["/nonexistent/model", "hf:/nonexistent/hf"],
+    "model.scan_layers": ["yes", 1],
+    "model.remat_policy": ["dots"],
+    "model.param_dtype": ["fp32"],
+    "model.compute_dtype": ["bf16"],
+    "model.attention_impl": ["flash"],
+    "data.train": ["", "synthetic:abc", "synthetic:0", "/nonexistent/train.jsonl"],
+    "data.format": ["chatml"],
+    "data.tokenizer": ["/nonexistent/tokenizer"],
+    "data.template": ["chatml"],
+    "data.max_seq_len": [1, "long"],
+    "data.truncation": ["left"],
+    "data.drop_rule": ["never"],
+    "data.packing": ["greedy"],
+    "data.max_segments_per_row": [0],
+    "data.eval_fraction": [1.0, -0.1],
+    "data.max_examples": [-1],
+    "data.on_bad_record": ["warn"],
+    "data.read_threads": [-1],
+    "loss.mode": ["xx"],
+    "loss.instruction_weight": [-1.0, float("inf")],
+    "loss.normalization": ["batch"],
+    "loss.assistant_turns": ["first"],
+    "loss.chunk_size": [-1],
+    "optim.lr": [-1.0, float("nan"), "fast"],
+    "optim.warmup_ratio": [1.0, -0.5],
+    "optim.decay": ["step"],
+    "optim.weight_decay": [-0.1],
+    "optim.b1": [1.0],
+    "optim.b2": [-0.1],
+    "optim.eps": [0.0],
+    "optim.max_grad_norm": [float("inf")],
+    "train.batch_size": [0, 12],
+    "train.max_steps": [-1],
+    "train.epochs": [-1],
+    "train.seed": [-1],
+    "train.grad_accum": [0, 3],
+    "train.log_every": [0],
+    "train.max_consecutive_skips": [0],
+    "mesh.data": [0, 3],
+    "mesh.fsdp": [-2, 3],
+    "mesh.tensor": [0],
+    "checkpoint.every_steps": [0],
+    "checkpoint.keep": [0],
+    "checkpoint.async_save": ["no"],
+    "eval.every_steps": [-1],
+    "eval.batch_size": [0, 3],
+    "neftune_alpha": [-1.0],
+    "export_hf": ["yes"],
+}
+
+
+def _flat_keys(tree: dict, prefix: str = "") -> list[str]:
+  out = []
+  for k, v in tree.items():
+    out += _flat_keys(v, f"{prefix}{k}.") if isinstance(v, dict) else [prefix + k]
+  return out
+
+
+def _good() -> ml_collections.ConfigDict:
+  c = base.get_config()
+  c.data.train = "synthetic:50"
+  c.data.tokenizer = "synthetic"
+  c.train.batch_size = 8
+  c.eval.batch_size = 8
+  return c
+
+
+def _with(key: str, value) -> ml_collections.ConfigDict:
+  """The good config with `key` set to `value`, whatever its type (as a config file may)."""
+  tree = _good().to_dict()
+  *section, name = key.split(".")
+  (tree[section[0]] if section else tree)[name] = value
+  return ml_collections.ConfigDict(tree)
+
+
+def _check_all(c: ml_collections.ConfigDict, workdir: pathlib.Path) -> None:
+  settings.validate(c, num_devices=DEVICES, process_count=1)
+  settings.check_inputs(c, workdir)
+
+
+def test_every_key_has_wrong_values():
+  assert sorted(WRONG) == sorted(_flat_keys(base.get_config().to_dict()))
+
+
+def test_the_good_config_passes(tmp_path):
+  _check_all(_good(), tmp_path / "run")
+
+
+@pytest.mark.parametrize("key, value", [(k, v) for k, vs in WRONG.items() for v in vs],
+                         ids=lambda v: repr(v) if not isinstance(v, str) or "." not in v
+                         else v)
+def test_wrong_value_is_refused_naming_the_key(tmp_path, key, value):
+  with pytest.raises(settings.ConfigError) as info:
+    _check_all(_with(key, value), tmp_path / "run")
+  message = str(info.value)
+  assert "\n" not in message, message
+  # The dotted key, or (for the mesh, whose sizes are checked together) its parts.
+  assert key in message or all(part in message for part in key.split(".")), message
+  assert not (tmp_path / "run").exists()
+
+
+def test_combinations_are_refused():
+  c = _good()
+  c.train.max_steps, c.train.epochs = 0, 0
+  with pytest.raises(settings.ConfigError, match="train.max_steps > 0 or train.epochs > 0"):
+    _check_all(c, pathlib.Path("unused"))
+
+
+@pytest.mark.parametrize("key", ["data.formt", "optim.learning_rate", "nope"])
+def test_unknown_keys_suggest_the_nearest(key):
+  tree = _good().to_dict()
+  *section, name = key.split(".")
+  (tree[section[0]] if section else tree)[name] = 1
+  with pytest.raises(settings.ConfigError) as info:
+    _check_all(ml_collections.ConfigDict(tree), pathlib.Path("unused"))
+  hint = {"data.formt": " (did you mean data.format?)", "optim.learning_rate": "",
+          "nope": ""}[key]
+  assert str(info.value).startswith(f"unknown config key {key}{hint}")
+
+
+@pytest.mark.parametrize("override, expected", [
+    ("--config.data.formt=tulu", "error: unknown config key data.formt (did you mean "
+                                 "data.format?)"),
+    ("--config.data.format=chatml", "error: data.format=chatml does not apply to synthetic"),
+    ("--config.train.batch_size=abc", "error: "),
+    ("--config.model.compute_dtype=bf16", "error: model.compute_dtype 'bf16' not in"),
+])
+def test_cli_bad_setting_is_one_line_exit_2_before_any_work(tmp_path, override, expected):
+  workdir = tmp_path / "run"
+  proc = subprocess.run(
+      [sys.executable, "-m", "im_jax.train", "--config", "configs/demo.py", "--workdir",
+       str(workdir), override], cwd=ROOT, capture_output=True, text=True, timeout=120,
+      env={**os.environ, "JAX_PLATFORMS": "cpu"})
+  assert proc.returncode == 2, proc.stderr
+  lines = proc.stderr.strip().splitlines()
+  assert len(lines) == 1 and lines[0].startswith(expected), proc.stderr
+  assert "batch_size" in lines[0] or override != "--config.train.batch_size=abc"
+  assert not workdir.exists()  # no tokenizer trained, nothing written
