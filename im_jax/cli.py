@@ -6,7 +6,12 @@ from absl import flags
 
 
 def parse_flags(argv: list[str]) -> list[str]:
-  """absl parsing, but a bad config file, key or value is one line and exit status 2."""
+  """absl parsing, but a bad config file, key or value is one line and exit status 2, and
+  `--help` exits 0 (absl's exits 1)."""
+  if any(arg in ("-h", "--help", "--helpshort") for arg in argv[1:]):
+    main = sys.modules["__main__"]
+    print((main.__doc__ or "").strip() + "\n\nflags:\n" + flags.FLAGS.module_help(main))
+    sys.exit(0)
   try:
     return flags.FLAGS(argv)
   except AttributeError:  # ml-collections: an override of a key the config lacks
