@@ -18,7 +18,9 @@ def get_config() -> ml_collections.ConfigDict:
   c.model.remat_policy = "none"  # none | minimal | full
   c.model.param_dtype = "float32"
   c.model.compute_dtype = "float32"  # bfloat16 on accelerators
-  c.model.attention_impl = "xla"  # xla (runs everywhere) | cudnn (fused, NVIDIA GPUs)
+  # auto: splash on TPU, else xla | xla (runs everywhere) | splash (Pallas TPU kernel; off TPU
+  # interpreted, slow) | cudnn (fused, NVIDIA GPUs, unverified)
+  c.model.attention_impl = "auto"
 
   c.data = ml_collections.ConfigDict()
   c.data.train = ""  # a file (tulu/alpaca/sharegpt JSON(L) or parquet), tfds:NAME:SPLIT, synthetic:N

@@ -58,13 +58,17 @@ def test_activations_split_by_rows_on_cpu_mesh(mesh):
   assert _row_shapes(hlo, per_device, seq_len) & {f"f32[{per_device},{seq_len},64]"}
 
 
-def test_tiny_step_compiles_for_v5e_with_rows_split():
+def test_tiny_step_compiles_for_v5e_with_rows_split_and_splash():
+  """The tiny preset's full train step on a (1, 2, 2) mesh of virtual v5e chips: rows split,
+  and `attention_impl=auto` picks the splash kernel on TPUs (a Pallas custom call)."""
   devices = topo_lib.devices(topo_lib.parse("v5e:2x2"))
-  rows, seq_len = 8, 384
+  rows, seq_len = 12, 384  # not 8: splash lays segment ids out over 8 sublanes
   c = _config(rows=rows, seq_len=seq_len, mesh=(1, 2, 2), dtype="bfloat16")
+  assert c.model.attention_impl == "auto"
   hlo = _compile(c, devices).as_text()
   assert not _row_shapes(hlo, rows, seq_len)
-  assert f"bf16[4,{seq_len},64]" in _row_shapes(hlo, 4, seq_len)
+  assert f"bf16[6,{seq_len},64]" in _row_shapes(hlo, 6, seq_len)
+  assert "tpu_custom_call" in hlo
 
 
 def test_smollm2_temporaries_scale_with_rows_per_chip():

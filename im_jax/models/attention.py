@@ -9,7 +9,21 @@ from typing import Literal
 import jax
 import jax.numpy as jnp
 
-Implementation = Literal["xla", "cudnn"]
+from im_jax.models import partitioning, splash
+
+Implementation = Literal["auto", "xla", "splash", "cudnn"]
+IMPLEMENTATIONS = ("auto", "xla", "splash", "cudnn")
+
+
+def resolve_implementation(implementation: str) -> str:
+  """`auto`: splash where the trace's devices are TPUs, else xla (cuDNN is never picked: it
+  is unverified without a GPU)."""
+  if implementation != "auto":
+    return implementation
+  layout = partitioning.current()
+  platform = (layout.mesh.devices.flat[0].platform if layout is not None
+              else jax.default_backend())
+  return "splash" if platform == "tpu" else "xla"
 
 
 def attention_mask(
@@ -47,9 +61,11 @@ def attention(
     q_segment_ids, kv_segment_ids: `[B, T]`, `[B, S]` int; 0 marks padding.
     q_positions, kv_positions: `[B, T]`, `[B, S]` int positions within each segment.
     scale: logit scale, default `hd ** -0.5`.
-    implementation: "xla" (plain einsums, runs everywhere, the tested path) or "cudnn"
-      (`jax.nn.dot_product_attention` with the same dense mask; GPU only, not yet verified
-      on a GPU: the mask layout is tested through that function's XLA path).
+    implementation: "xla" (plain einsums, runs everywhere), "splash" (the Pallas TPU kernel,
+      self-attention only: q and kv share segment ids; interpreted off TPU, see splash.py),
+      "cudnn" (`jax.nn.dot_product_attention` with the same dense mask; GPU only, not yet
+      verified on a GPU: the mask layout is tested through that function's XLA path) or
+      "auto" (splash on TPUs, else xla).
 
   Returns:
     `[B, T, H, hd]` in q's dtype. Rows that may attend to nothing (padding) are exactly 0.
@@ -59,6 +75,11 @@ def attention(
   if h % kv_heads:
     raise ValueError(f"query heads {h} not divisible by kv heads {kv_heads}")
   scale = hd**-0.5 if scale is None else scale
+  implementation = resolve_implementation(implementation)
+  if implementation == "splash":
+    if q.shape[1] != k.shape[1]:
+      raise ValueError("splash attention is self-attention over one packed row (T == S)")
+    return splash.splash_attention(q, k, v, q_segment_ids, scale=scale)
   mask = attention_mask(q_segment_ids, kv_segment_ids, q_positions, kv_positions)
   any_visible = jnp.any(mask, axis=-1)  # [B, T]
 

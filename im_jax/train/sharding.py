@@ -2,7 +2,7 @@
 
 The mesh uses Auto axis types (`jax.sharding.Mesh` semantics): parameters and batches are
 placed with explicit NamedShardings at the jit boundary, the model's activations are
-constrained by their logical names (`activation_constraint`, installed by the train and eval
+constrained by their logical names (`ActivationLayout`, installed by the train and eval
 steps) and XLA's partitioner propagates the rest. (`jax.make_mesh` alone would default to
 Explicit axes, under which every op must agree on shardings.)
 
@@ -182,20 +182,23 @@ def sharding_fn(mesh: Mesh, *, rules: Sequence[tuple[str, MeshAxes]] = LOGICAL_A
       axes, shape, mesh, rules=rules, on_indivisible=on_indivisible))
 
 
-def activation_constraint(mesh: Mesh, *,
-                          rules: Sequence[tuple[str, MeshAxes]] = LOGICAL_AXIS_RULES
-                          ) -> act.ConstrainFn:
-  """The `models.partitioning` hook: lays activations out by the rules table on `mesh`.
+@dataclasses.dataclass(frozen=True)
+class ActivationLayout:
+  """The `models.partitioning.Layout` of a mesh: activations laid out by the rules table.
 
   Indivisible dimensions (SmolLM2's 9 heads on tensor=2) are replicated silently: the
   parameters' sharding already warned about them.
   """
 
-  def constrain(x: jax.Array, logical_axes: Sequence[str | None]) -> jax.Array:
-    spec = logical_to_spec(logical_axes, x.shape, mesh, rules=rules, warn=False)
-    return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec))
+  mesh: Mesh
+  rules: Sequence[tuple[str, MeshAxes]] = LOGICAL_AXIS_RULES
 
-  return constrain
+  def spec(self, logical_axes: Sequence[str | None], shape: Sequence[int]) -> PartitionSpec:
+    return logical_to_spec(logical_axes, shape, self.mesh, rules=self.rules, warn=False)
+
+  def constrain(self, x: jax.Array, logical_axes: Sequence[str | None]) -> jax.Array:
+    return jax.lax.with_sharding_constraint(
+        x, NamedSharding(self.mesh, self.spec(logical_axes, x.shape)))
 
 
 def batch_spec(mesh: Mesh, *, micro_batched: bool) -> PartitionSpec:

@@ -158,7 +158,7 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
     return jax.lax.with_sharding_constraint(grads, shardings.params), sums
 
   def step(state: TrainState, batch: Batch):
-    with partitioning.activation_sharding(sharding.activation_constraint(mesh)):
+    with partitioning.activation_layout(sharding.ActivationLayout(mesh)):
       return _step(state, batch)
 
   def _step(state: TrainState, batch: Batch):
@@ -218,7 +218,7 @@ def make_eval_step(graphdef: nnx.GraphDef, shardings: TrainState, mesh: Mesh,
   """
 
   def step(state: TrainState, batch: Batch) -> LossSums:
-    with partitioning.activation_sharding(sharding.activation_constraint(mesh)):
+    with partitioning.activation_layout(sharding.ActivationLayout(mesh)):
       return loss_fn(nnx.merge(graphdef, state.params, state.rest), batch, None)
 
   jitted = jax.jit(step,

@@ -11,6 +11,8 @@ import os
 import pathlib
 from typing import Any
 
+from im_jax.models import attention
+
 MODEL_TYPES = {
     "llama": "LlamaForCausalLM",
     "mistral": "MistralForCausalLM",
@@ -66,7 +68,7 @@ class LlamaConfig:
   remat_policy: str = "none"
   param_dtype: str = "float32"
   compute_dtype: str = "float32"
-  attention_impl: str = "xla"
+  attention_impl: str = "auto"  # auto (splash on TPU, else xla) | xla | splash | cudnn
 
   def __post_init__(self):
     if self.model_type not in MODEL_TYPES:
@@ -80,8 +82,9 @@ class LlamaConfig:
     for field in ("param_dtype", "compute_dtype"):
       if getattr(self, field) not in DTYPES:
         raise ValueError(f"{field} {getattr(self, field)!r} not in {DTYPES}")
-    if self.attention_impl not in ("xla", "cudnn"):
-      raise ValueError(f"attention_impl {self.attention_impl!r} not in ('xla', 'cudnn')")
+    if self.attention_impl not in attention.IMPLEMENTATIONS:
+      raise ValueError(f"attention_impl {self.attention_impl!r} not in "
+                       f"{attention.IMPLEMENTATIONS}")
     if self.model_type == "qwen2" and self.o_bias:
       raise ValueError("o_bias: Qwen2 has no o_proj bias")
     if self.model_type != "llama" and self.qkv_bias != (self.model_type == "qwen2"):
