@@ -20,7 +20,6 @@ import functools
 
 import jax
 import jax.numpy as jnp
-from jax.experimental.pallas.ops.tpu import splash_attention as splash
 from jax.sharding import PartitionSpec
 
 from im_jax.models import partitioning as P
@@ -37,8 +36,15 @@ def block_size(length: int) -> int:
   raise ValueError(f"length {length} is not a multiple of {BLOCK}")
 
 
+def _splash_lib():
+  # Imported on first use: Pallas' TPU modules cost every entry point ~0.3 s otherwise.
+  from jax.experimental.pallas.ops.tpu import splash_attention  # pylint: disable=g-import-not-at-top
+  return splash_attention
+
+
 @functools.lru_cache(maxsize=32)
 def _kernel(length: int, group: int, interpret: bool):
+  splash = _splash_lib()
   b = block_size(length)
   blocks = splash.BlockSizes(block_q=b, block_kv=b, block_kv_compute=b, block_q_dkv=b,
                              block_kv_dkv=b, block_kv_dkv_compute=b, block_q_dq=b,
@@ -64,8 +70,10 @@ def _per_device(q, k, v, segment_ids, *, scale: float, interpret: bool):
   qg = qg.transpose(0, 2, 3, 1, 4)
   kt, vt = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
 
+  segment_ids_type = _splash_lib().SegmentIds
+
   def row(q_row, k_row, v_row, seg_row):
-    ids = splash.SegmentIds(q=seg_row, kv=seg_row)
+    ids = segment_ids_type(q=seg_row, kv=seg_row)
     return jax.vmap(lambda qh, kh, vh: kernel(qh, kh, vh, ids))(q_row, k_row, v_row)
 
   out = jax.vmap(row)(qg, kt, vt, segment_ids)  # [B, K, G, T, hd]

@@ -125,7 +125,9 @@ def plan(c: ml_collections.ConfigDict, topology: topo_lib.Topology) -> Plan:
   result = Plan(
       topology=topology.name, device_kind=devices[0].device_kind, devices=len(devices),
       mesh=dict(zip(sharding.MESH_AXES, mesh.devices.shape)),
-      remat_policy=mcfg.remat_policy, attention_impl=mcfg.attention_impl,
+      remat_policy=mcfg.remat_policy,
+      attention_impl=("splash" if mcfg.attention_impl == "auto" and chip else
+                      "xla" if mcfg.attention_impl == "auto" else mcfg.attention_impl),
       model=c.model.init_from or c.model.preset, parameters=num_params(mcfg),
       tokens_per_step=tokens, memory=None,
       usable_hbm=int(chip.usable_hbm_gib * GiB) if chip else None,
