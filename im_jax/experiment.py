@@ -85,10 +85,11 @@ def split_held_out(conversations: Sequence[Conversation], fraction: float
 
 def encode_config(c: ml_collections.ConfigDict) -> encode_lib.EncodeConfig:
   return encode_lib.EncodeConfig(
-      template=templates.TemplateConfig(c.data.template),
+      template=templates.TemplateConfig(c.data.template, strip_content=c.data.strip_content),
       loss=weights_lib.LossMaskConfig(c.loss.mode, c.loss.instruction_weight,
                                       c.loss.assistant_turns),
-      max_seq_len=c.data.max_seq_len, truncation=c.data.truncation, drop_rule=c.data.drop_rule)
+      max_seq_len=c.data.max_seq_len, truncation=c.data.truncation,
+      drop_rule=c.data.drop_rule or None)  # "": by loss mode
 
 
 def resolve_tokenizer_dir(c: ml_collections.ConfigDict, workdir: pathlib.Path,
@@ -197,7 +198,8 @@ class Experiment:
     params = distributed.fetchable(state.params)
     if distributed.is_main_process():
       hf_export.export_hf(out, params, self.model_config, str(self.tokenizer_dir),
-                          template=self.config.data.template, overwrite=True)
+                          template=self.config.data.template,
+                          strip_content=self.config.data.strip_content, overwrite=True)
       log.info("exported a Hugging Face model to %s", out)
     distributed.sync("export_hf")  # no process returns before the folder is complete
     return out
@@ -274,6 +276,7 @@ def build(c: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> Experime
                                   c.checkpoint.async_save))
   meta = {"config": c.to_dict(), "model_config": mcfg.to_dict(),
           "tokenizer_dir": str(tokenizer_dir.absolute()), "template": c.data.template,
+          "strip_content": c.data.strip_content,
           "data_stats": train_data.stats.as_dict(), loop_lib.RESUME_KEY: resume_key(c)}
   return Experiment(c, workdir, mesh, tokenizer_dir, mcfg, train_data, eval_data, graphdef,
                     state, train_step, eval_step, loop_config, meta)
