@@ -248,14 +248,16 @@ def build(c: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> Experime
   if total_steps > train_data.total_steps:  # more steps than the epochs hold: add epochs
     epochs = math.ceil(total_steps / train_data.steps_per_epoch)
     train_data = train_data.with_epochs(epochs)
-  log.info("data: %s; %d steps per epoch, %d steps", train_data.stats.as_dict(),
-           train_data.steps_per_epoch, total_steps)
+  # The schedule spans the updates: all-padding batches closing short epochs do not update.
+  updates = train_data.updates(total_steps)
+  log.info("data: %s; %d batches per epoch, %d batches, %d updates", train_data.stats.as_dict(),
+           train_data.steps_per_epoch, total_steps, updates)
   eval_data = None
   if held_convs:
     eval_data = make_pipeline(held_convs, c.eval.batch_size // processes, 1, False)
 
   mcfg = model_config(c, len(tokenizer), pretrained.config if pretrained else None)
-  tx, schedule = optim_lib.make_optimizer(optim_config(c), total_steps)
+  tx, schedule = optim_lib.make_optimizer(optim_config(c), updates)
   graphdef, state, shardings = step_lib.create_train_state(
       lambda: Llama(mcfg, rngs=nnx.Rngs(c.train.seed)), tx, mesh, seed=c.train.seed)
   if pretrained is not None:

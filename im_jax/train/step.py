@@ -32,7 +32,7 @@ import optax
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from im_jax.train import neftune, sharding
+from im_jax.train import neftune, optim, sharding
 from im_jax.train.loss import (DENOMINATOR, NUMERATOR, Batch, LossConfig, LossSums,
                                chunked_cross_entropy, finalize, loss_sums)
 
@@ -115,7 +115,8 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
 
   k (the leading axis, see `sharding.global_batch`) is the number of accumulated
   micro-batches. Metrics: loss, output_loss, instruction_loss, their token counts,
-  loss_denominator, grad_norm (before clipping) and lr (when `schedule` is given).
+  loss_denominator, grad_norm (before clipping) and lr (when `schedule` is given: the schedule
+  of `tx`, counted in updates).
   """
 
   def micro_grads(params, rest, batch, rng):
@@ -158,7 +159,9 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
     metrics = finalize(sums)
     metrics["grad_norm"] = optax.tree.norm(grads)
     if schedule is not None:
-      metrics["lr"] = jnp.asarray(schedule(state.step), jnp.float32)
+      # The rate this batch's update applies: the schedule at the optimizer's own count, which
+      # all-padding batches do not advance (state.step counts batches).
+      metrics["lr"] = jnp.asarray(schedule(optim.update_count(state.opt_state)), jnp.float32)
     # The step counter still advances: it numbers batches, so resume and per-step keys stay
     # aligned with the data.
     new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state)
