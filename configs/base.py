@@ -29,7 +29,12 @@ def get_config() -> ml_collections.ConfigDict:
   c.data.template = "tulu"  # tulu (the paper's) | hf (the tokenizer's chat template)
   c.data.max_seq_len = 2048
   c.data.truncation = "right"  # right (the paper's) | drop
-  c.data.drop_rule = "no_output"  # no_output (IT and IM keep the same examples) | no_weight
+  # unset: tulu strips each message's content (the paper's release), hf renders content as the
+  # tokenizer's template does | false: tulu keeps content whitespace
+  c.data.strip_content = ml_collections.config_dict.placeholder(bool)
+  # "" = by loss mode: no_weight under im_release (the release's rule), else no_output (IT and
+  # IM keep the same examples) | no_output | no_weight
+  c.data.drop_rule = ""
   c.data.packing = "first_fit"  # first_fit | best_fit | none (one example per row)
   c.data.max_segments_per_row = 64
   c.data.eval_fraction = 0.0  # held out by a hash of each example's id

@@ -84,6 +84,9 @@ def get_config(args: str | None = None) -> ml_collections.ConfigDict:
   c.data.packing = "none"  # the paper's layout: 128 examples per step (see the docstring)
   c.data.eval_fraction = 0.05
   c.loss.mode, c.neftune_alpha = METHODS[method]
+  # im_release reproduces the release, which keeps any example with a label; the others keep
+  # the examples with an output token, so IT and IM train on the same examples.
+  c.data.drop_rule = "no_weight" if method == "im_release" else "no_output"
   c.loss.instruction_weight = 1.0
   c.loss.normalization = "sequence"
   c.optim.lr = 2e-5

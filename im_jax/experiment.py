@@ -124,10 +124,13 @@ class Steps:
 
 
 def build_steps(c: ml_collections.ConfigDict, mcfg: LlamaConfig, mesh: jax.sharding.Mesh,
-                total_steps: int) -> Steps:
-  """The train and eval steps of a run: what the trainer runs and `im_jax.plan` compiles."""
+                updates: int) -> Steps:
+  """The train and eval steps of a run: what the trainer runs and `im_jax.plan` compiles.
+
+  `updates`: the optimizer updates the learning-rate schedule spans.
+  """
   model_fn = lambda: Llama(mcfg, rngs=nnx.Rngs(c.train.seed))
-  tx, schedule = optim_lib.make_optimizer(optim_config(c), total_steps)
+  tx, schedule = optim_lib.make_optimizer(optim_config(c), updates)
   graphdef, abstract_state, shardings = step_lib.train_state_shardings(model_fn, tx, mesh)
   loss_config = LossConfig(c.loss.normalization, c.loss.chunk_size)
   loss_fn = step_lib.make_loss_fn(loss_config, neftune_alpha=c.neftune_alpha)
@@ -174,7 +177,8 @@ class Experiment:
     params = distributed.fetchable(state.params)
     if distributed.is_main_process():
       hf_export.export_hf(out, params, self.model_config, str(self.tokenizer_dir),
-                          template=self.config.data.template, overwrite=True)
+                          template=self.config.data.template,
+                          strip_content=self.config.data.strip_content, overwrite=True)
       log.info("exported a Hugging Face model to %s", out)
     distributed.sync("export_hf")  # no process returns before the folder is complete
     return out
@@ -227,14 +231,16 @@ def build(c: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> Experime
   if total_steps > train_data.total_steps:  # more steps than the epochs hold: add epochs
     epochs = math.ceil(total_steps / train_data.steps_per_epoch)
     train_data = train_data.with_epochs(epochs)
-  log.info("data: %s; %d steps per epoch, %d steps", train_data.stats.as_dict(),
-           train_data.steps_per_epoch, total_steps)
+  # The schedule spans the updates: all-padding batches closing short epochs do not update.
+  updates = train_data.updates(total_steps)
+  log.info("data: %s; %d batches per epoch, %d batches, %d updates", train_data.stats.as_dict(),
+           train_data.steps_per_epoch, total_steps, updates)
   eval_data = None
   if held_convs:
     eval_data = make_pipeline(held_convs, c.eval.batch_size // processes, 1, False)
 
   mcfg = model_config(c, len(tokenizer), pretrained.config if pretrained else None)
-  steps = build_steps(c, mcfg, mesh, total_steps)
+  steps = build_steps(c, mcfg, mesh, updates)
   state = step_lib.init_train_state(steps.model_fn, steps.tx, steps.shardings, mesh,
                                     seed=c.train.seed)
   if pretrained is not None:
@@ -244,6 +250,7 @@ def build(c: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> Experime
   graphdef, train_step, eval_step = steps.graphdef, steps.train_step, steps.eval_step
   meta = {"config": c.to_dict(), "model_config": mcfg.to_dict(),
           "tokenizer_dir": str(tokenizer_dir.absolute()), "template": c.data.template,
+          "strip_content": c.data.strip_content,
           "data_stats": train_data.stats.as_dict(), loop_lib.RESUME_KEY: resume_key(c)}
   return Experiment(c, workdir, mesh, tokenizer_dir, mcfg, train_data, eval_data, graphdef,
                     state, train_step, eval_step, loop_config(c, total_steps), meta)

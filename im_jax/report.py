@@ -3,8 +3,10 @@
     python -m im_jax.report --workdir DIR [DIR ...] --out FILE.png [--label NAME [NAME ...]]
 
 Reads each workdir's `metrics.jsonl` and draws the paper's IT-vs-IM overfitting picture:
-output loss and instruction loss over optimizer steps, on train (left) and on the held-out
-split (right). With IT the train output loss falls lower; with IM the held-out output loss
+output loss and instruction loss over steps, each as the paper measures it (every example's
+mean over its output, or instruction, tokens, averaged over examples: `*_loss_per_example`;
+workdirs that predate it fall back to the per-token `*_loss`), on train (left) and on the
+held-out split (right). With IT the train output loss falls lower; with IM the held-out output loss
 stays lower. The Markdown summary (final losses, tokens seen, throughput) is printed to
 stdout and written next to the PNG as FILE.md.
 
@@ -79,10 +81,23 @@ def load_run(workdir: str | pathlib.Path, label: str | None = None) -> Run:
   return Run(label or workdir.resolve().name, train, evals)
 
 
+PER_EXAMPLE = "_per_example"
+
+
+def _value(record: Record, key: str) -> float | None:
+  """The paper's measure: a group loss's mean over examples (`KEY_per_example`), else the
+  pooled per-token `KEY` (workdirs from before it was logged)."""
+  for name in (key + PER_EXAMPLE, key):
+    if name in record:
+      return float(record[name])
+  return None
+
+
 def _last(records: Sequence[Record], key: str) -> float | None:
   for record in reversed(records):
-    if key in record:
-      return float(record[key])
+    value = _value(record, key)
+    if value is not None:
+      return value
   return None
 
 
@@ -161,7 +176,8 @@ def plot(runs: Sequence[Run], out: str | pathlib.Path) -> pathlib.Path:
     records_of = (lambda run: run.eval) if key.startswith(EVAL_PREFIX) else (lambda run: run.train)
     drawn = False
     for i, run in enumerate(runs):
-      points = [(r["step"], r[key]) for r in records_of(run) if key in r]
+      points = [(r["step"], _value(r, key)) for r in records_of(run)
+                if _value(r, key) is not None]
       if not points:
         continue
       steps, values = zip(*points)

@@ -43,10 +43,11 @@ def check(ok: bool, message: str) -> None:
 
 def encode_config(c: ml_collections.ConfigDict) -> encode_lib.EncodeConfig:
   return encode_lib.EncodeConfig(
-      template=templates.TemplateConfig(c.data.template),
+      template=templates.TemplateConfig(c.data.template, strip_content=c.data.strip_content),
       loss=weights_lib.LossMaskConfig(c.loss.mode, c.loss.instruction_weight,
                                       c.loss.assistant_turns),
-      max_seq_len=c.data.max_seq_len, truncation=c.data.truncation, drop_rule=c.data.drop_rule)
+      max_seq_len=c.data.max_seq_len, truncation=c.data.truncation,
+      drop_rule=c.data.drop_rule or None)  # "": by loss mode
 
 
 def model_options(c: ml_collections.ConfigDict) -> dict[str, Any]:

@@ -18,8 +18,9 @@ import transformers
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 from safetensors.numpy import load_file, save_file
+from tokenizers.processors import TemplateProcessing
 
-from im_jax.convert import TULU_CHAT_TEMPLATE, ckpt, export_hf, load
+from im_jax.convert import ckpt, export_hf, load, tulu_chat_template_for
 from im_jax.convert.__main__ import main as cli_main
 from im_jax.data.conversation import Conversation, Message
 from im_jax.data.templates import ChatTemplate, TemplateConfig
@@ -85,7 +86,7 @@ def test_round_trip_is_bit_identical_and_loads_in_transformers(hf_dir, ckpt_dir,
   tokens = np.random.RandomState(0).randint(0, 512, (2, 16))
   np.testing.assert_array_equal(_torch_logits(out, tokens), _torch_logits(hf_dir, tokens))
   tok = transformers.AutoTokenizer.from_pretrained(out)
-  assert tok.chat_template == TULU_CHAT_TEMPLATE
+  assert tok.chat_template == tulu_chat_template_for(tok)
   gen = json.loads((out / "generation_config.json").read_text())
   assert gen["eos_token_id"] == tok.eos_token_id == 2 and gen["bos_token_id"] == 1
   assert json.loads((out / "config.json").read_text())["dtype"] == "float32"
@@ -206,28 +207,33 @@ CONVERSATIONS = [
 ]
 
 
-@pytest.mark.parametrize("which", ["tiny", "smollm2"])
-def test_tulu_chat_template_matches_im_jax(which, request, tmp_path):
+@pytest.mark.parametrize("which,bos,strip", [("tiny", False, True), ("smollm2", False, True),
+                                             ("smollm2", True, True), ("tiny", True, False)])
+def test_tulu_chat_template_matches_im_jax(which, bos, strip, request, tmp_path):
   src = request.getfixturevalue("tiny_tokenizer_dir" if which == "tiny"
                                 else "smollm2_tokenizer_dir")
   tok = transformers.AutoTokenizer.from_pretrained(src)
-  tok.chat_template = TULU_CHAT_TEMPLATE
+  if bos:  # a tokenizer that adds its BOS to every text, as LLaMA-2's does
+    tok.backend_tokenizer.post_processor = TemplateProcessing(
+        single=f"{tok.bos_token} $A", special_tokens=[(tok.bos_token, tok.bos_token_id)])
+  tok.chat_template = tulu_chat_template_for(tok, strip)
   tok.save_pretrained(tmp_path)
   exported = transformers.AutoTokenizer.from_pretrained(tmp_path)
-  ours = ChatTemplate(tok, TemplateConfig("tulu"))
+  ours = ChatTemplate(tok, TemplateConfig("tulu", strip_content=strip))
+  assert (len(ours.prefix_ids) == 1) == bos
   for turns in CONVERSATIONS:
     messages = [{"role": r, "content": c} for r, c in turns]
     tokenized = ours.tokenize(Conversation(tuple(Message(r, c) for r, c in turns)))
-    bos = tok.bos_token if tok.bos_token_id is not None else ""
+    bos_text = tok.bos_token if ours.prefix_ids else ""
     text = exported.apply_chat_template(messages, tokenize=False)
-    assert text == bos + tokenized.text
+    assert text == bos_text + tokenized.text
     ids = exported(text, add_special_tokens=False)["input_ids"]
     assert ids == tokenized.ids.tolist()
     if turns[-1][0] == "assistant":  # the prompt is exactly what training saw before it
       prompt = exported.apply_chat_template(messages[:-1], tokenize=False,
                                             add_generation_prompt=True)
       assert prompt.endswith("<|assistant|>\n") and text.startswith(prompt)
-      start = tokenized.content_spans[-1][0] + len(bos)
+      start = tokenized.content_spans[-1][0] + len(bos_text)
       assert prompt == text[:start]
 
 

@@ -80,6 +80,46 @@ def test_metric_sums_are_unweighted_per_group_and_independent_of_mode():
   np.testing.assert_allclose(metrics["instruction_loss"], ce_ref[sel].mean(), rtol=1e-5)
 
 
+def test_per_example_group_losses_equal_the_unpacked_mean_of_means():
+  """`*_loss_per_example`: each example's mean CE over its group's tokens, averaged over the
+  examples that have any (the paper's held-out measure), against a loop over the examples;
+  `*_loss` pools the tokens. Summed over two batches, as micro-batches and eval batches are."""
+  batches = [_batch(seed=s, instruction_weight=0.0) for s in (0, 5)]
+  # an example with no instruction token must not count for the instruction mean
+  b0 = batches[0]
+  first = (b0["segment_ids"][0] == 1) & np.isin(b0["target_kinds"][0],
+                                                [int(k) for k in INSTRUCTION_KINDS])
+  b0["target_kinds"][0][first] = int(OUTPUT_KINDS[0])
+  total = None
+  means = {"output": [], "instruction": []}
+  pooled = {"output": [], "instruction": []}
+  for seed, batch in enumerate(batches):
+    logits = _logits(batch, seed=seed + 1)
+    ce_ref = _np_ce(logits, batch["targets"])
+    for group, kinds in (("output", OUTPUT_KINDS), ("instruction", INSTRUCTION_KINDS)):
+      sel = np.isin(batch["target_kinds"], [int(k) for k in kinds]) & (batch["segment_ids"] > 0)
+      pooled[group].append(ce_ref[sel])
+      for r in range(sel.shape[0]):
+        for s in set(batch["segment_ids"][r].tolist()) - {0}:
+          mine = sel[r] & (batch["segment_ids"][r] == s)
+          if mine.any():
+            means[group].append(ce_ref[r][mine].mean())
+    sums = loss.loss_sums(loss.cross_entropy(jnp.asarray(logits), jnp.asarray(batch["targets"])),
+                          {k: jnp.asarray(v) for k, v in batch.items()}, "token")
+    total = sums if total is None else jax.tree.map(lambda a, b: a + b, total, sums)
+  metrics = loss.finalize(total)
+  n_examples = sum(len(set(r.tolist()) - {0}) for b in batches for r in b["segment_ids"])
+  assert len(means["instruction"]) == n_examples - 1 and len(means["output"]) == n_examples
+  for group in ("output", "instruction"):
+    np.testing.assert_allclose(metrics[f"{group}_loss_per_example"], np.mean(means[group]),
+                               rtol=1e-5)
+    assert float(metrics[f"{group}_examples"]) == len(means[group])
+    np.testing.assert_allclose(metrics[f"{group}_loss"],
+                               np.concatenate(pooled[group]).mean(), rtol=1e-5)
+    # the two measures differ on examples of unequal lengths: both are really computed
+    assert abs(np.mean(means[group]) - np.concatenate(pooled[group]).mean()) > 1e-3
+
+
 def test_finalize_empty_group_is_zero_not_nan():
   zero = jnp.zeros(())
   sums = {k: zero for k in ("numerator", "denominator", *loss.METRIC_SUM_KEYS)}

@@ -37,7 +37,7 @@ def _config(preset="tiny", rows=16, seq_len=40, mesh=(1, -1, 1), remat="none", d
 def _compile(c, devices):
   mesh = sharding.make_mesh(sharding.MeshConfig(c.mesh.data, c.mesh.fsdp, c.mesh.tensor),
                             devices)
-  steps = experiment.build_steps(c, analysis.model_config(c), mesh, total_steps=10)
+  steps = experiment.build_steps(c, analysis.model_config(c), mesh, updates=10)
   batch = experiment.train_batch_shapes(c, mesh)
   with jax.set_mesh(mesh):
     return steps.train_step.jitted.lower(steps.abstract_state, batch).compile()

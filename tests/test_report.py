@@ -64,6 +64,17 @@ def test_labels_missing_eval_and_single_record(tmp_path):
   assert row.startswith("| IT (lima) | 5 | 1.0000 |") and "n/a | n/a | 100 | 50 |" in row
 
 
+def test_the_paper_measure_per_example_is_reported_where_logged(tmp_path):
+  # per-token output loss 1.0, per-example 1.25: the report takes the paper's (per example)
+  run = _write_run(tmp_path / "a", [
+      {**_train(1, 1.0, 1.0, 2.0, 100, 50.0), "output_loss_per_example": 1.25,
+       "instruction_loss_per_example": 2.5},
+      {**_eval(1, 1.0, 2.0), "eval_output_loss_per_example": 1.5}])
+  summary = report.summarize(report.load_run(run))
+  assert (summary.train_output_loss, summary.train_instruction_loss) == (1.25, 2.5)
+  assert (summary.eval_output_loss, summary.eval_instruction_loss) == (1.5, 2.0)
+
+
 @pytest.mark.parametrize("content, match", [
     (None, "metrics.jsonl: not found"),
     ("", "no metrics records yet"),

@@ -5,11 +5,14 @@ byte-level BPE with no pre-tokenizer split and a handful of merges (role words, 
 words, and "\\n\\n", which lets content whitespace merge with template whitespace).
 """
 
+import copy
+
 import numpy as np
 import pytest
 import tokenizers
 import transformers
 from tokenizers import decoders, models, pre_tokenizers
+from tokenizers.processors import TemplateProcessing
 
 from im_jax.data import encode as encode_lib
 from im_jax.data import templates
@@ -69,29 +72,33 @@ CONVERSATION = Conversation((
 ))
 
 B, T, S, U, A, E = "bos", "template", "system", "user", "assistant", "eos"
-# (token, kind, weight under: it, im, im with instruction_weight 0.5, im_release)
+# tulu with a BOS forced in front (this tokenizer adds none) and content kept as given, so
+# content whitespace merges with template whitespace; the default rendering (stripped) is
+# `test_rendered_strings`, and im_release is tests/test_release.py's.
+TULU_UNSTRIPPED = templates.TemplateConfig("tulu", add_bos=True, strip_content=False)
+# (token, kind, weight under: it, im, im with instruction_weight 0.5)
 TULU_GOLDEN = [
-    ("<s>", B, 0, 0, 0, 0),
-    ("<|", T, 0, 0, 0, 0), ("system", T, 0, 0, 0, 0), ("|>", T, 0, 0, 0, 0),
-    ("Ċ", T, 0, 0, 0, 0),
-    ("Be", S, 0, 1, .5, 1), ("Ġbrief", S, 0, 1, .5, 1), (".", S, 0, 1, .5, 1),
-    ("Ċ", T, 0, 0, 0, 1),
-    ("<|", T, 0, 0, 0, 1), ("user", T, 0, 0, 0, 1), ("|>", T, 0, 0, 0, 1), ("Ċ", T, 0, 0, 0, 1),
-    ("ĠHi", U, 0, 1, .5, 1),
-    ("ĊĊ", U, 0, 1, .5, 1),  # content "\n" merged with the template's "\n"
-    ("<|", T, 0, 0, 0, 1), ("assistant", T, 0, 0, 0, 1), ("|>", T, 0, 0, 0, 1),
-    ("Ċ", T, 0, 0, 0, 1),
-    ("Ok", A, 1, 1, 1, 1), ("Ġ", A, 1, 1, 1, 1), ("<", A, 1, 1, 1, 1), ("/", A, 1, 1, 1, 1),
-    ("s", A, 1, 1, 1, 1), (">", A, 1, 1, 1, 1),
-    ("</s>", E, 1, 1, 1, 1),
-    ("Ċ", T, 0, 0, 0, 1),
-    ("<|", T, 0, 0, 0, 1), ("user", T, 0, 0, 0, 1), ("|>", T, 0, 0, 0, 1), ("Ċ", T, 0, 0, 0, 1),
-    ("Hi", U, 0, 1, .5, 1),
-    ("Ċ", T, 0, 0, 0, 1),
-    ("<|", T, 0, 0, 0, 1), ("assistant", T, 0, 0, 0, 1), ("|>", T, 0, 0, 0, 1),
-    ("Ċ", T, 0, 0, 0, 1),
-    ("Yes", A, 1, 1, 1, 1), ("Ċ", A, 1, 1, 1, 1),
-    ("</s>", E, 1, 1, 1, 1),  # the trailing "\n" is stripped
+    ("<s>", B, 0, 0, 0),
+    ("<|", T, 0, 0, 0), ("system", T, 0, 0, 0), ("|>", T, 0, 0, 0),
+    ("Ċ", T, 0, 0, 0),
+    ("Be", S, 0, 1, .5), ("Ġbrief", S, 0, 1, .5), (".", S, 0, 1, .5),
+    ("Ċ", T, 0, 0, 0),
+    ("<|", T, 0, 0, 0), ("user", T, 0, 0, 0), ("|>", T, 0, 0, 0), ("Ċ", T, 0, 0, 0),
+    ("ĠHi", U, 0, 1, .5),
+    ("ĊĊ", U, 0, 1, .5),  # content "\n" merged with the template's "\n"
+    ("<|", T, 0, 0, 0), ("assistant", T, 0, 0, 0), ("|>", T, 0, 0, 0),
+    ("Ċ", T, 0, 0, 0),
+    ("Ok", A, 1, 1, 1), ("Ġ", A, 1, 1, 1), ("<", A, 1, 1, 1), ("/", A, 1, 1, 1),
+    ("s", A, 1, 1, 1), (">", A, 1, 1, 1),
+    ("</s>", E, 1, 1, 1),
+    ("Ċ", T, 0, 0, 0),
+    ("<|", T, 0, 0, 0), ("user", T, 0, 0, 0), ("|>", T, 0, 0, 0), ("Ċ", T, 0, 0, 0),
+    ("Hi", U, 0, 1, .5),
+    ("Ċ", T, 0, 0, 0),
+    ("<|", T, 0, 0, 0), ("assistant", T, 0, 0, 0), ("|>", T, 0, 0, 0),
+    ("Ċ", T, 0, 0, 0),
+    ("Yes", A, 1, 1, 1), ("Ċ", A, 1, 1, 1),
+    ("</s>", E, 1, 1, 1),  # the trailing "\n" is stripped
 ]
 # hf: the template trims content, so " Hi\n" renders as "Hi" and "Yes\n" as "Yes".
 HF_GOLDEN = [
@@ -120,13 +127,13 @@ MODES = {"it": weights_lib.LossMaskConfig("it"), "im": weights_lib.LossMaskConfi
 
 def _encoded(tokenizer, template: str, loss: weights_lib.LossMaskConfig, max_seq_len=4096,
              **kwargs):
-  config = encode_lib.EncodeConfig(templates.TemplateConfig(template), loss, max_seq_len,
-                                   **kwargs)
+  template = TULU_UNSTRIPPED if template == "tulu" else templates.TemplateConfig(template)
+  config = encode_lib.EncodeConfig(template, loss, max_seq_len, **kwargs)
   return encode_lib.Encoder(tokenizer, config).encode_full(CONVERSATION)
 
 
 @pytest.mark.parametrize("template,golden,modes", [
-    ("tulu", TULU_GOLDEN, ("it", "im", "im_half", "im_release")),
+    ("tulu", TULU_GOLDEN, ("it", "im", "im_half")),
     ("hf", HF_GOLDEN, ("it", "im", "im_half")),
 ])
 def test_golden_tokens_kinds_and_weights(hand_tokenizer, template, golden, modes):
@@ -151,6 +158,16 @@ def test_rendered_strings(hand_tokenizer):
   tulu = _encoded(hand_tokenizer, "tulu", MODES["it"]).tokenized.text
   assert tulu == ("<|system|>\nBe brief.\n<|user|>\n Hi\n\n<|assistant|>\nOk </s></s>\n"
                   "<|user|>\nHi\n<|assistant|>\nYes\n</s>")
+  # the default, as the paper's release renders: content stripped, and no BOS, as this
+  # tokenizer adds none to a text
+  default = templates.ChatTemplate(hand_tokenizer, templates.TemplateConfig("tulu"))
+  tok = default.tokenize(CONVERSATION)
+  assert tok.text == ("<|system|>\nBe brief.\n<|user|>\nHi\n<|assistant|>\nOk </s></s>\n"
+                      "<|user|>\nHi\n<|assistant|>\nYes</s>")
+  assert tok.ids[0] != hand_tokenizer.bos_token_id and TokenKind.BOS not in tok.kinds
+  assert [hand_tokenizer.decode(tok.ids[tok.message_index == i][tok.kinds[
+      tok.message_index == i] != TokenKind.EOS]) for i in range(5)] == [
+          "Be brief.", "Hi", "Ok </s>", "Hi", "Yes"]
   hf = _encoded(hand_tokenizer, "hf", MODES["it"]).tokenized.text
   assert hf == hand_tokenizer.apply_chat_template(
       [{"role": m.role, "content": m.content} for m in CONVERSATION.messages], tokenize=False)
@@ -177,7 +194,7 @@ def test_ids_equal_one_tokenization_without_special_text(hand_tokenizer, smollm2
     for name in templates.TEMPLATES:
       chat = templates.ChatTemplate(tokenizer, templates.TemplateConfig(name))
       tok = chat.tokenize(conversation)
-      body = tok.ids[1:] if name == "tulu" and tokenizer.bos_token_id is not None else tok.ids
+      body = tok.ids[len(chat.prefix_ids):]  # what the tokenizer adds in front, if anything
       assert body.tolist() == tokenizer(tok.text, add_special_tokens=False)["input_ids"]
       # the piecewise path (used when content holds special text) agrees with one call
       placed = list(chat._special_re.finditer(tok.text))
@@ -200,11 +217,27 @@ def test_smollm2_hf_injected_system_prompt_is_template(smollm2_tokenizer_dir):
 
 
 def test_tulu_bos_follows_the_tokenizer(smollm2_tokenizer_dir, hand_tokenizer):
+  # SmolLM2 declares the BOS <|im_start|> but adds none to a text: neither does tulu
   smol = transformers.AutoTokenizer.from_pretrained(smollm2_tokenizer_dir)
+  assert smol.bos_token_id is not None and smol("hi")["input_ids"] == smol(
+      "hi", add_special_tokens=False)["input_ids"]
   tok = templates.ChatTemplate(smol, templates.TemplateConfig("tulu")).tokenize(CONVERSATION)
-  assert tok.ids[0] == smol.bos_token_id and tok.kinds[0] == TokenKind.BOS
-  off = templates.ChatTemplate(hand_tokenizer, templates.TemplateConfig("tulu", add_bos=False))
+  assert tok.ids[0] != smol.bos_token_id and TokenKind.BOS not in tok.kinds
+  # a tokenizer that adds its BOS gets it in front, as `tokenizer(text)` does
+  with_bos = copy.deepcopy(hand_tokenizer)
+  with_bos.backend_tokenizer.post_processor = TemplateProcessing(
+      single="<s> $A", special_tokens=[("<s>", hand_tokenizer.bos_token_id)])
+  chat = templates.ChatTemplate(with_bos, templates.TemplateConfig("tulu"))
+  tok = chat.tokenize(Conversation((Message("user", "Hi"), Message("assistant", "Ok"))))
+  assert tok.ids.tolist() == with_bos(tok.text)["input_ids"] and tok.kinds[0] == TokenKind.BOS
+  off = templates.ChatTemplate(with_bos, templates.TemplateConfig("tulu", add_bos=False))
   assert off.tokenize(CONVERSATION).kinds[0] == TokenKind.TEMPLATE
+  # one that appends tokens after a text is refused, in one line
+  appends = copy.deepcopy(hand_tokenizer)
+  appends.backend_tokenizer.post_processor = TemplateProcessing(
+      single="$A </s>", special_tokens=[("</s>", hand_tokenizer.eos_token_id)])
+  with pytest.raises(ValueError, match="only in front"):
+    templates.ChatTemplate(appends, templates.TemplateConfig("tulu"))
 
 
 def test_im_with_zero_instruction_weight_is_it(hand_tokenizer):
@@ -226,7 +259,7 @@ def test_last_assistant_turn_only(hand_tokenizer):
 
 def test_empty_reply_trains_only_its_eos(hand_tokenizer):
   conversation = Conversation((Message("user", "Hi"), Message("assistant", "")))
-  config = encode_lib.EncodeConfig(templates.TemplateConfig("tulu"), MODES["it"])
+  config = encode_lib.EncodeConfig(TULU_UNSTRIPPED, MODES["it"])
   encoded = encode_lib.Encoder(hand_tokenizer, config).encode_full(conversation)
   words = hand_tokenizer.convert_ids_to_tokens(encoded.tokenized.ids.tolist())
   assert [w for w, x in zip(words, encoded.token_weights) if x] == ["</s>"]

@@ -8,8 +8,8 @@
 """
 
 from im_jax.convert.ckpt import LoadedCkpt, load_ckpt, save_ckpt
-from im_jax.convert.hf_export import TULU_CHAT_TEMPLATE, export_hf
+from im_jax.convert.hf_export import export_hf, tulu_chat_template, tulu_chat_template_for
 from im_jax.convert.load import load_pretrained
 
-__all__ = ["LoadedCkpt", "TULU_CHAT_TEMPLATE", "export_hf", "load_ckpt", "load_pretrained",
-           "save_ckpt"]
+__all__ = ["LoadedCkpt", "export_hf", "load_ckpt", "load_pretrained", "save_ckpt",
+           "tulu_chat_template", "tulu_chat_template_for"]

@@ -2,8 +2,9 @@
 
 Writes config.json (with `dtype`), generation_config.json, safetensors (sharded with an index
 above `max_shard_bytes`, via `params.save_hf_safetensors`), the tokenizer files and the chat
-template. A model trained with the `tulu` template gets `TULU_CHAT_TEMPLATE`, which renders
-exactly what `im_jax.data.templates` trains on; with `hf` the tokenizer's own template stays.
+template. A model trained with the `tulu` template gets `tulu_chat_template_for(tokenizer)`,
+which renders exactly what `im_jax.data.templates` trains on; with `hf` the tokenizer's own
+template stays.
 The folder is written under a temporary name and renamed when complete.
 """
 
@@ -23,22 +24,33 @@ from im_jax.models.llama import params as hf_params
 DTYPES = ("float32", "bfloat16")
 DEFAULT_MAX_SHARD_BYTES = 5 * 2**30
 
-# The paper's Tulu format (see im_jax.data.templates): `<|role|>\n{content}\n` per message,
-# `{eos}` after assistant content, BOS text first when the tokenizer has one, the whole string
-# right-stripped. The generation prompt follows the unstripped string, so a prompt is exactly
-# the prefix training saw before an assistant turn: `...<|user|>\n{c}\n<|assistant|>\n`.
-TULU_CHAT_TEMPLATE = (
-    "{%- set ns = namespace(text='') -%}"
-    "{%- for message in messages -%}"
-    "{%- set ns.text = ns.text + '<|' + message['role'] + '|>\n' + message['content'] -%}"
-    "{%- if message['role'] == 'assistant' -%}{%- set ns.text = ns.text + eos_token -%}"
-    "{%- endif -%}"
-    "{%- set ns.text = ns.text + '\n' -%}"
-    "{%- endfor -%}"
-    "{{- bos_token if bos_token else '' -}}"
-    "{%- if add_generation_prompt -%}{{- ns.text + '<|assistant|>\n' -}}"
-    "{%- else -%}{{- ns.text | trim -}}{%- endif -%}"
-)
+# The paper's Tulu format (see im_jax.data.templates): `<|role|>\n{content}\n` per message with
+# the content stripped (`strip` off: as given), `{eos}` after assistant content, the whole
+# string right-stripped, and in front the text of the ids the tokenizer adds to a text (BOS for
+# LLaMA-2, nothing for SmolLM2): `apply_chat_template` tokenizes without adding special tokens,
+# so the template writes them. The generation prompt follows the unstripped string, so a prompt
+# is exactly the prefix training saw before an assistant turn: `...<|user|>\n{c}\n<|assistant|>\n`.
+def tulu_chat_template(prefix: str = "", strip: bool = True) -> str:
+  """The Jinja chat template rendering what `templates.ChatTemplate` trains on under tulu."""
+  content = "(message['content'] | trim)" if strip else "message['content']"
+  return (
+      "{%- set ns = namespace(text='') -%}"
+      "{%- for message in messages -%}"
+      "{%- set ns.text = ns.text + '<|' + message['role'] + '|>\n' + " + content + " -%}"
+      "{%- if message['role'] == 'assistant' -%}{%- set ns.text = ns.text + eos_token -%}"
+      "{%- endif -%}"
+      "{%- set ns.text = ns.text + '\n' -%}"
+      "{%- endfor -%}"
+      "{{- " + json.dumps(prefix) + " -}}"
+      "{%- if add_generation_prompt -%}{{- ns.text + '<|assistant|>\n' -}}"
+      "{%- else -%}{{- ns.text | trim -}}{%- endif -%}"
+  )
+
+
+def tulu_chat_template_for(tokenizer: Any, strip: bool = True) -> str:
+  """`tulu_chat_template` with the tokenizer's own prefix (its BOS, if it adds one)."""
+  prefix_ids = ChatTemplate(tokenizer, TemplateConfig("tulu")).prefix_ids
+  return tulu_chat_template("".join(tokenizer.convert_ids_to_tokens(prefix_ids)), strip)
 
 
 def end_of_turn_ids(tokenizer: Any, template: str) -> list[int]:
@@ -64,7 +76,7 @@ def generation_config(config: LlamaConfig, tokenizer: Any, template: str) -> dic
 
 
 def export_hf(out_dir: PathLike, model_or_state: Any, config: LlamaConfig, tokenizer: Any, *,
-              template: str, dtype: str = "float32",
+              template: str, strip_content: bool | None = None, dtype: str = "float32",
               max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
               overwrite: bool = False) -> pathlib.Path:
   """Writes a HF folder for a trained model; returns its path.
@@ -77,6 +89,7 @@ def export_hf(out_dir: PathLike, model_or_state: Any, config: LlamaConfig, token
     tokenizer: a tokenizer folder or a transformers tokenizer.
     template: the chat template used in training: "tulu" (written into the tokenizer) or "hf"
       (the tokenizer's own template is kept).
+    strip_content: the training run's `data.strip_content` (None: the template's default).
     dtype: "float32" or "bfloat16" for the safetensors and config.json's `dtype`.
     max_shard_bytes: above this the weights are split into shards with an index file.
   """
@@ -85,8 +98,10 @@ def export_hf(out_dir: PathLike, model_or_state: Any, config: LlamaConfig, token
   if template not in ("tulu", "hf"):
     raise ValueError(f"template must be 'tulu' or 'hf', got {template!r}")
   tok = copy.deepcopy(as_tokenizer(tokenizer))  # the caller's tokenizer keeps its template
+  strips = TemplateConfig(template, strip_content=strip_content).strips
   if template == "tulu":
-    tok.chat_template = TULU_CHAT_TEMPLATE
+    tok.chat_template = tulu_chat_template_for(tok, strips)
+
   gen = generation_config(config, tok, template)  # also checks the template works
   with atomic_dir(out_dir, overwrite=overwrite) as tmp:
     hf_params.save_hf_safetensors(tmp, model_or_state, config, dtype=dtype,

@@ -129,7 +129,8 @@ def load_train_checkpoint(path: PathLike, *, shardings: Any = None,
   for p, var in flat.items():
     var.set_value(values[("params", *map(str, p), "value")])
   tokenizer = meta.get("tokenizer") or meta.get("tokenizer_dir")
-  info = {"format": "train", "template": meta.get("template"), "source": str(step_dir),
+  info = {"format": "train", "template": meta.get("template"),
+          "strip_content": meta.get("strip_content"), "source": str(step_dir),
           "step": int(step_dir.name) if step_dir.name.isdigit() else None}
   return ckpt.LoadedCkpt(nnx.merge(graphdef, nnx.from_flat_state(flat)), config,
                          pathlib.Path(tokenizer) if tokenizer else None, info)

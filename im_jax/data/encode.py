@@ -10,11 +10,14 @@ Truncation keeps at most `max_seq_len` tokens (the paper: 2048 tokens, right tru
 so a shifted example has at most `max_seq_len - 1` positions and always fits a row.
 
 Drop rules (counted by reason in `EncodeStats`):
-- `no_output` (default, every mode): drop when no token IT would train on (assistant content or
-  an assistant-closing EOS, of the last turn under `assistant_turns=last`) survives as a target.
-  The rule does not depend on the loss mode, so IT and IM runs train on the same examples.
+- `no_output` (default except under `im_release`): drop when no token IT would train on
+  (assistant content or an assistant-closing EOS, of the last turn under `assistant_turns=last`)
+  survives as a target. The rule does not depend on the loss mode, so IT and IM runs train on
+  the same examples.
   An empty assistant reply keeps its EOS, so it is kept.
-- `no_weight` (the paper's code): drop only when no target carries weight.
+- `no_weight` (the paper's code; the default under `im_release`): drop only when no target
+  carries weight. The release keeps an example with any label, and its first label is never
+  a target, so the rules agree but for an example whose only label is its first token.
 """
 
 import collections
@@ -24,6 +27,7 @@ from typing import Any
 import numpy as np
 
 from im_jax.data import kinds as kinds_lib
+from im_jax.data import release
 from im_jax.data import templates
 from im_jax.data import weights as weights_lib
 from im_jax.data.conversation import Conversation
@@ -42,16 +46,20 @@ class EncodeConfig:
       default_factory=weights_lib.LossMaskConfig)
   max_seq_len: int = 2048
   truncation: str = "right"  # right | drop (drop over-long examples)
-  drop_rule: str = "no_output"  # no_output | no_weight (the paper's)
+  # no_output | no_weight (the paper's); None: no_weight under im_release, else no_output
+  drop_rule: str | None = None
 
   def __post_init__(self):
+    if self.drop_rule is None:
+      object.__setattr__(self, "drop_rule",
+                         "no_weight" if self.loss.mode == "im_release" else "no_output")
     if self.truncation not in TRUNCATION:
       raise ValueError(f"truncation must be one of {TRUNCATION}, got {self.truncation!r}")
     if self.drop_rule not in DROP_RULES:
       raise ValueError(f"drop_rule must be one of {DROP_RULES}, got {self.drop_rule!r}")
     if self.max_seq_len < 2:
       raise ValueError("max_seq_len must be >= 2")
-    self.loss.check_template(self.template.name)
+    self.loss.check_template(self.template.name, self.template.strips)
 
 
 @dataclasses.dataclass
@@ -84,7 +92,9 @@ class Encoded:
   """Unshifted per-token view (for previews and tests) plus the shifted example or a drop."""
 
   tokenized: templates.TokenizedConversation
-  token_weights: np.ndarray  # float32 [n], before truncation
+  # float32 [n]; tokens past max_seq_len weighted as if kept (im_release matches its patterns
+  # on the kept ids, as the release does, so a header cut in two is not masked)
+  token_weights: np.ndarray
   example: dict[str, np.ndarray] | None  # the shifted example, None when dropped
   drop_reason: str | None
   truncated_tokens: int
@@ -96,13 +106,21 @@ class Encoder:
   def __init__(self, tokenizer: Any, config: EncodeConfig):
     self.config = config
     self.template = templates.ChatTemplate(tokenizer, config.template)
+    self._release_patterns = (release.header_patterns(tokenizer)
+                              if config.loss.mode == "im_release" else None)
 
   def encode_full(self, conversation: Conversation) -> Encoded:
     cfg = self.config
     tokenized = self.template.tokenize(conversation)
-    weights = weights_lib.token_weights(tokenized.kinds, tokenized.message_index, cfg.loss)
     n = len(tokenized)
     cut = max(0, n - cfg.max_seq_len)
+    masked = None
+    if self._release_patterns is not None:
+      ids, kept = tokenized.ids, n - cut
+      masked = np.concatenate([release.masked_positions(ids[:kept], self._release_patterns),
+                               release.masked_positions(ids, self._release_patterns)[kept:]])
+    weights = weights_lib.token_weights(tokenized.kinds, tokenized.message_index, cfg.loss,
+                                        masked)
 
     def result(example, reason):
       return Encoded(tokenized, weights, example, reason, cut)

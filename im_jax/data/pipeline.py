@@ -119,6 +119,20 @@ class DataPipeline:
     """Batches each process yields over all epochs."""
     return self.steps_per_epoch * self.config.num_epochs
 
+  def updates(self, batches: int | None = None) -> int:
+    """Optimizer updates in the first `batches` batches (default: all of them).
+
+    A global batch updates when some process has a real row in it; the all-padding batches
+    closing an epoch that packs into fewer rows do not (every kept example carries loss
+    weight, by the drop rules). So a learning-rate schedule spans these, not the batches.
+    """
+    batches = self.total_steps if batches is None else batches
+    if not 0 <= batches <= self.total_steps:
+      raise ValueError(f"batches must be in [0, {self.total_steps}], got {batches}")
+    real = -(-self.rows.max(axis=0) // self.config.batch_size)  # per epoch, over processes
+    full, rest = divmod(batches, self.steps_per_epoch)
+    return int(real[:full].sum() + (min(rest, real[full]) if rest else 0))
+
   def padding_rows(self) -> np.ndarray:
     """All-padding rows added per (shard, epoch) to equalise batch counts."""
     return self.rows_per_epoch - self.rows

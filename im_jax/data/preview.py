@@ -61,9 +61,10 @@ def preview_record(encoder: encode_lib.Encoder, conversation, index: int) -> dic
     weights = np.concatenate([[0.0], encoded.example["loss_weights"]]).astype(np.float32)
   tokenizer = encoder.template.tokenizer
   ids = tokenized.ids[:shown].tolist()
+  texts = tokenizer.batch_decode([[i] for i in ids])  # one call: each token's own text
   record = {"index": index, "tokens": [
-      {"id": i, "text": tokenizer.decode([i]), "kind": kind_name(k), "weight": float(w)}
-      for i, k, w in zip(ids, tokenized.kinds[:shown].tolist(), weights.tolist())]}
+      {"id": i, "text": t, "kind": kind_name(k), "weight": float(w)}
+      for i, t, k, w in zip(ids, texts, tokenized.kinds[:shown].tolist(), weights.tolist())]}
   if encoded.example is None:
     record["dropped"] = encoded.drop_reason
   if encoded.truncated_tokens:

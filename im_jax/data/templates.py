@@ -16,10 +16,11 @@ what the tokenizer does itself before its normaliser and pre-tokenizer run, so f
 without special text both paths give the same ids (tested).
 
 Templates:
-- `tulu`: the paper's format: `<|system|>\n{c}\n`, `<|user|>\n{c}\n`, `<|assistant|>\n{c}{eos}\n`,
-  the whole string stripped, a BOS id in front when the tokenizer has one. The string always
-  starts with a role header, so only the end is affected by the strip (the trailing newline,
-  or trailing whitespace of a final non-assistant message). Content is not stripped.
+- `tulu`: the paper's format as its release renders it: `<|system|>\n{c}\n`, `<|user|>\n{c}\n`,
+  `<|assistant|>\n{c}{eos}\n` with each content `c` stripped of surrounding whitespace
+  (`strip_content`, default on), the whole string stripped, and in front the special tokens
+  the tokenizer itself adds to a text (LLaMA-2's BOS; none for SmolLM2, whose declared BOS
+  `<|im_start|>` it never adds), as the release's `tokenizer(text)` call does.
 - `hf`: the tokenizer's own chat template (`apply_chat_template(tokenize=False)`), no
   `{% generation %}` markers needed. Content is located by rendering once with sentinel
   placeholders and once for real; templates may strip content whitespace and inject text (a
@@ -48,13 +49,39 @@ _SENTINEL_RE = re.compile("\ue000(\\d+)\ue001")
 @dataclasses.dataclass(frozen=True)
 class TemplateConfig:
   name: str = "tulu"  # tulu | hf
-  add_bos: bool | None = None  # tulu only; None: prepend BOS iff the tokenizer has one
+  # tulu only; None: what the tokenizer adds in front of a text (its own BOS behaviour)
+  add_bos: bool | None = None
+  # strip each message's content (the paper's release); None: tulu strips, hf leaves it to
+  # the tokenizer's template (which may trim, as Llama 3's does); True with hf is refused, as
+  # an exported template could not reproduce it
+  strip_content: bool | None = None
 
   def __post_init__(self):
     if self.name not in TEMPLATES:
       raise ValueError(f"template must be one of {TEMPLATES}, got {self.name!r}")
     if self.add_bos is not None and self.name != "tulu":
       raise ValueError("add_bos applies to the tulu template only")
+    if self.strip_content not in (None, True, False):
+      raise ValueError(f"strip_content must be true, false or unset, got {self.strip_content!r}")
+    if self.strip_content and self.name != "tulu":
+      raise ValueError("strip_content applies to the tulu template; the hf template renders "
+                       "content as the tokenizer's chat template does")
+
+  @property
+  def strips(self) -> bool:
+    return self.name == "tulu" if self.strip_content is None else self.strip_content
+
+
+def prefix_ids(tokenizer: Any) -> list[int]:
+  """The ids the tokenizer itself puts in front of every text (LLaMA-2: [BOS]; SmolLM2: [])."""
+  plain = tokenizer("a", add_special_tokens=False)["input_ids"]
+  full = tokenizer("a")["input_ids"]
+  start = next((i for i in range(len(full) - len(plain) + 1)
+                if full[i:i + len(plain)] == plain), None)
+  if start is None or start + len(plain) != len(full):
+    raise ValueError("the tulu template supports tokenizers that add special tokens only in "
+                     f"front of a text; this one turns 'a' into {full}")
+  return full[:start]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -90,10 +117,14 @@ class ChatTemplate:
     # Own copies of the Rust tokenizer: no post-processor (it may trim offsets; with
     # add_special_tokens=False it adds nothing), and one that reads special text literally.
     self._plain = tokenizers.Tokenizer.from_str(state)
-    self._plain.post_processor = None
     self._literal = tokenizers.Tokenizer.from_str(state)
-    self._literal.post_processor = None
     self._literal.encode_special_tokens = True
+    for own in (self._plain, self._literal):
+      own.post_processor = None
+      # a call like tokenizer(text, max_length=..., truncation=True) leaves its truncation
+      # (and padding) in the state: training truncates by itself, after kinds are known
+      own.no_truncation()
+      own.no_padding()
     special = sorted({t.content for t in tokenizer.added_tokens_decoder.values() if t.special},
                      key=len, reverse=True)
     self._special_ids = {s: self._plain.token_to_id(s) for s in special}
@@ -102,26 +133,33 @@ class ChatTemplate:
     if config.name == "tulu":
       if tokenizer.eos_token is None:
         raise ValueError("the tulu template needs a tokenizer with an EOS token")
-      self._add_bos = (self.bos_id is not None) if config.add_bos is None else config.add_bos
-      if self._add_bos and self.bos_id is None:
+      if config.add_bos is None:
+        self.prefix_ids = prefix_ids(tokenizer)
+      elif config.add_bos and self.bos_id is None:
         raise ValueError("add_bos=True but the tokenizer has no BOS token")
+      else:
+        self.prefix_ids = [self.bos_id] if config.add_bos else []
     else:
       if not getattr(tokenizer, "chat_template", None):
         raise ValueError("the hf template needs a tokenizer with a chat template")
-      self._add_bos = False
+      self.prefix_ids = []
 
   def tokenize(self, conversation: Conversation) -> TokenizedConversation:
+    if self.config.strips:  # tulu only
+      conversation = dataclasses.replace(conversation, messages=tuple(
+          dataclasses.replace(m, content=m.content.strip()) for m in conversation.messages))
     if self.config.name == "tulu":
       rendered = self._render_tulu(conversation)
     else:
       rendered = self._render_hf(conversation)
     ids, offsets = self._encode(rendered)
     kinds, message_index = _assign_kinds(rendered, offsets)
-    if self._add_bos:
-      ids = np.concatenate([[self.bos_id], ids])
-      offsets = np.concatenate([np.zeros((1, 2), np.int32), offsets])
-      kinds = np.concatenate([[TokenKind.BOS], kinds])
-      message_index = np.concatenate([[-1], message_index])
+    if self.prefix_ids:
+      n = len(self.prefix_ids)
+      ids = np.concatenate([self.prefix_ids, ids])
+      offsets = np.concatenate([np.zeros((n, 2), np.int32), offsets])
+      kinds = np.concatenate([[TokenKind.BOS] * n, kinds])
+      message_index = np.concatenate([[-1] * n, message_index])
     elif (self.config.name == "hf" and len(ids) and ids[0] == self.bos_id
           and not np.any(ids[1:] == self.bos_id)):
       kinds[0] = TokenKind.BOS  # a BOS id that recurs is a role header (SmolLM2's GGUF BOS)

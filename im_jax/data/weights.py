@@ -4,9 +4,10 @@
 - `im` (instruction modelling, paper Eq. 4): system, user and assistant content plus assistant
   EOS; template tokens and BOS carry nothing. `instruction_weight` scales system/user tokens,
   so `im` with `instruction_weight=0` equals `it` exactly.
-- `im_release` (compatibility, `tulu` only): what the authors' released code does: every token
-  carries weight except BOS and the first role header (the template tokens before the first
-  content token), i.e. later role headers, newlines and EOS carry loss.
+- `im_release` (compatibility, `tulu` only): the authors' released algorithm: every token
+  carries weight except where the token-id patterns of their masked role headers match
+  (`release.py`: with a BOS-adding tokenizer only BOS and the first header, without one every
+  system and user header); assistant headers, newlines and EOS carry loss.
 - `assistant_turns`: `all` assistant turns carry weight, or only the `last` (`it`/`im`).
 
 Weights here are per *token*; `encode.py` shifts them onto targets.
@@ -42,10 +43,13 @@ class LossMaskConfig:
     if self.mode == "im_release" and self.assistant_turns != "all":
       raise ValueError("im_release weights every turn; assistant_turns must be 'all'")
 
-  def check_template(self, template_name: str) -> None:
+  def check_template(self, template_name: str, strips_content: bool) -> None:
     if self.mode == "im_release" and template_name != "tulu":
       raise ValueError("the im_release loss mode reproduces the authors' tulu code; "
                        f"it needs the tulu template, not {template_name!r}")
+    if self.mode == "im_release" and not strips_content:
+      raise ValueError("the im_release loss mode reproduces the authors' code, which strips "
+                       "message content: it needs strip_content")
 
 
 def output_mask(kinds: np.ndarray, message_index: np.ndarray, assistant_turns: str) -> np.ndarray:
@@ -56,17 +60,16 @@ def output_mask(kinds: np.ndarray, message_index: np.ndarray, assistant_turns: s
   return mask
 
 
-def token_weights(kinds: np.ndarray, message_index: np.ndarray,
-                  config: LossMaskConfig) -> np.ndarray:
-  """Float32 loss weight of each token (of predicting it), from its kind."""
+def token_weights(kinds: np.ndarray, message_index: np.ndarray, config: LossMaskConfig,
+                  release_masked: np.ndarray | None = None) -> np.ndarray:
+  """Float32 loss weight of each token (of predicting it), from its kind.
+
+  `im_release` needs `release_masked` (`release.masked_positions`): it weighs every other token.
+  """
   if config.mode == "im_release":
-    weights = np.ones(len(kinds), np.float32)
-    weights[kinds == TokenKind.BOS] = 0.0
-    # the first role header: template tokens before the first non-template, non-BOS token
-    body = np.flatnonzero((kinds != TokenKind.BOS) & (kinds != TokenKind.TEMPLATE))
-    first_body = body[0] if len(body) else len(kinds)
-    weights[:first_body][kinds[:first_body] == TokenKind.TEMPLATE] = 0.0
-    return weights
+    if release_masked is None:
+      raise ValueError("im_release weights need the release's masked positions")
+    return (~np.asarray(release_masked, bool)).astype(np.float32)
   weights = output_mask(kinds, message_index, config.assistant_turns).astype(np.float32)
   if config.mode == "im":
     instruction = (kinds == TokenKind.SYSTEM) | (kinds == TokenKind.USER)

@@ -28,8 +28,9 @@ EXIT_BAD_INPUT = 2
 _DTYPES = ("float32", "bfloat16")
 
 
-def _load(args: argparse.Namespace, mesh=None) -> tuple[Any, Any, str]:
-  """(model, tokenizer, template) for `--model`, placed by the eval mesh's shardings."""
+def _load(args: argparse.Namespace, mesh=None) -> tuple[Any, Any, str, bool | None]:
+  """(model, tokenizer, template, strip_content) for `--model`, placed by the eval mesh's
+  shardings; strip_content is the training run's when the template is the one it recorded."""
   from im_jax.convert import load  # pylint: disable=g-import-not-at-top  (jax/orbax: slow)
   from im_jax.train import sharding  # pylint: disable=g-import-not-at-top
 
@@ -41,7 +42,9 @@ def _load(args: argparse.Namespace, mesh=None) -> tuple[Any, Any, str]:
   tokenizer = load_tokenizer(str(loaded.tokenizer_dir))
   template = (args.template or loaded.info.get("template")
               or ("hf" if getattr(tokenizer, "chat_template", None) else "tulu"))
-  return loaded.model, tokenizer, template
+  strip = (loaded.info.get("strip_content") if template == loaded.info.get("template")
+           else None)
+  return loaded.model, tokenizer, template, strip
 
 
 def _conversations(args: argparse.Namespace):
@@ -55,10 +58,10 @@ def _loss(args: argparse.Namespace) -> int:
 
   conversations = _conversations(args)
   mesh = sharding.make_mesh(sharding.MeshConfig(data=1, fsdp=-1, tensor=1))
-  model, tokenizer, template = _load(args, mesh)
+  model, tokenizer, template, strip = _load(args, mesh)
   config = loss_eval.LossEvalConfig(
-      template=template, loss_mode=args.loss_mode, max_seq_len=args.max_seq_len,
-      batch_size=args.batch_size, chunk_size=args.chunk_size)
+      template=template, strip_content=strip, loss_mode=args.loss_mode,
+      max_seq_len=args.max_seq_len, batch_size=args.batch_size, chunk_size=args.chunk_size)
   metrics = loss_eval.evaluate_loss(model, tokenizer, conversations, config, mesh)
   report = {"model": args.model, "data": args.data, "template": template,
             "loss_mode": args.loss_mode,
@@ -94,14 +97,14 @@ def _generate(args: argparse.Namespace) -> int:
       args.out, [output_guard.local_path(args.model), output_guard.local_path(args.data)])
   output_guard.check_writable_file(args.out)
   conversations = _conversations(args)
-  model, tokenizer, template = _load(args)
+  model, tokenizer, template, strip = _load(args)
   config = generate.GenerateConfig(
       max_new_tokens=args.max_new_tokens, temperature=args.temperature,
       batch_size=args.batch_size, seed=args.seed)
   name = args.generator or _generator_name(args.model)
   model_dir = args.model.removeprefix("hf:")
   records = generate.generate_records(conversations, model, tokenizer, template, config, name,
-                                      model_dir=model_dir)
+                                      model_dir=model_dir, strip_content=strip)
   out = pathlib.Path(args.out)
   out.parent.mkdir(parents=True, exist_ok=True)
   out.write_text(json.dumps(records, indent=2, ensure_ascii=False) + "\n")

@@ -7,7 +7,8 @@ shapes compile) with segment id 0 on the padding and per-row RoPE positions star
 One jitted function prefills the prompts into a fixed-size cache (`Llama.decode`) and then
 samples one token per step in a `jax.lax.while_loop` until every row has produced a stop
 token or `max_new_tokens` are reached. Greedy decoding (temperature 0) equals transformers'
-greedy `generate` on the same model (tests/test_eval.py).
+greedy `generate` on the same model (tests/test_eval.py). `tulu` prompts render content as
+the training run did (`strip_content`).
 
 Stop tokens: the tokenizer's EOS, the template's end-of-turn token (what training taught the
 model to end a reply with) and the `eos_token_id` of a `generation_config.json` beside the
@@ -195,10 +196,15 @@ class Generator:
 
 def generate_records(conversations: Sequence[Conversation], model: Llama, tokenizer: Any,
                      template: str, config: GenerateConfig, generator_name: str,
-                     model_dir: str | pathlib.Path | None = None) -> list[dict[str, str]]:
-  """AlpacaEval records `{instruction, output, generator}`, one per conversation, in order."""
+                     model_dir: str | pathlib.Path | None = None,
+                     strip_content: bool | None = None) -> list[dict[str, str]]:
+  """AlpacaEval records `{instruction, output, generator}`, one per conversation, in order.
+
+  `strip_content`: the training run's `data.strip_content` (None: the template's default), so
+  prompts are rendered as training rendered its examples.
+  """
   split = [split_prompt(c) for c in conversations]
-  chat_template = ChatTemplate(tokenizer, TemplateConfig(template))
+  chat_template = ChatTemplate(tokenizer, TemplateConfig(template, strip_content=strip_content))
   prompts = [prompt_ids(tokenizer, template, messages, chat_template) for messages, _ in split]
   generator = Generator(model, stop_token_ids(tokenizer, template, model_dir), config,
                         pad_id=tokenizer.pad_token_id)

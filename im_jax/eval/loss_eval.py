@@ -102,6 +102,7 @@ def finalize(sums: Mapping[str, Any]) -> dict[str, float]:
 @dataclasses.dataclass(frozen=True)
 class LossEvalConfig:
   template: str = "tulu"  # tulu | hf
+  strip_content: bool | None = None  # templates.TemplateConfig: None = the template's default
   loss_mode: str = "it"  # it | im | im_release: which tokens the two loss means weigh
   max_seq_len: int = 2048  # right truncation, as in training
   batch_size: int = 8  # rows per batch; rounded up to a multiple of the devices
@@ -122,7 +123,7 @@ def evaluate_loss(model: nnx.Module, tokenizer: Any, conversations: Sequence[Con
   rows_axes = mesh.shape["data"] * mesh.shape["fsdp"]
   rows = -(-config.batch_size // rows_axes) * rows_axes
   encode_config = encode_lib.EncodeConfig(
-      template=templates.TemplateConfig(config.template),
+      template=templates.TemplateConfig(config.template, strip_content=config.strip_content),
       loss=weights_lib.LossMaskConfig(config.loss_mode), max_seq_len=config.max_seq_len)
   pipeline = pipeline_lib.build_pipeline(
       conversations, tokenizer, encode_config,

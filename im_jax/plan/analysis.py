@@ -118,7 +118,7 @@ def plan(c: ml_collections.ConfigDict, topology: topo_lib.Topology) -> Plan:
   mesh = sharding.make_mesh(sharding.MeshConfig(c.mesh.data, c.mesh.fsdp, c.mesh.tensor),
                             devices)
   mcfg = model_config(c)
-  steps = experiment.build_steps(c, mcfg, mesh, total_steps=1000)
+  steps = experiment.build_steps(c, mcfg, mesh, updates=1000)
   batch = experiment.train_batch_shapes(c, mesh)
   chip = topology.chip
   tokens = c.train.batch_size * c.data.max_seq_len

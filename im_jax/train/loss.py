@@ -13,7 +13,12 @@ Normalisations (`LossConfig.normalization`):
 
 Metric sums are unweighted and independent of the loss mode, per target-kind group:
 output (assistant + eos) and instruction (system + user), so IT and IM runs compare on the
-same footing.
+same footing. Each group is reduced two ways:
+  `output_loss`:             pooled over tokens: sum of CE over the group's tokens / their count;
+  `output_loss_per_example`: each example's mean CE over its group tokens, averaged over the
+                             examples that have any: the paper's held-out measure (its loss
+                             script: batch size 1, one mean per example). It is the `sequence`
+                             reduction with the group's tokens as weights.
 """
 
 import dataclasses
@@ -33,7 +38,9 @@ LossSums = dict[str, jax.Array]
 # Keys of the sums every loss function returns; the step sums them over micro-batches.
 NUMERATOR = "numerator"
 DENOMINATOR = "denominator"
-METRIC_SUM_KEYS = ("output_ce_sum", "output_tokens", "instruction_ce_sum", "instruction_tokens")
+METRIC_SUM_KEYS = ("output_ce_sum", "output_tokens", "instruction_ce_sum", "instruction_tokens",
+                   "output_example_mean_sum", "output_examples",
+                   "instruction_example_mean_sum", "instruction_examples")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -168,25 +175,33 @@ def loss_sums(ce: jax.Array, batch: Batch, normalization: Normalization) -> Loss
   if normalization == "token":
     numerator, denominator = jnp.sum(weighted), jnp.sum(weights)
   elif normalization == "sequence":
-    seg_num = segment_sums(weighted, segments)[:, 1:]
-    seg_den = segment_sums(weights, segments)[:, 1:]
-    counted = seg_den > 0
-    numerator = jnp.sum(jnp.where(counted, seg_num / jnp.where(counted, seg_den, 1.0), 0.0))
-    denominator = jnp.sum(counted.astype(jnp.float32))
+    numerator, denominator = per_example_means(ce, weights, segments)
   else:
     raise ValueError(f"unknown loss normalization {normalization!r}")
   kinds = batch["target_kinds"]
   real = segments > 0
-  out = _kind_mask(kinds, OUTPUT_KINDS) & real
-  inst = _kind_mask(kinds, INSTRUCTION_KINDS) & real
-  return {
-      NUMERATOR: numerator,
-      DENOMINATOR: denominator,
-      "output_ce_sum": jnp.sum(jnp.where(out, ce, 0.0)),
-      "output_tokens": jnp.sum(out.astype(jnp.float32)),
-      "instruction_ce_sum": jnp.sum(jnp.where(inst, ce, 0.0)),
-      "instruction_tokens": jnp.sum(inst.astype(jnp.float32)),
-  }
+  sums = {NUMERATOR: numerator, DENOMINATOR: denominator}
+  for group, kinds_of_group in (("output", OUTPUT_KINDS), ("instruction", INSTRUCTION_KINDS)):
+    mask = _kind_mask(kinds, kinds_of_group) & real
+    sums[f"{group}_ce_sum"] = jnp.sum(jnp.where(mask, ce, 0.0))
+    sums[f"{group}_tokens"] = jnp.sum(mask.astype(jnp.float32))
+    means, examples = per_example_means(ce, mask.astype(jnp.float32), segments)
+    sums[f"{group}_example_mean_sum"], sums[f"{group}_examples"] = means, examples
+  return sums
+
+
+def per_example_means(ce: jax.Array, weights: jax.Array, segments: jax.Array
+                      ) -> tuple[jax.Array, jax.Array]:
+  """(sum over examples of each example's weighted mean CE, examples with positive weight).
+
+  Examples are the segments of packed rows (never split across rows), so the pair sums
+  exactly over micro-batches, devices and eval batches.
+  """
+  seg_num = segment_sums(weights * ce, segments)[:, 1:]
+  seg_den = segment_sums(weights, segments)[:, 1:]
+  counted = seg_den > 0
+  means = jnp.sum(jnp.where(counted, seg_num / jnp.where(counted, seg_den, 1.0), 0.0))
+  return means, jnp.sum(counted.astype(jnp.float32))
 
 
 def finalize(sums: Mapping[str, jax.Array]) -> dict[str, jax.Array]:
@@ -202,4 +217,10 @@ def finalize(sums: Mapping[str, jax.Array]) -> dict[str, jax.Array]:
       "output_tokens": sums["output_tokens"],
       "instruction_loss": ratio(sums["instruction_ce_sum"], sums["instruction_tokens"]),
       "instruction_tokens": sums["instruction_tokens"],
+      "output_loss_per_example": ratio(sums["output_example_mean_sum"],
+                                       sums["output_examples"]),
+      "output_examples": sums["output_examples"],
+      "instruction_loss_per_example": ratio(sums["instruction_example_mean_sum"],
+                                            sums["instruction_examples"]),
+      "instruction_examples": sums["instruction_examples"],
   }

@@ -54,15 +54,16 @@ class OptimConfig:
 
 
 def warmup_steps(config: OptimConfig, total_steps: int) -> int:
-  # Rounded up, as the Hugging Face Trainer does.
-  return math.ceil(config.warmup_ratio * total_steps)
+  # Rounded down, as the paper's release does: int(num_training_steps * warmup_ratio).
+  return int(config.warmup_ratio * total_steps)
 
 
 def make_schedule(config: OptimConfig, total_steps: int) -> optax.Schedule:
-  """Learning rate per optimizer step (0-based): linear warmup from 0, then decay to 0.
+  """Learning rate per optimizer update (0-based): linear warmup from 0, then decay to 0.
 
   Like HF's get_linear_schedule_with_warmup, the first update has learning rate 0 when there
-  is a warmup, and the rate reaches 0 at `total_steps`.
+  is a warmup, and the rate reaches 0 at `total_steps`. `total_steps` counts updates, not
+  batches: a batch with no weighted token (epoch padding) does not update (see `step.py`).
   """
   if total_steps < 1:
     raise ValueError(f"total_steps must be >= 1, got {total_steps}")
@@ -109,6 +110,16 @@ def decay_mask(params: Any) -> Any:
 
   return jax.tree_util.tree_map_with_path(
       decays, params, is_leaf=lambda x: isinstance(x, nnx.Variable))
+
+
+def update_count(opt_state: Any) -> jax.Array:
+  """Updates the optimizer has applied: the count its learning-rate schedule is evaluated at."""
+  counts = [s.count for s in jax.tree.leaves(
+      opt_state, is_leaf=lambda x: isinstance(x, optax.ScaleByScheduleState))
+            if isinstance(s, optax.ScaleByScheduleState)]
+  if not counts:
+    raise ValueError("the optimizer has no learning-rate schedule state")
+  return counts[0]
 
 
 def make_optimizer(config: OptimConfig,

@@ -33,7 +33,7 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from im_jax.models import partitioning
-from im_jax.train import neftune, sharding
+from im_jax.train import neftune, optim, sharding
 from im_jax.train.loss import (DENOMINATOR, NUMERATOR, Batch, LossConfig, LossSums,
                                chunked_cross_entropy, finalize, loss_sums)
 
@@ -146,7 +146,8 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
   k (the leading axis, see `sharding.global_batch`) is the number of accumulated
   micro-batches. Metrics: loss, output_loss, instruction_loss, their token counts,
   loss_denominator, grad_norm (before clipping), skipped (1.0 when non-finite gradients left
-  parameters and optimizer state untouched) and lr (when `schedule` is given).
+  parameters and optimizer state untouched) and lr (when `schedule` is given: the schedule
+  of `tx`, counted in updates).
   """
 
   def micro_grads(params, rest, batch, rng):
@@ -197,7 +198,9 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
     metrics["grad_norm"] = grad_norm
     metrics["skipped"] = (~finite).astype(jnp.float32)  # 1: this update was not applied
     if schedule is not None:
-      metrics["lr"] = jnp.asarray(schedule(state.step), jnp.float32)
+      # The rate this batch's update applies: the schedule at the optimizer's own count, which
+      # all-padding batches do not advance (state.step counts batches).
+      metrics["lr"] = jnp.asarray(schedule(optim.update_count(state.opt_state)), jnp.float32)
     # The step counter still advances: it numbers batches, so resume and per-step keys stay
     # aligned with the data.
     new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state)
