@@ -7,6 +7,7 @@ or at a real training workdir; it must refuse in one line, exit 2, and leave eve
 every file as it was (compared with a snapshot of the whole tree).
 """
 
+import errno
 import hashlib
 import json
 import logging
@@ -236,6 +237,17 @@ def test_a_second_run_on_a_workdir_is_refused_until_the_first_dies(tmp_path):
   workdir_lock.acquire(tmp_path)  # a killed holder leaves no lock behind
   workdir_lock.acquire(tmp_path)  # and this process may take it again (a rebuild)
   workdir_lock.release(tmp_path)
+
+
+def test_a_file_system_without_locks_warns_and_goes_on(tmp_path, monkeypatch, caplog):
+  def no_locks(fd, operation):
+    raise OSError(errno.ENOLCK, "No locks available")
+
+  monkeypatch.setattr(workdir_lock.fcntl, "flock", no_locks)
+  with caplog.at_level(logging.WARNING, logger="im_jax"):
+    workdir_lock.acquire(tmp_path)
+  assert "nothing stops a second run" in caplog.text and "ENOLCK" in caplog.text
+  workdir_lock.release(tmp_path)  # nothing held
 
 
 # A refused resume changes nothing.
