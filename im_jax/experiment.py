@@ -198,11 +198,10 @@ def build(c: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> Experime
   processes = jax.process_count()
   validate(c, jax.device_count(), processes)
   check_inputs(c, workdir)
+  check_resumable(c, workdir)  # reads only: a refused run leaves every file as it was
   workdir.mkdir(parents=True, exist_ok=True)
   if jax.process_index() == 0:  # one run per workdir; the other processes share it
     workdir_lock.acquire(workdir)
-  check_resumable(c, workdir)
-  if jax.process_index() == 0:  # only now: a refused resume leaves the workdir as it was
     _write_atomic(workdir / "config.json", c.to_json(indent=2) + "\n")
 
   mesh = sharding.make_mesh(sharding.MeshConfig(c.mesh.data, c.mesh.fsdp, c.mesh.tensor))

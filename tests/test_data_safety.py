@@ -7,6 +7,7 @@ or at a real training workdir; it must refuse in one line, exit 2, and leave eve
 every file as it was (compared with a snapshot of the whole tree).
 """
 
+import errno
 import hashlib
 import json
 import logging
@@ -238,6 +239,17 @@ def test_a_second_run_on_a_workdir_is_refused_until_the_first_dies(tmp_path):
   workdir_lock.release(tmp_path)
 
 
+def test_a_file_system_without_locks_warns_and_goes_on(tmp_path, monkeypatch, caplog):
+  def no_locks(fd, operation):
+    raise OSError(errno.ENOLCK, "No locks available")
+
+  monkeypatch.setattr(workdir_lock.fcntl, "flock", no_locks)
+  with caplog.at_level(logging.WARNING, logger="im_jax"):
+    workdir_lock.acquire(tmp_path)
+  assert "nothing stops a second run" in caplog.text and "ENOLCK" in caplog.text
+  workdir_lock.release(tmp_path)  # nothing held
+
+
 # A refused resume changes nothing.
 
 
@@ -245,12 +257,9 @@ def test_refused_resume_keeps_config_json_and_names_each_change(world, tmp_path)
   workdir = tmp_path / "run"
   shutil.copytree(world / "run", workdir, ignore=shutil.ignore_patterns("hf"))
   before = _snapshot(workdir)
-  before.pop(workdir_lock.LOCK_FILE)  # rewritten by the run that is refused: who holds it
   c = _tiny_config(**{"optim.lr": 1e-4, "data.max_seq_len": 128, "train.log_every": 5})
   with pytest.raises(loop.ResumeMismatch) as info:
     experiment.build(c, workdir)
   assert str(info.value).splitlines()[1:] == ["  data.max_seq_len: 64 -> 128",
                                               "  optim.lr: 2e-05 -> 0.0001"]
-  after = _snapshot(workdir)
-  after.pop(workdir_lock.LOCK_FILE)
-  assert after == before  # config.json still describes the checkpoints
+  assert _snapshot(workdir) == before  # config.json still describes the checkpoints

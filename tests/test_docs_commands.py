@@ -4,15 +4,15 @@ Commands are collected generically: any `python -m im_jax...`, `python scripts/.
 `bash scripts/...` or `scripts/...` in a code block (continuation lines joined, leading
 `VAR=value` settings dropped) or an inline code span. Each is checked against the code:
 
-- `python -m im_jax.MODULE ...` with an argparse parser (`_parser`/`build_parser`): the
-  arguments must parse (placeholders such as `DIR` stay strings, `[optional ...]` groups
+- `python -m im_jax.MODULE ...` for the modules in IN_PROCESS (their argparse `_parser()`):
+  the arguments must parse (placeholders such as `DIR` stay strings, `[optional ...]` groups
   are dropped, `a|b` takes `a`);
 - `python -m im_jax.train ...`: the config file and its arguments load, every
   `--config.KEY=VALUE` names a key of configs/base.py, and the result passes the same
   validation as a run (a large model is validated, never trained);
-- any other `python -m im_jax.MODULE` (a new entry point): `--help` in a subprocess exits 0
-  and lists every `--flag` the docs use. Commands containing a string of HELP_ONLY get only
-  this check;
+- any other `python -m im_jax.MODULE` (a new entry point, never imported here: it may set
+  up other backends): `--help` in a subprocess exits 0 and lists every `--flag` the docs use.
+  Commands containing a string of HELP_ONLY get only this check;
 - `scripts/X.sh SUB`: with `--dry-run` when the script has it, else `bash -n`;
   `python scripts/X.py`: the file exists and defines every `--flag` shown.
 
@@ -38,6 +38,8 @@ DEVICES = 8  # conftest's simulated CPU devices
 # A command containing one of these is checked with --help only (e.g. one whose arguments
 # only exist on a cluster).
 HELP_ONLY: set[str] = set()
+# Entry points whose parser is imported into this process and parsed in full.
+IN_PROCESS = ("im_jax.data", "im_jax.convert", "im_jax.eval", "im_jax.report")
 _COMMAND = re.compile(r"(python -m im_jax\S*|python scripts/\S+|bash scripts/\S+|"
                       r"(?<![\w/.])scripts/\S+)(.*)")
 _PLACEHOLDER = re.compile(r"^[A-Z][A-Z0-9_]*$|\.\.\.")
@@ -195,7 +197,7 @@ def test_documented_command_matches_the_code(doc, command):
     elif module == "im_jax.train":
       if rest:
         _check_train(rest)
-    elif (parser := _argparse_parser(module)) is not None:
+    elif module in IN_PROCESS and (parser := _argparse_parser(module)) is not None:
       if rest:
         parser.parse_args(rest)  # SystemExit (exit 2) on a stale argument
     else:

@@ -33,6 +33,7 @@ WRONG = {
     "data.format": ["chatml"],
     "data.tokenizer": ["/nonexistent/tokenizer"],
     "data.template": ["chatml"],
+    "data.strip_content": ["yes", 1],
     "data.max_seq_len": [1, "long"],
     "data.truncation": ["left"],
     "data.drop_rule": ["never"],

@@ -270,4 +270,3 @@ def test_all_padding_batch_moves_nothing():
   state, _ = train_step(state, sharding.global_batch(_rows(2), mesh, micro_batches=1))
   assert any(not np.array_equal(a, b) for a, b in
              zip(jax.tree.leaves(jax.device_get(state.params)), jax.tree.leaves(params)))
-

@@ -41,12 +41,10 @@ def acquire(workdir: str | pathlib.Path) -> None:
     os.close(fd)
     raise WorkdirBusy(f"{workdir} is in use by another run ({holder}); wait for it to end or "
                       "use another workdir") from None
-  except OSError as e:
-    if e.errno not in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL):
-      raise
+  except OSError as e:  # ENOLCK, EOPNOTSUPP, ENOSYS, ...: a file system without locks
     os.close(fd)
-    log.warning("%s: the file system does not support locks; nothing stops a second run on "
-                "this workdir", workdir)
+    log.warning("%s: cannot lock %s (%s); nothing stops a second run on this workdir",
+                workdir, LOCK_FILE, errno.errorcode.get(e.errno, e))
     return
   started = datetime.datetime.now().astimezone().isoformat(timespec="seconds")
   os.ftruncate(fd, 0)
