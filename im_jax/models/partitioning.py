@@ -30,6 +30,7 @@ HEAD_DIM = "act_head_dim"
 MLP = "act_mlp"
 VOCAB = "act_vocab"
 
+
 class Layout(Protocol):
   """How the current trace lays activations out over a mesh (the trainer's rules table)."""
 
