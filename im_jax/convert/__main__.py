@@ -53,8 +53,10 @@ def _to_hf(args: argparse.Namespace) -> str:
   tokenizer = args.tokenizer or loaded.tokenizer_dir
   if tokenizer is None:
     raise ValueError(f"{source} does not record a tokenizer; pass --tokenizer DIR")
+  # a training workdir records its run's content rendering; it holds for its own template
+  strip = loaded.info.get("strip_content") if template == loaded.info.get("template") else None
   out = hf_export.export_hf(args.out, loaded.model, loaded.config, tokenizer,
-                            template=template, dtype=args.dtype,
+                            template=template, strip_content=strip, dtype=args.dtype,
                             max_shard_bytes=int(args.max_shard_gb * 2**30),
                             overwrite=args.overwrite)
   return f"wrote {out} ({args.dtype}, template {template})"
