@@ -172,6 +172,18 @@ def optim_config(c: ml_collections.ConfigDict) -> optim_lib.OptimConfig:
       warmup_ratio=c.optim.warmup_ratio, decay=c.optim.decay)
 
 
+def optimizer_for(c: ml_collections.ConfigDict, train_data: pipeline_lib.DataPipeline,
+                  total_steps: int) -> tuple[Any, Any, int]:
+  """(AdamW, its schedule, updates) for a run of `total_steps` batches of `train_data`.
+
+  The schedule spans the updates those batches hold: the all-padding batches closing an epoch
+  that packs into fewer rows do not update.
+  """
+  updates = train_data.updates(total_steps)
+  tx, schedule = optim_lib.make_optimizer(optim_config(c), updates)
+  return tx, schedule, updates
+
+
 @dataclasses.dataclass
 class Experiment:
   config: ml_collections.ConfigDict
@@ -248,8 +260,7 @@ def build(c: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> Experime
   if total_steps > train_data.total_steps:  # more steps than the epochs hold: add epochs
     epochs = math.ceil(total_steps / train_data.steps_per_epoch)
     train_data = train_data.with_epochs(epochs)
-  # The schedule spans the updates: all-padding batches closing short epochs do not update.
-  updates = train_data.updates(total_steps)
+  tx, schedule, updates = optimizer_for(c, train_data, total_steps)
   log.info("data: %s; %d batches per epoch, %d batches, %d updates", train_data.stats.as_dict(),
            train_data.steps_per_epoch, total_steps, updates)
   eval_data = None
@@ -257,7 +268,6 @@ def build(c: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> Experime
     eval_data = make_pipeline(held_convs, c.eval.batch_size // processes, 1, False)
 
   mcfg = model_config(c, len(tokenizer), pretrained.config if pretrained else None)
-  tx, schedule = optim_lib.make_optimizer(optim_config(c), updates)
   graphdef, state, shardings = step_lib.create_train_state(
       lambda: Llama(mcfg, rngs=nnx.Rngs(c.train.seed)), tx, mesh, seed=c.train.seed)
   if pretrained is not None:
