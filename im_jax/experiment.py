@@ -130,7 +130,7 @@ def build_steps(c: ml_collections.ConfigDict, mcfg: LlamaConfig, mesh: jax.shard
   `updates`: the optimizer updates the learning-rate schedule spans.
   """
   model_fn = lambda: Llama(mcfg, rngs=nnx.Rngs(c.train.seed))
-  tx, schedule = optim_lib.make_optimizer(optim_config(c), updates)
+  tx, schedule = optimizer_for(c, updates)
   graphdef, abstract_state, shardings = step_lib.train_state_shardings(model_fn, tx, mesh)
   loss_config = LossConfig(c.loss.normalization, c.loss.chunk_size)
   loss_fn = step_lib.make_loss_fn(loss_config, neftune_alpha=c.neftune_alpha)
@@ -149,6 +149,15 @@ def train_batch_shapes(c: ml_collections.ConfigDict, mesh: jax.sharding.Mesh
   batch_sharding = sharding.batch_sharding(mesh, micro_batched=True)
   return {name: jax.ShapeDtypeStruct(shape, dtype, sharding=batch_sharding)
           for name, dtype in packing.ROW_DTYPES.items()}
+
+
+def optimizer_for(c: ml_collections.ConfigDict, updates: int) -> tuple[Any, Any]:
+  """(AdamW, its schedule) spanning `updates` optimizer updates.
+
+  A run's updates are its batches less the all-padding ones closing an epoch that packs into
+  fewer rows (`DataPipeline.updates`): those do not update.
+  """
+  return optim_lib.make_optimizer(optim_config(c), updates)
 
 
 @dataclasses.dataclass

@@ -91,7 +91,13 @@ def main(argv) -> int:
 
   def build(c, workdir):
     exp = real_build(c, workdir)
-    exp.train_data = _ConcatData(_shard_pipelines(exp, _SHARDS.value))
+    pipelines = _shard_pipelines(exp, _SHARDS.value)
+    # The schedule spans the updates of the one-process plan; it must be the sharded run's.
+    steps = exp.loop_config.total_steps
+    if pipelines[0].updates(steps) != exp.train_data.updates(steps):
+      raise RuntimeError("the reference's schedule differs from the sharded run's: its plan "
+                         "has other all-padding batches; change the test's data or steps")
+    exp.train_data = _ConcatData(pipelines)
     return exp
 
   experiment.build = build

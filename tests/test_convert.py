@@ -251,10 +251,14 @@ def test_export_from_training_checkpoint(tmp_path, tiny_tokenizer_dir):
                                         optax.adamw(1e-3), mesh)
   store = CheckpointStore(tmp_path / "wd", CheckpointConfig(every_steps=1, async_save=False))
   meta = {"model_config": config.to_dict(), "tokenizer": str(tiny_tokenizer_dir),
-          "template": "tulu"}
+          "template": "tulu", "strip_content": False}
   store.save(7, state, None, meta, force=True)
   store.close()
   assert cli_main(["to-hf", "--ckpt", str(tmp_path / "wd"), "--out", str(tmp_path / "hf")]) == 0
+  # the run kept content whitespace: so does the exported chat template
+  tok = transformers.AutoTokenizer.from_pretrained(tmp_path / "hf")
+  assert tok.apply_chat_template([{"role": "user", "content": " Hi \n"}], tokenize=False,
+                                 add_generation_prompt=True) == "<|user|>\n Hi \n\n<|assistant|>\n"
   exported = _hf_tensors(tmp_path / "hf")
   want = hf_params.to_hf(state.params, config)
   assert sorted(exported) == sorted(want)

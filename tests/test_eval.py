@@ -111,6 +111,12 @@ def test_loss_equals_pytorch_cross_entropy(tiny_hf, mode):
   if mode == "it":  # the paper's measure: output tokens only
     assert got["loss_weight_sum"] == kind_n[TokenKind.ASSISTANT] + kind_n[TokenKind.EOS]
     assert abs(got["loss_token_mean"] - got["output_loss"]) < 1e-5
+  # the per-example output loss is the paper's per-example mean over output tokens, any mode
+  output = (TokenKind.ASSISTANT, TokenKind.EOS)
+  _, output_sequence_mean, _, _ = _reference_losses(torch_model, tok, CONVERSATIONS, "tulu", "it")
+  assert abs(got["output_loss_per_example"] - output_sequence_mean) < 1e-4
+  assert got["output_examples"] == len(CONVERSATIONS)
+  assert abs(got["output_loss"] - kind_ce[list(output)].sum() / kind_n[list(output)].sum()) < 1e-4
 
 
 @pytest.mark.parametrize("scan_layers", [False, True])

@@ -238,3 +238,28 @@ def test_generate_prompts_are_rendered_as_the_release_renders(tokenizers_by_kind
   prompt = generate.prompt_ids(tokenizer, "tulu", messages)
   text = ref.concat_messages(_messages(Conversation(tuple(messages))), tokenizer.eos_token)
   assert prompt == tokenizer(text + "<|assistant|>\n")["input_ids"]
+
+
+def test_preview_command_prints_the_release_labels(tokenizers_by_kind, shared_data_dir, tmp_path):
+  """The command itself, on a tokenizer folder that adds a BOS (as LLaMA-2's does)."""
+  import contextlib  # pylint: disable=import-outside-toplevel
+  import io  # pylint: disable=import-outside-toplevel
+  import json  # pylint: disable=import-outside-toplevel
+
+  from im_jax.data import __main__ as cli  # pylint: disable=import-outside-toplevel
+
+  tokenizer = tokenizers_by_kind["smollm2_bos"]
+  tokenizer.save_pretrained(tmp_path / "tok")
+  out = io.StringIO()
+  with contextlib.redirect_stdout(out):
+    assert cli.main(["preview", "--data", str(shared_data_dir / "lima.jsonl"), "--tokenizer",
+                     str(tmp_path / "tok"), "--loss-mode", "im_release", "--max-seq-len",
+                     str(MAX_LEN), "--limit", "3", "--json"]) == 0
+  lima = sources.load_conversations(shared_data_dir / "lima.jsonl").conversations
+  records = [json.loads(line) for line in out.getvalue().splitlines()]
+  assert len(records) == 3
+  for record in records:
+    ids, labels = ref.encode_with_messages_format(_messages(lima[record["index"]]), tokenizer,
+                                                  MAX_LEN, use_lm_loss=True)
+    assert [t["id"] for t in record["tokens"]] == ids and ids[0] == tokenizer.bos_token_id
+    assert [t["weight"] > 0 for t in record["tokens"]] == _release_trains(labels)

@@ -12,6 +12,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from configs import base
+from im_jax import experiment
 from im_jax.data import pipeline as pipeline_lib
 from im_jax.data.kinds import TokenKind
 from im_jax.train import loss as loss_lib
@@ -60,12 +62,14 @@ def _hf_linear(step: int, total: int, warmup: int, peak: float) -> float:
 
 def test_logged_lr_is_applied_and_the_last_update_ends_the_schedule():
   pipe = _padded_pipeline()
-  updates = pipe.updates()
+  c = base.get_config()
+  c.optim.lr, c.optim.eps, c.optim.warmup_ratio = 1e-3, EPS, 0.1
+  # what experiment.build does for a run of every batch of the pipeline
+  updates = pipe.updates(pipe.total_steps)
+  tx, schedule = experiment.optimizer_for(c, updates)
   assert 0 < updates < pipe.total_steps  # some batches are all padding
-  config = optim.OptimConfig(learning_rate=1e-3, eps=EPS, warmup_ratio=0.1)
-  warmup = optim.warmup_steps(config, updates)
+  warmup = optim.warmup_steps(experiment.optim_config(c), updates)
   assert warmup == int(0.1 * updates) > 0  # the release's rounding (down)
-  tx, schedule = optim.make_optimizer(config, updates)
   mesh = sharding.make_mesh(sharding.MeshConfig(1, 1, 1), jax.devices()[:1])
   graphdef, state, shardings = step_lib.create_train_state(Scalar, tx, mesh)
   train_step = step_lib.make_train_step(graphdef, tx, shardings, mesh, _loss_fn,

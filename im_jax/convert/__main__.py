@@ -58,8 +58,10 @@ def _to_hf(args: argparse.Namespace) -> str:
   if tokenizer is None:
     raise ValueError(f"{source} does not record a tokenizer; pass --tokenizer DIR")
   output_guard.check_not_input(args.out, [tokenizer])  # the recorded one may live elsewhere
+  # a training workdir records its run's content rendering; it holds for its own template
+  strip = loaded.info.get("strip_content") if template == loaded.info.get("template") else None
   out = hf_export.export_hf(args.out, loaded.model, loaded.config, tokenizer,
-                            template=template, dtype=args.dtype,
+                            template=template, strip_content=strip, dtype=args.dtype,
                             max_shard_bytes=int(args.max_shard_gb * 2**30),
                             overwrite=args.overwrite)
   return f"wrote {out} ({args.dtype}, template {template})"

@@ -60,7 +60,7 @@ class LoopConfig:
 @dataclasses.dataclass(frozen=True)
 class LoopResult:
   state: TrainState
-  step: int  # optimizer steps done
+  step: int  # train steps (batches) done; all-padding batches do not update
   preempted: bool
   resumed_from: int | None
   last_metrics: dict[str, float]

@@ -44,7 +44,7 @@ LossFn = Callable[[nnx.Module, Batch, jax.Array | None], LossSums]
 
 @flax.struct.dataclass
 class TrainState:
-  step: jax.Array  # int32 scalar: optimizer updates applied so far
+  step: jax.Array  # int32 scalar: batches done (updates: optim.update_count(opt_state))
   params: nnx.State  # the model's nnx.Param variables
   opt_state: Any
   rest: nnx.State  # the model's other variables, carried unchanged
