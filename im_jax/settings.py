@@ -10,6 +10,7 @@ writes.
 
 import difflib
 import math
+import os
 import pathlib
 import re
 from typing import Any, Callable, Sequence
@@ -17,7 +18,7 @@ from typing import Any, Callable, Sequence
 import ml_collections
 
 from configs import base as base_config
-from im_jax import output_guard
+from im_jax import hub, output_guard
 from im_jax.checkpoint import CheckpointConfig
 from im_jax.data import encode as encode_lib
 from im_jax.data import pipeline as pipeline_lib
@@ -147,19 +148,35 @@ def _check_data_settings(c: ml_collections.ConfigDict) -> None:
   check(c.data.max_examples >= 0, f"data.max_examples must be >= 0, got {c.data.max_examples}")
 
 
+def _hub_path(key: str, spec: str, resolve: Callable[[str], pathlib.Path]) -> pathlib.Path:
+  try:
+    return resolve(spec)
+  except hub.HubError as e:
+    raise ConfigError(f"{key}={spec}: {e}") from None
+
+
 def check_inputs(c: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> None:
-  """The files a run reads exist, and the workdir is none of them (checked before any work)."""
+  """The files a run reads exist, and the workdir is none of them (checked before any work).
+
+  `hf:` names are resolved here (a local path, else the Hugging Face cache): see `hub`.
+  """
   spec = c.data.train
   check(bool(spec), "data.train is empty: give a data file, tfds:NAME:SPLIT or synthetic:N")
-  data_path = output_guard.local_path(spec)
-  if data_path is not None:
-    check(data_path.is_file(), f"data.train={spec}: no such file")
+  if spec.startswith(hub.PREFIX):
+    files = _hub_path("data.train", spec, hub.dataset_files)
+    data_path = pathlib.Path(os.path.commonpath(files))
+  else:
+    data_path = output_guard.local_path(spec)
+    if data_path is not None:
+      check(data_path.is_file(), f"data.train={spec}: no such file")
   tokenizer, init_from = c.data.tokenizer, c.model.init_from
-  tokenizer_path = output_guard.local_path(tokenizer)
-  if tokenizer_path is not None:
+  tokenizer_path = None
+  if tokenizer and tokenizer != SYNTHETIC:
+    tokenizer_path = _hub_path("data.tokenizer", tokenizer, hub.folder)
     check(tokenizer_path.is_dir(), f"data.tokenizer={tokenizer}: no such folder")
-  init_path = output_guard.local_path(init_from)
-  if init_path is not None:
+  init_path = None
+  if init_from:
+    init_path = _hub_path("model.init_from", init_from, hub.folder)
     check(init_path.is_dir(), f"model.init_from={init_from}: no such folder")
   check(bool(tokenizer) or bool(init_from),
          "data.tokenizer is empty and model.init_from names no model to take it from")

@@ -23,15 +23,17 @@ DEVICES = 8  # conftest's simulated CPU devices
 # to configs/base.py must be added here (test_every_key_has_wrong_values).
 WRONG = {
     "model.preset": ["llama4", ""],
-    "model.init_from": ["/nonexistent/model", "hf:/nonexistent/hf"],
+    # a local folder, a path that is no Hub name, a Hub name absent from the (offline) cache
+    "model.init_from": ["/nonexistent/model", "hf:/nonexistent/hf", "hf:nonexistent-org/model"],
     "model.scan_layers": ["yes", 1],
     "model.remat_policy": ["dots"],
     "model.param_dtype": ["fp32"],
     "model.compute_dtype": ["bf16"],
     "model.attention_impl": ["flash"],
-    "data.train": ["", "synthetic:abc", "synthetic:0", "/nonexistent/train.jsonl"],
+    "data.train": ["", "synthetic:abc", "synthetic:0", "/nonexistent/train.jsonl",
+                   "hf:nonexistent-org/data:train"],
     "data.format": ["chatml"],
-    "data.tokenizer": ["/nonexistent/tokenizer"],
+    "data.tokenizer": ["/nonexistent/tokenizer", "hf:nonexistent-org/tokenizer"],
     "data.template": ["chatml"],
     "data.max_seq_len": [1, "long"],
     "data.truncation": ["left"],

@@ -1,5 +1,6 @@
 """Read instruction data into `Conversation`s: Tulu / Alpaca / ShareGPT records in JSONL,
-JSON, Parquet or a TFDS dataset.
+JSON, Parquet, the data files of a Hugging Face dataset (`hf:ORG/NAME[:SPLIT]`, see
+`im_jax.hub`) or a TFDS dataset.
 
 Two independent choices describe a source:
 - the *container*, always detected: `tfds:` prefix -> TFDS; `PAR1` magic or `.parquet` ->
@@ -24,6 +25,7 @@ import logging
 import pathlib
 from typing import Any
 
+from im_jax import hub
 from im_jax.data.conversation import ROLES, Conversation, DataError, Message
 
 FORMATS = ("tulu", "alpaca", "sharegpt")
@@ -104,6 +106,14 @@ def iter_conversations(path: str | pathlib.Path, format: str | None = None,
   skipped = [] if skipped is None else skipped
   info = {} if info is None else info
   source = str(path)
+  if source.startswith(hub.PREFIX):  # a Hub dataset (or local folder): each of its data files
+    try:
+      files = hub.dataset_files(source)
+    except hub.HubError as e:
+      raise DataError(source, None, str(e)) from None
+    for file in files:
+      yield from iter_conversations(file, format, on_bad_record, skipped=skipped, info=info)
+    return
   container, records = _open_records(source, tfds_data_dir)
   info["container"] = container
 
