@@ -79,6 +79,13 @@ def get_config() -> ml_collections.ConfigDict:
   c.eval.every_steps = 0  # 0 = only at the end
   c.eval.batch_size = 8  # global rows per eval batch
 
+  # Weights & Biases mirrors metrics.jsonl (process 0; pip install wandb); off when empty
+  c.log = ml_collections.ConfigDict()
+  c.log.wandb_project = ""
+  c.log.wandb_entity = ""  # "" = your default entity
+  c.log.wandb_run_name = ""  # "" = the workdir's name
+  c.log.wandb_tags = ""  # comma-separated
+
   c.neftune_alpha = 0.0  # the paper uses 5 for NEFTune runs
   c.export_hf = False  # write a Hugging Face folder to WORKDIR/hf at the end
   return c

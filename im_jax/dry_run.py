@@ -51,6 +51,8 @@ def data_plan(c: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dict
       "config.json", "metrics.jsonl", "tensorboard", "checkpoints")}
   if c.export_hf:
     outputs["hf"] = str(workdir / "hf")
+  if c.log.wandb_project:
+    outputs["wandb"] = f"{workdir / 'wandb'} (W&B project {c.log.wandb_project})"
   return {
       "data": c.data.train,
       "examples": stats.examples + data.held_out_examples,

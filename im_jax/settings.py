@@ -29,6 +29,7 @@ from im_jax.train import loop as loop_lib
 from im_jax.train import optim as optim_lib
 from im_jax.train import sharding
 from im_jax.train.loss import LossConfig
+from im_jax.train.wandb_log import WandbConfig
 
 SYNTHETIC = "synthetic"
 
@@ -240,6 +241,7 @@ def validate(c: ml_collections.ConfigDict, num_devices: int, process_count: int)
   _typed(_section_keys(c, "optim"), lambda: optim_config(c))
   _typed(_section_keys(c, "data"), lambda: pipeline_config(c, rows=1, epochs=1, shuffle=True))
   _typed(_section_keys(c, "checkpoint"), lambda: checkpoint_config(c))
+  _typed(_section_keys(c, "log"), lambda: wandb_config(c))
   _typed(["train.max_steps", "train.grad_accum", "train.log_every", "eval.every_steps",
           "train.max_consecutive_skips"], lambda: loop_config(c, total_steps=1))
 
@@ -259,7 +261,12 @@ def loop_config(c: ml_collections.ConfigDict, total_steps: int) -> loop_lib.Loop
   return loop_lib.LoopConfig(
       total_steps=total_steps, grad_accum=c.train.grad_accum, log_every=c.train.log_every,
       eval_every=c.eval.every_steps, checkpoint=checkpoint_config(c),
-      max_consecutive_skips=c.train.max_consecutive_skips)
+      max_consecutive_skips=c.train.max_consecutive_skips, wandb=wandb_config(c))
+
+
+def wandb_config(c: ml_collections.ConfigDict) -> WandbConfig:
+  return WandbConfig.from_keys(c.log.wandb_project, c.log.wandb_entity, c.log.wandb_run_name,
+                               c.log.wandb_tags)
 
 
 def optim_config(c: ml_collections.ConfigDict) -> optim_lib.OptimConfig:

@@ -72,6 +72,10 @@ WRONG = {
     "checkpoint.async_save": ["no"],
     "eval.every_steps": [-1],
     "eval.batch_size": [0, 3],
+    "log.wandb_project": ["team/project", "x" * 129, " padded", 1],
+    "log.wandb_entity": ["team#1", "team"],  # the second: set while the project is empty
+    "log.wandb_run_name": ["run1"],
+    "log.wandb_tags": ["a,b"],
     "neftune_alpha": [-1.0],
     "export_hf": ["yes"],
 }
@@ -132,6 +136,17 @@ def test_combinations_are_refused():
   c.train.max_steps, c.train.epochs = 0, 0
   with pytest.raises(settings.ConfigError, match="train.max_steps > 0 or train.epochs > 0"):
     _check_all(c, pathlib.Path("unused"))
+
+
+def test_wandb_settings_with_a_project():
+  c = _good()
+  c.log.wandb_project, c.log.wandb_entity, c.log.wandb_tags = "im-jax", "team", "it, im"
+  _check_all(c, pathlib.Path("unused"))  # needs the wandb package (requirements.txt pins it)
+  for tags in ("a,,b", "a," + "t" * 65):
+    c.log.wandb_tags = tags
+    with pytest.raises(settings.ConfigError, match=r"^log\.wandb_tags: each tag must have 1 to "
+                       "64 characters"):
+      _check_all(c, pathlib.Path("unused"))
 
 
 @pytest.mark.parametrize("key", ["data.formt", "optim.learning_rate", "nope"])

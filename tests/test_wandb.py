@@ -1,0 +1,61 @@
+"""Weights & Biases mirrors metrics.jsonl, in one run across restarts (WANDB_MODE=offline).
+
+The offline run files are read back with wandb's own record reader and compared with what
+`metrics.jsonl` holds; no network.
+"""
+
+import pytest
+
+from im_jax.train.metrics_log import MetricsLogger, read_metrics
+from im_jax.train.wandb_log import RUN_ID_FILE, WandbConfig
+from tests.wandb_runs import by_step, offline_runs
+
+wandb = pytest.importorskip("wandb", reason="wandb is a pinned test dependency (requirements.txt)")
+
+
+@pytest.fixture(autouse=True)
+def offline(tmp_path, monkeypatch):
+  monkeypatch.setenv("WANDB_MODE", "offline")
+  monkeypatch.setenv("WANDB_SILENT", "true")
+  for name in ("WANDB_CONFIG_DIR", "WANDB_CACHE_DIR", "WANDB_DATA_DIR"):
+    monkeypatch.setenv(name, str(tmp_path / "wandb_home"))
+
+
+def test_records_mirror_to_one_run_resumed_after_a_restart(tmp_path):
+  config = WandbConfig("im-jax-test", run_name="lima-im", tags=("im", "lima"))
+  first = [{"step": 1, "loss": 2.5, "output_loss": 2.0, "tokens": 300},
+           {"step": 2, "loss": 2.25, "output_loss": 1.75, "tokens": 310},
+           {"step": 2, "eval_output_loss": 2.125},
+           {"step": 3, "loss": 9.0, "output_loss": 9.0, "tokens": 1}]  # lost: no checkpoint
+  logger = MetricsLogger(tmp_path, total_steps=4, tensorboard=False, progress=False,
+                         wandb=config, run_config={"loss": {"mode": "im"}})
+  for record in first:
+    logger.write(record)
+  logger.close()
+  wandb.teardown()  # the process ends: W&B's service writes out the run
+  run_id = (tmp_path / RUN_ID_FILE).read_text().strip()
+  # The restart resumes from the checkpoint at step 2.
+  logger = MetricsLogger(tmp_path, total_steps=4, start_step=2, tensorboard=False,
+                         progress=False, wandb=config)
+  for record in ({"step": 3, "loss": 2.0, "output_loss": 1.5, "tokens": 305},
+                 {"step": 4, "loss": 1.875, "output_loss": 1.25, "tokens": 290}):
+    logger.write(record)
+  logger.close()
+  wandb.teardown()
+
+  runs = offline_runs(tmp_path)
+  assert [(r["id"], r["project"], r["name"], r["tags"]) for r in runs] == [
+      (run_id, "im-jax-test", "lima-im", ["im", "lima"])] * 2
+  # W&B keeps the newest value per step, as the rewritten metrics.jsonl does.
+  mirrored = {**runs[0]["history"], **runs[1]["history"]}
+  assert mirrored == by_step(read_metrics(tmp_path))
+  assert mirrored[3]["loss"] == 2.0 and mirrored[2]["eval_output_loss"] == 2.125
+
+
+def test_off_by_default_and_off_on_other_processes(tmp_path, monkeypatch):
+  MetricsLogger(tmp_path / "a", total_steps=1, tensorboard=False, progress=False,
+                wandb=WandbConfig()).close()
+  monkeypatch.setattr("jax.process_index", lambda: 1)
+  MetricsLogger(tmp_path / "b", total_steps=1, tensorboard=False, progress=False,
+                wandb=WandbConfig("im-jax-test")).close()
+  assert not list(tmp_path.rglob("wandb*"))
