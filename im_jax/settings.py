@@ -156,6 +156,12 @@ def _hub_path(key: str, spec: str, resolve: Callable[[str], pathlib.Path]) -> pa
     raise ConfigError(f"{key}={spec}: {e}") from None
 
 
+def _hub_hint(spec: str) -> str:
+  """For a missing `ORG/NAME`: Hub names take the hf: prefix (a bare one is a local path)."""
+  looks_like_hub = re.fullmatch(r"[\w.-]+/[\w.-]+", spec) and not spec.startswith(".")
+  return f" (a Hugging Face Hub name is written hf:{spec})" if looks_like_hub else ""
+
+
 def check_inputs(c: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> None:
   """The files a run reads exist, and the workdir is none of them (checked before any work).
 
@@ -169,16 +175,17 @@ def check_inputs(c: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> N
   else:
     data_path = output_guard.local_path(spec)
     if data_path is not None:
-      check(data_path.is_file(), f"data.train={spec}: no such file")
+      check(data_path.is_file(), f"data.train={spec}: no such file{_hub_hint(spec)}")
   tokenizer, init_from = c.data.tokenizer, c.model.init_from
   tokenizer_path = None
   if tokenizer and tokenizer != SYNTHETIC:
     tokenizer_path = _hub_path("data.tokenizer", tokenizer, hub.folder)
-    check(tokenizer_path.is_dir(), f"data.tokenizer={tokenizer}: no such folder")
+    check(tokenizer_path.is_dir(),
+          f"data.tokenizer={tokenizer}: no such folder{_hub_hint(tokenizer)}")
   init_path = None
   if init_from:
     init_path = _hub_path("model.init_from", init_from, hub.folder)
-    check(init_path.is_dir(), f"model.init_from={init_from}: no such folder")
+    check(init_path.is_dir(), f"model.init_from={init_from}: no such folder{_hub_hint(init_from)}")
   check(bool(tokenizer) or bool(init_from),
          "data.tokenizer is empty and model.init_from names no model to take it from")
   workdir = pathlib.Path(workdir)

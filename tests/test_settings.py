@@ -138,6 +138,14 @@ def test_combinations_are_refused():
     _check_all(c, pathlib.Path("unused"))
 
 
+@pytest.mark.parametrize("key", ["model.init_from", "data.tokenizer", "data.train"])
+def test_a_bare_hub_name_gets_a_hint(key):
+  with pytest.raises(settings.ConfigError, match=rf"^{key}=nonexistent-org/name: no such "
+                     r"(file|folder) \(a Hugging Face Hub name is written "
+                     r"hf:nonexistent-org/name\)$"):
+    _check_all(_with(key, "nonexistent-org/name"), pathlib.Path("unused"))
+
+
 def test_wandb_settings_with_a_project():
   c = _good()
   c.log.wandb_project, c.log.wandb_entity, c.log.wandb_tags = "im-jax", "team", "it, im"

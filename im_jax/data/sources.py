@@ -167,7 +167,8 @@ def iter_conversations(path: str | pathlib.Path, format: str | None = None,
 def add_source_arguments(parser: argparse.ArgumentParser) -> None:
   """Command-line arguments naming a source, shared by the `python -m im_jax.data` commands."""
   parser.add_argument("--data", required=True,
-                      help="a .jsonl/.json/.parquet file, or tfds:NAME[/CONFIG][:VERSION]:SPLIT")
+                      help="a .jsonl/.json/.parquet file, hf:ORG/NAME[:SPLIT] (a Hugging Face "
+                      "dataset) or tfds:NAME[/CONFIG][:VERSION]:SPLIT")
   parser.add_argument("--format", choices=FORMATS, default=None,
                       help="record format (default: detected from the first record)")
   parser.add_argument("--on-bad-record", choices=ON_BAD_RECORD, default="error",
