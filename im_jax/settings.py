@@ -29,6 +29,7 @@ from im_jax.train import loop as loop_lib
 from im_jax.train import optim as optim_lib
 from im_jax.train import sharding
 from im_jax.train.loss import LossConfig
+from im_jax.train import wandb_log
 from im_jax.train.wandb_log import WandbConfig
 
 SYNTHETIC = "synthetic"
@@ -188,6 +189,10 @@ def check_inputs(c: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> N
     check(init_path.is_dir(), f"model.init_from={init_from}: no such folder{_hub_hint(init_from)}")
   check(bool(tokenizer) or bool(init_from),
          "data.tokenizer is empty and model.init_from names no model to take it from")
+  try:
+    wandb_log.check_logged_in(wandb_config(c))
+  except wandb_log.WandbUnavailable as e:
+    raise ConfigError(str(e)) from None
   workdir = pathlib.Path(workdir)
   try:
     output_guard.check_not_input(workdir, {

@@ -168,6 +168,18 @@ def test_model_not_found_is_one_line(cache):
     hub.folder("hf:testorg/nope")
 
 
+def test_a_run_reads_a_hub_tokenizer_and_a_hub_split(cache, tmp_path):
+  from configs import base  # pylint: disable=g-import-not-at-top
+  from im_jax import dry_run  # pylint: disable=g-import-not-at-top
+
+  c = base.get_config()
+  c.data.train, c.data.tokenizer = f"hf:{DATASET}:test", f"hf:{MODEL}"
+  c.data.max_seq_len, c.train.batch_size, c.eval.batch_size = 64, 8, 8
+  plan = dry_run.data_plan(c, tmp_path / "run")
+  assert plan["tokenizer"] == str(hub.folder(f"hf:{MODEL}")) and plan["examples"] == 5
+  assert not (tmp_path / "run").exists()
+
+
 def _train(hf_home: pathlib.Path, workdir: pathlib.Path, *overrides: str):
   env = {k: v for k, v in os.environ.items() if not k.startswith("HF_")}
   env.update(HF_HOME=str(hf_home), HF_HUB_OFFLINE="1", JAX_PLATFORMS="cpu")

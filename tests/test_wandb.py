@@ -7,7 +7,7 @@ The offline run files are read back with wandb's own record reader and compared 
 import pytest
 
 from im_jax.train.metrics_log import MetricsLogger, read_metrics
-from im_jax.train.wandb_log import RUN_ID_FILE, WandbConfig
+from im_jax.train.wandb_log import RUN_ID_FILE, WandbConfig, WandbUnavailable
 from tests.wandb_runs import by_step, offline_runs
 
 wandb = pytest.importorskip("wandb", reason="wandb is a pinned test dependency (requirements.txt)")
@@ -59,3 +59,32 @@ def test_off_by_default_and_off_on_other_processes(tmp_path, monkeypatch):
   MetricsLogger(tmp_path / "b", total_steps=1, tensorboard=False, progress=False,
                 wandb=WandbConfig("im-jax-test")).close()
   assert not list(tmp_path.rglob("wandb*"))
+
+
+def test_a_run_w_and_b_refuses_is_one_line(tmp_path, monkeypatch):
+  def refuse(**kwargs):
+    del kwargs
+    raise wandb.errors.UsageError("api_key not configured (no-tty).\ncall wandb.login(key=...)")
+
+  monkeypatch.setattr(wandb, "init", refuse)
+  with pytest.raises(WandbUnavailable) as info:
+    MetricsLogger(tmp_path, total_steps=1, tensorboard=False, progress=False,
+                  wandb=WandbConfig("im-jax-test"))
+  assert str(info.value) == (
+      "log.wandb_project=im-jax-test: W&B could not start the run: api_key not configured "
+      "(no-tty). call wandb.login(key=...) (log in with `wandb login` or WANDB_API_KEY, or set "
+      "WANDB_MODE=offline)")
+
+
+def test_an_online_run_without_an_api_key_stops_before_any_work(tmp_path, monkeypatch):
+  from configs import base  # pylint: disable=g-import-not-at-top
+  from im_jax import settings  # pylint: disable=g-import-not-at-top
+
+  c = base.get_config()
+  c.data.train, c.data.tokenizer, c.log.wandb_project = "synthetic:10", "synthetic", "im-jax"
+  monkeypatch.setattr(type(wandb.api), "api_key", property(lambda self: None))  # logged out
+  settings.check_inputs(c, tmp_path / "run")  # WANDB_MODE=offline (the fixture): no key needed
+  monkeypatch.setenv("WANDB_MODE", "online")
+  with pytest.raises(settings.ConfigError, match=r"^log\.wandb_project=im-jax: no W&B API key"):
+    settings.check_inputs(c, tmp_path / "run")
+  assert not (tmp_path / "run").exists()

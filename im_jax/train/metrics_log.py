@@ -40,7 +40,8 @@ def _truncate_after(path: pathlib.Path, step: int) -> None:
 
 
 class MetricsLogger:
-  """Appends one JSON object per record; mirrors scalars to TensorBoard; drives a bar."""
+  """Appends one JSON object per record; mirrors scalars to TensorBoard (and W&B when
+  configured); drives a bar."""
 
   def __init__(self, workdir: str | pathlib.Path, *, total_steps: int, start_step: int = 0,
                tensorboard: bool = True, progress: bool = True,
@@ -51,6 +52,8 @@ class MetricsLogger:
       return
     workdir = pathlib.Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
+    if wandb is not None and wandb.project:  # first: when W&B refuses, nothing is left open
+      self._wandb = WandbSink(wandb, workdir, run_config)
     path = workdir / METRICS_FILE
     _truncate_after(path, start_step)
     self._file = path.open("a", encoding="utf-8")
@@ -63,8 +66,6 @@ class MetricsLogger:
 
       self._bar = tqdm.tqdm(total=total_steps, initial=start_step, unit="step",
                             dynamic_ncols=True, mininterval=1.0)
-    if wandb is not None and wandb.project:
-      self._wandb = WandbSink(wandb, workdir, run_config)
 
   def write(self, record: dict[str, Any]) -> None:
     if not self.enabled:

@@ -53,6 +53,24 @@ class WandbConfig:
                tuple(t.strip() for t in tags.split(",")) if tags.strip() else ())
 
 
+class WandbUnavailable(ValueError):
+  """W&B could not start (or resume) the run; one line for the user."""
+
+
+def check_logged_in(config: WandbConfig) -> None:
+  """Before any work: an online W&B run needs an API key (`wandb login`, WANDB_API_KEY)."""
+  if not config.project:
+    return
+  import wandb  # pylint: disable=g-import-not-at-top
+
+  settings = wandb.Settings()
+  settings.update_from_env_vars(dict(os.environ))  # WANDB_MODE=offline|disabled need no key
+  if settings.mode == "online" and wandb.api.api_key is None:
+    raise WandbUnavailable(
+        f"log.wandb_project={config.project}: no W&B API key (log in with `wandb login` or "
+        "set WANDB_API_KEY), or set WANDB_MODE=offline to log locally and `wandb sync` later")
+
+
 class WandbSink:
   """One W&B run per workdir: created on the first start, resumed on every restart."""
 
@@ -63,10 +81,16 @@ class WandbSink:
     workdir = pathlib.Path(workdir)
     id_file = workdir / RUN_ID_FILE
     run_id = id_file.read_text().strip() if id_file.exists() else None  # None: W&B picks one
-    self.run = wandb.init(
-        project=config.project, entity=config.entity or None,
-        name=config.run_name or workdir.absolute().name, tags=list(config.tags) or None,
-        id=run_id, resume="allow", dir=str(workdir), config=run_config)
+    try:
+      self.run = wandb.init(
+          project=config.project, entity=config.entity or None,
+          name=config.run_name or workdir.absolute().name, tags=list(config.tags) or None,
+          id=run_id, resume="allow", dir=str(workdir), config=run_config)
+    except wandb.errors.Error as e:  # not logged in, no network, a project it may not write
+      reason = " ".join(str(e).split()) or type(e).__name__
+      raise WandbUnavailable(
+          f"log.wandb_project={config.project}: W&B could not start the run: {reason} (log in "
+          "with `wandb login` or WANDB_API_KEY, or set WANDB_MODE=offline)") from None
     if run_id is None:
       tmp = id_file.with_name(f".{RUN_ID_FILE}.partial")
       tmp.write_text(self.run.id + "\n")
