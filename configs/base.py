@@ -13,7 +13,8 @@ def get_config() -> ml_collections.ConfigDict:
 
   c.model = ml_collections.ConfigDict()
   c.model.preset = "tiny"  # tiny | smollm2_135m | llama2_7b | llama2_13b | llama3_8b | ...
-  c.model.init_from = ""  # "" (random init) | hf:DIR | a CKPT folder (python -m im_jax.convert)
+  # "" (random init) | hf:DIR | hf:ORG/NAME (Hub cache) | a CKPT folder | a training workdir
+  c.model.init_from = ""
   c.model.scan_layers = True
   c.model.remat_policy = "none"  # none | minimal | full
   c.model.param_dtype = "float32"
@@ -23,9 +24,10 @@ def get_config() -> ml_collections.ConfigDict:
   c.model.attention_impl = "auto"
 
   c.data = ml_collections.ConfigDict()
-  c.data.train = ""  # a file (tulu/alpaca/sharegpt JSON(L) or parquet), tfds:NAME:SPLIT, synthetic:N
-  c.data.format = ""  # "" = detect | tulu | alpaca | sharegpt
-  c.data.tokenizer = ""  # "" = the init_from folder's | a HF tokenizer folder | synthetic
+  # a file (JSON(L) or parquet), hf:ORG/NAME[:SPLIT] (a Hub dataset), tfds:NAME:SPLIT, synthetic:N
+  c.data.train = ""
+  c.data.format = ""  # "" = detect | tulu | alpaca | sharegpt | prompt_completion
+  c.data.tokenizer = ""  # "" = the init_from model's | a folder | hf:ORG/NAME | synthetic
   c.data.template = "tulu"  # tulu (the paper's) | hf (the tokenizer's chat template)
   c.data.max_seq_len = 2048
   c.data.truncation = "right"  # right (the paper's) | drop
@@ -81,6 +83,13 @@ def get_config() -> ml_collections.ConfigDict:
   c.eval = ml_collections.ConfigDict()
   c.eval.every_steps = 0  # 0 = only at the end
   c.eval.batch_size = 8  # global rows per eval batch
+
+  # Weights & Biases mirrors metrics.jsonl (process 0; pip install wandb); off when empty
+  c.log = ml_collections.ConfigDict()
+  c.log.wandb_project = ""
+  c.log.wandb_entity = ""  # "" = your default entity
+  c.log.wandb_run_name = ""  # "" = the workdir's name
+  c.log.wandb_tags = ""  # comma-separated
 
   c.neftune_alpha = 0.0  # the paper uses 5 for NEFTune runs
   c.export_hf = False  # write a Hugging Face folder to WORKDIR/hf at the end

@@ -19,7 +19,7 @@ import jax
 import ml_collections
 from flax import nnx
 
-from im_jax import distributed
+from im_jax import distributed, hub
 from im_jax.checkpoint.store import newest_meta
 from im_jax.convert import hf_export
 from im_jax.convert.load import load_pretrained
@@ -87,7 +87,7 @@ def resolve_tokenizer_dir(c: ml_collections.ConfigDict, workdir: pathlib.Path,
     distributed.sync("synthetic_tokenizer")
     return out
   if c.data.tokenizer:
-    return pathlib.Path(c.data.tokenizer)
+    return hub.folder(c.data.tokenizer)
   check(pretrained_tokenizer_dir is not None,
          "data.tokenizer is empty and model.init_from names no model to take it from")
   return pathlib.Path(pretrained_tokenizer_dir)
@@ -161,6 +161,49 @@ def optimizer_for(c: ml_collections.ConfigDict, updates: int) -> tuple[Any, Any]
 
 
 @dataclasses.dataclass
+class RunData:
+  """A run's data, read, encoded and planned: what training and `--dry-run` share."""
+
+  tokenizer_dir: pathlib.Path
+  vocab_size: int
+  train: pipeline_lib.DataPipeline
+  eval: pipeline_lib.DataPipeline | None
+  total_steps: int  # batches
+  updates: int  # optimizer updates: batches less the all-padding ones closing short epochs
+  held_out_examples: int
+
+
+def build_data(c: ml_collections.ConfigDict, tokenizer_home: pathlib.Path,
+               pretrained_tokenizer_dir: pathlib.Path | None) -> RunData:
+  """Reads, splits and encodes the data and plans its batches (a synthetic tokenizer is
+  trained into `tokenizer_home`/tokenizer unless one is there)."""
+  processes = jax.process_count()
+  conversations = load_train_conversations(c)
+  train_convs, held_convs = split_held_out(conversations, c.data.eval_fraction)
+  check(len(train_convs) > 0, f"no training examples left in {c.data.train}")
+  tokenizer_dir = resolve_tokenizer_dir(c, tokenizer_home, conversations,
+                                        pretrained_tokenizer_dir)
+  tokenizer = load_tokenizer(str(tokenizer_dir))
+  enc = encode_config(c)
+
+  def make_pipeline(convs, rows, epochs, shuffle):
+    return pipeline_lib.build_pipeline(convs, tokenizer, enc,
+                                       pipeline_config(c, rows, epochs, shuffle))
+
+  rows = c.train.batch_size // processes
+  train_data = make_pipeline(train_convs, rows, max(c.train.epochs, 1), True)
+  total_steps = c.train.max_steps or train_data.total_steps
+  if total_steps > train_data.total_steps:  # more steps than the epochs hold: add epochs
+    epochs = math.ceil(total_steps / train_data.steps_per_epoch)
+    train_data = train_data.with_epochs(epochs)
+  eval_data = None
+  if held_convs:
+    eval_data = make_pipeline(held_convs, c.eval.batch_size // processes, 1, False)
+  return RunData(tokenizer_dir, len(tokenizer), train_data, eval_data, total_steps,
+                 train_data.updates(total_steps), len(held_convs))
+
+
+@dataclasses.dataclass
 class Experiment:
   config: ml_collections.ConfigDict
   workdir: pathlib.Path
@@ -221,34 +264,14 @@ def build(c: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> Experime
                                    **model_options(c))
     except (OSError, ValueError, KeyError) as e:  # a missing folder, an unsupported config
       raise ConfigError(f"model.init_from={c.model.init_from}: {e}") from None
-  conversations = load_train_conversations(c)
-  train_convs, held_convs = split_held_out(conversations, c.data.eval_fraction)
-  check(len(train_convs) > 0, f"no training examples left in {c.data.train}")
-  tokenizer_dir = resolve_tokenizer_dir(c, workdir, conversations,
-                                        pretrained.tokenizer_dir if pretrained else None)
-  tokenizer = load_tokenizer(str(tokenizer_dir))
-  enc = encode_config(c)
-
-  def make_pipeline(convs, rows, epochs, shuffle):
-    return pipeline_lib.build_pipeline(convs, tokenizer, enc,
-                                       pipeline_config(c, rows, epochs, shuffle))
-
-  rows = c.train.batch_size // processes
-  train_data = make_pipeline(train_convs, rows, max(c.train.epochs, 1), True)
-  total_steps = c.train.max_steps or train_data.total_steps
-  if total_steps > train_data.total_steps:  # more steps than the epochs hold: add epochs
-    epochs = math.ceil(total_steps / train_data.steps_per_epoch)
-    train_data = train_data.with_epochs(epochs)
-  # The schedule spans the updates: all-padding batches closing short epochs do not update.
-  updates = train_data.updates(total_steps)
+  data = build_data(c, workdir, pretrained.tokenizer_dir if pretrained else None)
+  train_data, eval_data, total_steps = data.train, data.eval, data.total_steps
   log.info("data: %s; %d batches per epoch, %d batches, %d updates", train_data.stats.as_dict(),
-           train_data.steps_per_epoch, total_steps, updates)
-  eval_data = None
-  if held_convs:
-    eval_data = make_pipeline(held_convs, c.eval.batch_size // processes, 1, False)
+           train_data.steps_per_epoch, total_steps, data.updates)
+  tokenizer_dir = data.tokenizer_dir
 
-  mcfg = model_config(c, len(tokenizer), pretrained.config if pretrained else None)
-  steps = build_steps(c, mcfg, mesh, updates)
+  mcfg = model_config(c, data.vocab_size, pretrained.config if pretrained else None)
+  steps = build_steps(c, mcfg, mesh, data.updates)
   state = step_lib.init_train_state(steps.model_fn, steps.tx, steps.shardings, mesh,
                                     seed=c.train.seed)
   if pretrained is not None:

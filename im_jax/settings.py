@@ -10,6 +10,7 @@ writes.
 
 import difflib
 import math
+import os
 import pathlib
 import re
 from typing import Any, Callable, Sequence
@@ -17,7 +18,7 @@ from typing import Any, Callable, Sequence
 import ml_collections
 
 from configs import base as base_config
-from im_jax import output_guard
+from im_jax import hub, output_guard
 from im_jax.checkpoint import CheckpointConfig
 from im_jax.data import encode as encode_lib
 from im_jax.data import pipeline as pipeline_lib
@@ -28,6 +29,8 @@ from im_jax.train import loop as loop_lib
 from im_jax.train import optim as optim_lib
 from im_jax.train import sharding
 from im_jax.train.loss import LossConfig
+from im_jax.train import wandb_log
+from im_jax.train.wandb_log import WandbConfig
 
 SYNTHETIC = "synthetic"
 
@@ -148,22 +151,49 @@ def _check_data_settings(c: ml_collections.ConfigDict) -> None:
   check(c.data.max_examples >= 0, f"data.max_examples must be >= 0, got {c.data.max_examples}")
 
 
+def _hub_path(key: str, spec: str, resolve: Callable[[str], pathlib.Path]) -> pathlib.Path:
+  try:
+    return resolve(spec)
+  except hub.HubError as e:
+    raise ConfigError(f"{key}={spec}: {e}") from None
+
+
+def _hub_hint(spec: str) -> str:
+  """For a missing `ORG/NAME`: Hub names take the hf: prefix (a bare one is a local path)."""
+  looks_like_hub = re.fullmatch(r"[\w.-]+/[\w.-]+", spec) and not spec.startswith(".")
+  return f" (a Hugging Face Hub name is written hf:{spec})" if looks_like_hub else ""
+
+
 def check_inputs(c: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> None:
-  """The files a run reads exist, and the workdir is none of them (checked before any work)."""
+  """The files a run reads exist, and the workdir is none of them (checked before any work).
+
+  `hf:` names are resolved here (a local path, else the Hugging Face cache): see `hub`.
+  """
   spec = c.data.train
   check(bool(spec), "data.train is empty: give a data file, tfds:NAME:SPLIT or synthetic:N")
-  data_path = output_guard.local_path(spec)
-  if data_path is not None:
-    check(data_path.is_file(), f"data.train={spec}: no such file")
+  if spec.startswith(hub.PREFIX):
+    files = _hub_path("data.train", spec, hub.dataset_files)
+    data_path = pathlib.Path(os.path.commonpath(files))
+  else:
+    data_path = output_guard.local_path(spec)
+    if data_path is not None:
+      check(data_path.is_file(), f"data.train={spec}: no such file{_hub_hint(spec)}")
   tokenizer, init_from = c.data.tokenizer, c.model.init_from
-  tokenizer_path = output_guard.local_path(tokenizer)
-  if tokenizer_path is not None:
-    check(tokenizer_path.is_dir(), f"data.tokenizer={tokenizer}: no such folder")
-  init_path = output_guard.local_path(init_from)
-  if init_path is not None:
-    check(init_path.is_dir(), f"model.init_from={init_from}: no such folder")
+  tokenizer_path = None
+  if tokenizer and tokenizer != SYNTHETIC:
+    tokenizer_path = _hub_path("data.tokenizer", tokenizer, hub.folder)
+    check(tokenizer_path.is_dir(),
+          f"data.tokenizer={tokenizer}: no such folder{_hub_hint(tokenizer)}")
+  init_path = None
+  if init_from:
+    init_path = _hub_path("model.init_from", init_from, hub.folder)
+    check(init_path.is_dir(), f"model.init_from={init_from}: no such folder{_hub_hint(init_from)}")
   check(bool(tokenizer) or bool(init_from),
          "data.tokenizer is empty and model.init_from names no model to take it from")
+  try:
+    wandb_log.check_logged_in(wandb_config(c))
+  except wandb_log.WandbUnavailable as e:
+    raise ConfigError(str(e)) from None
   workdir = pathlib.Path(workdir)
   try:
     output_guard.check_not_input(workdir, {
@@ -224,6 +254,7 @@ def validate(c: ml_collections.ConfigDict, num_devices: int, process_count: int)
   _typed(_section_keys(c, "optim"), lambda: optim_config(c))
   _typed(_section_keys(c, "data"), lambda: pipeline_config(c, rows=1, epochs=1, shuffle=True))
   _typed(_section_keys(c, "checkpoint"), lambda: checkpoint_config(c))
+  _typed(_section_keys(c, "log"), lambda: wandb_config(c))
   _typed(["train.max_steps", "train.grad_accum", "train.log_every", "eval.every_steps",
           "train.max_consecutive_skips"], lambda: loop_config(c, total_steps=1))
 
@@ -243,7 +274,12 @@ def loop_config(c: ml_collections.ConfigDict, total_steps: int) -> loop_lib.Loop
   return loop_lib.LoopConfig(
       total_steps=total_steps, grad_accum=c.train.grad_accum, log_every=c.train.log_every,
       eval_every=c.eval.every_steps, checkpoint=checkpoint_config(c),
-      max_consecutive_skips=c.train.max_consecutive_skips)
+      max_consecutive_skips=c.train.max_consecutive_skips, wandb=wandb_config(c))
+
+
+def wandb_config(c: ml_collections.ConfigDict) -> WandbConfig:
+  return WandbConfig.from_keys(c.log.wandb_project, c.log.wandb_entity, c.log.wandb_run_name,
+                               c.log.wandb_tags)
 
 
 def optim_config(c: ml_collections.ConfigDict) -> optim_lib.OptimConfig:

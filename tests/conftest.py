@@ -11,6 +11,7 @@ os.environ["XLA_FLAGS"] = (
 ).strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("WANDB_MODE", "offline")  # no test reaches the network
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import importlib.util

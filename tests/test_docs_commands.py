@@ -145,7 +145,7 @@ def _check_train(args: list[str]) -> None:
     i += 1
   assert {"config", "workdir"} <= set(flags), "python -m im_jax.train needs --config and --workdir"
   assert set(flags) <= {"config", "workdir", "coordinator_address", "num_processes",
-                        "process_id"}, flags
+                        "process_id", "dry-run", "print-config"}, flags
   for key in overrides:
     settings.check_override_key(key)
   path, _, config_args = flags["config"].partition(":")

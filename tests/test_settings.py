@@ -23,15 +23,17 @@ DEVICES = 8  # conftest's simulated CPU devices
 # to configs/base.py must be added here (test_every_key_has_wrong_values).
 WRONG = {
     "model.preset": ["llama4", ""],
-    "model.init_from": ["/nonexistent/model", "hf:/nonexistent/hf"],
+    # a local folder, a path that is no Hub name, a Hub name absent from the (offline) cache
+    "model.init_from": ["/nonexistent/model", "hf:/nonexistent/hf", "hf:nonexistent-org/model"],
     "model.scan_layers": ["yes", 1],
     "model.remat_policy": ["dots"],
     "model.param_dtype": ["fp32"],
     "model.compute_dtype": ["bf16"],
     "model.attention_impl": ["flash"],
-    "data.train": ["", "synthetic:abc", "synthetic:0", "/nonexistent/train.jsonl"],
+    "data.train": ["", "synthetic:abc", "synthetic:0", "/nonexistent/train.jsonl",
+                   "hf:nonexistent-org/data:train"],
     "data.format": ["chatml"],
-    "data.tokenizer": ["/nonexistent/tokenizer"],
+    "data.tokenizer": ["/nonexistent/tokenizer", "hf:nonexistent-org/tokenizer"],
     "data.template": ["chatml"],
     "data.strip_content": ["yes", 1],
     "data.max_seq_len": [1, "long"],
@@ -71,6 +73,10 @@ WRONG = {
     "checkpoint.async_save": ["no"],
     "eval.every_steps": [-1],
     "eval.batch_size": [0, 3],
+    "log.wandb_project": ["team/project", "x" * 129, " padded", 1],
+    "log.wandb_entity": ["team#1", "team"],  # the second: set while the project is empty
+    "log.wandb_run_name": ["run1"],
+    "log.wandb_tags": ["a,b"],
     "neftune_alpha": [-1.0],
     "export_hf": ["yes"],
 }
@@ -131,6 +137,25 @@ def test_combinations_are_refused():
   c.train.max_steps, c.train.epochs = 0, 0
   with pytest.raises(settings.ConfigError, match="train.max_steps > 0 or train.epochs > 0"):
     _check_all(c, pathlib.Path("unused"))
+
+
+@pytest.mark.parametrize("key", ["model.init_from", "data.tokenizer", "data.train"])
+def test_a_bare_hub_name_gets_a_hint(key):
+  with pytest.raises(settings.ConfigError, match=rf"^{key}=nonexistent-org/name: no such "
+                     r"(file|folder) \(a Hugging Face Hub name is written "
+                     r"hf:nonexistent-org/name\)$"):
+    _check_all(_with(key, "nonexistent-org/name"), pathlib.Path("unused"))
+
+
+def test_wandb_settings_with_a_project():
+  c = _good()
+  c.log.wandb_project, c.log.wandb_entity, c.log.wandb_tags = "im-jax", "team", "it, im"
+  _check_all(c, pathlib.Path("unused"))  # needs the wandb package (requirements.txt pins it)
+  for tags in ("a,,b", "a," + "t" * 65):
+    c.log.wandb_tags = tags
+    with pytest.raises(settings.ConfigError, match=r"^log\.wandb_tags: each tag must have 1 to "
+                       "64 characters"):
+      _check_all(c, pathlib.Path("unused"))
 
 
 @pytest.mark.parametrize("key", ["data.formt", "optim.learning_rate", "nope"])

@@ -1,6 +1,7 @@
 """The trainer end to end: a HF start point through data, sharded step and loss, checked
 against PyTorch; and the README's demo job, from config to a HF export transformers runs."""
 
+import os
 import pathlib
 import re
 import subprocess
@@ -20,6 +21,7 @@ from im_jax.models.llama import params as llama_params
 from im_jax import experiment
 from im_jax.train import sharding
 from im_jax.train.metrics_log import read_metrics
+from tests import wandb_runs
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -83,8 +85,11 @@ def test_demo_job_trains_evaluates_and_exports(tmp_path):
   proc = subprocess.run(
       [sys.executable, "-m", "im_jax.train", "--config", str(ROOT / "configs/demo.py"),
        "--workdir", str(workdir), "--config.train.max_steps=40", "--config.eval.every_steps=0",
-       "--config.data.train=synthetic:600", "--config.train.log_every=5"],
-      cwd=ROOT, capture_output=True, text=True, timeout=600)
+       "--config.data.train=synthetic:600", "--config.train.log_every=5",
+       "--config.log.wandb_project=im-jax-test"],
+      cwd=ROOT, capture_output=True, text=True, timeout=600,
+      env={**os.environ, "WANDB_MODE": "offline", "WANDB_SILENT": "true",
+           "WANDB_CONFIG_DIR": str(tmp_path / "wandb_home")})
   assert proc.returncode == 0, proc.stderr[-3000:]
   # Before the first step: the compiled step's memory per device (CPU reports no limit).
   assert re.search(r"compiled train step: [0-9.]+ GiB per device \(params", proc.stderr)
@@ -101,6 +106,9 @@ def test_demo_job_trains_evaluates_and_exports(tmp_path):
   assert [r["step"] for r in train] == list(range(5, 41, 5))
   assert train[-1]["output_loss"] < train[0]["output_loss"] - 0.5  # it learns
   assert evals and np.isfinite(evals[-1]["eval_output_loss"])
+  # Weights & Biases (offline) got every record of metrics.jsonl, in one run with the config.
+  (run,) = wandb_runs.offline_runs(workdir)
+  assert run["history"] == wandb_runs.by_step(records) and run["name"] == "demo"
   sys.path.insert(0, str(ROOT / "scripts"))
   import hf_generate  # pylint: disable=import-outside-toplevel
 

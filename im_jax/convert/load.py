@@ -1,8 +1,9 @@
 """Load a pretrained model from any source the stack knows, straight into shardings.
 
 `load_pretrained(spec)` accepts:
-- `hf:DIR` (or a folder with config.json and safetensors): a Hugging Face folder, streamed
-  tensor by tensor through `params.load_hf`;
+- `hf:DIR`, `hf:ORG/NAME` (a Hub name, from the local HF cache: see `im_jax.hub`) or a folder
+  with config.json and safetensors: a Hugging Face folder, streamed tensor by tensor through
+  `params.load_hf`;
 - a CKPT folder (has im_jax.json): `ckpt.load_ckpt`;
 - a training workdir, its `checkpoints/` folder or one `checkpoints/<step>/` folder: the
   parameters of the newest (or that) step, read from the `state` item's `params` field with an
@@ -23,12 +24,13 @@ import jax
 import orbax.checkpoint as ocp
 from flax import nnx
 
+from im_jax import hub
 from im_jax.convert import ckpt
 from im_jax.convert.files import PathLike
 from im_jax.models.llama import LlamaConfig
 from im_jax.models.llama import params as hf_params
 
-HF_PREFIX = "hf:"
+HF_PREFIX = hub.PREFIX
 
 
 def load_pretrained(spec: PathLike, *, shardings: Any = None,
@@ -40,8 +42,7 @@ def load_pretrained(spec: PathLike, *, shardings: Any = None,
   """
   text = str(spec)
   if text.startswith(HF_PREFIX):
-    return load_hf_folder(text.removeprefix(HF_PREFIX), shardings=shardings,
-                          **config_overrides)
+    return load_hf_folder(hub.folder(text), shardings=shardings, **config_overrides)
   path = pathlib.Path(text)
   if (path / ckpt.INFO_FILE).exists():
     return ckpt.load_ckpt(path, shardings=shardings, **config_overrides)
@@ -56,17 +57,27 @@ def load_pretrained(spec: PathLike, *, shardings: Any = None,
 
 def read_model_config(spec: PathLike, **config_overrides) -> LlamaConfig:
   """The model config `load_pretrained(spec)` would give, reading no weights."""
+  return read_pretrained(spec, **config_overrides)[0]
+
+
+def read_pretrained(spec: PathLike, **config_overrides) -> tuple[LlamaConfig,
+                                                                 pathlib.Path | None]:
+  """(model config, tokenizer folder) `load_pretrained(spec)` would give, reading no weights."""
   text = str(spec)
   if text.startswith(HF_PREFIX):
-    return LlamaConfig.from_hf(text.removeprefix(HF_PREFIX), **config_overrides)
+    folder = hub.folder(text).absolute()
+    return LlamaConfig.from_hf(folder, **config_overrides), folder
   path = pathlib.Path(text)
   if (path / ckpt.INFO_FILE).exists():
-    return ckpt.read_info(path)[0].replace(**config_overrides)
+    return (ckpt.read_info(path)[0].replace(**config_overrides),
+            path.absolute() / ckpt.TOKENIZER_DIR)
   if path.is_dir() and _step_dir(path, required=False) is not None:
     meta = json.loads((_step_dir(path) / "meta" / "metadata").read_text())
-    return LlamaConfig.from_dict(meta["model_config"]).replace(**config_overrides)
+    tokenizer = meta.get("tokenizer") or meta.get("tokenizer_dir")
+    return (LlamaConfig.from_dict(meta["model_config"]).replace(**config_overrides),
+            pathlib.Path(tokenizer) if tokenizer else None)
   if (path / "config.json").exists():
-    return LlamaConfig.from_hf(path, **config_overrides)
+    return LlamaConfig.from_hf(path, **config_overrides), path.absolute()
   raise FileNotFoundError(f"{text}: not a HF folder (config.json), an im_jax CKPT folder "
                           f"({ckpt.INFO_FILE}) or a training workdir with checkpoints")
 

@@ -68,7 +68,8 @@ def build_parser(preview: ModuleType | None = None) -> argparse.ArgumentParser:
   stats = commands.add_parser("stats", help="dataset statistics and an IT/IM recommendation")
   sources.add_source_arguments(stats)
   stats.add_argument("--tokenizer", default=None,
-                     help="HF tokenizer folder: also report mean instruction/output tokens")
+                     help="HF tokenizer folder or hf:ORG/NAME: also report mean instruction/output "
+                     "tokens")
   stats.add_argument("--json", action="store_true", help="print one JSON object")
   stats.set_defaults(run=_run_stats)
   show = commands.add_parser("preview", help="each token with its kind and loss weight")

@@ -27,7 +27,7 @@ _COLOURS = {  # ANSI SGR codes; weighted tokens bold
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
   sources.add_source_arguments(parser)
-  parser.add_argument("--tokenizer", required=True, help="HF tokenizer folder")
+  parser.add_argument("--tokenizer", required=True, help="HF tokenizer folder or hf:ORG/NAME")
   parser.add_argument("--template", choices=templates.TEMPLATES, default="tulu")
   parser.add_argument("--loss-mode", choices=weights_lib.LOSS_MODES, default="it")
   parser.add_argument("--instruction-weight", type=float, default=1.0,

@@ -1,12 +1,14 @@
 """Read instruction data into `Conversation`s: Tulu / Alpaca / ShareGPT records in JSONL,
-JSON, Parquet or a TFDS dataset.
+JSON, Parquet, the data files of a Hugging Face dataset (`hf:ORG/NAME[:SPLIT]`, see
+`im_jax.hub`) or a TFDS dataset.
 
 Two independent choices describe a source:
 - the *container*, always detected: `tfds:` prefix -> TFDS; `PAR1` magic or `.parquet` ->
   Parquet; `.jsonl`/`.ndjson` -> JSONL; otherwise a JSON array when the first non-blank
   character is `[`, else JSONL (so `.json` files holding JSON lines also work);
 - the record *format* (`FORMATS`), detected from the first record whose keys say which it is
-  (`messages` -> tulu, `conversations` -> sharegpt, `instruction` -> alpaca), or forced.
+  (`messages` -> tulu, `conversations` -> sharegpt, `instruction` -> alpaca, `prompt` and
+  `completion` -> prompt_completion, TRL's format), or forced.
 
 Record numbers: the 1-based line number for JSONL, the 0-based index otherwise. A bad record
 raises `DataError` naming the file, the record and the reason, or, with
@@ -24,9 +26,10 @@ import logging
 import pathlib
 from typing import Any
 
+from im_jax import hub
 from im_jax.data.conversation import ROLES, Conversation, DataError, Message
 
-FORMATS = ("tulu", "alpaca", "sharegpt")
+FORMATS = ("tulu", "alpaca", "sharegpt", "prompt_completion")
 ON_BAD_RECORD = ("error", "skip")
 TFDS_PREFIX = "tfds:"
 
@@ -104,6 +107,14 @@ def iter_conversations(path: str | pathlib.Path, format: str | None = None,
   skipped = [] if skipped is None else skipped
   info = {} if info is None else info
   source = str(path)
+  if source.startswith(hub.PREFIX):  # a Hub dataset (or local folder): each of its data files
+    try:
+      files = hub.dataset_files(source)
+    except hub.HubError as e:
+      raise DataError(source, None, str(e)) from None
+    for file in files:
+      yield from iter_conversations(file, format, on_bad_record, skipped=skipped, info=info)
+    return
   container, records = _open_records(source, tfds_data_dir)
   info["container"] = container
 
@@ -156,7 +167,8 @@ def iter_conversations(path: str | pathlib.Path, format: str | None = None,
 def add_source_arguments(parser: argparse.ArgumentParser) -> None:
   """Command-line arguments naming a source, shared by the `python -m im_jax.data` commands."""
   parser.add_argument("--data", required=True,
-                      help="a .jsonl/.json/.parquet file, or tfds:NAME[/CONFIG][:VERSION]:SPLIT")
+                      help="a .jsonl/.json/.parquet file, hf:ORG/NAME[:SPLIT] (a Hugging Face "
+                      "dataset) or tfds:NAME[/CONFIG][:VERSION]:SPLIT")
   parser.add_argument("--format", choices=FORMATS, default=None,
                       help="record format (default: detected from the first record)")
   parser.add_argument("--on-bad-record", choices=ON_BAD_RECORD, default="error",
@@ -310,25 +322,51 @@ def _detect_format(item: Any) -> str | None:
     return "sharegpt"
   if "instruction" in item:
     return "alpaca"
+  if "prompt" in item and "completion" in item:
+    return "prompt_completion"
   return None
 
 
 def _undetectable(item: Any, source: str, record: int) -> Conversation:
   del item, source, record
-  raise _Bad("cannot detect the record format (no record has a 'messages', 'conversations' "
-             "or 'instruction' key); force one with format=/--format")
+  raise _Bad("cannot detect the record format (no record has a 'messages', 'conversations', "
+             "'instruction' or 'prompt' and 'completion' key); force one with format=/--format")
 
 
 def _parse_tulu(item: Any, source: str, record: int) -> Conversation:
   obj = _object(item, "the record")
+  return _conversation(_messages(obj, "messages"), obj, source, record)
+
+
+def _messages(obj: dict, key: str) -> list[Message]:
+  """`obj[key]`: a list of {role, content} messages."""
   messages = []
-  for j, m in enumerate(_list(obj, "messages")):
-    m = _object(m, f"messages[{j}]")
-    role = _string(m, "role", f"messages[{j}].")
+  for j, m in enumerate(_list(obj, key)):
+    m = _object(m, f"{key}[{j}]")
+    role = _string(m, "role", f"{key}[{j}].")
     if role not in ROLES:
-      raise _Bad(f"messages[{j}]: unknown role {role!r} (expected one of {', '.join(ROLES)})")
-    messages.append(Message(role, _string(m, "content", f"messages[{j}].")))
-  return _conversation(messages, obj, source, record)
+      raise _Bad(f"{key}[{j}]: unknown role {role!r} (expected one of {', '.join(ROLES)})")
+    messages.append(Message(role, _string(m, "content", f"{key}[{j}].")))
+  return messages
+
+
+def _parse_prompt_completion(item: Any, source: str, record: int) -> Conversation:
+  """TRL's prompt/completion records: two strings (a user turn and the reply), or two lists of
+  messages (the prompt's turns, then the completion's assistant turns)."""
+  obj = _object(item, "the record")
+  turns = []
+  for key, role in (("prompt", "user"), ("completion", "assistant")):
+    if key in obj and isinstance(obj[key], list):
+      turns.append(_messages(obj, key))
+    elif key in obj and not isinstance(obj[key], str):
+      raise _Bad(f"field '{key}' must be a string or an array of messages, got "
+                 f"{_type_name(obj[key])}")
+    else:
+      turns.append([Message(role, _string(obj, key))])
+  prompt, completion = turns
+  if not completion or any(m.role != "assistant" for m in completion):
+    raise _Bad("field 'completion' must hold assistant messages only (the reply to the prompt)")
+  return _conversation(prompt + completion, obj, source, record)
 
 
 def _parse_sharegpt(item: Any, source: str, record: int) -> Conversation:
@@ -362,7 +400,8 @@ def _parse_alpaca(item: Any, source: str, record: int) -> Conversation:
 
 
 _PARSERS: dict[str, Callable[[Any, str, Any], Conversation]] = {
-    "tulu": _parse_tulu, "alpaca": _parse_alpaca, "sharegpt": _parse_sharegpt}
+    "tulu": _parse_tulu, "alpaca": _parse_alpaca, "sharegpt": _parse_sharegpt,
+    "prompt_completion": _parse_prompt_completion}
 
 
 def _conversation(messages: list[Message], obj: dict, source: str, record: int) -> Conversation:

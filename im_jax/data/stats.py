@@ -13,6 +13,7 @@ import dataclasses
 import pathlib
 from typing import Any
 
+from im_jax import hub
 from im_jax.data.conversation import Conversation, DataError
 
 # Heuristic thresholds distilled from the paper's findings, not values the paper states:
@@ -111,8 +112,15 @@ def recommend(examples: int, length_ratio: float | None) -> tuple[str, str]:
 
 
 def load_tokenizer(path: str) -> Any:
-  """A HF tokenizer from a local folder (no network); DataError when there is none."""
+  """A HF tokenizer from a local folder or `hf:DIR|ORG/NAME` (see `im_jax.hub`); DataError when
+  there is none."""
   import transformers  # pylint: disable=g-import-not-at-top  (slow; only when tokens are asked for)
+
+  if str(path).startswith(hub.PREFIX):
+    try:
+      path = str(hub.folder(str(path)))
+    except hub.HubError as e:
+      raise DataError(str(path), None, f"cannot load a tokenizer: {e}") from None
 
   if not pathlib.Path(path).is_dir():  # else transformers reads it as a hub name: a confusing error
     raise DataError(str(path), None, "cannot load a tokenizer: no such folder")

@@ -4,6 +4,11 @@ Thin: parse, build the experiment, run it, export. A bad config, bad data, a bus
 one holding another run's checkpoints stops with one line and exit status 2; a run that
 cannot go on (non-finite updates, no readable checkpoint) with one line and status 1.
 Rerunning in the same workdir resumes from its newest checkpoint.
+
+`--print-config` prints the resolved config (validated) as JSON and exits. `--dry-run`
+validates, reads and encodes the data and prints the data plan (examples kept, dropped and
+truncated, rows, padding, steps, tokens per step, parameters, outputs), then exits without
+compiling or touching the workdir. The memory plan is `python -m im_jax.plan`.
 """
 
 import logging
@@ -16,6 +21,10 @@ from im_jax import cli, distributed  # defines --coordinator_address --num_proce
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "experiment config file")
 _WORKDIR = flags.DEFINE_string("workdir", None, "run folder: config, metrics, checkpoints")
+_DRY_RUN = flags.DEFINE_bool("dry-run", False, "print the data plan and exit: no compiling, "
+                             "nothing written (the memory plan is python -m im_jax.plan)")
+_PRINT_CONFIG = flags.DEFINE_bool("print-config", False,
+                                  "print the resolved config as JSON and exit")
 flags.mark_flags_as_required(["config", "workdir"])
 
 
@@ -37,6 +46,8 @@ def main(argv) -> int:
     config.keys()  # the file's load error, if any, is raised on first use
   except OSError as e:
     cli.fail(" ".join(str(e).split()))
+  if _PRINT_CONFIG.value or _DRY_RUN.value:
+    return _inspect(config)
   try:
     exp = experiment.build(config, _WORKDIR.value)
     result = exp.run()
@@ -58,6 +69,28 @@ def main(argv) -> int:
       f"{k}={summary[k]:.4g}" for k in shown if k in summary)))
   if exp.config.export_hf:
     exp.export_hf(result.state)
+  return 0
+
+
+def _inspect(config) -> int:
+  """--print-config and --dry-run: report, write nothing."""
+  import jax  # pylint: disable=g-import-not-at-top
+  from im_jax import dry_run, settings  # pylint: disable=g-import-not-at-top
+  from im_jax.data.conversation import DataError  # pylint: disable=g-import-not-at-top
+  from im_jax.train import loop  # pylint: disable=g-import-not-at-top
+
+  try:
+    if _PRINT_CONFIG.value:
+      settings.validate(config, jax.device_count(), jax.process_count())
+      print(config.to_json(indent=2))
+    if _DRY_RUN.value:
+      print(dry_run.format_plan(dry_run.data_plan(config, _WORKDIR.value)))
+  except (settings.ConfigError, DataError, loop.ResumeMismatch) as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 2
+  except (ValueError, OSError) as e:
+    print(f"error: {' '.join(str(e).split()) or type(e).__name__}", file=sys.stderr)
+    return 2
   return 0
 
 

@@ -34,6 +34,7 @@ from im_jax.train import loss as loss_lib
 from im_jax.train import sharding
 from im_jax.train.metrics_log import MetricsLogger
 from im_jax.train.step import TrainState, host_metrics
+from im_jax.train.wandb_log import WandbConfig
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +50,7 @@ class LoopConfig:
   checkpoint: CheckpointConfig = CheckpointConfig()
   # Updates skipped in a row for non-finite gradients before the run stops (see the step).
   max_consecutive_skips: int = 10
+  wandb: WandbConfig | None = None  # mirror the metrics to Weights & Biases (process 0)
 
   def __post_init__(self):
     for name, low in (("total_steps", 1), ("grad_accum", 1), ("log_every", 1), ("eval_every", 0),
@@ -225,7 +227,8 @@ def run(*, workdir: str, state: TrainState, train_step: Callable, mesh: jax.shar
     log.info("resumed from checkpoint %d in %s", start, store.directory)
   own_logger = logger is None
   if own_logger:
-    logger = MetricsLogger(workdir, total_steps=config.total_steps, start_step=start)
+    logger = MetricsLogger(workdir, total_steps=config.total_steps, start_step=start,
+                           wandb=config.wandb, run_config=meta.get("config"))
   last_metrics: dict[str, float] = {}
   last_eval: dict[str, float] = {}
   preempted = False

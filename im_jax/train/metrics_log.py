@@ -1,4 +1,5 @@
-"""Where training metrics go: `metrics.jsonl`, TensorBoard event files and a progress bar.
+"""Where training metrics go: `metrics.jsonl`, TensorBoard event files, a progress bar and,
+when configured, Weights & Biases (`wandb_log`).
 
 Only JAX process 0 writes. On resume, records past the restored step (written by the
 interrupted run after its last checkpoint) are dropped, so `metrics.jsonl` reads as one run.
@@ -9,6 +10,8 @@ import pathlib
 from typing import Any
 
 import jax
+
+from im_jax.train.wandb_log import WandbConfig, WandbSink
 
 METRICS_FILE = "metrics.jsonl"
 
@@ -37,16 +40,20 @@ def _truncate_after(path: pathlib.Path, step: int) -> None:
 
 
 class MetricsLogger:
-  """Appends one JSON object per record; mirrors scalars to TensorBoard; drives a bar."""
+  """Appends one JSON object per record; mirrors scalars to TensorBoard (and W&B when
+  configured); drives a bar."""
 
   def __init__(self, workdir: str | pathlib.Path, *, total_steps: int, start_step: int = 0,
-               tensorboard: bool = True, progress: bool = True):
+               tensorboard: bool = True, progress: bool = True,
+               wandb: WandbConfig | None = None, run_config: dict[str, Any] | None = None):
     self.enabled = jax.process_index() == 0
-    self._file = self._tb = self._bar = None
+    self._file = self._tb = self._bar = self._wandb = None
     if not self.enabled:
       return
     workdir = pathlib.Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
+    if wandb is not None and wandb.project:  # first: when W&B refuses, nothing is left open
+      self._wandb = WandbSink(wandb, workdir, run_config)
     path = workdir / METRICS_FILE
     _truncate_after(path, start_step)
     self._file = path.open("a", encoding="utf-8")
@@ -70,6 +77,8 @@ class MetricsLogger:
       for key, value in record.items():
         if key != "step" and isinstance(value, (int, float)):
           self._tb.add_scalar(key, value, step)
+    if self._wandb is not None:
+      self._wandb.write(record)
     if self._bar is not None:
       if "loss" in record:
         self._bar.n = step
@@ -85,6 +94,8 @@ class MetricsLogger:
       self._tb.close()
     if self._bar is not None:
       self._bar.close()
+    if self._wandb is not None:
+      self._wandb.close()
 
 
 def _fmt(value: Any) -> str:

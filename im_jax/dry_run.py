@@ -1,0 +1,101 @@
+"""`python -m im_jax.train ... --dry-run`: a run's data plan, without running it.
+
+Validates the config and inputs like a run, reads and encodes the data, plans the batches
+and reports what training would do, then stops: nothing is compiled, no weights are read, the
+workdir is neither locked nor written (a synthetic tokenizer is trained in a temporary
+folder unless the workdir already holds one). The memory plan of the same run is another
+command: `python -m im_jax.plan`.
+"""
+
+import pathlib
+import tempfile
+from typing import Any
+
+import jax
+import ml_collections
+
+from im_jax import experiment
+from im_jax.checkpoint.store import newest_meta
+from im_jax.convert.load import read_pretrained
+from im_jax.models.llama import config as llama_config
+from im_jax.settings import SYNTHETIC, ConfigError, check_inputs, model_options, validate
+
+
+def data_plan(c: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dict[str, Any]:
+  """What a run with this config and workdir would train on, as one JSON-able dict."""
+  workdir = pathlib.Path(workdir)
+  validate(c, jax.device_count(), jax.process_count())
+  check_inputs(c, workdir)
+  experiment.check_resumable(c, workdir)  # reads only
+  pretrained_config = pretrained_tokenizer = None
+  if c.model.init_from:
+    try:
+      pretrained_config, pretrained_tokenizer = read_pretrained(c.model.init_from,
+                                                                **model_options(c))
+    except (OSError, ValueError, KeyError) as e:
+      raise ConfigError(f"model.init_from={c.model.init_from}: {e}") from None
+  reuse = (workdir / "tokenizer" / "tokenizer.json").exists()  # a synthetic one, kept on resume
+  with tempfile.TemporaryDirectory(prefix="im_jax_dry_run_") as scratch:
+    data = experiment.build_data(c, workdir if reuse else pathlib.Path(scratch),
+                                 pretrained_tokenizer)
+  tokenizer = str(data.tokenizer_dir)
+  if c.data.tokenizer == SYNTHETIC and not reuse:
+    tokenizer = "synthetic (a BPE trained on the data, written to the workdir by the run)"
+  mcfg = experiment.model_config(c, data.vocab_size, pretrained_config)
+  train = data.train
+  stats = train.stats
+  rows = train.rows_per_epoch * jax.process_count()  # every process pads to the same count
+  real_tokens = int(train.example_lengths.sum())  # one epoch, every process's shard
+  newest = newest_meta(workdir)
+  outputs = {name: str(workdir / name) for name in (
+      "config.json", "metrics.jsonl", "tensorboard", "checkpoints")}
+  if c.export_hf:
+    outputs["hf"] = str(workdir / "hf")
+  if c.log.wandb_project:
+    outputs["wandb"] = f"{workdir / 'wandb'} (W&B project {c.log.wandb_project})"
+  return {
+      "data": c.data.train,
+      "examples": stats.examples + data.held_out_examples,
+      "held_out": data.held_out_examples,
+      "kept": stats.kept,
+      "dropped": dict(stats.dropped),
+      "truncated": stats.truncated_examples,
+      "truncated_tokens": stats.truncated_tokens,
+      "tokenizer": tokenizer,
+      "rows_per_epoch": rows,
+      "row_length": train.row_length,
+      "non_padding_fraction": real_tokens / (rows * train.row_length),
+      "steps_per_epoch": train.steps_per_epoch,
+      "total_steps": data.total_steps,
+      "updates": data.updates,
+      "epochs": train.config.num_epochs,
+      "token_positions_per_step": c.train.batch_size * train.row_length,
+      "tokens_per_step": real_tokens / train.steps_per_epoch,  # non-padding, on average
+      "model": c.model.init_from or c.model.preset,
+      "parameters": llama_config.num_params(mcfg),
+      "workdir": str(workdir),
+      "resumes_from_step": newest[0] if newest is not None else None,
+      "outputs": outputs,
+  }
+
+
+def format_plan(plan: dict[str, Any]) -> str:
+  """The plan as the lines `--dry-run` prints."""
+  dropped = ", ".join(f"{n} {why}" for why, n in plan["dropped"].items()) or "none"
+  resume = ("a new run" if plan["resumes_from_step"] is None
+            else f"resumes from step {plan['resumes_from_step']}")
+  lines = [
+      f"data: {plan['data']}: {plan['examples']} examples, {plan['held_out']} held out for "
+      f"eval; {plan['kept']} kept for training, dropped: {dropped}; {plan['truncated']} "
+      f"truncated ({plan['truncated_tokens']} tokens cut)",
+      f"rows: {plan['rows_per_epoch']} per epoch of {plan['row_length']} tokens, "
+      f"{plan['non_padding_fraction']:.1%} not padding",
+      f"steps: {plan['steps_per_epoch']} per epoch, {plan['total_steps']} in all "
+      f"({plan['epochs']} epoch(s); {plan['updates']} optimizer updates); {plan['tokens_per_step']:,.0f} tokens per step on average "
+      f"(of {plan['token_positions_per_step']:,} positions)",
+      f"model: {plan['model']}, {plan['parameters']:,} parameters; tokenizer "
+      f"{plan['tokenizer']}",
+      f"outputs: {plan['workdir']} ({resume}): " + ", ".join(plan["outputs"].values()),
+      "dry run: nothing compiled or written; the memory plan is python -m im_jax.plan",
+  ]
+  return "\n".join(lines)

@@ -1,0 +1,105 @@
+"""Weights & Biases: an optional mirror of what `metrics.jsonl` gets (log.wandb_* keys).
+
+Off unless `log.wandb_project` is set; `wandb` is then needed (an optional dependency:
+`pip install wandb`). Only JAX process 0 logs (it is `MetricsLogger`'s sink). The run id is
+kept in `WORKDIR/wandb_run_id`, so a restarted run resumes the same W&B run; W&B's own files
+go to `WORKDIR/wandb/` (with `WANDB_MODE=offline` they are the whole record, for `wandb sync`).
+W&B keeps one value per step: records a resumed run writes again for steps the interrupted run
+had already logged are dropped by W&B, and they hold the same values (exact resume).
+"""
+
+import dataclasses
+import os
+import pathlib
+import re
+from typing import Any
+
+RUN_ID_FILE = "wandb_run_id"
+_FORBIDDEN = re.compile(r"[/\\#?%:]")  # characters W&B refuses in project and entity names
+_MAX_NAME, _MAX_TAG = 128, 64  # W&B's limits
+
+
+@dataclasses.dataclass(frozen=True)
+class WandbConfig:
+  project: str = ""  # "" = off
+  entity: str = ""  # "" = the user's default entity
+  run_name: str = ""  # "" = the workdir's name
+  tags: tuple[str, ...] = ()
+
+  def __post_init__(self):
+    for name in ("project", "entity"):
+      value = getattr(self, name)
+      if _FORBIDDEN.search(value) or len(value) > _MAX_NAME or value != value.strip():
+        raise ValueError(f"wandb_{name} {value!r} is not a W&B name (at most {_MAX_NAME} "
+                         "characters, none of / \\ # ? % : and no surrounding spaces)")
+    for tag in self.tags:
+      if not tag or len(tag) > _MAX_TAG:
+        raise ValueError(f"wandb_tags: each tag must have 1 to {_MAX_TAG} characters, got "
+                         f"{tag!r}")
+    for name in ("entity", "run_name", "tags"):
+      if getattr(self, name) and not self.project:
+        raise ValueError(f"wandb_{name} is set but wandb_project is empty (W&B is off)")
+    if self.project:
+      try:
+        import wandb  # noqa: F401  pylint: disable=g-import-not-at-top,unused-import
+      except ImportError:
+        raise ValueError(f"wandb_project={self.project} needs the wandb package "
+                         "(pip install wandb)") from None
+
+  @classmethod
+  def from_keys(cls, project: str, entity: str, run_name: str, tags: str) -> "WandbConfig":
+    """From the config keys; `tags` is comma-separated."""
+    return cls(project, entity, run_name,
+               tuple(t.strip() for t in tags.split(",")) if tags.strip() else ())
+
+
+class WandbUnavailable(ValueError):
+  """W&B could not start (or resume) the run; one line for the user."""
+
+
+def check_logged_in(config: WandbConfig) -> None:
+  """Before any work: an online W&B run needs an API key (`wandb login`, WANDB_API_KEY)."""
+  if not config.project:
+    return
+  import wandb  # pylint: disable=g-import-not-at-top
+
+  settings = wandb.Settings()
+  settings.update_from_env_vars(dict(os.environ))  # WANDB_MODE=offline|disabled need no key
+  if settings.mode == "online" and wandb.api.api_key is None:
+    raise WandbUnavailable(
+        f"log.wandb_project={config.project}: no W&B API key (log in with `wandb login` or "
+        "set WANDB_API_KEY), or set WANDB_MODE=offline to log locally and `wandb sync` later")
+
+
+class WandbSink:
+  """One W&B run per workdir: created on the first start, resumed on every restart."""
+
+  def __init__(self, config: WandbConfig, workdir: str | pathlib.Path,
+               run_config: dict[str, Any] | None = None):
+    import wandb  # pylint: disable=g-import-not-at-top  (optional; slow to import)
+
+    workdir = pathlib.Path(workdir)
+    id_file = workdir / RUN_ID_FILE
+    run_id = id_file.read_text().strip() if id_file.exists() else None  # None: W&B picks one
+    try:
+      self.run = wandb.init(
+          project=config.project, entity=config.entity or None,
+          name=config.run_name or workdir.absolute().name, tags=list(config.tags) or None,
+          id=run_id, resume="allow", dir=str(workdir), config=run_config)
+    except wandb.errors.Error as e:  # not logged in, no network, a project it may not write
+      reason = " ".join(str(e).split()) or type(e).__name__
+      raise WandbUnavailable(
+          f"log.wandb_project={config.project}: W&B could not start the run: {reason} (log in "
+          "with `wandb login` or WANDB_API_KEY, or set WANDB_MODE=offline)") from None
+    if run_id is None:
+      tmp = id_file.with_name(f".{RUN_ID_FILE}.partial")
+      tmp.write_text(self.run.id + "\n")
+      os.replace(tmp, id_file)
+
+  def write(self, record: dict[str, Any]) -> None:
+    values = {k: v for k, v in record.items()
+              if k != "step" and isinstance(v, (int, float)) and not isinstance(v, bool)}
+    self.run.log(values, step=int(record["step"]))
+
+  def close(self) -> None:
+    self.run.finish()
