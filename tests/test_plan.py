@@ -160,12 +160,18 @@ def test_tpu_vm_create_runs_the_plan_and_stops_when_it_does_not_fit(tmp_path):
   assert "verdict: fits" in out.stdout and "create im-jax --accelerator-type=v5litepod-4" in calls
 
 
-def test_cpu_runs_do_not_probe_libtpu_noisily():
-  """libtpu is installed for the plan; without JAX_PLATFORMS, JAX's backend probe loads it, and
-  on a machine without TPU chips it must not print its start-up errors."""
+def test_cpu_runs_do_not_probe_libtpu_noisily(tmp_path):
+  """libtpu is installed for the plan; without JAX_PLATFORMS, JAX's backend probe would load it
+  on a machine without TPU chips, and libtpu and JAX would print start-up errors."""
   env = {k: v for k, v in os.environ.items()
          if k not in ("JAX_PLATFORMS", "TPU_WORKER_HOSTNAMES", "TPU_ACCELERATOR_TYPE")}
   out = subprocess.run([sys.executable, "-c", "import im_jax, jax; print(jax.devices())"],
                        cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=120)
   assert out.returncode == 0 and "CpuDevice" in out.stdout
   assert out.stderr == "", out.stderr
+  # An entry point, whose absl logging would show JAX's INFO line about the TPU backend.
+  out = subprocess.run([sys.executable, "-m", "im_jax.train", "--config", "configs/demo.py",
+                        "--workdir", str(tmp_path / "w"), "--print-config"],
+                       cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=300)
+  assert out.returncode == 0, out.stderr
+  assert "tpu" not in out.stderr.lower(), out.stderr
