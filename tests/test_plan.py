@@ -175,3 +175,13 @@ def test_cpu_runs_do_not_probe_libtpu_noisily(tmp_path):
                        cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=300)
   assert out.returncode == 0, out.stderr
   assert "tpu" not in out.stderr.lower(), out.stderr
+
+
+def test_plan_on_cpu_devices():
+  """`cpu:N`: the same plan over N host devices; no HBM limit to judge against."""
+  p = analysis.plan(_config(rows=16, seq_len=64), topo_lib.parse("cpu:8"))
+  assert p.devices == 8 and p.mesh == {"data": 1, "fsdp": 8, "tensor": 1}
+  assert p.attention_impl == "xla" and p.fits is None and p.usable_hbm is None
+  assert 0 < p.memory["params"] < p.memory["total"]
+  assert p.memory["optimizer"] == 2 * p.memory["params"]  # AdamW's two float32 moments
+  assert "no device memory limit" in p.verdict()

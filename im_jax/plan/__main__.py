@@ -43,8 +43,9 @@ def _gib(n: int | None) -> str:
 def _print_plan(p, label: str) -> None:
   print(f"plan: {label} on {p.topology} ({p.devices} x {p.device_kind}), mesh "
         + " ".join(f"{k}={v}" for k, v in p.mesh.items()))
-  print(f"model {p.model}: {p.parameters:,} parameters; {p.tokens_per_step:,} tokens per step; "
-        f"remat {p.remat_policy}; attention {p.attention_impl}")
+  print(f"model {p.model}: {p.parameters:,} parameters; {p.rows_per_step} rows x {p.seq_len} "
+        f"tokens per step in {p.grad_accum} micro-batch(es); remat {p.remat_policy}; "
+        f"attention {p.attention_impl}")
   print("per device (GiB)")
   if p.memory is not None:
     m = p.memory

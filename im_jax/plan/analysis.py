@@ -36,6 +36,9 @@ class Plan:
   attention_impl: str
   model: str
   parameters: int
+  rows_per_step: int  # train.batch_size: global rows of max_seq_len per optimizer step
+  seq_len: int
+  grad_accum: int
   tokens_per_step: int
   memory: dict[str, int] | None  # StepMemory.as_dict() per device; None when out of memory
   usable_hbm: int | None  # bytes per device; None for cpu:N
@@ -129,7 +132,8 @@ def plan(c: ml_collections.ConfigDict, topology: topo_lib.Topology) -> Plan:
       attention_impl=("splash" if mcfg.attention_impl == "auto" and chip else
                       "xla" if mcfg.attention_impl == "auto" else mcfg.attention_impl),
       model=c.model.init_from or c.model.preset, parameters=num_params(mcfg),
-      tokens_per_step=tokens, memory=None,
+      rows_per_step=c.train.batch_size, seq_len=c.data.max_seq_len,
+      grad_accum=c.train.grad_accum, tokens_per_step=tokens, memory=None,
       usable_hbm=int(chip.usable_hbm_gib * GiB) if chip else None,
       compiler_flops_per_device=None,
       analytic_flops_per_step=analytic_flops(mcfg, tokens, c.data.max_seq_len),
