@@ -183,5 +183,6 @@ def test_plan_on_cpu_devices():
   assert p.devices == 8 and p.mesh == {"data": 1, "fsdp": 8, "tensor": 1}
   assert p.attention_impl == "xla" and p.fits is None and p.usable_hbm is None
   assert 0 < p.memory["params"] < p.memory["total"]
-  assert p.memory["optimizer"] == 2 * p.memory["params"]  # AdamW's two float32 moments
+  # AdamW: two float32 moments per parameter, plus its step counters.
+  assert 0 <= p.memory["optimizer"] - 2 * p.memory["params"] < 1024
   assert "no device memory limit" in p.verdict()
