@@ -70,6 +70,9 @@ def test_smoke_writes_every_file_and_well_formed_tables(smoke):
   assert [r["band"] for r in bands] == ["low", "high"]
   assert bands[0]["length_ratio"] < bands[1]["length_ratio"]
   assert {"lima:it", "lima:im", "alpaca5k:it", "alpaca5k:im"} <= set(analysis["memorisation"])
+  claims = json.loads((smoke / "results.json").read_text())["claims"]
+  assert len(claims) == 8  # 2 x overfitting (train, held-out), 2 x memorisation, ratio, size
+  assert {c["verdict"] for c in claims} <= {"reproduced", "within noise", "opposite"}
 
 
 def test_smoke_trained_and_the_untrained_baseline_is_worse(smoke):
@@ -110,6 +113,29 @@ def test_rerun_skips_finished_work(smoke, shared_data_dir, capsys):
   assert err.count("done (from results)") == len(runs) + 1  # and the baseline
   assert "training" not in err
   assert {p: p.stat().st_mtime_ns for p in results} == before
+
+
+@pytest.mark.parametrize("scale", list(scales.SCALES.values()), ids=list(scales.SCALES))
+def test_every_planned_run_has_a_valid_config(scale, tmp_path):
+  from im_jax import settings  # pylint: disable=g-import-not-at-top
+
+  runs = plan_lib.make_plan(scale)
+  assert {r.method for r in runs} == set(plan_lib.methods(scale))
+  for run in runs:
+    c = plan_lib.config_for(run, scale, tmp_path / "data.jsonl",
+                            "" if scale.model == "tiny" else "hf:/models/m",
+                            str(tmp_path / "tok") if scale.model == "tiny" else "")
+    settings.validate(c, num_devices=8, process_count=1)
+    assert c.data.eval_fraction == 0 and c.train.seed == 0
+    assert c.loss.mode == ("im" if run.method.startswith("im") else "it")
+
+
+def test_only_plans_the_chosen_experiments():
+  runs = plan_lib.make_plan(scales.SMOKE, ("length_ratio",))
+  assert {r.subset.band for r in runs} == {"low", "high"}
+  assert plan_lib.needed_datasets(runs, ("length_ratio",)) == ("dolly3k",)
+  with pytest.raises(ValueError, match="unknown experiment"):
+    plan_lib.make_plan(scales.SMOKE, ("nonsense",))
 
 
 def test_subsets_never_overlap_the_held_out_sets(shared_data_dir):
