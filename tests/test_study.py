@@ -138,6 +138,20 @@ def test_only_plans_the_chosen_experiments():
     plan_lib.make_plan(scales.SMOKE, ("nonsense",))
 
 
+def test_speed_probe_measures_tokens_per_second(smoke, shared_data_dir):
+  """The cpu scale's sizing probe (run here on the tiny model the smoke study set up)."""
+  from im_jax.study import models, results, runner  # pylint: disable=g-import-not-at-top
+
+  scale = scales.SMOKE
+  splits = {d: subsets.load_split(d, scale.held_out, shared_data_dir) for d in subsets.DATASETS}
+  study = runner.Study(smoke, scale, results.ResultStore(smoke / "results" / "smoke"), splits,
+                       models.start("smoke", smoke, "", []))
+  tokens_per_sec, tokens_per_example = runner.measure_speed(study)
+  assert tokens_per_sec > 0
+  assert 10 < tokens_per_example <= scale.overrides["data.max_seq_len"]
+  assert (smoke / "probe" / "metrics.jsonl").is_file()
+
+
 def test_subsets_never_overlap_the_held_out_sets(shared_data_dir):
   split = subsets.load_split("dolly3k", 100, shared_data_dir)
   held = {c.id for c in split.held_out}

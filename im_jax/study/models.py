@@ -36,11 +36,15 @@ def smollm2_gguf() -> pathlib.Path:
   return pathlib.Path(spec.submodule_search_locations[0]) / SMOLLM2_GGUF
 
 
-def smollm2_hf_folder(out: pathlib.Path) -> pathlib.Path:
-  """SmolLM2-135M-Instruct dequantized from its Q4_1 GGUF to a float32 HF folder (once)."""
+def smollm2_hf_folder(out: pathlib.Path, gguf: pathlib.Path | None = None) -> pathlib.Path:
+  """SmolLM2-135M-Instruct dequantized from its Q4_1 GGUF to a float32 HF folder (once).
+
+  Written under a temporary name and renamed when complete (onto `out` if it is an empty
+  folder), so an interrupted conversion is never taken for a model.
+  """
   if (out / _COMPLETE).exists():
     return out
-  gguf = smollm2_gguf()
+  gguf = gguf or smollm2_gguf()
   import torch  # pylint: disable=g-import-not-at-top  (only this conversion needs them)
   import transformers  # pylint: disable=g-import-not-at-top
 
@@ -51,6 +55,7 @@ def smollm2_hf_folder(out: pathlib.Path) -> pathlib.Path:
   plain = transformers.LlamaForCausalLM(config).to(torch.float32)
   plain.load_state_dict(loaded.state_dict())
   tmp = out.with_name(f".{out.name}.partial")
+  out.parent.mkdir(parents=True, exist_ok=True)
   plain.save_pretrained(tmp)
   transformers.AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name
                                              ).save_pretrained(tmp)

@@ -74,6 +74,12 @@ class Study:
     return plan_lib.config_for(run, self.scale, data, self.start.init_from, self.start.tokenizer)
 
 
+def eval_options(c) -> dict[str, Any]:
+  """The run's model options, parameters held in its compute dtype: evaluation needs no
+  float32 master weights (half the memory of a 7B model in bfloat16)."""
+  return {**model_options(c), "param_dtype": c.model.compute_dtype}
+
+
 def _mut_from_loaded(loaded) -> evaluation.ModelUnderTest:
   tokenizer = load_tokenizer(str(loaded.tokenizer_dir))
   template = loaded.info.get("template") or "tulu"
@@ -105,7 +111,7 @@ def baseline(study: Study, runs: Sequence[plan_lib.Run], datasets: Sequence[str]
   say("baseline: evaluating the untrained model")
   c = study.config(runs[0])
   if study.start.init_from:
-    loaded = load_pretrained(study.start.init_from, **model_options(c))
+    loaded = load_pretrained(study.start.init_from, **eval_options(c))
     mut = _mut_from_loaded(loaded)
   else:  # the random init every tiny run starts from: the trainer's model with its seed
     from flax import nnx  # pylint: disable=g-import-not-at-top
@@ -176,7 +182,7 @@ def run_one(study: Study, run: plan_lib.Run, datasets: Sequence[str]) -> dict[st
            "experiments": list(run.experiments),
            "length_ratio": subsets.length_ratio(study.subset(run)), **train(study, run)}
   c = study.config(run)
-  mut = _mut_from_loaded(load_pretrained(value["workdir"], **model_options(c)))
+  mut = _mut_from_loaded(load_pretrained(value["workdir"], **eval_options(c)))
   own = (datasets if "overfitting" in run.experiments else (run.subset.dataset,))
   value.update(evaluate_model(study, mut, own, study.subset(run)[:study.scale.train_eval],
                               c.data.max_seq_len))
