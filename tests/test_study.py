@@ -111,6 +111,11 @@ def test_rerun_skips_finished_work(smoke, shared_data_dir, capsys):
   err = capsys.readouterr().err
   runs = plan_lib.make_plan(scales.SMOKE)
   assert err.count("done (from results)") == len(runs) + 1  # and the baseline
+  # --only picks runs from the same plan: their results are reused, not stale.
+  assert study_main.main(["--out", str(smoke), "--scale", "smoke", "--only", "length_ratio",
+                          "--data-dir", str(shared_data_dir)]) == 0
+  err = capsys.readouterr().err
+  assert err.count("done (from results)") == 4 + 1 and "training" not in err
   assert "training" not in err
   assert {p: p.stat().st_mtime_ns for p in results} == before
 
@@ -133,7 +138,11 @@ def test_every_planned_run_has_a_valid_config(scale, tmp_path):
 def test_only_plans_the_chosen_experiments():
   runs = plan_lib.make_plan(scales.SMOKE, ("length_ratio",))
   assert {r.subset.band for r in runs} == {"low", "high"}
-  assert plan_lib.needed_datasets(runs, ("length_ratio",)) == ("dolly3k",)
+  assert plan_lib.needed_datasets(runs) == ("dolly3k",)
+  sizes = plan_lib.make_plan(scales.SMOKE, ("data_size",))
+  assert plan_lib.needed_datasets(sizes) == subsets.DATASETS  # the largest is an overfit run
+  full = {r.name: r.experiments for r in plan_lib.make_plan(scales.SMOKE)}
+  assert all(full[r.name] == r.experiments for r in sizes)
   with pytest.raises(ValueError, match="unknown experiment"):
     plan_lib.make_plan(scales.SMOKE, ("nonsense",))
 
@@ -189,10 +198,19 @@ def test_cpu_sizing_shrinks_to_the_budget_only_when_needed():
 @pytest.mark.parametrize("argv, message", [
     (["--scale", "accelerator"], "--model hf:DIR"),
     (["--scale", "accelerator", "--model", "hf:/nonexistent"], "no config.json"),
+    (["--out", "WORKDIR"], "is a training workdir"),
+    (["--out", "DATA/study"], "is inside the input"),
 ])
 def test_bad_settings_are_one_line_and_exit_2(tmp_path, shared_data_dir, capsys, argv,
                                               message):
+  workdir = tmp_path / "workdir"
+  (workdir / "checkpoints").mkdir(parents=True)
+  argv = [a.replace("WORKDIR", str(workdir)).replace("DATA", str(shared_data_dir))
+          for a in argv]
+  before = sorted(p.name for p in shared_data_dir.iterdir())
   code = study_main.main(["--out", str(tmp_path / "o"), "--data-dir", str(shared_data_dir),
                           *argv])
+  assert sorted(p.name for p in shared_data_dir.iterdir()) == before
+  assert sorted(p.name for p in workdir.iterdir()) == ["checkpoints"]
   err = capsys.readouterr().err.strip().splitlines()
   assert code == 2 and len(err) == 1 and message in err[0], err

@@ -56,6 +56,9 @@ def main(argv: list[str] | None = None) -> int:
     out = pathlib.Path(args.out)
     inputs = [args.data_dir, output_guard.local_path(args.model) if args.model else None]
     output_guard.check_not_input(out, [p for p in inputs if p])
+    kind = output_guard.protected_kind(out)
+    if kind is not None and not kind.startswith("a folder holding"):  # its own runs/ hold some
+      raise ValueError(f"--out {out} is {kind}: give the study a folder of its own")
     written = orchestrate.run_study(out, args.scale, tuple(args.only or ()), args.results,
                                   args.model, args.data_dir, argv_text(argv), started)
   except (DataError, OSError, ValueError, KeyError) as e:

@@ -55,11 +55,11 @@ def run_study(out: pathlib.Path, scale_name: str, only: tuple[str, ...], results
   study = runner.Study(out, scale, store, splits, start)
   study.scale, sized = _sized_scale(study)
   runs = plan_lib.make_plan(study.scale, only)
-  datasets = plan_lib.needed_datasets(runs, only)
+  datasets = plan_lib.needed_datasets(runs)
   for dataset in datasets:
     study.held_out_file(dataset)  # on disk too: `python -m im_jax.eval` can reuse them
   runner.run_all(study, runs, datasets)
-  names = {"baseline"} | {r.name for r in runs}
+  names = {runner.baseline_name(d) for d in datasets} | {r.name for r in runs}
   records = {k: v for k, v in store.all().items() if k in names}
   header = {
       "scale": scale.name, "model": start.description, "command": command,
@@ -67,7 +67,7 @@ def run_study(out: pathlib.Path, scale_name: str, only: tuple[str, ...], results
       "date": datetime.date.today().isoformat(),
       "wall time of this invocation (s)": round(time.perf_counter() - started, 1),
       "training and evaluation time of all runs (s)":
-          round(sum(r.get("seconds", 0) for k, r in records.items() if k != "baseline"), 1),
+          round(sum(r.get("seconds", 0) for r in records.values()), 1),
       "methods": ", ".join(plan_lib.methods(study.scale)),
       "held-out examples per dataset": scale.held_out,
       "subsets": ", ".join(sorted({r.subset.name for r in runs})),

@@ -49,7 +49,11 @@ def methods(scale: scales.Scale) -> tuple[str, ...]:
 
 
 def make_plan(scale: scales.Scale, only: tuple[str, ...] = ()) -> list[Run]:
-  """The runs of the chosen experiments (all when `only` is empty), in running order."""
+  """The runs of the chosen experiments (all when `only` is empty), in running order.
+
+  A run always lists every experiment it serves, whatever `only` picks, so its result (and
+  the evaluations it holds) is the same with or without `--only`.
+  """
   chosen = only or EXPERIMENTS
   unknown = sorted(set(chosen) - set(EXPERIMENTS))
   if unknown:
@@ -60,29 +64,28 @@ def make_plan(scale: scales.Scale, only: tuple[str, ...] = ()) -> list[Run]:
     for method in method_names:
       wanted.setdefault((subset, method), set()).add(experiment)
 
-  all_methods = methods(scale)
   for dataset in OVERFIT_DATASETS:
-    subset = Subset(f"{dataset}_n{scale.overfit_size}", dataset, scale.overfit_size)
-    if "overfitting" in chosen:
-      add(subset, all_methods, "overfitting")
-    if "memorisation" in chosen:
-      add(subset, scales.CORE_METHODS, "memorisation")
-  if "data_size" in chosen:
-    for size in scale.sizes:
-      add(Subset(f"{SIZE_DATASET}_n{size}", SIZE_DATASET, size), scales.CORE_METHODS,
-          "data_size")
-  if "length_ratio" in chosen:
-    for band in ("low", "high"):
-      add(Subset(f"{RATIO_DATASET}_{band}_n{scale.ratio_size}", RATIO_DATASET,
-                 scale.ratio_size, band), scales.CORE_METHODS, "length_ratio")
+    subset = overfit_subset(scale, dataset)
+    add(subset, methods(scale), "overfitting")
+    add(subset, scales.CORE_METHODS, "memorisation")
+  for size in scale.sizes:
+    add(Subset(f"{SIZE_DATASET}_n{size}", SIZE_DATASET, size), scales.CORE_METHODS,
+        "data_size")
+  for band in ("low", "high"):
+    add(Subset(f"{RATIO_DATASET}_{band}_n{scale.ratio_size}", RATIO_DATASET,
+               scale.ratio_size, band), scales.CORE_METHODS, "length_ratio")
   return [Run(subset, method, tuple(e for e in EXPERIMENTS if e in exps))
-          for (subset, method), exps in wanted.items()]
+          for (subset, method), exps in wanted.items() if exps & set(chosen)]
 
 
-def needed_datasets(runs: list[Run], only: tuple[str, ...] = ()) -> tuple[str, ...]:
-  """Datasets whose held-out sets are evaluated: all three when overfitting is studied (the
-  other datasets are its out-of-distribution sets), else those the runs train on."""
-  if not only or "overfitting" in only:
+def overfit_subset(scale: scales.Scale, dataset: str) -> Subset:
+  return Subset(f"{dataset}_n{scale.overfit_size}", dataset, scale.overfit_size)
+
+
+def needed_datasets(runs: list[Run]) -> tuple[str, ...]:
+  """Datasets whose held-out sets are evaluated: all three when a run serves the overfitting
+  experiment (the other datasets are its out-of-distribution sets), else those trained on."""
+  if any("overfitting" in r.experiments for r in runs):
     return subsets.DATASETS
   return tuple(d for d in subsets.DATASETS if any(r.subset.dataset == d for r in runs))
 

@@ -102,17 +102,25 @@ def evaluate_model(study: Study, mut: evaluation.ModelUnderTest, datasets: Seque
   return out
 
 
-def baseline(study: Study, runs: Sequence[plan_lib.Run], datasets: Sequence[str]) -> None:
-  """The untrained starting model on every held-out set and every overfitting subset."""
-  key = {**study.base_key(), "datasets": list(datasets)}
-  if study.store.get("baseline", key) is not None:
+def baseline_name(dataset: str) -> str:
+  return f"baseline_{dataset}"
+
+
+def baseline(study: Study, datasets: Sequence[str]) -> None:
+  """The untrained starting model on each held-out set and, for the overfitting datasets, on
+  the first training examples of their subset: one result per dataset."""
+  todo = []
+  for dataset in datasets:
+    key = {**study.base_key(), "dataset": dataset}
+    if study.store.get(baseline_name(dataset), key) is None:
+      todo.append((dataset, key))
+  if not todo:
     say("baseline: done (from results)")
     return
   say("baseline: evaluating the untrained model")
-  c = study.config(runs[0])
+  c = study.config(plan_lib.make_plan(study.scale)[0])
   if study.start.init_from:
-    loaded = load_pretrained(study.start.init_from, **eval_options(c))
-    mut = _mut_from_loaded(loaded)
+    mut = _mut_from_loaded(load_pretrained(study.start.init_from, **eval_options(c)))
   else:  # the random init every tiny run starts from: the trainer's model with its seed
     from flax import nnx  # pylint: disable=g-import-not-at-top
     from im_jax.models.llama import Llama  # pylint: disable=g-import-not-at-top
@@ -120,15 +128,14 @@ def baseline(study: Study, runs: Sequence[plan_lib.Run], datasets: Sequence[str]
     mcfg = experiment.model_config(c, len(tokenizer))
     mut = evaluation.ModelUnderTest(Llama(mcfg, rngs=nnx.Rngs(c.train.seed)), tokenizer,
                                     c.data.template, c.data.strip_content)
-  value = evaluate_model(study, mut, datasets, [], c.data.max_seq_len)
-  value["train"] = {}
-  for run in runs:
-    if "overfitting" in run.experiments and run.subset.name not in value["train"]:
-      train = study.subset(run)[:study.scale.train_eval]
-      losses = evaluation.example_losses(mut, train, c.data.max_seq_len)
-      value["train"][run.subset.name] = {**losses,
-                                         "output_mean": evaluation.mean(losses["output"])}
-  study.store.put("baseline", key, value)
+  for dataset, key in todo:
+    train = []
+    if dataset in plan_lib.OVERFIT_DATASETS:
+      subset = plan_lib.overfit_subset(study.scale, dataset)
+      train = plan_lib.subset_conversations(subset, study.splits[dataset], study.max_seq_len())
+    value = evaluate_model(study, mut, [dataset], train[:study.scale.train_eval],
+                           c.data.max_seq_len)
+    study.store.put(baseline_name(dataset), key, value)
 
 
 def epoch_curves(workdir: pathlib.Path, steps_per_epoch: int) -> list[dict[str, Any]]:
@@ -195,7 +202,7 @@ def run_one(study: Study, run: plan_lib.Run, datasets: Sequence[str]) -> dict[st
 
 def run_all(study: Study, runs: Sequence[plan_lib.Run], datasets: Sequence[str]) -> None:
   """Every run in order, skipping finished ones; progress and time left on stderr."""
-  baseline(study, runs, datasets)
+  baseline(study, datasets)
   spent: list[float] = []
   for i, run in enumerate(runs, start=1):
     if study.store.get(run.name, study.run_key(run)) is not None:

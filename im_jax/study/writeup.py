@@ -31,6 +31,7 @@ CPU_NOTE = (
     "(4-bit blocks), the only copy available offline: the starting point is a slightly "
     "degraded SmolLM2, identical for every method, so the comparisons stay paired and fair, "
     "but absolute losses are not those of the original release.")
+NOT_RUN = "Not run in this invocation (see `--only`).\n"
 
 
 def _fmt(value: float | None, digits: int = 4) -> str:
@@ -48,8 +49,8 @@ def _table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
 def _runs(records: Records, experiment: str) -> list[dict[str, Any]]:
   """The runs of an experiment, methods in the report's order (it, im, then the others)."""
   order = scales.CORE_METHODS + scales.EXTRA_METHODS
-  runs = [r for name, r in records.items() if name != "baseline" and experiment in
-          r.get("experiments", ())]
+  runs = [r for name, r in records.items() if not name.startswith("baseline") and
+          experiment in r.get("experiments", ())]
   return sorted(runs, key=lambda r: (order.index(r["method"]) if r["method"] in order
                                      else len(order), r["method"]))
 
@@ -60,7 +61,8 @@ def _diff(a: Sequence, b: Sequence) -> dict[str, Any]:
 
 def analyse(records: Records) -> dict[str, Any]:
   """The numbers of every table, from the result records."""
-  base = records.get("baseline", {})
+  bases = {name.removeprefix("baseline_"): r for name, r in records.items()
+           if name.startswith("baseline_")}
   out: dict[str, Any] = {"overfitting": {}, "memorisation": {}, "data_size": [],
                          "length_ratio": []}
   for run in _runs(records, "overfitting"):
@@ -82,10 +84,11 @@ def analyse(records: Records) -> dict[str, Any]:
           "held_out": {d: _diff(its["held_out"][d]["output"], run["held_out"][d]["output"])
                        for d in run["held_out"]},
           "train": _diff(its["train"]["output"], run["train"]["output"])}
-    if base:
+    if dataset in bases:
       entry["baseline"] = {
-          "train_output_loss": base.get("train", {}).get(entry["subset"], {}).get("output_mean"),
-          "held_out_output_loss": {d: v["output_mean"] for d, v in base["held_out"].items()}}
+          "train_output_loss": bases[dataset].get("train", {}).get("output_mean"),
+          "held_out_output_loss": {d: b["held_out"][d]["output_mean"]
+                                   for d, b in bases.items()}}
   mem = {r["subset"]["dataset"] + ":" + r["method"]: r for r in _runs(records, "memorisation")}
   for key, run in mem.items():
     m = run["memorisation"]
@@ -152,6 +155,8 @@ def markdown(analysis: dict[str, Any], header: dict[str, Any]) -> str:
   parts.append("\n## 1. Overfitting (paper Fig. 3): output loss, the paper's per-example "
                "measure\n\nTrain: the final model on its first training examples; held-out: "
                "the fixed held-out sets (the other datasets are out-of-distribution).\n")
+  if not analysis["overfitting"]:
+    parts.append("\n" + NOT_RUN)
   for dataset, entry in analysis["overfitting"].items():
     datasets = sorted({d for m in entry["methods"].values() for d in m["held_out_output_loss"]})
     rows = []
@@ -184,7 +189,8 @@ def markdown(analysis: dict[str, Any], header: dict[str, Any]) -> str:
                  _fmt(m["rouge_l_mean"], 4), _ci(p["sentence_bleu"]) if p else "",
                  _ci(p["rouge_l"]) if p else ""])
   parts.append(_table(["dataset:method", "corpus BLEU", "mean sentence BLEU", "mean ROUGE-L",
-                       "IT - method, sentence BLEU", "IT - method, ROUGE-L"], rows))
+                       "IT - method, sentence BLEU", "IT - method, ROUGE-L"], rows)
+               if rows else NOT_RUN)
   for title, key, column in (("3. Data size (paper Fig. 2)", "data_size", "size"),
                              ("4. Length ratio (paper Fig. 2)", "length_ratio", "band")):
     parts.append(f"\n## {title}: held-out gain of IM = IT - IM output loss\n\n")
@@ -192,7 +198,7 @@ def markdown(analysis: dict[str, Any], header: dict[str, Any]) -> str:
         [column, "examples", "length ratio", "IT", "IM", "gain [95% CI]", "share IM better"],
         [[r[column], r["examples"], _fmt(r["length_ratio"], 3), _fmt(r["it"]), _fmt(r["im"]),
           _ci(r["gain"]), _fmt(r["gain"]["positive_fraction"], 2)]
-         for r in analysis[key]]))
+         for r in analysis[key]]) if analysis[key] else NOT_RUN)
   return "".join(parts)
 
 
