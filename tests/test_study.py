@@ -143,6 +143,7 @@ def test_only_plans_the_chosen_experiments():
   assert plan_lib.needed_datasets(sizes) == subsets.DATASETS  # the largest is an overfit run
   full = {r.name: r.experiments for r in plan_lib.make_plan(scales.SMOKE)}
   assert all(full[r.name] == r.experiments for r in sizes)
+  assert study_main.EXPERIMENTS == plan_lib.EXPERIMENTS
   with pytest.raises(ValueError, match="unknown experiment"):
     plan_lib.make_plan(scales.SMOKE, ("nonsense",))
 

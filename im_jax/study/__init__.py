@@ -10,5 +10,7 @@ Modules, each resting on the ones before it and on train/eval/report below:
   statistics paired bootstrap confidence intervals
   results    one JSON file per finished run or evaluation: skipped when present
   runner     trains and evaluates each run, showing progress
+  claims     the paper's claims judged from the measured intervals
   writeup    results.json, results.md and the PNG plots
+  orchestrate one study from start to report (the entry point's work)
 """

@@ -22,6 +22,7 @@ import sys
 import time
 
 EXIT_BAD_INPUT = 2
+# plan.EXPERIMENTS, repeated so that --help imports nothing heavy (tested equal).
 EXPERIMENTS = ("overfitting", "memorisation", "data_size", "length_ratio")
 
 

@@ -10,7 +10,6 @@ resume). Results hold measures only, never checkpoints.
 
 import dataclasses
 import hashlib
-import logging
 import pathlib
 import sys
 import time
@@ -24,8 +23,6 @@ from im_jax.data.conversation import Conversation
 from im_jax.data.stats import load_tokenizer
 from im_jax.settings import encode_config, model_options, pipeline_config
 from im_jax.study import evaluation, models, plan as plan_lib, results, scales, subsets
-
-log = logging.getLogger(__name__)
 
 
 class StudyStopped(RuntimeError):
