@@ -87,13 +87,15 @@ def _mut_from_loaded(loaded) -> evaluation.ModelUnderTest:
 def evaluate_model(study: Study, mut: evaluation.ModelUnderTest, datasets: Sequence[str],
                    train: Sequence[Conversation], max_seq_len: int) -> dict[str, Any]:
   batch = study.scale.overrides.get("eval.batch_size", 8)
+  chunk = study.scale.overrides.get("loss.chunk_size", 512)
   out = {"held_out": {}}
   for dataset in datasets:
-    losses = evaluation.example_losses(mut, study.splits[dataset].held_out, max_seq_len, batch)
+    losses = evaluation.example_losses(mut, study.splits[dataset].held_out, max_seq_len, batch,
+                                       chunk)
     out["held_out"][dataset] = {**losses, "output_mean": evaluation.mean(losses["output"]),
                                 "instruction_mean": evaluation.mean(losses["instruction"])}
   if train:
-    losses = evaluation.example_losses(mut, train, max_seq_len, batch)
+    losses = evaluation.example_losses(mut, train, max_seq_len, batch, chunk)
     out["train"] = {**losses, "output_mean": evaluation.mean(losses["output"]),
                     "instruction_mean": evaluation.mean(losses["instruction"])}
   return out

@@ -41,9 +41,10 @@ CPU = Scale(
     name="cpu", model="smollm2_135m", overfit_size=256, sizes=(64, 128, 256), ratio_size=128,
     held_out=100, train_eval=100, generations=32, max_new_tokens=64,
     extra_methods=("neftune", "im_neftune"),
-    overrides={"data.max_seq_len": 512, "train.batch_size": 16, "train.grad_accum": 1,
-               "train.epochs": 3, "eval.batch_size": 16, "model.compute_dtype": "float32",
-               "checkpoint.every_steps": 8, "checkpoint.keep": 1, "export_hf": False},
+    overrides={"data.max_seq_len": 512, "train.batch_size": 16, "train.grad_accum": 4,
+               "loss.chunk_size": 128, "train.epochs": 3, "eval.batch_size": 8,
+               "model.compute_dtype": "float32", "checkpoint.every_steps": 8,
+               "checkpoint.keep": 1, "export_hf": False},
     reasons={
         "data.max_seq_len": "512 tokens: a 2-core CPU; longer examples are cut on the right",
         "train.batch_size": "16 examples per step (paper: 128) so that a few hundred examples "
@@ -51,6 +52,9 @@ CPU = Scale(
                             "before any result",
         "train.epochs": "3 epochs: enough points for a per-epoch overfitting curve",
         "model.compute_dtype": "float32: bf16 is slow on this CPU",
+        "train.grad_accum, loss.chunk_size, eval.batch_size": "memory only (23 GB machine; "
+                                                              "accumulation and chunking are "
+                                                              "exact)",
         "subset sizes": "sized by the budget rule in im_jax/study/sizing.py"})
 
 ACCELERATOR = Scale(
