@@ -45,10 +45,10 @@ def test_smoke_writes_every_file_and_well_formed_tables(smoke):
       assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", name
   md = (smoke / "results.md").read_text()
   assert "may be within noise" in md
-  for heading in ("Overfitting", "Memorisation", "Data size", "Length ratio"):
+  for heading in ("Overfitting", "Memorisation", "Second seed", "Data size", "Length ratio"):
     assert heading in md
   tables = _tables(md)
-  assert len(tables) >= 9
+  assert len(tables) >= 10
   for table in tables:
     columns = table[0].count("|")
     assert all(row.count("|") - row.count("\\|") == columns for row in table), table
@@ -71,7 +71,9 @@ def test_smoke_writes_every_file_and_well_formed_tables(smoke):
   assert bands[0]["length_ratio"] < bands[1]["length_ratio"]
   assert {"lima:it", "lima:im", "alpaca5k:it", "alpaca5k:im"} <= set(analysis["memorisation"])
   claims = json.loads((smoke / "results.json").read_text())["claims"]
-  assert len(claims) == 8  # 2 x overfitting (train, held-out), 2 x memorisation, ratio, size
+  # 2 x overfitting (train, held-out), 2 for the second seed, 2 x memorisation, ratio, size
+  assert len(claims) == 10
+  assert analysis["second_seed"]["seed"] == plan_lib.SECOND_SEED
   assert {c["verdict"] for c in claims} <= {"reproduced", "within noise", "opposite"}
 
 
@@ -132,7 +134,7 @@ def test_every_planned_run_has_a_valid_config(scale, tmp_path):
                             str(tmp_path / "tok") if scale.model == "tiny" else "")
     # cpu runs on one CPU device; the smoke study runs here on the tests' 8.
     settings.validate(c, num_devices=1 if scale.name == "cpu" else 8, process_count=1)
-    assert c.data.eval_fraction == 0 and c.train.seed == 0
+    assert c.data.eval_fraction == 0 and c.train.seed == run.seed
     assert c.loss.mode == ("im" if run.method.startswith("im") else "it")
 
 

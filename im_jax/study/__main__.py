@@ -3,7 +3,8 @@
     python -m im_jax.study --out DIR [--scale smoke|cpu|accelerator] [--only NAME ...]
         [--results FOLDER] [--model hf:DIR] [--data-dir DIR]
 
-Experiments (--only picks some): overfitting, memorisation, data_size, length_ratio.
+Experiments (--only picks some): overfitting, memorisation, data_size, length_ratio,
+second_seed (the LIMA IT-vs-IM comparison again with another seed).
 Scales: smoke (tiny random-init model, every experiment in minutes: tests the machinery),
 cpu (SmolLM2-135M-Instruct sized to about 3 hours of a 2-core CPU by a measured tokens/s),
 accelerator (any Hugging Face model given with --model hf:DIR; every method).
@@ -23,7 +24,7 @@ import time
 
 EXIT_BAD_INPUT = 2
 # plan.EXPERIMENTS, repeated so that --help imports nothing heavy (tested equal).
-EXPERIMENTS = ("overfitting", "memorisation", "data_size", "length_ratio")
+EXPERIMENTS = ("overfitting", "memorisation", "data_size", "length_ratio", "second_seed")
 
 
 def _parser() -> argparse.ArgumentParser:

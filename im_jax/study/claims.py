@@ -40,6 +40,12 @@ def verdicts(analysis: dict[str, Any]) -> list[dict[str, str]]:
         paired["train"], -1)
     add(f"{entry['subset']}: IM's held-out output loss is lower (IT - IM > 0)",
         paired["held_out"][dataset], +1)
+  seed = analysis.get("second_seed")
+  if seed:
+    add(f"{seed['subset']} (seed {seed['seed']}): IM's train output loss is higher "
+        "(IT - IM < 0)", seed["train"], -1)
+    add(f"{seed['subset']} (seed {seed['seed']}): IM's held-out output loss is lower "
+        "(IT - IM > 0)", seed["held_out"], +1)
   for key, m in analysis["memorisation"].items():
     if key.endswith(":im") and "paired_vs_it" in m:
       add(f"{key.split(':')[0]}: IM's generations copy the training outputs less "

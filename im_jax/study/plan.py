@@ -1,10 +1,11 @@
 """The runs of a study: which subset each method trains on, for which experiments.
 
-A run is identified by its subset and method; experiments that need the same training share
-the run (the largest Alpaca size is the overfitting experiment's Alpaca subset). Every run
-has the same seed, data order and hyperparameters as the others: only the data file and the
-method differ. `config_for` builds its config from configs/paper.py plus the scale's
-overrides, so each run is an ordinary `python -m im_jax.train` workdir.
+A run is identified by its subset, method and seed; experiments that need the same training
+share the run (the largest Alpaca size is the overfitting experiment's Alpaca subset). Every
+run has the same seed, data order and hyperparameters as the others: only the data file and
+the method differ (the second_seed experiment repeats the LIMA pair, both with another seed).
+`config_for` builds its config from configs/paper.py plus the scale's overrides, so each run
+is an ordinary `python -m im_jax.train` workdir.
 """
 
 import dataclasses
@@ -33,14 +34,18 @@ class Subset:
 class Run:
   subset: Subset
   method: str
-  experiments: tuple[str, ...]  # overfitting, memorisation, data_size, length_ratio
+  experiments: tuple[str, ...]  # overfitting, memorisation, data_size, ...
+  seed: int = 0  # train.seed: init (random-init models), data order, NEFTune noise
 
   @property
   def name(self) -> str:
-    return f"{self.subset.name}_{self.method}"
+    return f"{self.subset.name}_{self.method}" + (f"_seed{self.seed}" if self.seed else "")
 
 
-EXPERIMENTS = ("overfitting", "memorisation", "data_size", "length_ratio")
+# The headline comparison (IT vs IM on LIMA, the paper's few-examples regime) again with
+# this seed: how much of a difference one seed's data order and noise make.
+SECOND_SEED = 1
+EXPERIMENTS = ("overfitting", "memorisation", "data_size", "length_ratio", "second_seed")
 
 
 def methods(scale: scales.Scale) -> tuple[str, ...]:
@@ -58,11 +63,11 @@ def make_plan(scale: scales.Scale, only: tuple[str, ...] = ()) -> list[Run]:
   unknown = sorted(set(chosen) - set(EXPERIMENTS))
   if unknown:
     raise ValueError(f"unknown experiment {unknown[0]!r}: choose from {', '.join(EXPERIMENTS)}")
-  wanted: dict[tuple[Subset, str], set[str]] = {}
+  wanted: dict[tuple[Subset, str, int], set[str]] = {}
 
-  def add(subset: Subset, method_names, experiment):
+  def add(subset: Subset, method_names, experiment, seed=0):
     for method in method_names:
-      wanted.setdefault((subset, method), set()).add(experiment)
+      wanted.setdefault((subset, method, seed), set()).add(experiment)
 
   for dataset in OVERFIT_DATASETS:
     subset = overfit_subset(scale, dataset)
@@ -74,8 +79,10 @@ def make_plan(scale: scales.Scale, only: tuple[str, ...] = ()) -> list[Run]:
   for band in ("low", "high"):
     add(Subset(f"{RATIO_DATASET}_{band}_n{scale.ratio_size}", RATIO_DATASET,
                scale.ratio_size, band), scales.CORE_METHODS, "length_ratio")
-  return [Run(subset, method, tuple(e for e in EXPERIMENTS if e in exps))
-          for (subset, method), exps in wanted.items() if exps & set(chosen)]
+  add(overfit_subset(scale, OVERFIT_DATASETS[0]), scales.CORE_METHODS, "second_seed",
+      SECOND_SEED)
+  return [Run(subset, method, tuple(e for e in EXPERIMENTS if e in exps), seed)
+          for (subset, method, seed), exps in wanted.items() if exps & set(chosen)]
 
 
 def overfit_subset(scale: scales.Scale, dataset: str) -> Subset:
@@ -103,6 +110,7 @@ def config_for(run: Run, scale: scales.Scale, data_file: pathlib.Path, init_from
   c = paper.get_config(f"{data_file},{run.method},{scale.model}")
   c.data.eval_fraction = 0.0  # the study's own held-out set replaces the hashed split
   c.train.log_every = 1  # per-step train losses: the per-epoch train curve averages them
+  c.train.seed = run.seed
   if init_from:
     c.model.init_from = init_from
   if tokenizer:

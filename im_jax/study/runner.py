@@ -64,6 +64,7 @@ class Study:
 
   def run_key(self, run: plan_lib.Run) -> dict[str, Any]:
     return {**self.base_key(), "method": run.method, "subset": run.subset.name,
+            "seed": run.seed,
             "examples": ids_digest(self.subset(run)), "experiments": list(run.experiments)}
 
   def config(self, run: plan_lib.Run):
@@ -184,7 +185,7 @@ def train(study: Study, run: plan_lib.Run) -> dict[str, Any]:
 def run_one(study: Study, run: plan_lib.Run, datasets: Sequence[str]) -> dict[str, Any]:
   key = study.run_key(run)
   started = time.perf_counter()
-  value = {"method": run.method, "subset": dataclasses.asdict(run.subset),
+  value = {"method": run.method, "seed": run.seed, "subset": dataclasses.asdict(run.subset),
            "experiments": list(run.experiments),
            "length_ratio": subsets.length_ratio(study.subset(run)), **train(study, run)}
   c = study.config(run)

@@ -101,6 +101,15 @@ def analyse(records: Records) -> dict[str, Any]:
       out["memorisation"][key]["paired_vs_it"] = {
           "sentence_bleu": _diff(it["memorisation"]["bleu_per_example"], m["bleu_per_example"]),
           "rouge_l": _diff(it["memorisation"]["rouge_l_per_example"], m["rouge_l_per_example"])}
+  out["second_seed"] = {}
+  seeds = {r["method"]: r for r in _runs(records, "second_seed")}
+  if {"it", "im"} <= set(seeds):
+    it, im = seeds["it"], seeds["im"]
+    dataset = it["subset"]["dataset"]
+    out["second_seed"] = {
+        "subset": it["subset"]["name"], "seed": it["seed"],
+        "held_out": _diff(it["held_out"][dataset]["output"], im["held_out"][dataset]["output"]),
+        "train": _diff(it["train"]["output"], im["train"]["output"])}
   out["data_size"] = _gains(records, "data_size", "size")
   out["length_ratio"] = _gains(records, "length_ratio", "band")
   return out
@@ -191,6 +200,11 @@ def markdown(analysis: dict[str, Any], header: dict[str, Any]) -> str:
   parts.append(_table(["dataset:method", "corpus BLEU", "mean sentence BLEU", "mean ROUGE-L",
                        "IT - method, sentence BLEU", "IT - method, ROUGE-L"], rows)
                if rows else NOT_RUN)
+  seed = analysis["second_seed"]
+  parts.append("\n## Second seed: the LIMA comparison with another seed\n\n")
+  parts.append(_table(["subset", "seed", "IT - IM train", "IT - IM held-out"],
+                      [[seed["subset"], seed["seed"], _ci(seed["train"]),
+                        _ci(seed["held_out"])]]) if seed else NOT_RUN)
   for title, key, column in (("3. Data size (paper Fig. 2)", "data_size", "size"),
                              ("4. Length ratio (paper Fig. 2)", "length_ratio", "band")):
     parts.append(f"\n## {title}: held-out gain of IM = IT - IM output loss\n\n")
