@@ -138,6 +138,18 @@ def test_every_planned_run_has_a_valid_config(scale, tmp_path):
     assert c.loss.mode == ("im" if run.method.startswith("im") else "it")
 
 
+def test_every_scale_finds_its_subsets_in_the_data(shared_data_dir):
+  """Every planned subset exists, at its size, outside the held-out sets (LIMA has ~1,000)."""
+  for scale in scales.SCALES.values():
+    splits = {d: subsets.load_split(d, scale.held_out, shared_data_dir)
+              for d in subsets.DATASETS}
+    max_seq_len = scale.overrides.get("data.max_seq_len", 2048)
+    for run in plan_lib.make_plan(scale):
+      chosen = plan_lib.subset_conversations(run.subset, splits[run.subset.dataset],
+                                             max_seq_len)
+      assert len(chosen) == run.subset.size, run.name
+
+
 def test_only_plans_the_chosen_experiments():
   runs = plan_lib.make_plan(scales.SMOKE, ("length_ratio",))
   assert {r.subset.band for r in runs} == {"low", "high"}

@@ -58,7 +58,7 @@ CPU = Scale(
         "subset sizes": "sized by the budget rule in im_jax/study/sizing.py"})
 
 ACCELERATOR = Scale(
-    name="accelerator", model="llama2_7b", overfit_size=1000, sizes=(250, 500, 1000, 2000),
+    name="accelerator", model="llama2_7b", overfit_size=800, sizes=(200, 400, 800, 1600),
     ratio_size=800, held_out=200, train_eval=200, generations=100, max_new_tokens=256,
     extra_methods=EXTRA_METHODS,
     overrides={"train.epochs": 3, "checkpoint.every_steps": 20, "checkpoint.keep": 1,
