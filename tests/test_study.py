@@ -189,6 +189,18 @@ def test_subsets_never_overlap_the_held_out_sets(shared_data_dir):
   assert [c.id for c in again.held_out] == [c.id for c in split.held_out]
 
 
+def test_cpu_report_states_noise_and_the_model_first():
+  from im_jax.study import writeup  # pylint: disable=g-import-not-at-top
+
+  empty = {"overfitting": {}, "memorisation": {}, "second_seed": {}, "data_size": [],
+           "length_ratio": []}
+  md = writeup.markdown(empty, {"scale": "cpu", "command": "python -m im_jax.study"})
+  head = md[:md.index("| setting |")]
+  for phrase in ("may be within noise", "already instruction-tuned", "Q4_1 GGUF"):
+    assert phrase in head
+  assert md.count("Not run in this invocation") == 5
+
+
 def test_paired_bootstrap_interval():
   sure = statistics.paired_difference([2.0, 3.0, 2.5, 2.2] * 10, [1.0, 1.1, 0.9, 1.2] * 10)
   assert sure.excludes_zero and sure.low <= sure.mean <= sure.high

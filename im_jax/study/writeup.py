@@ -17,7 +17,8 @@ from im_jax.study import claims, scales, statistics
 Records = dict[str, dict[str, Any]]
 
 NOISE_NOTE = (
-    "**Read this first.** At this budget (small subsets, few updates, one seed) the effects "
+    "**Read this first.** At this budget (small subsets, few updates, one seed but for the "
+    "headline comparison) the effects "
     "the paper reports may be within noise. Every comparison below is therefore a paired "
     "per-example difference on the same held-out examples with a 95% bootstrap interval; "
     "an interval that contains 0 shows no effect at this size.")
@@ -25,12 +26,13 @@ SMOKE_NOTE = ("The `smoke` scale trains a random-init 2-layer model for seconds:
               "test that every experiment and artefact is produced, not the paper's claims.")
 CPU_NOTE = (
     "The `cpu` model is **SmolLM2-135M-Instruct, which is already instruction-tuned**: IT and "
-    "IM fine-tune a model that has been through instruction tuning (and preference tuning), "
-    "not a base model as in the paper, so both start from a low output loss and the room for "
-    "IM's regularising effect is smaller. Its weights are **dequantized from a Q4_1 GGUF** "
-    "(4-bit blocks), the only copy available offline: the starting point is a slightly "
-    "degraded SmolLM2, identical for every method, so the comparisons stay paired and fair, "
-    "but absolute losses are not those of the original release.")
+    "IM fine-tune a model that has been through instruction tuning, not a base model as in "
+    "the paper, so both start from a model already trained on replies of this kind and the "
+    "room for IM's regularising effect may be smaller (the untrained row shows where they "
+    "start). Its weights are **dequantized from a Q4_1 GGUF** "
+    "(4-bit blocks), the only copy available offline: the starting point differs from the "
+    "released float weights by the quantization error, the same for every method, so the "
+    "comparisons stay paired and fair, but absolute losses are not those of the release.")
 NOT_RUN = "Not run in this invocation (see `--only`).\n"
 
 
