@@ -25,21 +25,10 @@ def smollm2_tokenizer_dir(gguf: pathlib.Path, out: pathlib.Path) -> pathlib.Path
 
 
 def smollm2_hf_dir(gguf: pathlib.Path, out: pathlib.Path) -> pathlib.Path:
-  if _ready(out):
-    return out
-  import torch
-  import transformers
+  """The study's runtime conversion (im_jax/study/models.py), so the tests exercise it."""
+  from im_jax.study import models
 
-  loaded = transformers.AutoModelForCausalLM.from_pretrained(
-      str(gguf.parent), gguf_file=gguf.name, torch_dtype=torch.float32)
-  # Copy into a plain LlamaForCausalLM so save_pretrained writes an ordinary fp32 folder.
-  config = transformers.LlamaConfig.from_dict(loaded.config.to_dict())
-  plain = transformers.LlamaForCausalLM(config).to(torch.float32)
-  plain.load_state_dict(loaded.state_dict())
-  plain.save_pretrained(out)
-  tok = transformers.AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
-  tok.save_pretrained(out)
-  return _mark(out)
+  return models.smollm2_hf_folder(out, gguf)
 
 
 TINY_CHAT_TEMPLATE = (

@@ -39,7 +39,8 @@ DEVICES = 8  # conftest's simulated CPU devices
 # only exist on a cluster).
 HELP_ONLY: set[str] = set()
 # Entry points whose parser is imported into this process and parsed in full.
-IN_PROCESS = ("im_jax.data", "im_jax.convert", "im_jax.eval", "im_jax.report")
+IN_PROCESS = ("im_jax.data", "im_jax.convert", "im_jax.eval", "im_jax.report",
+              "im_jax.study")
 _COMMAND = re.compile(r"(python -m im_jax\S*|python scripts/\S+|bash scripts/\S+|"
                       r"(?<![\w/.])scripts/\S+)(.*)")
 _PLACEHOLDER = re.compile(r"^[A-Z][A-Z0-9_]*$|\.\.\.")

@@ -1,0 +1,81 @@
+"""Reproduce the paper's findings: IT vs IM on its data, one resumable command.
+
+    python -m im_jax.study --out DIR [--scale smoke|cpu|accelerator] [--only NAME ...]
+        [--results FOLDER] [--model hf:DIR] [--data-dir DIR]
+
+Experiments (--only picks some): overfitting, memorisation, data_size, length_ratio,
+second_seed (the LIMA IT-vs-IM comparison again with another seed).
+Scales: smoke (tiny random-init model, every experiment in minutes: tests the machinery),
+cpu (SmolLM2-135M-Instruct sized to about 3 hours of a 2-core CPU by a measured tokens/s),
+accelerator (any Hugging Face model given with --model hf:DIR; every method).
+
+Each run is an ordinary training workdir under DIR/runs/; each finished run's measures go to
+the results folder (default DIR/results/SCALE; give e.g. docs/study to commit them) and are
+never recomputed; an interrupted run resumes from its checkpoint. The report is
+DIR/results.json, DIR/results.md and PNG plots in DIR. Bad settings print one line and exit
+with status 2; the study never writes over its inputs or results made with other settings.
+"""
+
+import argparse
+import logging
+import pathlib
+import sys
+import time
+
+EXIT_BAD_INPUT = 2
+# plan.EXPERIMENTS, repeated so that --help imports nothing heavy (tested equal).
+EXPERIMENTS = ("overfitting", "memorisation", "data_size", "length_ratio", "second_seed")
+
+
+def _parser() -> argparse.ArgumentParser:
+  parser = argparse.ArgumentParser(prog="python -m im_jax.study", description=__doc__,
+                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser.add_argument("--out", required=True,
+                      help="study folder: data subsets, run workdirs, the report")
+  parser.add_argument("--scale", choices=("smoke", "cpu", "accelerator"), default="smoke")
+  parser.add_argument("--only", nargs="+", action="extend", choices=EXPERIMENTS,
+                      help="only these experiments (default: all)")
+  parser.add_argument("--results", default=None,
+                      help="folder of finished runs' results (default DIR/results/SCALE)")
+  parser.add_argument("--model", default="",
+                      help="hf:DIR, the model of the accelerator scale (Llama-2-7B: the paper's)")
+  parser.add_argument("--data-dir", default=None,
+                      help="the paper's data files (default: ../shared/data)")
+  return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+  args = _parser().parse_args(argv)
+  started = time.perf_counter()
+  # Orbax and grain log every file operation at INFO through absl: keep theirs to warnings.
+  logging.getLogger("absl").setLevel(logging.WARNING)
+  logging.getLogger("im_jax").setLevel(logging.WARNING)
+  from im_jax import output_guard  # pylint: disable=g-import-not-at-top  (jax: slow)
+  from im_jax.data.conversation import DataError  # pylint: disable=g-import-not-at-top
+  from im_jax.study import orchestrate, runner  # pylint: disable=g-import-not-at-top
+
+  try:
+    out = pathlib.Path(args.out)
+    inputs = [args.data_dir, output_guard.local_path(args.model) if args.model else None]
+    output_guard.check_not_input(out, [p for p in inputs if p])
+    kind = output_guard.protected_kind(out)
+    if kind is not None and not kind.startswith("a folder holding"):  # its own runs/ hold some
+      raise ValueError(f"--out {out} is {kind}: give the study a folder of its own")
+    written = orchestrate.run_study(out, args.scale, tuple(args.only or ()), args.results,
+                                  args.model, args.data_dir, argv_text(argv), started)
+  except (DataError, OSError, ValueError, KeyError) as e:
+    print(f"error: {' '.join(str(e).split()) or type(e).__name__}", file=sys.stderr)
+    return EXIT_BAD_INPUT
+  except runner.StudyStopped as e:
+    print(f"stopped: {e}", file=sys.stderr)
+    return 1
+  print("\n".join(f"wrote {p}" for p in written))
+  return 0
+
+
+def argv_text(argv: list[str] | None) -> str:
+  return " ".join(["python -m im_jax.study", *(sys.argv[1:] if argv is None else argv)])
+
+
+if __name__ == "__main__":
+  sys.exit(main())

@@ -1,0 +1,84 @@
+"""One study from start to report: data, starting model, sizing, runs, write-up."""
+
+import dataclasses
+import datetime
+import json
+import os
+import pathlib
+import platform
+import time
+from typing import Any
+
+from im_jax.study import models, plan as plan_lib, results, runner, scales, sizing, subsets
+
+
+def _compilation_cache(out: pathlib.Path) -> None:
+  """Identical steps (an IT and an IM run of one subset) compile once, also across reruns."""
+  import jax  # pylint: disable=g-import-not-at-top
+
+  jax.config.update("jax_compilation_cache_dir", str(out / ".jax_cache"))
+  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
+
+
+def _sized_scale(study: runner.Study) -> tuple[scales.Scale, dict[str, Any] | None]:
+  """The cpu scale fitted to the budget by a measured tokens/s (measured once, stored)."""
+  if study.scale.name != "cpu":
+    return study.scale, None
+  key = study.base_key()
+  stored = study.store.get("sizing", key)
+  if stored is None:
+    runner.say("sizing: measuring training tokens/s of the model on this machine")
+    tps, tokens_per_example = runner.measure_speed(study)
+    fitted, info = sizing.fit(study.scale, tokens_per_example, tps)
+    stored = study.store.put("sizing", key, {**info, "overfit_size": fitted.overfit_size,
+                                             "sizes": list(fitted.sizes),
+                                             "ratio_size": fitted.ratio_size})
+  fitted = dataclasses.replace(study.scale, overfit_size=stored["overfit_size"],
+                               sizes=tuple(stored["sizes"]), ratio_size=stored["ratio_size"])
+  runner.say(f"sizing: {stored['tokens_per_sec']:.0f} tokens/s, factor {stored['factor']:.2f}, "
+             f"estimated {stored['estimate_seconds'] / 3600:.2f} h")
+  return fitted, stored
+
+
+def run_study(out: pathlib.Path, scale_name: str, only: tuple[str, ...], results_dir: str | None,
+              model: str, data_dir: str | None, command: str, started: float
+              ) -> list[pathlib.Path]:
+  scale = scales.SCALES[scale_name]
+  store = results.ResultStore(pathlib.Path(results_dir) if results_dir
+                              else out / "results" / scale.name)
+  data_path = pathlib.Path(data_dir) if data_dir else None
+  splits = {d: subsets.load_split(d, scale.held_out, data_path) for d in subsets.DATASETS}
+  out.mkdir(parents=True, exist_ok=True)
+  _compilation_cache(out)
+  texts = [c for s in splits.values() for c in s.held_out + s.pool[:4 * scale.overfit_size]]
+  start = models.start(scale.name, out, model, texts)
+  study = runner.Study(out, scale, store, splits, start)
+  study.scale, sized = _sized_scale(study)
+  runs = plan_lib.make_plan(study.scale, only)
+  datasets = plan_lib.needed_datasets(runs)
+  for dataset in datasets:
+    study.held_out_file(dataset)  # on disk too: `python -m im_jax.eval` can reuse them
+  runner.run_all(study, runs, datasets)
+  names = {runner.baseline_name(d) for d in datasets} | {r.name for r in runs}
+  records = {k: v for k, v in store.all().items() if k in names}
+  header = {
+      "scale": scale.name, "model": start.description, "command": command,
+      "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, {platform.platform()}",
+      "date": datetime.date.today().isoformat(),
+      "wall time of this invocation (s)": round(time.perf_counter() - started, 1),
+      "training and evaluation time of all runs (s)":
+          round(sum(r.get("seconds", 0) for r in records.values()), 1),
+      "methods": ", ".join(plan_lib.methods(study.scale)),
+      "held-out examples per dataset": scale.held_out,
+      "subsets": ", ".join(sorted({r.subset.name for r in runs})),
+      "results folder": str(store.folder),
+      "overrides of configs/paper.py": json.dumps(scale.overrides),
+      "reasons": scale.reasons}
+  if sized:
+    header["sizing rule"] = (f"im_jax/study/sizing.py: {sized['tokens_per_sec']:.0f} tokens/s "
+                             f"measured, {sized['tokens_per_example']:.0f} tokens per example, "
+                             f"factor {sized['factor']:.3f}, estimated "
+                             f"{sized['estimate_seconds'] / 3600:.2f} h of "
+                             f"{sized['budget_seconds'] / 3600:.1f} h")
+  from im_jax.study import writeup  # pylint: disable=g-import-not-at-top  (matplotlib)
+  return writeup.write(out, records, header)

@@ -1,0 +1,49 @@
+"""The results folder: one JSON file per finished run or evaluation, safe to commit.
+
+A file is written once, atomically, when its work is complete; a study that finds it skips
+that work (on this machine or a fresh one with the committed folder). A file is tied to the
+settings that produced it (`key`): one made with other settings is never reused or replaced,
+the study stops and names it.
+"""
+
+import json
+import os
+import pathlib
+from typing import Any
+
+
+class StaleResult(ValueError):
+  """A result file made with other settings; the message is one line."""
+
+
+class ResultStore:
+
+  def __init__(self, folder: pathlib.Path):
+    self.folder = pathlib.Path(folder)
+
+  def path(self, name: str) -> pathlib.Path:
+    return self.folder / f"{name}.json"
+
+  def get(self, name: str, key: dict[str, Any]) -> dict[str, Any] | None:
+    """The stored result for `key`, None when there is none; StaleResult when another key's."""
+    path = self.path(name)
+    if not path.exists():
+      return None
+    record = json.loads(path.read_text(encoding="utf-8"))
+    if record.get("key") != json.loads(json.dumps(key)):
+      raise StaleResult(f"{path} was made with other settings (a different plan or scale): "
+                        "move it away or use another results folder")
+    return record
+
+  def put(self, name: str, key: dict[str, Any], value: dict[str, Any]) -> dict[str, Any]:
+    record = {"key": key, **value}
+    path = self.path(name)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.partial")
+    tmp.write_text(json.dumps(record, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
+    os.replace(tmp, path)
+    return json.loads(json.dumps(record))
+
+  def all(self) -> dict[str, dict[str, Any]]:
+    return {p.stem: json.loads(p.read_text(encoding="utf-8"))
+            for p in sorted(self.folder.glob("*.json"))}

@@ -1,0 +1,238 @@
+"""Trains and evaluates the study's runs, resumably, showing progress.
+
+Each run is an ordinary training workdir (OUT/runs/NAME) built by the trainer itself
+(`experiment.build(config, workdir).run()`); the only change is the held-out data of its
+periodic evaluation: the study's fixed held-out set of the run's dataset, evaluated once per
+epoch, so metrics.jsonl holds the paper's per-epoch curve. A run whose result file exists is
+skipped; an interrupted one resumes from its workdir's newest checkpoint (the trainer's own
+resume). Results hold measures only, never checkpoints.
+"""
+
+import dataclasses
+import hashlib
+import pathlib
+import sys
+import time
+from collections.abc import Sequence
+from typing import Any
+
+from im_jax import experiment, report
+from im_jax.convert.load import load_pretrained
+from im_jax.data import pipeline as pipeline_lib
+from im_jax.data.conversation import Conversation
+from im_jax.data.stats import load_tokenizer
+from im_jax.settings import encode_config, model_options, pipeline_config
+from im_jax.study import evaluation, models, plan as plan_lib, results, scales, subsets
+
+
+class StudyStopped(RuntimeError):
+  """A run was stopped by SIGTERM after saving a checkpoint; the message is one line."""
+
+
+def ids_digest(conversations: Sequence[Conversation]) -> str:
+  return hashlib.sha256("\n".join(str(c.id) for c in conversations).encode()).hexdigest()[:16]
+
+
+def say(message: str) -> None:
+  print(message, file=sys.stderr, flush=True)
+
+
+@dataclasses.dataclass
+class Study:
+  """Everything the runs share: where things go, the data, the starting model."""
+  out: pathlib.Path
+  scale: scales.Scale
+  store: results.ResultStore
+  splits: dict[str, subsets.DatasetSplit]
+  start: models.Start
+
+  def held_out_file(self, dataset: str) -> pathlib.Path:
+    return subsets.write_jsonl(self.out / "data" / f"heldout_{dataset}.jsonl",
+                               self.splits[dataset].held_out)
+
+  def subset(self, run: plan_lib.Run) -> list[Conversation]:
+    return plan_lib.subset_conversations(run.subset, self.splits[run.subset.dataset],
+                                         self.max_seq_len())
+
+  def max_seq_len(self) -> int:
+    return self.scale.overrides.get("data.max_seq_len", 2048)
+
+  def base_key(self) -> dict[str, Any]:
+    return {"scale": self.scale.name, "model": self.start.description,
+            "overrides": self.scale.overrides,
+            "held_out": {d: ids_digest(s.held_out) for d, s in self.splits.items()}}
+
+  def run_key(self, run: plan_lib.Run) -> dict[str, Any]:
+    return {**self.base_key(), "method": run.method, "subset": run.subset.name,
+            "seed": run.seed,
+            "examples": ids_digest(self.subset(run)), "experiments": list(run.experiments)}
+
+  def config(self, run: plan_lib.Run):
+    data = subsets.write_jsonl(self.out / "data" / f"{run.subset.name}.jsonl", self.subset(run))
+    return plan_lib.config_for(run, self.scale, data, self.start.init_from, self.start.tokenizer)
+
+
+def eval_options(c) -> dict[str, Any]:
+  """The run's model options, parameters held in its compute dtype: evaluation needs no
+  float32 master weights (half the memory of a 7B model in bfloat16)."""
+  return {**model_options(c), "param_dtype": c.model.compute_dtype}
+
+
+def _mut_from_loaded(loaded) -> evaluation.ModelUnderTest:
+  tokenizer = load_tokenizer(str(loaded.tokenizer_dir))
+  template = loaded.info.get("template") or "tulu"
+  return evaluation.ModelUnderTest(loaded.model, tokenizer, template,
+                                   loaded.info.get("strip_content"))
+
+
+def evaluate_model(study: Study, mut: evaluation.ModelUnderTest, datasets: Sequence[str],
+                   train: Sequence[Conversation], max_seq_len: int) -> dict[str, Any]:
+  batch = study.scale.overrides.get("eval.batch_size", 8)
+  chunk = study.scale.overrides.get("loss.chunk_size", 512)
+  out = {"held_out": {}}
+  for dataset in datasets:
+    losses = evaluation.example_losses(mut, study.splits[dataset].held_out, max_seq_len, batch,
+                                       chunk)
+    out["held_out"][dataset] = {**losses, "output_mean": evaluation.mean(losses["output"]),
+                                "instruction_mean": evaluation.mean(losses["instruction"])}
+  if train:
+    losses = evaluation.example_losses(mut, train, max_seq_len, batch, chunk)
+    out["train"] = {**losses, "output_mean": evaluation.mean(losses["output"]),
+                    "instruction_mean": evaluation.mean(losses["instruction"])}
+  return out
+
+
+def baseline_name(dataset: str) -> str:
+  return f"baseline_{dataset}"
+
+
+def baseline(study: Study, datasets: Sequence[str]) -> None:
+  """The untrained starting model on each held-out set and, for the overfitting datasets, on
+  the first training examples of their subset: one result per dataset."""
+  todo = []
+  for dataset in datasets:
+    key = {**study.base_key(), "dataset": dataset}
+    if study.store.get(baseline_name(dataset), key) is None:
+      todo.append((dataset, key))
+  if not todo:
+    say("baseline: done (from results)")
+    return
+  say("baseline: evaluating the untrained model")
+  c = study.config(plan_lib.make_plan(study.scale)[0])
+  if study.start.init_from:
+    mut = _mut_from_loaded(load_pretrained(study.start.init_from, **eval_options(c)))
+  else:  # the random init every tiny run starts from: the trainer's model with its seed
+    from flax import nnx  # pylint: disable=g-import-not-at-top
+    from im_jax.models.llama import Llama  # pylint: disable=g-import-not-at-top
+    tokenizer = load_tokenizer(study.start.tokenizer)
+    mcfg = experiment.model_config(c, len(tokenizer))
+    mut = evaluation.ModelUnderTest(Llama(mcfg, rngs=nnx.Rngs(c.train.seed)), tokenizer,
+                                    c.data.template, c.data.strip_content)
+  for dataset, key in todo:
+    train = []
+    if dataset in plan_lib.OVERFIT_DATASETS:
+      subset = plan_lib.overfit_subset(study.scale, dataset)
+      train = plan_lib.subset_conversations(subset, study.splits[dataset], study.max_seq_len())
+    value = evaluate_model(study, mut, [dataset], train[:study.scale.train_eval],
+                           c.data.max_seq_len)
+    study.store.put(baseline_name(dataset), key, value)
+
+
+def epoch_curves(workdir: pathlib.Path, steps_per_epoch: int) -> list[dict[str, Any]]:
+  """Per epoch: the train output/instruction loss (the per-example measure, averaged over the
+  epoch's logged steps, weighted by their examples) and the held-out one at the epoch's end."""
+  run = report.load_run(workdir)
+  evals = {r["step"]: r for r in run.eval}  # a rerun's duplicate final eval: keep the last
+  epochs = []
+  for epoch in range(1, max(r["step"] for r in run.train) // steps_per_epoch + 1):
+    lo, hi = (epoch - 1) * steps_per_epoch, epoch * steps_per_epoch
+    records = [r for r in run.train if lo < r["step"] <= hi]
+    point = {"epoch": epoch, "step": hi}
+    for group in ("output", "instruction"):
+      n = sum(r.get(f"{group}_examples", 0) for r in records)
+      point[f"train_{group}_loss"] = (sum(r[f"{group}_loss_per_example"] * r[f"{group}_examples"]
+                                          for r in records) / n) if n else None
+      held = evals.get(hi, {})
+      point[f"held_out_{group}_loss"] = held.get(f"eval_{group}_loss_per_example")
+    epochs.append(point)
+  return epochs
+
+
+def train(study: Study, run: plan_lib.Run) -> dict[str, Any]:
+  """Trains (or resumes) the run's workdir; its curves and throughput."""
+  c = study.config(run)
+  workdir = study.out / "runs" / run.name
+  exp = experiment.build(c, workdir)
+  tokenizer = load_tokenizer(str(exp.tokenizer_dir))
+  held = study.splits[run.subset.dataset].held_out
+  exp.eval_data = pipeline_lib.build_pipeline(
+      held, tokenizer, encode_config(c), pipeline_config(c, c.eval.batch_size, 1, False),
+      shard_index=0, shard_count=1)
+  spe = exp.train_data.steps_per_epoch
+  exp.loop_config = dataclasses.replace(exp.loop_config, eval_every=spe)
+  say(f"  training {exp.loop_config.total_steps} steps ({spe} per epoch) in {workdir}")
+  result = exp.run()
+  if result.preempted:
+    raise StudyStopped(f"{run.name} was stopped at step {result.step} (its checkpoint is "
+                       "saved): rerun the same command to resume")
+  summary = report.summarize(report.load_run(workdir))
+  return {"workdir": str(workdir), "steps": result.step, "steps_per_epoch": spe,
+          "epochs": epoch_curves(workdir, spe), "tokens": summary.tokens,
+          "tokens_per_sec": summary.tokens_per_sec,
+          "data_stats": exp.train_data.stats.as_dict()}
+
+
+def run_one(study: Study, run: plan_lib.Run, datasets: Sequence[str]) -> dict[str, Any]:
+  key = study.run_key(run)
+  started = time.perf_counter()
+  value = {"method": run.method, "seed": run.seed, "subset": dataclasses.asdict(run.subset),
+           "experiments": list(run.experiments),
+           "length_ratio": subsets.length_ratio(study.subset(run)), **train(study, run)}
+  c = study.config(run)
+  mut = _mut_from_loaded(load_pretrained(value["workdir"], **eval_options(c)))
+  own = (datasets if "overfitting" in run.experiments else (run.subset.dataset,))
+  value.update(evaluate_model(study, mut, own, study.subset(run)[:study.scale.train_eval],
+                              c.data.max_seq_len))
+  if "memorisation" in run.experiments:
+    prompts = study.subset(run)[:study.scale.generations]
+    value["memorisation"] = evaluation.memorisation(mut, prompts, study.scale.max_new_tokens)
+  value["seconds"] = time.perf_counter() - started
+  return study.store.put(run.name, key, value)
+
+
+def run_all(study: Study, runs: Sequence[plan_lib.Run], datasets: Sequence[str]) -> None:
+  """Every run in order, skipping finished ones; progress and time left on stderr."""
+  baseline(study, datasets)
+  spent: list[float] = []
+  for i, run in enumerate(runs, start=1):
+    if study.store.get(run.name, study.run_key(run)) is not None:
+      say(f"[{i}/{len(runs)}] {run.name}: done (from results)")
+      continue
+    todo = sum(1 for r in runs[i - 1:] if not study.store.path(r.name).exists())
+    eta = f", about {sum(spent) / len(spent) * todo / 60:.1f} min left" if spent else ""
+    say(f"[{i}/{len(runs)}] {run.name}: {', '.join(run.experiments)}{eta}")
+    started = time.perf_counter()
+    run_one(study, run, datasets)
+    spent.append(time.perf_counter() - started)
+    say(f"[{i}/{len(runs)}] {run.name}: finished in {spent[-1]:.0f} s")
+
+
+PROBE_STEPS = 4
+
+
+def measure_speed(study: Study) -> tuple[float, float]:
+  """(training tokens/s of the model here, mean tokens per example at max_seq_len).
+
+  A short `it` run (PROBE_STEPS steps) on the first pool examples of every dataset, in
+  OUT/probe; the first logged step holds the compilation and is left out.
+  """
+  pool = [c for s in study.splits.values() for c in s.pool[:16]]
+  probe = plan_lib.Run(plan_lib.Subset("probe", "alpaca5k", len(pool)), "it", ())
+  data = subsets.write_jsonl(study.out / "data" / "probe.jsonl", pool)
+  c = plan_lib.config_for(probe, study.scale, data, study.start.init_from, study.start.tokenizer)
+  c.train.max_steps = PROBE_STEPS
+  exp = experiment.build(c, study.out / "probe")
+  exp.run()
+  summary = report.summarize(report.load_run(study.out / "probe"))
+  stats = exp.train_data.stats
+  return summary.tokens_per_sec, stats.kept_tokens / max(stats.kept, 1)

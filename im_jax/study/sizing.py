@@ -1,0 +1,75 @@
+"""The cpu budget rule: subset sizes from SmolLM2's measured training speed.
+
+Rule (fixed before any result): measure training tokens/s on this machine with a short run
+of the real model (`probe` in the runner), count the tokens each planned run trains on
+(examples x epochs, cut at max_seq_len) and the forward passes of its evaluations (a forward
+token costs about a third of a training token; a generated token about as much as a training
+token, decoding one token per row at a time), and scale every subset size by one factor so
+the whole study fits `BUDGET_SECONDS` (3 hours of a 2-core machine), keeping a fifth of it
+for compilation, loading and everything the estimate leaves out. Sizes only shrink; the
+held-out sets never change.
+"""
+
+import dataclasses
+from collections.abc import Sequence
+
+from im_jax.study import plan as plan_lib
+from im_jax.study import scales
+
+BUDGET_SECONDS = 3 * 3600
+SAFETY = 0.8  # the share of the budget the estimate may fill
+FORWARD_COST = 1 / 3  # an evaluation token vs a training token
+MIN_SIZE = 16
+
+
+def estimate_seconds(scale: scales.Scale, runs: Sequence[plan_lib.Run],
+                     tokens_per_example: float, datasets: int, tokens_per_sec: float) -> float:
+  """Estimated wall time of the study's training and evaluation."""
+  epochs = scale.overrides.get("train.epochs", 2)
+  train = sum(r.subset.size for r in runs) * epochs * tokens_per_example
+  evals = 0.0
+  for r in runs:
+    held = scale.held_out * (datasets if "overfitting" in r.experiments else 1)
+    evals += (held * epochs + scale.train_eval) * tokens_per_example * FORWARD_COST
+    if "memorisation" in r.experiments:
+      evals += scale.generations * scale.max_new_tokens
+  baseline = scale.held_out * datasets * tokens_per_example * FORWARD_COST
+  return (train + evals + baseline) / tokens_per_sec
+
+
+def _scaled(scale: scales.Scale, factor: float) -> scales.Scale:
+  def size(n: int, floor: int = MIN_SIZE) -> int:
+    return max(floor, int(n * factor) // 8 * 8)
+
+  # The i-th data size never drops below MIN_SIZE * 2**i: the sizes stay distinct.
+  sizes = tuple(size(n, MIN_SIZE * 2**i) for i, n in enumerate(sorted(scale.sizes)))
+  return dataclasses.replace(scale, overfit_size=max(size(scale.overfit_size), sizes[-1]),
+                             sizes=sizes, ratio_size=size(scale.ratio_size))
+
+
+def fit(scale: scales.Scale, tokens_per_example: float, tokens_per_sec: float,
+        budget_seconds: float = BUDGET_SECONDS) -> tuple[scales.Scale, dict[str, float]]:
+  """The scale with every subset size scaled by the largest factor <= 1 (to 1/64) whose
+  estimate fits SAFETY x the budget; a ValueError when even the smallest sizes do not."""
+
+  def estimate(factor: float) -> float:
+    fitted = _scaled(scale, factor)
+    return estimate_seconds(fitted, plan_lib.make_plan(fitted), tokens_per_example, 3,
+                            tokens_per_sec)
+
+  target = SAFETY * budget_seconds
+  low, high = 0.0, 1.0
+  if estimate(high) > target:
+    if estimate(low) > target:
+      raise ValueError(f"at {tokens_per_sec:.0f} tokens/s the smallest study takes about "
+                       f"{estimate(low) / 3600:.1f} h, over the {target / 3600:.1f} h "
+                       f"({SAFETY:.0%} of the {budget_seconds / 3600:.1f} h budget) the cpu "
+                       "scale plans for")
+    for _ in range(6):  # estimate grows with the factor: bisect
+      middle = (low + high) / 2
+      low, high = (middle, high) if estimate(middle) <= target else (low, middle)
+    high = low
+  return _scaled(scale, high), {
+      "tokens_per_sec": tokens_per_sec, "tokens_per_example": tokens_per_example,
+      "budget_seconds": budget_seconds, "estimate_at_full_size": estimate(1.0),
+      "factor": high, "estimate_seconds": estimate(high)}
