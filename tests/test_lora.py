@@ -3,6 +3,10 @@ and both exports (merged HF folder, PEFT adapter folder) match im_jax's logits i
 transformers / peft on the real SmolLM2."""
 
 import json
+import os
+import pathlib
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -15,7 +19,9 @@ from im_jax.models import lora
 from im_jax.models.llama import Llama, LlamaConfig
 from im_jax.models.llama import params as hf_params
 from im_jax.train import optim, sharding, step
-from tests import train_rows
+from tests import fixtures_lib, train_rows
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 LENGTH = 32
 TINY = LlamaConfig.preset("tiny", vocab_size=128, num_heads=8, num_kv_heads=4, head_dim=8,
@@ -173,3 +179,66 @@ def test_smollm2_peft_folder_and_merged_export_match_im_jax(smollm2_hf_dir, tmp_
   del with_adapter
   got_merged = logits(load(merged_dir))
   assert rel(got_merged) <= 1e-4, rel(got_merged)
+
+
+def test_lora_run_exports_merged_and_peft_and_names_a_missing_base(tmp_path, tiny_tokenizer_dir,
+                                                                   capsys):
+  """A LoRA training run end to end: its checkpoint resolves the base it recorded; to-hf's
+  merged folder (and the run's own export_hf) and the PEFT folder loaded by peft onto the
+  base give im_jax's logits; a moved base is one line naming it, and --base finds it."""
+  torch = pytest.importorskip("torch")
+  peft = pytest.importorskip("peft")
+  import transformers  # pylint: disable=g-import-not-at-top
+
+  from im_jax.convert import load  # pylint: disable=g-import-not-at-top
+  from im_jax.convert.__main__ import main as convert  # pylint: disable=g-import-not-at-top
+
+  base = fixtures_lib.tiny_hf_base(tiny_tokenizer_dir, tmp_path / "base")
+  workdir = tmp_path / "run"
+  proc = subprocess.run(
+      [sys.executable, "-m", "im_jax.train", "--config", str(ROOT / "configs/base.py"),
+       "--workdir", str(workdir), "--config.data.train=synthetic:64",
+       f"--config.model.init_from=hf:{base}", "--config.model.lora.rank=4",
+       "--config.model.lora.targets=q,o,down", "--config.data.max_seq_len=64",
+       "--config.train.batch_size=8", "--config.train.max_steps=3", "--config.optim.lr=1e-2",
+       "--config.optim.warmup_ratio=0", "--config.data.read_threads=0",
+       "--config.mesh.data=2", "--config.mesh.fsdp=4",
+       "--config.export_hf=true"],
+      cwd=ROOT, env={**os.environ, "JAX_PLATFORMS": "cpu"}, capture_output=True, text=True,
+      timeout=300)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+
+  loaded = load.load_pretrained(workdir)
+  assert loaded.config.lora.targets == ("q", "o", "down")
+  assert loaded.info[load.LORA_BASE] == f"hf:{base}"
+  tokens = np.random.RandomState(0).randint(0, 400, (2, 20))
+  want = np.asarray(_logits(loaded.model, tokens))
+  with_base = np.asarray(_base_logits(loaded.model, tokens))
+  assert np.abs(want - with_base).max() > 1e-4, "training did not move the adapters"
+
+  assert convert(["to-hf", "--ckpt", str(workdir), "--out", str(tmp_path / "merged")]) == 0
+  assert convert(["to-hf", "--ckpt", str(workdir), "--out", str(tmp_path / "adapter"),
+                  "--adapter"]) == 0
+  assert "base hf:" in capsys.readouterr().out
+
+  def logits(path, adapter=None):
+    model = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    if adapter is not None:
+      model = peft.PeftModel.from_pretrained(model, adapter)
+    with torch.no_grad():
+      return model.eval()(torch.tensor(tokens)).logits.numpy()
+
+  scale = np.abs(want).max()
+  for got in (logits(tmp_path / "merged"), logits(workdir / "hf"),
+              logits(base, tmp_path / "adapter")):
+    assert np.abs(got - want).max() / scale <= 1e-4
+  np.testing.assert_allclose(logits(base), with_base, rtol=1e-4, atol=1e-4 * scale)
+
+  moved = base.rename(tmp_path / "moved")
+  capsys.readouterr()  # drop transformers' progress bars
+  assert convert(["to-hf", "--ckpt", str(workdir), "--out", str(tmp_path / "x")]) == 2
+  err = capsys.readouterr().err
+  assert err.count("\n") == 1 and str(base) in err and "--base" in err, err
+  assert not (tmp_path / "x").exists()
+  assert convert(["to-hf", "--ckpt", str(workdir), "--out", str(tmp_path / "x"),
+                  "--base", f"hf:{moved}", "--tokenizer", str(moved)]) == 0, capsys.readouterr().err
