@@ -14,11 +14,13 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from configs import base as configs_base
+from im_jax import experiment
 from im_jax.convert import hf_export, peft_export
 from im_jax.models import lora
 from im_jax.models.llama import Llama, LlamaConfig
 from im_jax.models.llama import params as hf_params
-from im_jax.train import optim, sharding, step
+from im_jax.train import loop, optim, sharding, step
 from tests import fixtures_lib, train_rows
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -49,6 +51,17 @@ def _with_random_b(model: nnx.Module, seed: int = 1, scale: float = 0.05) -> nnx
   for i, (_, (_, b)) in enumerate(sorted(lora.adapters(model).items())):
     b.set_value(scale * jax.random.normal(jax.random.PRNGKey(seed + i), b.shape, b.dtype))
   return model
+
+
+def test_resume_check_covers_the_lora_keys_only_when_on():
+  c = configs_base.get_config()
+  assert "lora" not in experiment.resume_key(c)["model"]  # full fine-tuning keys unchanged
+  c.model.init_from, c.model.lora.rank = "hf:/models/base", 8
+  saved = {loop.RESUME_KEY: experiment.resume_key(c)}
+  c.model.lora.targets, c.model.init_from = "q,v", "hf:/models/other"
+  changed = loop.resume_mismatch(saved, {loop.RESUME_KEY: experiment.resume_key(c)})
+  assert changed == ["model.init_from: 'hf:/models/base' -> 'hf:/models/other'",
+                     "model.lora.targets: 'q,k,v,o,gate,up,down' -> 'q,v'"], changed
 
 
 @pytest.mark.parametrize("scan_layers", [True, False])
