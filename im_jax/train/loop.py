@@ -223,7 +223,6 @@ def run(*, workdir: str, state: TrainState, train_step: Callable, mesh: jax.shar
     check_same_run(restored.meta, meta, store.directory)
     # `frozen` (LoRA's base weights) is not in checkpoints: the run loaded it from its base.
     state, start = state.replace(**restored.state), restored.step  # damaged ones reported
-
     log.info("resumed from checkpoint %d in %s", start, store.directory)
   own_logger = logger is None
   if own_logger:
