@@ -22,6 +22,13 @@ def get_config() -> ml_collections.ConfigDict:
   # auto: splash on TPU, else xla | xla (runs everywhere) | splash (Pallas TPU kernel; off TPU
   # interpreted, slow) | cudnn (fused, NVIDIA GPUs, unverified)
   c.model.attention_impl = "auto"
+  # LoRA (README: LoRA): rank 0 = full fine-tuning; > 0 trains only adapters of this rank on
+  # the frozen model.init_from weights (W + alpha/rank * B A).
+  c.model.lora = ml_collections.ConfigDict()
+  c.model.lora.rank = 0
+  c.model.lora.alpha = 16.0
+  c.model.lora.targets = "q,k,v,o,gate,up,down"  # any of q, k, v, o, gate, up, down
+  c.model.lora.dropout = 0.0  # on the adapters' input, training only
 
   c.data = ml_collections.ConfigDict()
   # a file (JSON(L) or parquet), hf:ORG/NAME[:SPLIT] (a Hub dataset), tfds:NAME:SPLIT, synthetic:N

@@ -1,4 +1,5 @@
-"""The paper's recipes (docs: ../shared/notes/paper.md) as `configs/paper.py:DATASET,METHOD,MODEL`.
+"""The paper's recipes (docs: ../shared/notes/paper.md) as
+`configs/paper.py:DATASET,METHOD,MODEL[,lora]`.
 
     python -m im_jax.train --config configs/paper.py:lima,im,llama2_7b --workdir runs/lima_im \
         --config.model.init_from=hf:/models/Llama-2-7b-hf
@@ -14,6 +15,9 @@ MODEL:   llama2_7b | llama2_13b | smollm2_135m: need pretrained weights, given a
            --config.model.init_from=hf:DIR (or a CKPT folder); the tokenizer comes from there.
          tiny: a random-init 2-layer model with a BPE tokenizer trained on the run's own data
            (WORKDIR/tokenizer), small enough for a CPU: a smoke test of the recipe, not the paper.
+lora:    (optional) LoRA instead of full fine-tuning, which the paper used: rank 16, alpha 32,
+         dropout 0.05 on q, k, v, o, gate, up, down; lr 10x (2e-4); the frozen base in
+         bfloat16 (adapters and their moments stay float32). Needs model.init_from (tiny too).
 
 The paper's hyperparameters: AdamW lr 2e-5 with linear decay and 3% warmup, betas 0.9/0.98,
 eps 1e-6, no weight decay, global batch 128, 2 epochs, max length 2048 (right truncation),
@@ -52,12 +56,18 @@ METHODS = {
     "im_release": ("im_release", 0.0),
 }
 MODELS = ("llama2_7b", "llama2_13b", "smollm2_135m", "tiny")
-USAGE = "configs/paper.py:DATASET,METHOD,MODEL (e.g. configs/paper.py:lima,im,llama2_7b)"
+LORA = "lora"
+USAGE = ("configs/paper.py:DATASET,METHOD,MODEL[,lora] (e.g. configs/paper.py:lima,im,llama2_7b "
+         "or lima,im,llama2_7b,lora)")
 
 
-def parse_args(args: str | None) -> tuple[str, str, str]:
-  """'DATASET,METHOD,MODEL' -> (data.train spec, method, model); ValueError naming choices."""
+def parse_args(args: str | None) -> tuple[str, str, str, bool]:
+  """'DATASET,METHOD,MODEL[,lora]' -> (data.train spec, method, model, lora); ValueError
+  naming the choices."""
   parts = [p.strip() for p in (args or "").split(",")]
+  lora = len(parts) == 4 and parts[3] == LORA
+  if lora:
+    parts = parts[:3]
   if len(parts) != 3 or not all(parts):
     raise ValueError(f"expected {USAGE}, got {args!r}")
   dataset, method, model = parts
@@ -66,16 +76,16 @@ def parse_args(args: str | None) -> tuple[str, str, str]:
   if model not in MODELS:
     raise ValueError(f"unknown model {model!r}: choose one of {', '.join(MODELS)}")
   if dataset in DATASETS:
-    return str(SHARED_DATA / DATASETS[dataset]), method, model
+    return str(SHARED_DATA / DATASETS[dataset]), method, model, lora
   # Anything path-like or with a scheme is a data spec; a bare word is most likely a typo.
   if "/" in dataset or "." in dataset or ":" in dataset or pathlib.Path(dataset).exists():
-    return dataset, method, model
+    return dataset, method, model, lora
   raise ValueError(f"unknown dataset {dataset!r}: choose one of {', '.join(DATASETS)} "
                    "or give a data file path")
 
 
 def get_config(args: str | None = None) -> ml_collections.ConfigDict:
-  data, method, model = parse_args(args)
+  data, method, model, lora = parse_args(args)
   c = base.get_config()
   c.data.train = data
   c.data.template = "tulu"
@@ -120,4 +130,10 @@ def get_config(args: str | None = None) -> ml_collections.ConfigDict:
     c.model.remat_policy = "full"
     c.loss.chunk_size = 512
     c.eval.batch_size = 32
+  if lora:
+    c.model.lora.rank, c.model.lora.alpha, c.model.lora.dropout = 16, 32.0, 0.05
+    c.model.lora.targets = "q,k,v,o,gate,up,down"
+    c.optim.lr *= 10  # adapters start at B = 0 and are few: LoRA's usual rate is ~10x
+    if model != "tiny":
+      c.model.param_dtype = "bfloat16"  # the base is frozen: no float32 master weights needed
   return c

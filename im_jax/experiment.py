@@ -22,17 +22,18 @@ from flax import nnx
 from im_jax import distributed, hub
 from im_jax.checkpoint.store import newest_meta
 from im_jax.convert import hf_export
-from im_jax.convert.load import load_pretrained
+from im_jax.convert.load import HF_PREFIX, LORA_BASE, load_pretrained
 from im_jax.data import packing
 from im_jax.data import pipeline as pipeline_lib
 from im_jax.data import sources, synthetic
 from im_jax.data.conversation import Conversation
 from im_jax.data.stats import load_tokenizer
 from im_jax.eval import loss_eval
+from im_jax.models import lora as lora_lib
 from im_jax.models.llama import Llama, LlamaConfig
 from im_jax.settings import (SYNTHETIC, ConfigError, check, check_inputs,  # noqa: F401
-                             encode_config, loop_config, model_options, optim_config,
-                             pipeline_config, validate)
+                             encode_config, lora_config, loop_config, model_options,
+                             optim_config, pipeline_config, validate)
 from im_jax.train import loop as loop_lib
 from im_jax.train import memory as memory_lib
 from im_jax.train import optim as optim_lib
@@ -104,6 +105,7 @@ def model_config(c: ml_collections.ConfigDict, vocab_needed: int,
     config = LlamaConfig.preset(c.model.preset, **model_options(c))
     if config.vocab_size < vocab_needed and c.model.preset == "tiny":
       config = config.replace(vocab_size=vocab_needed)  # tiny adapts to its tokenizer
+  config = config.replace(lora=lora_config(c))
   check(config.vocab_size >= vocab_needed,
          f"the tokenizer has {vocab_needed} tokens but the model's vocabulary is "
          f"{config.vocab_size}")
@@ -225,8 +227,12 @@ class Experiment:
     In a multi-process run every process must call it (see `distributed.fetchable`).
     """
     out = self.workdir / "hf"
+    params = state.params
+    if state.frozen is not None:  # LoRA: the merged model, W + alpha/r * B A
+      model = nnx.merge(self.graphdef, state.params, *state.fixed())
+      params = lora_lib.merged_state(model, self.model_config.lora.scale)
     # Every process takes part in gathering parameters sharded across hosts; process 0 writes.
-    params = distributed.fetchable(state.params)
+    params = distributed.fetchable(params)
     if distributed.is_main_process():
       hf_export.export_hf(out, params, self.model_config, str(self.tokenizer_dir),
                           template=self.config.data.template,
@@ -264,6 +270,9 @@ def build(c: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> Experime
                                    **model_options(c))
     except (OSError, ValueError, KeyError) as e:  # a missing folder, an unsupported config
       raise ConfigError(f"model.init_from={c.model.init_from}: {e}") from None
+    check(not pretrained.config.lora.enabled,
+          f"model.init_from={c.model.init_from} is a LoRA run: export it merged "
+          "(python -m im_jax.convert to-hf) and start from that folder")
   data = build_data(c, workdir, pretrained.tokenizer_dir if pretrained else None)
   train_data, eval_data, total_steps = data.train, data.eval, data.total_steps
   log.info("data: %s; %d batches per epoch, %d batches, %d updates", train_data.stats.as_dict(),
@@ -275,16 +284,28 @@ def build(c: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> Experime
   state = step_lib.init_train_state(steps.model_fn, steps.tx, steps.shardings, mesh,
                                     seed=c.train.seed)
   if pretrained is not None:
-    # Adam's moments start at zero whatever the parameters are, so only these change.
-    state = state.replace(params=nnx.state(pretrained.model, nnx.Param))
-    del pretrained
+    # Adam's moments start at zero whatever the parameters are, so only these change; with
+    # LoRA they are the frozen base, and the adapters keep their initialisation.
+    weights = nnx.state(pretrained.model, nnx.Param)
+    state = (state.replace(frozen=weights) if mcfg.lora.enabled else
+             state.replace(params=weights))
+    del pretrained, weights
   graphdef, train_step, eval_step = steps.graphdef, steps.train_step, steps.eval_step
   meta = {"config": c.to_dict(), "model_config": mcfg.to_dict(),
           "tokenizer_dir": str(tokenizer_dir.absolute()), "template": c.data.template,
           "strip_content": c.data.strip_content,
           "data_stats": train_data.stats.as_dict(), loop_lib.RESUME_KEY: resume_key(c)}
+  if mcfg.lora.enabled:  # checkpoints hold adapters only: where their base weights are
+    meta[LORA_BASE] = absolute_spec(c.model.init_from)
   return Experiment(c, workdir, mesh, tokenizer_dir, mcfg, train_data, eval_data, graphdef,
                     state, train_step, eval_step, loop_config(c, total_steps), meta)
+
+
+def absolute_spec(spec: str) -> str:
+  """`model.init_from` as an absolute local folder (`hf:` kept; a Hub name resolved to its
+  cached snapshot), valid from any directory."""
+  prefix = HF_PREFIX if spec.startswith(HF_PREFIX) else ""
+  return prefix + str(hub.folder(spec).absolute())
 
 
 def check_resumable(c: ml_collections.ConfigDict, workdir: pathlib.Path) -> None:
@@ -310,5 +331,7 @@ def resume_key(c: ml_collections.ConfigDict) -> dict[str, Any]:
   data = {k: v for k, v in c.data.to_dict().items() if k != "read_threads"}
   train = {k: v for k, v in c.train.to_dict().items() if k != "log_every"}
   model = {k: c.model[k] for k in ("preset", "param_dtype", "compute_dtype", "scan_layers")}
+  if c.model.lora.rank > 0:  # only then: full fine-tuning runs keep the keys they had
+    model.update(lora=c.model.lora.to_dict(), init_from=absolute_spec(c.model.init_from))
   return {"data": data, "loss": c.loss.to_dict(), "optim": c.optim.to_dict(), "train": train,
           "model": model, "neftune_alpha": c.neftune_alpha}

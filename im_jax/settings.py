@@ -25,6 +25,7 @@ from im_jax.data import pipeline as pipeline_lib
 from im_jax.data import sources, templates
 from im_jax.data import weights as weights_lib
 from im_jax.models.llama import LlamaConfig
+from im_jax.models.lora import LoraConfig, parse_targets
 from im_jax.train import loop as loop_lib
 from im_jax.train import optim as optim_lib
 from im_jax.train import sharding
@@ -58,6 +59,11 @@ def model_options(c: ml_collections.ConfigDict) -> dict[str, Any]:
   return dict(scan_layers=c.model.scan_layers, remat_policy=c.model.remat_policy,
               param_dtype=c.model.param_dtype, compute_dtype=c.model.compute_dtype,
               attention_impl=c.model.attention_impl)
+
+
+def lora_config(c: ml_collections.ConfigDict) -> LoraConfig:
+  lora = c.model.lora
+  return LoraConfig(lora.rank, lora.alpha, parse_targets(lora.targets), lora.dropout)
 
 
 def _config_error(keys: Sequence[str], error: ValueError) -> ConfigError:
@@ -248,6 +254,9 @@ def validate(c: ml_collections.ConfigDict, num_devices: int, process_count: int)
   # The typed configs check their own fields (loss modes, templates, dtypes, ...).
   _typed(_section_keys(c, "model"),
          lambda: LlamaConfig.preset(c.model.preset, **model_options(c)))
+  lora = _typed([f"model.lora.{k}" for k in c.model.lora.keys()], lambda: lora_config(c))
+  check(not lora.enabled or bool(c.model.init_from),
+         f"model.lora.rank={lora.rank} needs model.init_from: adapters train on a pretrained base")
   _typed(_section_keys(c, "data") + _section_keys(c, "loss"), lambda: encode_config(c))
   _typed(["loss.normalization", "loss.chunk_size"],
          lambda: LossConfig(c.loss.normalization, c.loss.chunk_size))

@@ -70,3 +70,15 @@ def tiny_tokenizer_dir(out: pathlib.Path, vocab_size: int = 512) -> pathlib.Path
   fast.chat_template = TINY_CHAT_TEMPLATE
   fast.save_pretrained(out)
   return _mark(out)
+
+
+def tiny_hf_base(tokenizer_dir: pathlib.Path, out: pathlib.Path) -> pathlib.Path:
+  """A random-init `tiny` model as a HF folder: a base for LoRA runs (init_from=hf:OUT)."""
+  from flax import nnx
+
+  from im_jax.convert import hf_export
+  from im_jax.models.llama import Llama, LlamaConfig
+
+  config = LlamaConfig.preset("tiny")
+  return hf_export.export_hf(out, Llama(config, rngs=nnx.Rngs(7)), config, tokenizer_dir,
+                             template="tulu")

@@ -95,6 +95,17 @@ def test_every_paper_combination_validates(model):
       assert c.data.tokenizer == "" and c.model.compute_dtype == "bfloat16"
 
 
+def test_paper_lora_argument_switches_to_adapters_on_a_bf16_base():
+  full, c = paper.get_config("lima,im,llama2_7b"), paper.get_config("lima,im,llama2_7b,lora")
+  assert (c.model.lora.rank, c.model.lora.alpha, c.model.lora.dropout) == (16, 32.0, 0.05)
+  assert c.optim.lr == 10 * full.optim.lr and c.model.param_dtype == "bfloat16"
+  assert full.model.lora.rank == 0
+  with pytest.raises(experiment.ConfigError, match="model.lora.rank=16 needs model.init_from"):
+    experiment.validate(c, num_devices=DEVICES, process_count=1)
+  c.model.init_from = "hf:/models/Llama-2-7b-hf"
+  experiment.validate(c, num_devices=DEVICES, process_count=1)
+
+
 def test_paper_dataset_names_resolve_next_to_the_repository():
   c = paper.get_config("dolly3k,it,tiny")
   assert pathlib.Path(c.data.train) == REPO.parent / "shared" / "data" / "alpagasus_dolly_3k.jsonl"
@@ -105,7 +116,7 @@ def test_paper_dataset_names_resolve_next_to_the_repository():
 @pytest.mark.parametrize("args, match", [
     (None, "DATASET,METHOD,MODEL"),
     ("lima,im", "DATASET,METHOD,MODEL"),
-    ("lima,im,tiny,extra", "DATASET,METHOD,MODEL"),
+    ("lima,im,tiny,extra", "DATASET,METHOD,MODEL[,lora]"),
     ("lima,,tiny", "DATASET,METHOD,MODEL"),
     ("lima,imm,tiny", "unknown method 'imm': choose one of it, im, neftune, im_neftune, "
                       "im_release"),

@@ -14,6 +14,7 @@ import pytest
 
 from im_jax.data import synthetic
 from im_jax.train.metrics_log import read_metrics
+from tests import fixtures_lib
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 STEPS = 24
@@ -43,8 +44,8 @@ def _env():
   return env
 
 
-def _run(workdir, tokenizer_dir):
-  proc = subprocess.run(_command(workdir, tokenizer_dir), cwd=ROOT, env=_env(),
+def _run(workdir, tokenizer_dir, *extra):
+  proc = subprocess.run(_command(workdir, tokenizer_dir, *extra), cwd=ROOT, env=_env(),
                         capture_output=True, text=True, timeout=300)
   assert proc.returncode == 0, proc.stderr[-3000:]
   return proc
@@ -55,9 +56,9 @@ def _finished_steps(workdir: pathlib.Path) -> list[int]:
   return sorted(int(p.name) for p in d.iterdir() if p.name.isdigit()) if d.exists() else []
 
 
-def _start_and_signal(workdir, tokenizer_dir, sig, after_checkpoint=4):
+def _start_and_signal(workdir, tokenizer_dir, sig, *extra, after_checkpoint=4):
   """Starts a run, sends `sig` once a checkpoint >= `after_checkpoint` is complete."""
-  proc = subprocess.Popen(_command(workdir, tokenizer_dir), cwd=ROOT, env=_env(),
+  proc = subprocess.Popen(_command(workdir, tokenizer_dir, *extra), cwd=ROOT, env=_env(),
                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
   deadline = time.time() + 240
   while time.time() < deadline and proc.poll() is None:
@@ -115,5 +116,31 @@ def test_interrupted_run_resumes_exactly(tmp_path, tokenizer_dir, uninterrupted,
   assert _losses(tmp_path) == expected  # exact float equality, every step
   want, got = _final_params(uninterrupted), _final_params(tmp_path)
   assert want.keys() == got.keys() and want
+  for name in want:
+    np.testing.assert_array_equal(got[name], want[name], err_msg=name)
+
+
+@pytest.fixture(scope="module")
+def lora_args(tmp_path_factory, tokenizer_dir):
+  base = fixtures_lib.tiny_hf_base(tokenizer_dir, tmp_path_factory.mktemp("base") / "hf")
+  return (f"--config.model.init_from=hf:{base}", "--config.model.lora.rank=4",
+          "--config.model.lora.dropout=0.1")
+
+
+def test_lora_run_killed_resumes_exactly(tmp_path, tokenizer_dir, lora_args):
+  """Adapters, their optimizer state and the dropout stream resume exactly; the checkpoints
+  hold the adapters only (the base is reloaded from model.init_from)."""
+  uninterrupted = tmp_path / "uninterrupted"
+  _run(uninterrupted, tokenizer_dir, *lora_args)
+  killed = tmp_path / "killed"
+  code, _ = _start_and_signal(killed, tokenizer_dir, signal.SIGKILL, *lora_args)
+  assert code == -signal.SIGKILL
+  assert max(_finished_steps(killed)) < STEPS, "the run finished before the signal"
+  resumed = _run(killed, tokenizer_dir, *lora_args)
+  assert "resumed from checkpoint" in resumed.stderr
+  assert _losses(killed) == _losses(uninterrupted)
+  want, got = _final_params(uninterrupted), _final_params(killed)
+  assert want.keys() == got.keys() and want
+  assert all(name.split("/")[-3] == "lora" for name in want), sorted(want)[:3]
   for name in want:
     np.testing.assert_array_equal(got[name], want[name], err_msg=name)

@@ -30,6 +30,10 @@ WRONG = {
     "model.param_dtype": ["fp32"],
     "model.compute_dtype": ["bf16"],
     "model.attention_impl": ["flash"],
+    "model.lora.rank": [-1, "8", 8],  # 8: a LoRA run without model.init_from
+    "model.lora.alpha": [0.0, float("nan")],
+    "model.lora.targets": ["qkv", "q,q", ""],
+    "model.lora.dropout": [1.0, -0.1],
     "data.train": ["", "synthetic:abc", "synthetic:0", "/nonexistent/train.jsonl",
                    "hf:nonexistent-org/data:train"],
     "data.format": ["chatml"],
@@ -101,8 +105,11 @@ def _good() -> ml_collections.ConfigDict:
 def _with(key: str, value) -> ml_collections.ConfigDict:
   """The good config with `key` set to `value`, whatever its type (as a config file may)."""
   tree = _good().to_dict()
-  *section, name = key.split(".")
-  (tree[section[0]] if section else tree)[name] = value
+  *sections, name = key.split(".")
+  node = tree
+  for section in sections:  # model.lora.rank: two levels
+    node = node[section]
+  node[name] = value
   return ml_collections.ConfigDict(tree)
 
 

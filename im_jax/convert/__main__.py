@@ -2,7 +2,12 @@
 
     python -m im_jax.convert from-hf --hf DIR --out CKPT [--template tulu|hf] [--tokenizer DIR]
     python -m im_jax.convert to-hf --ckpt CKPT|WORKDIR --out DIR [--dtype float32|bfloat16]
-        [--template tulu|hf] [--max-shard-gb 5]
+        [--template tulu|hf] [--max-shard-gb 5] [--adapter] [--base DIR]
+
+A LoRA run's checkpoint holds only the adapters: to-hf reads the base weights from the run's
+model.init_from (or --base) and writes the merged model (W + alpha/r * B A), or with
+--adapter a PEFT adapter folder (adapter_config.json, adapter_model.safetensors) for
+`peft.PeftModel.from_pretrained(base, DIR)`.
 
 Bad input (missing folder, unsupported architecture, missing/unknown tensor, an existing
 output) prints one line on stderr and exits with status 2. --out may not be, lie inside or
@@ -17,7 +22,8 @@ import jax
 from safetensors import SafetensorError
 
 from im_jax import output_guard
-from im_jax.convert import ckpt, hf_export, load
+from im_jax.convert import ckpt, hf_export, load, peft_export
+from im_jax.models import lora as lora_lib
 
 EXIT_BAD_INPUT = 2
 
@@ -50,7 +56,21 @@ def _to_hf(args: argparse.Namespace) -> str:
   output_guard.check_not_input(args.out, [source, args.tokenizer])
   if not source.is_dir():
     raise FileNotFoundError(f"--ckpt {source}: no such folder")
-  loaded = load.load_pretrained(source, shardings=_host)
+  loaded = load.load_pretrained(source, shardings=_host, base=args.base)
+  lora = loaded.config.lora
+  if args.adapter:
+    if not lora.enabled:
+      raise ValueError(f"--adapter: {source} holds no LoRA adapters (model.lora.rank 0)")
+    base = loaded.info[load.LORA_BASE]
+    out = peft_export.save_peft_adapter(args.out, loaded.model, loaded.config,
+                                        base.removeprefix(load.HF_PREFIX),
+                                        overwrite=args.overwrite)
+    return f"wrote {out} (PEFT LoRA adapter, rank {lora.rank}, base {base})"
+  model, config, merged = loaded.model, loaded.config, ""
+  if lora.enabled:
+    model = lora_lib.merged_state(loaded.model, lora.scale)
+    config = config.replace(lora=lora_lib.LoraConfig())
+    merged = f", LoRA merged into base {loaded.info[load.LORA_BASE]}"
   template = args.template or loaded.info.get("template")
   if template is None:
     raise ValueError(f"{source} does not record its chat template; pass --template tulu|hf")
@@ -60,11 +80,11 @@ def _to_hf(args: argparse.Namespace) -> str:
   output_guard.check_not_input(args.out, [tokenizer])  # the recorded one may live elsewhere
   # a training workdir records its run's content rendering; it holds for its own template
   strip = loaded.info.get("strip_content") if template == loaded.info.get("template") else None
-  out = hf_export.export_hf(args.out, loaded.model, loaded.config, tokenizer,
+  out = hf_export.export_hf(args.out, model, config, tokenizer,
                             template=template, strip_content=strip, dtype=args.dtype,
                             max_shard_bytes=int(args.max_shard_gb * 2**30),
                             overwrite=args.overwrite)
-  return f"wrote {out} ({args.dtype}, template {template})"
+  return f"wrote {out} ({args.dtype}, template {template}{merged})"
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -89,6 +109,9 @@ def _parser() -> argparse.ArgumentParser:
   p.add_argument("--tokenizer", help="override the recorded tokenizer folder")
   p.add_argument("--max-shard-gb", type=float, default=5.0,
                  help="split safetensors into shards with an index above this size")
+  p.add_argument("--adapter", action="store_true",
+                 help="LoRA run: write a PEFT adapter folder instead of the merged model")
+  p.add_argument("--base", help="LoRA run: the base model (default: its model.init_from)")
   p.add_argument("--overwrite", action="store_true")
   p.set_defaults(run=_to_hf)
   return parser

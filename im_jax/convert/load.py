@@ -31,14 +31,18 @@ from im_jax.models.llama import LlamaConfig
 from im_jax.models.llama import params as hf_params
 
 HF_PREFIX = hub.PREFIX
+# A LoRA run's meta key: the `model.init_from` its adapters apply to (checkpoints hold only
+# the adapters, so a LoRA checkpoint is not self-contained).
+LORA_BASE = "lora_base"
 
 
-def load_pretrained(spec: PathLike, *, shardings: Any = None,
+def load_pretrained(spec: PathLike, *, shardings: Any = None, base: PathLike | None = None,
                     **config_overrides) -> ckpt.LoadedCkpt:
   """(model, config, tokenizer_dir, info) from `hf:DIR`, a CKPT or a training checkpoint.
 
   `info["template"]` is the chat template recorded at training/conversion time, or None when
-  the source does not say (a HF folder).
+  the source does not say (a HF folder). A LoRA training checkpoint gives the model with its
+  adapters, on the base its run recorded (or `base`); `info["lora_base"]` names it.
   """
   text = str(spec)
   if text.startswith(HF_PREFIX):
@@ -48,7 +52,7 @@ def load_pretrained(spec: PathLike, *, shardings: Any = None,
     return ckpt.load_ckpt(path, shardings=shardings, **config_overrides)
   # Before config.json: a training workdir holds its run config under that name too.
   if path.is_dir() and _step_dir(path, required=False) is not None:
-    return load_train_checkpoint(path, shardings=shardings, **config_overrides)
+    return load_train_checkpoint(path, shardings=shardings, base=base, **config_overrides)
   if (path / "config.json").exists():
     return load_hf_folder(path, shardings=shardings, **config_overrides)
   raise FileNotFoundError(f"{text}: not a HF folder (config.json), an im_jax CKPT folder "
@@ -108,11 +112,14 @@ def _step_dir(path: pathlib.Path, *, required: bool = True) -> pathlib.Path | No
 
 
 def load_train_checkpoint(path: PathLike, *, shardings: Any = None,
+                          base: PathLike | None = None,
                           **config_overrides) -> ckpt.LoadedCkpt:
   """The model parameters of a training checkpoint (see the module docstring).
 
   The parameters are restored in the layout they were trained with: `scan_layers` cannot be
-  overridden here (convert through a CKPT folder to change it).
+  overridden here (convert through a CKPT folder to change it). A LoRA run's checkpoint holds
+  the adapters only: the base weights come from `base` or, by default, the run's
+  `model.init_from` (recorded in its meta).
   """
   step_dir = _step_dir(pathlib.Path(path).absolute())
   meta = json.loads((step_dir / "meta" / "metadata").read_text())
@@ -124,7 +131,13 @@ def load_train_checkpoint(path: PathLike, *, shardings: Any = None,
     raise ValueError(f"{step_dir}: trained with scan_layers={stored.scan_layers}; it cannot be "
                      "changed when reading a training checkpoint")
   lookup = ckpt.sharding_lookup(shardings)
-  graphdef, state = nnx.split(hf_params.abstract_model(config))
+  base_state, base_spec = None, None
+  if config.lora.enabled:  # the checkpoint's `params` are the adapters
+    base_spec = str(base or meta.get(LORA_BASE) or "")
+    base_state = _lora_base(step_dir, base_spec, config, shardings)
+    graphdef, state, _ = nnx.split(hf_params.abstract_model(config), nnx.LoRAParam, ...)
+  else:
+    graphdef, state = nnx.split(hf_params.abstract_model(config))
   flat = dict(nnx.to_flat_state(state))
   # On disk an nnx.Param is a {"value": array} node; layer indices are string keys.
   item = ckpt.unflatten({
@@ -142,6 +155,26 @@ def load_train_checkpoint(path: PathLike, *, shardings: Any = None,
   tokenizer = meta.get("tokenizer") or meta.get("tokenizer_dir")
   info = {"format": "train", "template": meta.get("template"),
           "strip_content": meta.get("strip_content"), "source": str(step_dir),
-          "step": int(step_dir.name) if step_dir.name.isdigit() else None}
-  return ckpt.LoadedCkpt(nnx.merge(graphdef, nnx.from_flat_state(flat)), config,
+          "step": int(step_dir.name) if step_dir.name.isdigit() else None,
+          LORA_BASE: base_spec}
+  states = [nnx.from_flat_state(flat)] + ([] if base_state is None else [base_state])
+  return ckpt.LoadedCkpt(nnx.merge(graphdef, *states), config,
                          pathlib.Path(tokenizer) if tokenizer else None, info)
+
+
+def _lora_base(step_dir: pathlib.Path, spec: str, config: LlamaConfig,
+               shardings: Any) -> nnx.State:
+  """The base weights a LoRA checkpoint's adapters apply to, checked against its config."""
+  local = spec.removeprefix(HF_PREFIX)
+  if not spec or not pathlib.Path(local).exists():
+    raise FileNotFoundError(f"{step_dir} holds LoRA adapters whose base model "
+                            f"{spec or '(not recorded)'} is missing: give it with --base DIR")
+  runtime = {k: getattr(config, k) for k in (
+      "scan_layers", "remat_policy", "param_dtype", "compute_dtype", "attention_impl")}
+  loaded = load_pretrained(spec, shardings=shardings, **runtime)
+  if loaded.config.lora.enabled:
+    raise ValueError(f"LoRA base {spec} is itself a LoRA run; export it merged (to-hf) first")
+  if loaded.config.replace(lora=config.lora).to_dict() != config.to_dict():
+    raise ValueError(f"LoRA base {spec} is not the model {step_dir}'s adapters were "
+                     "trained on (its config differs)")
+  return nnx.state(loaded.model, nnx.Param)

@@ -33,7 +33,7 @@ from im_jax.checkpoint import CheckpointConfig, CheckpointStore
 from im_jax.train import loss as loss_lib
 from im_jax.train import sharding
 from im_jax.train.metrics_log import MetricsLogger
-from im_jax.train.step import TrainState, host_metrics
+from im_jax.train.step import TrainState, checkpointed, host_metrics
 from im_jax.train.wandb_log import WandbConfig
 
 log = logging.getLogger(__name__)
@@ -219,11 +219,12 @@ def run(*, workdir: str, state: TrainState, train_step: Callable, mesh: jax.shar
   """
   store = CheckpointStore(workdir, config.checkpoint)
   iterator = iter(train_batches)
-  restored = store.restore_latest(abstract_like(state), data_iterator=iterator)
+  restored = store.restore_latest(abstract_like(checkpointed(state)), data_iterator=iterator)
   start = 0
   if restored is not None:
     check_same_run(restored.meta, meta, store.directory)
-    state, start = restored.state, restored.step  # the store reported damaged ones
+    # `frozen` (LoRA's base weights) is not in checkpoints: the run loaded it from its base.
+    state, start = state.replace(**restored.state), restored.step  # damaged ones reported
     log.info("resumed from checkpoint %d in %s", start, store.directory)
   own_logger = logger is None
   if own_logger:
@@ -242,7 +243,7 @@ def run(*, workdir: str, state: TrainState, train_step: Callable, mesh: jax.shar
     if not _all_finite(state.params):
       raise TrainingStopped(f"stopped at step {step}: the parameters are not finite; not saving "
                             f"them (the newest checkpoint is step {saved})")
-    return store.save(step, state, iterator.get_state(), meta, force=True)
+    return store.save(step, checkpointed(state), iterator.get_state(), meta, force=True)
 
   def run_eval() -> None:
     nonlocal last_eval

@@ -57,7 +57,7 @@ def step_memory(compiled: Any, state: Any, batch: Any) -> StepMemory:
   """From a `jax.stages.Compiled` train step and its (abstract) state and batch."""
   m = compiled.memory_analysis()
   return StepMemory(
-      params=shard_bytes(state.params), optimizer=shard_bytes(state.opt_state),
+      params=shard_bytes((state.params, state.frozen)), optimizer=shard_bytes(state.opt_state),
       batch=shard_bytes(batch), arguments=int(m.argument_size_in_bytes),
       outputs=int(m.output_size_in_bytes), aliased=int(m.alias_size_in_bytes),
       temporaries=int(m.temp_size_in_bytes), code=int(m.generated_code_size_in_bytes))

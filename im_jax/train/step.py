@@ -32,7 +32,7 @@ import optax
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from im_jax.models import partitioning
+from im_jax.models import lora, partitioning
 from im_jax.train import neftune, optim, sharding
 from im_jax.train.loss import (DENOMINATOR, NUMERATOR, Batch, LossConfig, LossSums,
                                chunked_cross_entropy, finalize, loss_sums)
@@ -40,15 +40,42 @@ from im_jax.train.loss import (DENOMINATOR, NUMERATOR, Batch, LossConfig, LossSu
 # loss_fn(model, batch, rng) -> sums with at least NUMERATOR and DENOMINATOR. `rng` is a key
 # in training and None in evaluation (no noise, no dropout).
 LossFn = Callable[[nnx.Module, Batch, jax.Array | None], LossSums]
+_LORA_DROPOUT = 1  # folded into the step's key: LoRA dropout's own stream (NEFTune has `rng`)
 
 
 @flax.struct.dataclass
 class TrainState:
   step: jax.Array  # int32 scalar: batches done (updates: optim.update_count(opt_state))
-  params: nnx.State  # the model's nnx.Param variables
+  params: nnx.State  # what trains: the model's nnx.Param variables, or only its LoRA adapters
   opt_state: Any
   rest: nnx.State  # the model's other variables, carried unchanged
   rng: jax.Array  # raw uint32 key; per-step keys are folded in from it
+  # With LoRA: the base weights, never updated and not checkpointed (a run reloads them from
+  # model.init_from); None without LoRA.
+  frozen: nnx.State | None = None
+
+  def fixed(self) -> tuple[nnx.State, ...]:
+    """The model's states other than `params`, for `nnx.merge(graphdef, params, *fixed)`."""
+    return (self.rest,) if self.frozen is None else (self.frozen, self.rest)
+
+
+# The fields a checkpoint holds: the state less `frozen` (the layout checkpoints always had).
+CHECKPOINTED = ("step", "params", "opt_state", "rest", "rng")
+
+
+def checkpointed(state: TrainState) -> dict[str, Any]:
+  return {name: getattr(state, name) for name in CHECKPOINTED}
+
+
+def split_model(model: nnx.Module) -> tuple[nnx.GraphDef, nnx.State, nnx.State | None, nnx.State]:
+  """(graphdef, trainable, frozen, rest): with LoRA adapters only the adapters train.
+
+  `nnx.LoRAParam` subclasses `nnx.Param`, so adapters are taken out first.
+  """
+  graphdef, adapters, base, rest = nnx.split(model, nnx.LoRAParam, nnx.Param, ...)
+  if not jax.tree.leaves(adapters):
+    return graphdef, base, None, rest
+  return graphdef, adapters, base, rest
 
 
 def make_loss_fn(config: LossConfig = LossConfig(), neftune_alpha: float = 0.0) -> LossFn:
@@ -58,7 +85,8 @@ def make_loss_fn(config: LossConfig = LossConfig(), neftune_alpha: float = 0.0) 
     embeddings = model.embed(batch["tokens"])
     if rng is not None and neftune_alpha > 0:
       embeddings = neftune.add_noise(embeddings, batch["segment_ids"], neftune_alpha, rng)
-    hidden = model.hidden_states(embeddings, batch["positions"], batch["segment_ids"])
+    with lora.dropout_rng(None if rng is None else jax.random.fold_in(rng, _LORA_DROPOUT)):
+      hidden = model.hidden_states(embeddings, batch["positions"], batch["segment_ids"])
     ce = chunked_cross_entropy(hidden, model.output_embedding(), batch["targets"],
                                config.chunk_size)
     return loss_sums(ce, batch, config.normalization)
@@ -81,9 +109,10 @@ def train_state_shardings(model_fn: Callable[[], nnx.Module], tx: optax.Gradient
   im_jax.plan`), and the layout `create_train_state` allocates.
   """
   abstract = nnx.eval_shape(model_fn)
-  graphdef, abs_params, abs_rest = nnx.split(abstract, nnx.Param, ...)
+  graphdef, abs_params, abs_frozen, abs_rest = split_model(abstract)
   kw = dict(rules=rules, on_indivisible=on_indivisible)
   param_sh = sharding.state_shardings(abs_params, mesh, **kw)
+  frozen_sh = None if abs_frozen is None else sharding.state_shardings(abs_frozen, mesh, **kw)
   rep = _replicated(mesh)
   # Optimizer moments mirror the parameters; counters and the like are replicated.
   abs_opt = jax.eval_shape(tx.init, abs_params)
@@ -91,10 +120,11 @@ def train_state_shardings(model_fn: Callable[[], nnx.Module], tx: optax.Gradient
                                  param_sh, transform_non_params=lambda _: rep,
                                  is_leaf=lambda x: isinstance(x, nnx.Variable))
   shardings = TrainState(step=rep, params=param_sh, opt_state=opt_sh,
-                         rest=sharding.state_shardings(abs_rest, mesh, **kw), rng=rep)
+                         rest=sharding.state_shardings(abs_rest, mesh, **kw), rng=rep,
+                         frozen=frozen_sh)
   shapes = TrainState(step=jax.ShapeDtypeStruct((), jnp.int32), params=abs_params,
                       opt_state=abs_opt, rest=abs_rest,
-                      rng=jax.eval_shape(lambda: jax.random.PRNGKey(0)))
+                      rng=jax.eval_shape(lambda: jax.random.PRNGKey(0)), frozen=abs_frozen)
   # `shardings` is a prefix of `shapes` (one sharding per Variable).
   abstract_state = jax.tree.map(
       lambda s, sub: jax.tree.map(
@@ -125,9 +155,9 @@ def init_train_state(model_fn: Callable[[], nnx.Module], tx: optax.GradientTrans
   """The initial state, each array created on its shards (see `create_train_state`)."""
 
   def init() -> TrainState:
-    _, params, rest = nnx.split(model_fn(), nnx.Param, ...)
+    _, params, frozen, rest = split_model(model_fn())
     return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
-                      rest=rest, rng=jax.random.PRNGKey(seed))
+                      rest=rest, rng=jax.random.PRNGKey(seed), frozen=frozen)
 
   with jax.set_mesh(mesh):
     return jax.jit(init, out_shardings=shardings)()
@@ -150,9 +180,9 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
   of `tx`, counted in updates).
   """
 
-  def micro_grads(params, rest, batch, rng):
-    def numerator(p):
-      sums = loss_fn(nnx.merge(graphdef, p, rest), batch, rng)
+  def micro_grads(params, fixed, batch, rng):
+    def numerator(p):  # differentiated in `params` only: frozen weights get no gradient
+      sums = loss_fn(nnx.merge(graphdef, p, *fixed), batch, rng)
       return sums[NUMERATOR], sums
 
     grads, sums = jax.grad(numerator, has_aux=True)(params)
@@ -170,14 +200,14 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
       return {name: value[i] for name, value in batch.items()}
 
     if k == 1:
-      grads, sums = micro_grads(state.params, state.rest, micro(0), key)
+      grads, sums = micro_grads(state.params, state.fixed(), micro(0), key)
     else:
       def body(carry, i):
-        g, s = micro_grads(state.params, state.rest, micro(i), jax.random.fold_in(key, i))
+        g, s = micro_grads(state.params, state.fixed(), micro(i), jax.random.fold_in(key, i))
         return (_tree_add(carry[0], g), _tree_add(carry[1], s)), None
 
       # Accumulate in float32 whatever the parameter dtype.
-      shapes = jax.eval_shape(micro_grads, state.params, state.rest, micro(0), key)
+      shapes = jax.eval_shape(micro_grads, state.params, state.fixed(), micro(0), key)
       zeros = jax.tree.map(lambda x: jnp.zeros(x.shape, jnp.float32), shapes)
       zeros = (jax.lax.with_sharding_constraint(zeros[0], shardings.params), zeros[1])
       (grads, sums), _ = jax.lax.scan(body, zeros, jnp.arange(k))
@@ -222,7 +252,7 @@ def make_eval_step(graphdef: nnx.GraphDef, shardings: TrainState, mesh: Mesh,
 
   def step(state: TrainState, batch: Batch) -> LossSums:
     with partitioning.activation_layout(sharding.ActivationLayout(mesh)):
-      return loss_fn(nnx.merge(graphdef, state.params, state.rest), batch, None)
+      return loss_fn(nnx.merge(graphdef, state.params, *state.fixed()), batch, None)
 
   jitted = jax.jit(step,
                    in_shardings=(shardings, sharding.batch_sharding(mesh, micro_batched=False)),

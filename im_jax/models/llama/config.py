@@ -12,6 +12,7 @@ import pathlib
 from typing import Any
 
 from im_jax.models import attention
+from im_jax.models.lora import LoraConfig
 
 MODEL_TYPES = {
     "llama": "LlamaForCausalLM",
@@ -69,6 +70,7 @@ class LlamaConfig:
   param_dtype: str = "float32"
   compute_dtype: str = "float32"
   attention_impl: str = "auto"  # auto (splash on TPU, else xla) | xla | splash | cudnn
+  lora: LoraConfig = LoraConfig()  # rank 0: no adapters
 
   def __post_init__(self):
     if self.model_type not in MODEL_TYPES:
@@ -120,6 +122,8 @@ class LlamaConfig:
     d = dict(d)
     if d.get("rope_scaling") is not None:
       d["rope_scaling"] = RopeScaling(**d["rope_scaling"])
+    if isinstance(d.get("lora"), dict):  # absent in configs saved before LoRA: off
+      d["lora"] = LoraConfig(**{**d["lora"], "targets": tuple(d["lora"]["targets"])})
     for key in ("bos_token_id", "eos_token_id", "pad_token_id"):
       d[key] = _token_ids(d.get(key))
     return cls(**d)

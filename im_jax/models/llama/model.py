@@ -21,6 +21,7 @@ import numpy as np
 from flax import nnx
 
 from im_jax.models import attention as attention_lib
+from im_jax.models import lora as lora_lib
 from im_jax.models import partitioning as P
 from im_jax.models.llama.config import LlamaConfig
 
@@ -56,11 +57,14 @@ def _ones(key, shape, dtype):
 
 
 class Dense(nnx.Module):
-  """Contracts the last `n_in` dims of x with the first `n_in` dims of a (multi-dim) kernel."""
+  """Contracts the last `n_in` dims of x with the first `n_in` dims of a (multi-dim) kernel.
+
+  `target` (a `lora.TARGETS` name) gets a LoRA adapter when the config's LoRA lists it.
+  """
 
   def __init__(self, shape: Sequence[int], axes: Sequence[str | None], *, n_in: int = 1,
                use_bias: bool = False, config: LlamaConfig, rngs: nnx.Rngs,
-               stack: int | None = None):
+               stack: int | None = None, target: str | None = None):
     dtype = jnp.dtype(config.param_dtype)
     self.n_in = n_in
     self.compute_dtype = jnp.dtype(config.compute_dtype)
@@ -68,10 +72,17 @@ class Dense(nnx.Module):
     self.kernel = _param(rngs, init, shape, axes, dtype, stack)
     self.bias = (_param(rngs, _zeros, shape[n_in:], axes[n_in:], dtype, stack)
                  if use_bias else None)
+    lora = config.lora
+    # The salt gives each target its own dropout mask (q, k and v share their input).
+    self.lora = (lora_lib.Adapter(shape, axes, n_in, lora, list(lora_lib.TARGETS).index(target),
+                                  rngs=rngs, stack=stack)
+                 if lora.enabled and target in lora.targets else None)
 
   def __call__(self, x: jax.Array) -> jax.Array:
     dt = self.compute_dtype
     y = jnp.tensordot(x.astype(dt), self.kernel[...].astype(dt), axes=self.n_in)
+    if self.lora is not None and (delta := self.lora(x, dt)) is not None:
+      y = y + delta
     if self.bias is not None:
       y = y + self.bias[...].astype(dt)
     return y
@@ -159,13 +170,14 @@ class Attention(nnx.Module):
   def __init__(self, config: LlamaConfig, *, rngs: nnx.Rngs, stack: int | None = None):
     d, h, k, hd = config.hidden_size, config.num_heads, config.num_kv_heads, config.head_dim
     kw = dict(config=config, rngs=rngs, stack=stack)
-    self.q_proj = Dense((d, h, hd), ("embed", "heads", "head_dim"), use_bias=config.qkv_bias, **kw)
+    self.q_proj = Dense((d, h, hd), ("embed", "heads", "head_dim"), use_bias=config.qkv_bias,
+                        target="q", **kw)
     self.k_proj = Dense((d, k, hd), ("embed", "kv_heads", "head_dim"),
-                        use_bias=config.qkv_bias, **kw)
+                        use_bias=config.qkv_bias, target="k", **kw)
     self.v_proj = Dense((d, k, hd), ("embed", "kv_heads", "head_dim"),
-                        use_bias=config.qkv_bias, **kw)
+                        use_bias=config.qkv_bias, target="v", **kw)
     self.o_proj = Dense((h, hd, d), ("heads", "head_dim", "embed"), n_in=2,
-                        use_bias=config.o_bias, **kw)
+                        use_bias=config.o_bias, target="o", **kw)
     self.implementation = config.attention_impl
 
   def _qkv(self, x, cos, sin):
@@ -202,9 +214,9 @@ class MLP(nnx.Module):
   def __init__(self, config: LlamaConfig, *, rngs: nnx.Rngs, stack: int | None = None):
     d, f = config.hidden_size, config.intermediate_size
     kw = dict(config=config, rngs=rngs, stack=stack)
-    self.gate_proj = Dense((d, f), ("embed", "mlp"), **kw)
-    self.up_proj = Dense((d, f), ("embed", "mlp"), **kw)
-    self.down_proj = Dense((f, d), ("mlp", "embed"), **kw)
+    self.gate_proj = Dense((d, f), ("embed", "mlp"), target="gate", **kw)
+    self.up_proj = Dense((d, f), ("embed", "mlp"), target="up", **kw)
+    self.down_proj = Dense((f, d), ("mlp", "embed"), target="down", **kw)
 
   def __call__(self, x):
     gate = P.constrain(self.gate_proj(x), _MLP)
@@ -278,18 +290,23 @@ class Llama(nnx.Module):
     cos, sin = rope_cos_sin(positions, rope_inv_freq(cfg))
     x = P.constrain(embeddings.astype(self.compute_dtype), _RESIDUAL)
 
-    def run(graphdef, state, x):
-      return nnx.merge(graphdef, state)(x, cos, sin, positions, segment_ids)
+    # LoRA dropout (training only): one key per layer, passed in so remat and scan see it.
+    key = lora_lib.current_dropout_rng() if cfg.lora.dropout > 0 else None
+    keys = None if key is None else jax.random.split(key, cfg.num_layers)
+
+    def run(graphdef, state, x, layer_key):
+      with lora_lib.dropout_rng(layer_key):
+        return nnx.merge(graphdef, state)(x, cos, sin, positions, segment_ids)
 
     if cfg.remat_policy != "none":
       run = jax.checkpoint(run, policy=_REMAT_POLICIES[cfg.remat_policy], static_argnums=(0,),
                            prevent_cse=not cfg.scan_layers)
     if cfg.scan_layers:
       graphdef, state = nnx.split(self.layers)
-      x, _ = jax.lax.scan(lambda h, layer_state: (run(graphdef, layer_state, h), None), x, state)
+      x, _ = jax.lax.scan(lambda h, xs: (run(graphdef, xs[0], h, xs[1]), None), x, (state, keys))
     else:
-      for layer in self.layers:
-        x = run(*nnx.split(layer), x)
+      for i, layer in enumerate(self.layers):
+        x = run(*nnx.split(layer), x, None if keys is None else keys[i])
     return P.constrain(self.final_norm(x), _RESIDUAL)
 
   def init_cache(self, batch: int, length: int) -> KVCache:
