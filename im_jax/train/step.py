@@ -9,6 +9,10 @@ the denominator, the metric sums and the gradient of the numerator over its k mi
 then divides once (d(sum num / sum den) = sum d num / sum den, as the denominator does not
 depend on the parameters).
 
+With `loss.kl_to_base` > 0 the state also holds `reference`: the starting parameters, frozen
+(no gradient, no optimizer state, sharded like the parameters), which the loss function gets
+as a second model of the same graph (train/kl.py). None otherwise.
+
 Typical use:
 
     mesh = sharding.make_mesh(sharding.MeshConfig(data=1, fsdp=-1, tensor=1))
@@ -33,13 +37,15 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from im_jax.models import partitioning
+from im_jax.train import kl as kl_lib
 from im_jax.train import neftune, optim, sharding
 from im_jax.train.loss import (DENOMINATOR, NUMERATOR, Batch, LossConfig, LossSums,
                                chunked_cross_entropy, finalize, loss_sums)
 
 # loss_fn(model, batch, rng) -> sums with at least NUMERATOR and DENOMINATOR. `rng` is a key
-# in training and None in evaluation (no noise, no dropout).
-LossFn = Callable[[nnx.Module, Batch, jax.Array | None], LossSums]
+# in training and None in evaluation (no noise, no dropout). When the state holds a reference
+# model the step also passes it: loss_fn(model, batch, rng, reference=frozen_model).
+LossFn = Callable[..., LossSums]
 
 
 @flax.struct.dataclass
@@ -49,16 +55,23 @@ class TrainState:
   opt_state: Any
   rest: nnx.State  # the model's other variables, carried unchanged
   rng: jax.Array  # raw uint32 key; per-step keys are folded in from it
+  # The KL's base model: nnx.Param values like `params`, never updated; None without KL.
+  # Not checkpointed: every start re-derives it (see experiment.build).
+  reference: nnx.State | None = None
 
 
 def make_loss_fn(config: LossConfig = LossConfig(), neftune_alpha: float = 0.0) -> LossFn:
   """The default loss: embed, NEFTune noise (train only), hidden states, (chunked) CE."""
 
-  def loss_fn(model: nnx.Module, batch: Batch, rng: jax.Array | None) -> LossSums:
+  def loss_fn(model: nnx.Module, batch: Batch, rng: jax.Array | None,
+              reference: nnx.Module | None = None) -> LossSums:
     embeddings = model.embed(batch["tokens"])
     if rng is not None and neftune_alpha > 0:
       embeddings = neftune.add_noise(embeddings, batch["segment_ids"], neftune_alpha, rng)
     hidden = model.hidden_states(embeddings, batch["positions"], batch["segment_ids"])
+    if config.kl_to_base > 0:
+      ce, kl = kl_lib.ce_and_kl(model, hidden, reference, batch, config)
+      return loss_sums(ce, batch, config.normalization, kl, config.kl_to_base)
     ce = chunked_cross_entropy(hidden, model.output_embedding(), batch["targets"],
                                config.chunk_size)
     return loss_sums(ce, batch, config.normalization)
@@ -71,14 +84,16 @@ def _replicated(mesh: Mesh) -> NamedSharding:
 
 
 def train_state_shardings(model_fn: Callable[[], nnx.Module], tx: optax.GradientTransformation,
-                          mesh: Mesh, *, rules=sharding.LOGICAL_AXIS_RULES,
+                          mesh: Mesh, *, reference: bool = False,
+                          rules=sharding.LOGICAL_AXIS_RULES,
                           on_indivisible: sharding.OnIndivisible = "replicate",
                           ) -> tuple[nnx.GraphDef, TrainState, TrainState]:
   """(graphdef, abstract state, state shardings) without allocating anything.
 
   The abstract state holds `jax.ShapeDtypeStruct`s carrying their shardings: what
   `jax.jit(...).lower` needs to compile the train step for any devices (`python -m
-  im_jax.plan`), and the layout `create_train_state` allocates.
+  im_jax.plan`), and the layout `create_train_state` allocates. `reference`: the state holds
+  a frozen copy of the parameters (the KL's base model), sharded as they are.
   """
   abstract = nnx.eval_shape(model_fn)
   graphdef, abs_params, abs_rest = nnx.split(abstract, nnx.Param, ...)
@@ -91,10 +106,12 @@ def train_state_shardings(model_fn: Callable[[], nnx.Module], tx: optax.Gradient
                                  param_sh, transform_non_params=lambda _: rep,
                                  is_leaf=lambda x: isinstance(x, nnx.Variable))
   shardings = TrainState(step=rep, params=param_sh, opt_state=opt_sh,
-                         rest=sharding.state_shardings(abs_rest, mesh, **kw), rng=rep)
+                         rest=sharding.state_shardings(abs_rest, mesh, **kw), rng=rep,
+                         reference=param_sh if reference else None)
   shapes = TrainState(step=jax.ShapeDtypeStruct((), jnp.int32), params=abs_params,
                       opt_state=abs_opt, rest=abs_rest,
-                      rng=jax.eval_shape(lambda: jax.random.PRNGKey(0)))
+                      rng=jax.eval_shape(lambda: jax.random.PRNGKey(0)),
+                      reference=abs_params if reference else None)
   # `shardings` is a prefix of `shapes` (one sharding per Variable).
   abstract_state = jax.tree.map(
       lambda s, sub: jax.tree.map(
@@ -104,7 +121,7 @@ def train_state_shardings(model_fn: Callable[[], nnx.Module], tx: optax.Gradient
 
 
 def create_train_state(model_fn: Callable[[], nnx.Module], tx: optax.GradientTransformation,
-                       mesh: Mesh, *, seed: int = 0,
+                       mesh: Mesh, *, seed: int = 0, reference: bool = False,
                        rules=sharding.LOGICAL_AXIS_RULES,
                        on_indivisible: sharding.OnIndivisible = "replicate",
                        ) -> tuple[nnx.GraphDef, TrainState, TrainState]:
@@ -115,14 +132,17 @@ def create_train_state(model_fn: Callable[[], nnx.Module], tx: optax.GradientTra
   out_shardings place every parameter and optimizer moment on its shard, so no device ever
   holds the whole model. Returns (graphdef, state, state shardings).
   """
-  graphdef, _, shardings = train_state_shardings(model_fn, tx, mesh, rules=rules,
-                                                 on_indivisible=on_indivisible)
+  graphdef, _, shardings = train_state_shardings(model_fn, tx, mesh, reference=reference,
+                                                 rules=rules, on_indivisible=on_indivisible)
   return graphdef, init_train_state(model_fn, tx, shardings, mesh, seed=seed), shardings
 
 
 def init_train_state(model_fn: Callable[[], nnx.Module], tx: optax.GradientTransformation,
                      shardings: TrainState, mesh: Mesh, *, seed: int = 0) -> TrainState:
-  """The initial state, each array created on its shards (see `create_train_state`)."""
+  """The initial state, each array created on its shards (see `create_train_state`).
+
+  When `shardings.reference` is set, the reference is a copy of the initial parameters.
+  """
 
   def init() -> TrainState:
     _, params, rest = nnx.split(model_fn(), nnx.Param, ...)
@@ -130,7 +150,20 @@ def init_train_state(model_fn: Callable[[], nnx.Module], tx: optax.GradientTrans
                       rest=rest, rng=jax.random.PRNGKey(seed))
 
   with jax.set_mesh(mesh):
-    return jax.jit(init, out_shardings=shardings)()
+    state = jax.jit(init, out_shardings=shardings.replace(reference=None))()
+  return state if shardings.reference is None else set_reference(state, shardings, mesh)
+
+
+def set_reference(state: TrainState, shardings: TrainState, mesh: Mesh) -> TrainState:
+  """`state` whose reference is a copy of its current parameters, in `shardings.reference`.
+
+  A copy in its own buffers: the train step donates the whole state, parameters and
+  reference alike, so the two must not share memory.
+  """
+  with jax.set_mesh(mesh):
+    copy = jax.jit(lambda p: jax.tree.map(jnp.copy, p),
+                   out_shardings=shardings.reference)(state.params)
+  return state.replace(reference=copy)
 
 
 def _tree_add(total, x):
@@ -150,9 +183,9 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
   of `tx`, counted in updates).
   """
 
-  def micro_grads(params, rest, batch, rng):
+  def micro_grads(params, rest, reference, batch, rng):
     def numerator(p):
-      sums = loss_fn(nnx.merge(graphdef, p, rest), batch, rng)
+      sums = _call_loss(loss_fn, graphdef, p, rest, reference, batch, rng)
       return sums[NUMERATOR], sums
 
     grads, sums = jax.grad(numerator, has_aux=True)(params)
@@ -170,14 +203,16 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
       return {name: value[i] for name, value in batch.items()}
 
     if k == 1:
-      grads, sums = micro_grads(state.params, state.rest, micro(0), key)
+      grads, sums = micro_grads(state.params, state.rest, state.reference, micro(0), key)
     else:
       def body(carry, i):
-        g, s = micro_grads(state.params, state.rest, micro(i), jax.random.fold_in(key, i))
+        g, s = micro_grads(state.params, state.rest, state.reference, micro(i),
+                           jax.random.fold_in(key, i))
         return (_tree_add(carry[0], g), _tree_add(carry[1], s)), None
 
       # Accumulate in float32 whatever the parameter dtype.
-      shapes = jax.eval_shape(micro_grads, state.params, state.rest, micro(0), key)
+      shapes = jax.eval_shape(micro_grads, state.params, state.rest, state.reference, micro(0),
+                              key)
       zeros = jax.tree.map(lambda x: jnp.zeros(x.shape, jnp.float32), shapes)
       zeros = (jax.lax.with_sharding_constraint(zeros[0], shardings.params), zeros[1])
       (grads, sums), _ = jax.lax.scan(body, zeros, jnp.arange(k))
@@ -222,12 +257,24 @@ def make_eval_step(graphdef: nnx.GraphDef, shardings: TrainState, mesh: Mesh,
 
   def step(state: TrainState, batch: Batch) -> LossSums:
     with partitioning.activation_layout(sharding.ActivationLayout(mesh)):
-      return loss_fn(nnx.merge(graphdef, state.params, state.rest), batch, None)
+      return _call_loss(loss_fn, graphdef, state.params, state.rest, state.reference, batch,
+                        None)
 
   jitted = jax.jit(step,
                    in_shardings=(shardings, sharding.batch_sharding(mesh, micro_batched=False)),
                    out_shardings=_replicated(mesh))
   return _in_mesh(jitted, mesh)
+
+
+def _call_loss(loss_fn: LossFn, graphdef: nnx.GraphDef, params: nnx.State, rest: nnx.State,
+               reference: nnx.State | None, batch: Batch, rng: jax.Array | None) -> LossSums:
+  """`loss_fn` on the model, and on the frozen reference model when the state has one."""
+  model = nnx.merge(graphdef, params, rest)
+  if reference is None:
+    return loss_fn(model, batch, rng)
+  # Frozen: the gradient is taken with respect to `params` only; stop_gradient says so here too.
+  frozen = nnx.merge(graphdef, jax.lax.stop_gradient(reference), rest)
+  return loss_fn(model, batch, rng, reference=frozen)
 
 
 def _in_mesh(jitted, mesh: Mesh):
