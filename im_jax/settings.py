@@ -219,13 +219,18 @@ def validate(c: ml_collections.ConfigDict, num_devices: int, process_count: int)
   _typed(_section_keys(c, "model"),
          lambda: LlamaConfig.preset(c.model.preset, **model_options(c)))
   _typed(_section_keys(c, "data") + _section_keys(c, "loss"), lambda: encode_config(c))
-  _typed(["loss.normalization", "loss.chunk_size"],
-         lambda: LossConfig(c.loss.normalization, c.loss.chunk_size))
+  _typed(["loss.normalization", "loss.chunk_size", "loss.kl_to_base", "loss.kl_type"],
+         lambda: loss_config(c))
   _typed(_section_keys(c, "optim"), lambda: optim_config(c))
   _typed(_section_keys(c, "data"), lambda: pipeline_config(c, rows=1, epochs=1, shuffle=True))
   _typed(_section_keys(c, "checkpoint"), lambda: checkpoint_config(c))
   _typed(["train.max_steps", "train.grad_accum", "train.log_every", "eval.every_steps",
           "train.max_consecutive_skips"], lambda: loop_config(c, total_steps=1))
+
+
+def loss_config(c: ml_collections.ConfigDict) -> LossConfig:
+  return LossConfig(c.loss.normalization, c.loss.chunk_size, c.loss.kl_to_base,
+                    c.loss.kl_type)
 
 
 def pipeline_config(c: ml_collections.ConfigDict, rows: int, epochs: int,

@@ -2,17 +2,25 @@
 gradients at step 0, beta=0 bit for bit, the train step on a mesh, and transformers parity."""
 
 import functools
+import re
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+import torch
+import transformers
 from flax import nnx
 
-from im_jax.models.llama import Llama, LlamaConfig
+from configs import base
+from im_jax import experiment
+from im_jax.data.kinds import TokenKind
+from im_jax.models.llama import Llama, LlamaConfig, params
+from im_jax.plan import analysis
 from im_jax.train import kl as kl_lib
-from im_jax.train import loss, sharding, step
+from im_jax.train import loop, loss, optim, sharding, step
+from im_jax.train import memory as memory_lib
 from tests import train_rows
 
 VOCAB = 37
@@ -105,24 +113,30 @@ def _diff(a, b):
   return jax.tree.map(lambda x, y: x - y, a, b)
 
 
-def test_beta_zero_is_the_plain_loss_bit_for_bit():
+@pytest.fixture(scope="module")
+def plain():
+  """The model, a batch and the plain loss's (CE only) gradient and sums."""
   graphdef, params, rest = _params()
-  _, other, _ = _params(1)
   batch = _batch()
-  plain = _grads_and_sums(loss.LossConfig("sequence", 8), graphdef, params, rest, None, batch)
+  grads, sums = _grads_and_sums(loss.LossConfig("sequence", 8), graphdef, params, rest, None,
+                                batch)
+  return graphdef, params, rest, batch, grads, sums
+
+
+def test_beta_zero_is_the_plain_loss_bit_for_bit(plain):
+  graphdef, params, rest, batch, plain_g, plain_sums = plain
+  _, other, _ = _params(1)
   off = _grads_and_sums(loss.LossConfig("sequence", 8, kl_to_base=0.0), graphdef, params, rest,
                         other, batch)
   assert "kl_numerator" not in off[1]
-  for a, b in zip(jax.tree.leaves(plain), jax.tree.leaves(off)):
+  for a, b in zip(jax.tree.leaves((plain_g, plain_sums)), jax.tree.leaves(off)):
     np.testing.assert_array_equal(a, b)
 
 
-def test_at_step_zero_full_kl_is_zero_with_zero_gradient():
-  graphdef, params, rest = _params()
+def test_at_step_zero_full_kl_is_zero_with_zero_gradient(plain):
+  graphdef, params, rest, batch, plain_g, plain = plain
   _, other, _ = _params(1)
-  batch, beta = _batch(), 0.7
-  plain_g, plain = _grads_and_sums(loss.LossConfig("sequence", 8), graphdef, params, rest,
-                                   None, batch)
+  beta = 0.7
   config = loss.LossConfig("sequence", 8, kl_to_base=beta)
   g, sums = _grads_and_sums(config, graphdef, params, rest, params, batch)
   assert abs(float(sums["kl_numerator"])) < 1e-6
@@ -133,12 +147,17 @@ def test_at_step_zero_full_kl_is_zero_with_zero_gradient():
   g_other, sums_other = _grads_and_sums(config, graphdef, params, rest, other, batch)
   assert float(sums_other["kl_numerator"]) > 1e-3
   assert _norm(_diff(g_other, plain_g)) / beta > 1e-2 * _norm(plain_g)
+  # In training NEFTune noise reaches the trained model only, so even step 0 has a KL.
+  noisy = step.make_loss_fn(config, neftune_alpha=5.0)
+  model, reference = nnx.merge(graphdef, params, rest), nnx.merge(graphdef, params, rest)
+  sums_noisy = jax.jit(lambda key: noisy(model, batch, key, reference=reference))(
+      jax.random.PRNGKey(0))
+  assert float(sums_noisy["kl_numerator"]) > 1e-6
 
 
-def test_at_step_zero_target_token_is_zero_with_the_gradient_of_log_p_target():
-  graphdef, params, rest = _params()
-  batch, beta = _batch(), 0.25
-  ce_g, _ = _grads_and_sums(loss.LossConfig("sequence", 8), graphdef, params, rest, None, batch)
+def test_at_step_zero_target_token_is_zero_with_the_gradient_of_log_p_target(plain):
+  graphdef, params, rest, batch, ce_g, _ = plain
+  beta = 0.25
   config = loss.LossConfig("sequence", 8, kl_to_base=beta, kl_type="target_token")
   g, sums = _grads_and_sums(config, graphdef, params, rest, params, batch)
   assert abs(float(sums["kl_numerator"])) < 1e-6
@@ -152,3 +171,182 @@ def test_target_token_with_beta_one_is_refused():
     loss.LossConfig(kl_to_base=1.0, kl_type="target_token")
   with pytest.raises(ValueError, match="kl_type must be one of"):
     loss.LossConfig(kl_to_base=1.0, kl_type="reverse")
+
+
+# Against transformers + PyTorch: the trained model is the reference with two tensors scaled.
+
+FINAL_NORM, LAYER, DOWN = 0.9, 1, 1.25  # scales: final norm; layer LAYER's MLP down projection
+
+
+def _perturb_torch(model):
+  with torch.no_grad():
+    model.model.norm.weight.mul_(FINAL_NORM)
+    model.model.layers[LAYER].mlp.down_proj.weight.mul_(DOWN)
+  return model
+
+
+def _perturb_jax(state):
+  def scale(path, x):
+    names = tuple(getattr(k, "key", k) for k in path)
+    if names[:2] == ("final_norm", "scale"):
+      return x * FINAL_NORM
+    if names[:4] == ("layers", "mlp", "down_proj", "kernel"):  # stacked over layers
+      return x.at[LAYER].multiply(DOWN)
+    return x
+
+  return jax.tree_util.tree_map_with_path(scale, state)
+
+
+def _torch_kl(hf_dir, rows, weights):
+  """Each example alone through transformers: its weighted mean KL, then the mean."""
+  base = transformers.AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval()
+  tuned = _perturb_torch(
+      transformers.AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval())
+  means = []
+  with torch.no_grad():
+    for row, w in zip(rows, weights):
+      ids = torch.from_numpy(np.asarray(row[:-1], np.int64))[None]
+      log_p = torch.log_softmax(tuned(ids).logits[0].double(), -1)
+      log_q = torch.log_softmax(base(ids).logits[0].double(), -1)
+      kl = (log_p.exp() * (log_p - log_q)).sum(-1).numpy()
+      means.append(float((w * kl).sum() / w.sum()))
+  return float(np.mean(means))
+
+
+def _jax_kl(hf_dir, rows, weights, chunk_size):
+  """The examples packed into one row, through the training loss with beta 1."""
+  config = LlamaConfig.from_hf(hf_dir, scan_layers=True)
+  graphdef, base, rest = nnx.split(params.load_hf(hf_dir, config), nnx.Param, ...)
+  tokens = np.concatenate([r[:-1] for r in rows])
+  batch = {
+      "tokens": tokens, "targets": np.concatenate([r[1:] for r in rows]),
+      "loss_weights": np.concatenate(weights).astype(np.float32),
+      "target_kinds": np.full(len(tokens), int(TokenKind.ASSISTANT), np.int8),
+      "segment_ids": np.concatenate([np.full(len(r) - 1, i + 1) for i, r in enumerate(rows)]),
+      "positions": np.concatenate([np.arange(len(r) - 1) for r in rows])}
+  batch = {k: jnp.asarray(v[None]) for k, v in batch.items()}
+  loss_fn = step.make_loss_fn(loss.LossConfig("sequence", chunk_size, kl_to_base=1.0))
+  sums = jax.jit(lambda p, ref: loss_fn(nnx.merge(graphdef, p, rest), batch, None,
+                                        reference=nnx.merge(graphdef, ref, rest)))(
+                                            _perturb_jax(base), base)
+  return float(loss.finalize(sums)["kl"])
+
+
+def _weights(rows, seed=0):
+  rng = np.random.default_rng(seed)
+  weights = [rng.uniform(0.2, 1.0, size=len(r) - 1) for r in rows]
+  for w in weights:
+    w[: len(w) // 3] = 0.0  # a masked prompt
+  return weights
+
+
+def test_full_kl_equals_transformers_on_a_tiny_model(tmp_path):
+  torch.manual_seed(0)
+  hf = transformers.LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=128,
+                                num_hidden_layers=2, num_attention_heads=4,
+                                num_key_value_heads=2, max_position_embeddings=64)
+  model = transformers.AutoModelForCausalLM.from_config(hf).float().eval()
+  with torch.no_grad():  # HF zero-inits biases and one-inits norms: randomise everything
+    for name, p in model.named_parameters():
+      p.copy_(torch.randn_like(p) * 0.1 + (1.0 if "norm" in name else 0.0))
+  model.save_pretrained(tmp_path)
+  rng = np.random.default_rng(1)
+  rows = [rng.integers(0, 256, size=n) for n in (17, 30, 9)]
+  want = _torch_kl(tmp_path, rows, _weights(rows))
+  assert want > 1e-3
+  got = _jax_kl(tmp_path, rows, _weights(rows), chunk_size=8)
+  np.testing.assert_allclose(got, want, rtol=1e-4)
+
+
+def test_full_kl_equals_transformers_on_smollm2(smollm2_hf_dir):
+  tok = transformers.AutoTokenizer.from_pretrained(smollm2_hf_dir)
+  texts = ["<|im_start|>user\nWhat is the capital of France?<|im_end|>\n<|im_start|>assistant\n"
+           "The capital of France is Paris.<|im_end|>",
+           "Write one sentence about the sea: the sea is wide, deep and never still.",
+           "List three prime numbers: 2, 3 and 5."]
+  rows = [np.asarray(tok(t, add_special_tokens=False)["input_ids"][:32]) for t in texts]
+  want = _torch_kl(smollm2_hf_dir, rows, _weights(rows))
+  assert want > 1e-3
+  got = _jax_kl(smollm2_hf_dir, rows, _weights(rows), chunk_size=16)
+  np.testing.assert_allclose(got, want, rtol=1e-4)
+
+
+# The train step on a mesh.
+
+
+def _train(mesh_shape, micro_batches, steps=2):
+  mesh = sharding.make_mesh(sharding.MeshConfig(*mesh_shape),
+                            jax.devices()[:int(np.prod(mesh_shape))])
+  # The project's AdamW (eps 1e-6): optax's eps 1e-8 blows rounding noise in near-zero
+  # gradients up to whole updates, which no two meshes agree on.
+  tx = optim.make_optimizer(optim.OptimConfig(learning_rate=1e-3, warmup_ratio=0.0), 10)[0]
+  graphdef, state, shardings = step.create_train_state(_model_fn(), tx, mesh, reference=True)
+  assert state.reference is not None and jax.tree.structure(state.reference) == \
+      jax.tree.structure(state.params)
+  loss_fn = step.make_loss_fn(loss.LossConfig("sequence", 8, kl_to_base=0.5))
+  train_step = step.make_train_step(graphdef, tx, shardings, mesh, loss_fn)
+  reference = jax.device_get(state.reference)
+  metrics = []
+  for i in range(steps):
+    rows = {k: np.asarray(v) for k, v in _batch(i, rows=8).items()}
+    state, m = train_step(state, sharding.global_batch(rows, mesh, micro_batches=micro_batches))
+    metrics.append(step.host_metrics(m))
+  # Frozen: the reference left the step as it came in, the parameters moved.
+  for a, b in zip(jax.tree.leaves(jax.device_get(state.reference)), jax.tree.leaves(reference)):
+    np.testing.assert_array_equal(a, b)
+  assert not np.array_equal(jax.tree.leaves(jax.device_get(state.params))[0],
+                            jax.tree.leaves(reference)[0])
+  return metrics, jax.device_get(state.params)
+
+
+def test_sharded_kl_steps_equal_single_device():
+  ref_metrics, ref_params = _train((1, 1, 1), micro_batches=1)
+  metrics, params_ = _train((2, 2, 2), micro_batches=2)
+  assert abs(ref_metrics[0]["kl"]) < 1e-6 < ref_metrics[-1]["kl"]  # model == base at step 0
+  for got, want in zip(metrics, ref_metrics):
+    for key in ("loss", "kl", "output_loss", "grad_norm"):
+      np.testing.assert_allclose(got[key], want[key], rtol=1e-5, atol=1e-6, err_msg=key)
+  for a, b in zip(jax.tree.leaves(params_), jax.tree.leaves(ref_params)):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_kl_settings_and_the_reference_model_enter_the_resume_key():
+  c = base.get_config()
+  off = experiment.resume_key(c)
+  assert "kl_to_base" not in off["loss"]  # off: the key of runs from before the KL term
+  c.loss.kl_type = "target_token"  # means nothing while off
+  assert experiment.resume_key(c) == off
+  c.loss.kl_to_base, c.loss.kl_type = 0.5, "full"
+  on = experiment.resume_key(c)
+  c.model.init_from = "hf:/models/other"
+  changed = loop.resume_mismatch({loop.RESUME_KEY: on},
+                                 {loop.RESUME_KEY: experiment.resume_key(c)})
+  assert changed == ["model.init_from: '' -> 'hf:/models/other'"]
+  assert "loss.kl_to_base: '(absent)' -> 0.5" in loop.resume_mismatch(
+      {loop.RESUME_KEY: off}, {loop.RESUME_KEY: on})
+
+
+def test_plan_compiles_the_reference_into_the_step_with_rows_split():
+  """`build_steps` (what the trainer runs and `im_jax.plan` compiles) holds the reference:
+  its memory is counted, sharded like the parameters, and its forward keeps rows split."""
+  c = base.get_config()
+  rows, seq_len = 24, 40
+  c.train.batch_size, c.eval.batch_size, c.data.max_seq_len = rows, rows, seq_len
+  c.loss.chunk_size, c.loss.kl_to_base = 16, 0.5
+  c.mesh.data, c.mesh.fsdp, c.mesh.tensor = 2, 2, 2
+  mesh = sharding.make_mesh(sharding.MeshConfig(2, 2, 2), jax.devices()[:8])
+  mcfg = analysis.model_config(c)
+  steps = experiment.build_steps(c, mcfg, mesh, updates=10)
+  batch = experiment.train_batch_shapes(c, mesh)
+  with jax.set_mesh(mesh):
+    compiled = steps.train_step.jitted.lower(steps.abstract_state, batch).compile()
+  memory = memory_lib.step_memory(compiled, steps.abstract_state, batch)
+  assert memory.reference == memory.params > 0
+  assert memory.arguments >= memory.params + memory.optimizer + memory.reference
+  # No activation of either forward holds every row (24 rows, 6 per device on data x fsdp).
+  hlo = compiled.as_text()
+  assert not re.findall(r"\w+\[(?:\d+,)*%d,%d(?:,\d+)*\]" % (rows, seq_len), hlo)
+  assert f"f32[6,{seq_len},{mcfg.hidden_size}]" in hlo
+  flops = [analysis.analytic_flops(mcfg, rows * seq_len, seq_len, reference=r)
+           for r in (False, True)]
+  assert flops[1] == pytest.approx(flops[0] * 8 / 6)

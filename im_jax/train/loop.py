@@ -178,6 +178,17 @@ class _Preemption:
     return bool(np.any(flags))
 
 
+def checkpointed(state: TrainState) -> dict[str, Any]:
+  """What a checkpoint holds: the state's fields but the frozen KL reference, which every
+  start re-derives from the starting model (experiment.build) rather than store a copy.
+
+  A dict, so runs with and without a reference, and checkpoints written before it existed,
+  share one layout.
+  """
+  return {f.name: getattr(state, f.name) for f in dataclasses.fields(state)
+          if f.name != "reference"}
+
+
 def abstract_like(state: Any) -> Any:
   """ShapeDtypeStructs with the current shardings: what a restore should produce."""
   return jax.tree.map(
@@ -217,11 +228,12 @@ def run(*, workdir: str, state: TrainState, train_step: Callable, mesh: jax.shar
   """
   store = CheckpointStore(workdir, config.checkpoint)
   iterator = iter(train_batches)
-  restored = store.restore_latest(abstract_like(state), data_iterator=iterator)
+  restored = store.restore_latest(abstract_like(checkpointed(state)), data_iterator=iterator)
   start = 0
   if restored is not None:
     check_same_run(restored.meta, meta, store.directory)
-    state, start = restored.state, restored.step  # the store reported damaged ones
+    # the store reported damaged ones
+    state, start = TrainState(**restored.state, reference=state.reference), restored.step
     log.info("resumed from checkpoint %d in %s", start, store.directory)
   own_logger = logger is None
   if own_logger:
@@ -239,7 +251,7 @@ def run(*, workdir: str, state: TrainState, train_step: Callable, mesh: jax.shar
     if not _all_finite(state.params):
       raise TrainingStopped(f"stopped at step {step}: the parameters are not finite; not saving "
                             f"them (the newest checkpoint is step {saved})")
-    return store.save(step, state, iterator.get_state(), meta, force=True)
+    return store.save(step, checkpointed(state), iterator.get_state(), meta, force=True)
 
   def run_eval() -> None:
     nonlocal last_eval

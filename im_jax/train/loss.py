@@ -19,6 +19,9 @@ same footing. Each group is reduced two ways:
                              examples that have any: the paper's held-out measure (its loss
                              script: batch size 1, one mean per example). It is the `sequence`
                              reduction with the group's tokens as weights.
+
+With the KL-to-base term (`LossConfig.kl_to_base`, train/kl.py) a per-token KL joins the
+numerator under the same weights and normalisation, and `kl` reports it alone.
 """
 
 import dataclasses

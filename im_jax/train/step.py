@@ -177,10 +177,10 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
   """`step(state, batch) -> (state, metrics)` for batches shaped [k, rows, T].
 
   k (the leading axis, see `sharding.global_batch`) is the number of accumulated
-  micro-batches. Metrics: loss, output_loss, instruction_loss, their token counts,
-  loss_denominator, grad_norm (before clipping), skipped (1.0 when non-finite gradients left
-  parameters and optimizer state untouched) and lr (when `schedule` is given: the schedule
-  of `tx`, counted in updates).
+  micro-batches. Metrics: loss, output_loss, instruction_loss, their token counts, kl (with
+  a reference model), loss_denominator, grad_norm (before clipping), skipped (1.0 when
+  non-finite gradients left parameters and optimizer state untouched) and lr (when
+  `schedule` is given: the schedule of `tx`, counted in updates).
   """
 
   def micro_grads(params, rest, reference, batch, rng):
