@@ -347,6 +347,10 @@ def test_plan_compiles_the_reference_into_the_step_with_rows_split():
   hlo = compiled.as_text()
   assert not re.findall(r"\w+\[(?:\d+,)*%d,%d(?:,\d+)*\]" % (rows, seq_len), hlo)
   assert f"f32[6,{seq_len},{mcfg.hidden_size}]" in hlo
+  # Logits of either model exist a chunk (16 positions) at a time, never for the whole row.
+  vocab = {mcfg.vocab_size, mcfg.vocab_size // 2}  # the tensor axis may split the vocabulary
+  logits = [(t, v) for t, v in re.findall(r"\[6,(\d+),(\d+)\]", hlo) if int(v) in vocab]
+  assert logits and {int(t) for t, _ in logits} == {16}, sorted(set(logits))
   flops = [analysis.analytic_flops(mcfg, rows * seq_len, seq_len, reference=r)
            for r in (False, True)]
   assert flops[1] == pytest.approx(flops[0] * 8 / 6)

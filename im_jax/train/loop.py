@@ -232,7 +232,7 @@ def run(*, workdir: str, state: TrainState, train_step: Callable, mesh: jax.shar
   start = 0
   if restored is not None:
     check_same_run(restored.meta, meta, store.directory)
-    # the store reported damaged ones
+    # (the store reported damaged ones) Checkpoints hold no KL reference: keep this start's.
     state, start = TrainState(**restored.state, reference=state.reference), restored.step
     log.info("resumed from checkpoint %d in %s", start, store.directory)
   own_logger = logger is None
