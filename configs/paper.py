@@ -11,6 +11,8 @@ METHOD:  it         IT: loss on output tokens only
          neftune    IT + NEFTune noise (alpha 5)
          im_neftune IM + NEFTune noise (alpha 5)
          im_release IM as the authors' code release computes it (loss on most template tokens)
+         it_kl      IT + beta * KL(model || base) per labelled token (the paper's KL baseline)
+         im_kl      IM + the same KL term
 MODEL:   llama2_7b | llama2_13b | smollm2_135m: need pretrained weights, given as an override:
            --config.model.init_from=hf:DIR (or a CKPT folder); the tokenizer comes from there.
          tiny: a random-init 2-layer model with a BPE tokenizer trained on the run's own data
@@ -32,6 +34,13 @@ Tulu template. Documented overrides:
   --config.data.eval_fraction=0   train on every example, as the paper did; by default 5% is
                                   held out (the same split for every method) so the output
                                   loss on unseen data can be compared (python -m im_jax.report).
+
+The KL baseline (it_kl, im_kl): the paper gives no beta; the authors' release defaults to
+`kl_penalty_ctl` 1.0 with `kl_penalty_type` full, which we take (`loss.kl_to_base=1.0`,
+`loss.kl_type=full`). The reference is the starting model (model.init_from), frozen, run in
+the same step: one more parameter copy per device and a forward pass, ~+33% FLOPs
+(python -m im_jax.plan shows both). `--config.loss.kl_type=target_token` needs beta < 1: its
+penalty log p(y) - log p_base(y) turns CE + beta KL into (1 - beta) CE + a constant.
 """
 
 import pathlib
@@ -47,13 +56,16 @@ DATASETS = {
     "dolly3k": "alpagasus_dolly_3k.jsonl",
     "alpaca5k": "alpagasus_alpaca_5k.jsonl",
 }
-# method -> (loss.mode, neftune_alpha)
+# method -> (loss.mode, neftune_alpha, loss.kl_to_base)
 METHODS = {
-    "it": ("it", 0.0),
-    "im": ("im", 0.0),
-    "neftune": ("it", 5.0),
-    "im_neftune": ("im", 5.0),
-    "im_release": ("im_release", 0.0),
+    "it": ("it", 0.0, 0.0),
+    "im": ("im", 0.0, 0.0),
+    "neftune": ("it", 5.0, 0.0),
+    "im_neftune": ("im", 5.0, 0.0),
+    "im_release": ("im_release", 0.0, 0.0),
+    # beta: the release's default kl_penalty_ctl (the paper states none)
+    "it_kl": ("it", 0.0, 1.0),
+    "im_kl": ("im", 0.0, 1.0),
 }
 MODELS = ("llama2_7b", "llama2_13b", "smollm2_135m", "tiny")
 LORA = "lora"
@@ -93,7 +105,8 @@ def get_config(args: str | None = None) -> ml_collections.ConfigDict:
   c.data.truncation = "right"
   c.data.packing = "none"  # the paper's layout: 128 examples per step (see the docstring)
   c.data.eval_fraction = 0.05
-  c.loss.mode, c.neftune_alpha = METHODS[method]
+  c.loss.mode, c.neftune_alpha, c.loss.kl_to_base = METHODS[method]
+  c.loss.kl_type = "full"  # the release's default kl_penalty_type
   # im_release reproduces the release, which keeps any example with a label; the others keep
   # the examples with an output token, so IT and IM train on the same examples.
   c.data.drop_rule = "no_weight" if method == "im_release" else "no_output"

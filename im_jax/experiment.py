@@ -32,14 +32,14 @@ from im_jax.eval import loss_eval
 from im_jax.models import lora as lora_lib
 from im_jax.models.llama import Llama, LlamaConfig
 from im_jax.settings import (SYNTHETIC, ConfigError, check, check_inputs,  # noqa: F401
-                             encode_config, lora_config, loop_config, model_options,
+                             encode_config, lora_config, loop_config, loss_config,
+                             model_options,
                              optim_config, pipeline_config, validate)
 from im_jax.train import loop as loop_lib
 from im_jax.train import memory as memory_lib
 from im_jax.train import optim as optim_lib
 from im_jax.train import sharding, step as step_lib
 from im_jax.train import workdir_lock
-from im_jax.train.loss import LossConfig
 
 log = logging.getLogger(__name__)
 
@@ -129,17 +129,19 @@ def build_steps(c: ml_collections.ConfigDict, mcfg: LlamaConfig, mesh: jax.shard
                 updates: int) -> Steps:
   """The train and eval steps of a run: what the trainer runs and `im_jax.plan` compiles.
 
-  `updates`: the optimizer updates the learning-rate schedule spans.
+  `updates`: the optimizer updates the learning-rate schedule spans. With `loss.kl_to_base`
+  > 0 the state holds the frozen reference model, so the plan counts its memory.
   """
   model_fn = lambda: Llama(mcfg, rngs=nnx.Rngs(c.train.seed))
   tx, schedule = optimizer_for(c, updates)
-  graphdef, abstract_state, shardings = step_lib.train_state_shardings(model_fn, tx, mesh)
-  loss_config = LossConfig(c.loss.normalization, c.loss.chunk_size)
-  loss_fn = step_lib.make_loss_fn(loss_config, neftune_alpha=c.neftune_alpha)
+  losses = loss_config(c)
+  graphdef, abstract_state, shardings = step_lib.train_state_shardings(
+      model_fn, tx, mesh, reference=losses.kl_to_base > 0)
+  loss_fn = step_lib.make_loss_fn(losses, neftune_alpha=c.neftune_alpha)
   train_step = step_lib.make_train_step(graphdef, tx, shardings, mesh, loss_fn, schedule=schedule)
   # Held-out eval shares `python -m im_jax.eval loss`'s loss function and reduction.
   eval_step = step_lib.make_eval_step(graphdef, shardings, mesh,
-                                      loss_eval.make_eval_loss_fn(loss_config))
+                                      loss_eval.make_eval_loss_fn(losses))
   return Steps(model_fn, tx, graphdef, abstract_state, shardings, train_step, eval_step)
 
 
@@ -281,7 +283,8 @@ def build(c: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> Experime
 
   mcfg = model_config(c, data.vocab_size, pretrained.config if pretrained else None)
   steps = build_steps(c, mcfg, mesh, data.updates)
-  state = step_lib.init_train_state(steps.model_fn, steps.tx, steps.shardings, mesh,
+  state = step_lib.init_train_state(steps.model_fn, steps.tx,
+                                    steps.shardings.replace(reference=None), mesh,
                                     seed=c.train.seed)
   if pretrained is not None:
     # Adam's moments start at zero whatever the parameters are, so only these change; with
@@ -290,6 +293,11 @@ def build(c: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> Experime
     state = (state.replace(frozen=weights) if mcfg.lora.enabled else
              state.replace(params=weights))
     del pretrained, weights
+  if steps.shardings.reference is not None:
+    # The KL's base model: the starting parameters, copied before any update. Every start
+    # (a resume too) has them here already (init_from is read, or the seed re-initialises),
+    # so checkpoints do not store it (train/loop.py) and resume_key pins init_from.
+    state = step_lib.set_reference(state, steps.shardings, mesh)
   graphdef, train_step, eval_step = steps.graphdef, steps.train_step, steps.eval_step
   meta = {"config": c.to_dict(), "model_config": mcfg.to_dict(),
           "tokenizer_dir": str(tokenizer_dir.absolute()), "template": c.data.template,
@@ -325,13 +333,19 @@ def _write_atomic(path: pathlib.Path, text: str) -> None:
 def resume_key(c: ml_collections.ConfigDict) -> dict[str, Any]:
   """The settings a resumed run must share with the run that wrote the checkpoints.
 
-  Data, loss, optimiser, schedule and model numerics; logging, evaluation, checkpointing and
-  the mesh shape (restores re-shard) may change between the two.
+  Data, loss, optimiser, schedule and model numerics (and, with the KL term, the starting
+  model it is measured against); logging, evaluation, checkpointing and the mesh shape
+  (restores re-shard) may change between the two.
   """
   data = {k: v for k, v in c.data.to_dict().items() if k != "read_threads"}
   train = {k: v for k, v in c.train.to_dict().items() if k != "log_every"}
   model = {k: c.model[k] for k in ("preset", "param_dtype", "compute_dtype", "scan_layers")}
   if c.model.lora.rank > 0:  # only then: full fine-tuning runs keep the keys they had
     model.update(lora=c.model.lora.to_dict(), init_from=absolute_spec(c.model.init_from))
-  return {"data": data, "loss": c.loss.to_dict(), "optim": c.optim.to_dict(), "train": train,
+  loss = c.loss.to_dict()
+  if c.loss.kl_to_base > 0:  # the reference is re-read from init_from on resume
+    model["init_from"] = c.model.init_from
+  else:  # off, kl_type means nothing; absent, workdirs from before these keys still resume
+    del loss["kl_to_base"], loss["kl_type"]
+  return {"data": data, "loss": loss, "optim": c.optim.to_dict(), "train": train,
           "model": model, "neftune_alpha": c.neftune_alpha}

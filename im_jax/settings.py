@@ -258,14 +258,24 @@ def validate(c: ml_collections.ConfigDict, num_devices: int, process_count: int)
   check(not lora.enabled or bool(c.model.init_from),
          f"model.lora.rank={lora.rank} needs model.init_from: adapters train on a pretrained base")
   _typed(_section_keys(c, "data") + _section_keys(c, "loss"), lambda: encode_config(c))
-  _typed(["loss.normalization", "loss.chunk_size"],
-         lambda: LossConfig(c.loss.normalization, c.loss.chunk_size))
+  _typed(["loss.normalization", "loss.chunk_size", "loss.kl_to_base", "loss.kl_type"],
+         lambda: loss_config(c))
+  # With LoRA the KL's reference would be the model with adapters off (models/lora.py's
+  # `disabled`), not a copy; that path is not built yet.
+  check(not (lora.enabled and c.loss.kl_to_base > 0),
+        "loss.kl_to_base > 0 with model.lora.rank > 0 is not supported yet: train the KL "
+        "baseline with full fine-tuning")
   _typed(_section_keys(c, "optim"), lambda: optim_config(c))
   _typed(_section_keys(c, "data"), lambda: pipeline_config(c, rows=1, epochs=1, shuffle=True))
   _typed(_section_keys(c, "checkpoint"), lambda: checkpoint_config(c))
   _typed(_section_keys(c, "log"), lambda: wandb_config(c))
   _typed(["train.max_steps", "train.grad_accum", "train.log_every", "eval.every_steps",
           "train.max_consecutive_skips"], lambda: loop_config(c, total_steps=1))
+
+
+def loss_config(c: ml_collections.ConfigDict) -> LossConfig:
+  return LossConfig(c.loss.normalization, c.loss.chunk_size, c.loss.kl_to_base,
+                    c.loss.kl_type)
 
 
 def pipeline_config(c: ml_collections.ConfigDict, rows: int, epochs: int,

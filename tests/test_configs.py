@@ -77,9 +77,12 @@ def test_every_paper_combination_validates(model):
     c = paper.get_config(f"{dataset},{method},{model}")
     experiment.validate(c, num_devices=DEVICES, process_count=1)
     experiment.validate(c, num_devices=1, process_count=1)
-    mode, alpha = {"it": ("it", 0), "im": ("im", 0), "neftune": ("it", 5),
-                   "im_neftune": ("im", 5), "im_release": ("im_release", 0)}[method]
-    assert (c.loss.mode, c.neftune_alpha) == (mode, alpha), (dataset, method)
+    mode, alpha, beta = {"it": ("it", 0, 0), "im": ("im", 0, 0), "neftune": ("it", 5, 0),
+                         "im_neftune": ("im", 5, 0), "im_release": ("im_release", 0, 0),
+                         "it_kl": ("it", 0, 1), "im_kl": ("im", 0, 1)}[method]
+    assert (c.loss.mode, c.neftune_alpha, c.loss.kl_to_base) == (mode, alpha, beta), (
+        dataset, method)
+    assert c.loss.kl_type == "full"
     assert c.loss.instruction_weight == 1.0
     assert c.loss.normalization == "sequence" and c.data.template == "tulu"
     assert pathlib.Path(c.data.train).is_file() or not paper.SHARED_DATA.is_dir()
@@ -213,6 +216,8 @@ def test_every_tiny_combination_trains_two_steps(shared_data_dir, tmp_path):
       records = read_metrics(workdir)
       assert [r["step"] for r in records] == [1, 2]
       first[method] = records[0]
+      if paper.METHODS[method][2] > 0:  # after one update the model has left its reference
+        assert records[1]["kl"] > 0, (dataset, method)
       assert json.loads((workdir / "config.json").read_text())["loss"]["mode"] == \
           paper.METHODS[method][0]
 
@@ -229,6 +234,7 @@ def test_every_tiny_combination_trains_two_steps(shared_data_dir, tmp_path):
       # Eq. 4 leaves template tokens out; the authors' release does not.
       assert (w[TokenKind.TEMPLATE] > 0) == (method == "im_release"), where + method
     assert weights["neftune"] == weights["it"] and weights["im_neftune"] == weights["im"]
+    assert weights["it_kl"] == weights["it"] and weights["im_kl"] == weights["im"]
 
     # Same data and initial parameters: the first step's (unweighted) output loss is the same
     # for every loss mode, and the trained loss differs; NEFTune noise changes it.
@@ -237,5 +243,9 @@ def test_every_tiny_combination_trains_two_steps(shared_data_dir, tmp_path):
     assert out["im_release"] == pytest.approx(out["it"], rel=1e-5), where + str(out)
     assert out["im_neftune"] == pytest.approx(out["neftune"], rel=1e-5), where + str(out)
     assert out["neftune"] != pytest.approx(out["it"], rel=1e-6), where + str(out)
+    # The KL runs start at their reference: the first step's KL is 0 and its loss the CE's.
+    for kl_method, plain in (("it_kl", "it"), ("im_kl", "im")):
+      assert abs(first[kl_method]["kl"]) < 1e-6 and "kl" not in first[plain], where + kl_method
+      assert first[kl_method]["loss"] == pytest.approx(first[plain]["loss"], rel=1e-5), where
     assert first["im"]["loss"] != pytest.approx(first["it"]["loss"], rel=1e-6), where
     assert first["it"]["instruction_tokens"] == first["im"]["instruction_tokens"] > 0, where

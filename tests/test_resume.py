@@ -1,5 +1,6 @@
 """Exact resume: a run killed (SIGKILL) or preempted (SIGTERM) and restarted in its workdir
-gives the same per-step losses and bit-identical parameters as an uninterrupted run."""
+gives the same per-step losses and bit-identical parameters as an uninterrupted run; also with
+the KL-to-base term, whose frozen reference is re-derived at the restart, not restored."""
 
 import os
 import pathlib
@@ -18,6 +19,7 @@ from tests import fixtures_lib
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 STEPS = 24
+KL = ("--config.loss.kl_to_base=0.5",)
 
 
 @pytest.fixture(scope="module")
@@ -70,8 +72,8 @@ def _start_and_signal(workdir, tokenizer_dir, sig, *extra, after_checkpoint=4):
   return proc.returncode, err
 
 
-def _losses(workdir):
-  return {r["step"]: r["loss"] for r in read_metrics(workdir) if "loss" in r}
+def _losses(workdir, key="loss"):
+  return {r["step"]: r[key] for r in read_metrics(workdir) if key in r}
 
 
 def _final_params(workdir):
@@ -92,14 +94,24 @@ def _flatten(tree, prefix=""):
 
 @pytest.fixture(scope="module")
 def uninterrupted(tmp_path_factory, tokenizer_dir):
-  workdir = tmp_path_factory.mktemp("uninterrupted")
-  _run(workdir, tokenizer_dir)
-  return workdir
+  """extra args -> the workdir of an uninterrupted run with them (each run once)."""
+  runs = {}
+
+  def get(extra):
+    if extra not in runs:
+      runs[extra] = tmp_path_factory.mktemp("uninterrupted")
+      _run(runs[extra], tokenizer_dir, *extra)
+    return runs[extra]
+
+  return get
 
 
-@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM], ids=["sigkill", "sigterm"])
-def test_interrupted_run_resumes_exactly(tmp_path, tokenizer_dir, uninterrupted, sig):
-  code, err = _start_and_signal(tmp_path, tokenizer_dir, sig)
+@pytest.mark.parametrize("sig, extra", [(signal.SIGKILL, ()), (signal.SIGTERM, ()),
+                                        (signal.SIGKILL, KL)],
+                         ids=["sigkill", "sigterm", "sigkill_kl"])
+def test_interrupted_run_resumes_exactly(tmp_path, tokenizer_dir, uninterrupted, sig, extra):
+  uninterrupted = uninterrupted(extra)
+  code, err = _start_and_signal(tmp_path, tokenizer_dir, sig, *extra)
   if sig == signal.SIGKILL:
     assert code == -signal.SIGKILL
   else:
@@ -109,11 +121,14 @@ def test_interrupted_run_resumes_exactly(tmp_path, tokenizer_dir, uninterrupted,
   assert interrupted_at < STEPS, "the run finished before the signal: nothing was tested"
   assert max(_losses(tmp_path)) < STEPS
 
-  resumed = _run(tmp_path, tokenizer_dir)
+  resumed = _run(tmp_path, tokenizer_dir, *extra)
   assert "resumed from checkpoint" in resumed.stderr
   expected = _losses(uninterrupted)
   assert sorted(expected) == list(range(1, STEPS + 1))
   assert _losses(tmp_path) == expected  # exact float equality, every step
+  kl = _losses(uninterrupted, "kl")
+  assert bool(kl) == bool(extra) and (not kl or max(kl.values()) > 1e-3)  # really on
+  assert _losses(tmp_path, "kl") == kl
   want, got = _final_params(uninterrupted), _final_params(tmp_path)
   assert want.keys() == got.keys() and want
   for name in want:

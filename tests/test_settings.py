@@ -54,6 +54,8 @@ WRONG = {
     "loss.normalization": ["batch"],
     "loss.assistant_turns": ["first"],
     "loss.chunk_size": [-1],
+    "loss.kl_to_base": [-0.5, float("nan"), "strong"],
+    "loss.kl_type": ["reverse", ""],
     "optim.lr": [-1.0, float("nan"), "fast"],
     "optim.warmup_ratio": [1.0, -0.5],
     "optim.decay": ["step"],
@@ -143,6 +145,15 @@ def test_combinations_are_refused():
   c = _good()
   c.train.max_steps, c.train.epochs = 0, 0
   with pytest.raises(settings.ConfigError, match="train.max_steps > 0 or train.epochs > 0"):
+    _check_all(c, pathlib.Path("unused"))
+  c = _good()
+  c.loss.kl_to_base, c.loss.kl_type = 1.0, "target_token"  # (1 - beta) CE: nothing to train
+  with pytest.raises(settings.ConfigError,
+                     match=r"^loss.kl_to_base=1.0 with kl_type=target_token leaves"):
+    _check_all(c, pathlib.Path("unused"))
+  c = _good()
+  c.loss.kl_to_base, c.model.lora.rank, c.model.init_from = 0.5, 8, str(ROOT)
+  with pytest.raises(settings.ConfigError, match=r"^loss.kl_to_base > 0 with model.lora.rank"):
     _check_all(c, pathlib.Path("unused"))
 
 

@@ -35,6 +35,7 @@ from im_jax.data import templates
 from im_jax.data import weights as weights_lib
 from im_jax.data.conversation import Conversation
 from im_jax.data.kinds import TokenKind, kind_name
+from im_jax.train import kl as kl_lib
 from im_jax.train import loop as loop_lib
 from im_jax.train import loss as loss_lib
 from im_jax.train import sharding
@@ -55,16 +56,21 @@ def kind_sums(ce: jax.Array, batch: loss_lib.Batch) -> loss_lib.LossSums:
 
 def make_eval_loss_fn(config: loss_lib.LossConfig = loss_lib.LossConfig()) -> step_lib.LossFn:
   """A `step.LossFn` for evaluation: `train.loss` sums under `config.normalization` (the
-  run's objective), under both normalisations, per kind, and the number of examples."""
+  run's objective, with its KL term when `config.kl_to_base` > 0: then also `kl`), under
+  both normalisations, per kind, and the number of examples."""
 
-  def loss_fn(model: nnx.Module, batch: loss_lib.Batch, rng: jax.Array | None
-              ) -> loss_lib.LossSums:
+  def loss_fn(model: nnx.Module, batch: loss_lib.Batch, rng: jax.Array | None,
+              reference: nnx.Module | None = None) -> loss_lib.LossSums:
     del rng  # evaluation: no NEFTune noise
     hidden = model.hidden_states(model.embed(batch["tokens"]), batch["positions"],
                                  batch["segment_ids"])
-    ce = loss_lib.chunked_cross_entropy(hidden, model.output_embedding(), batch["targets"],
-                                        config.chunk_size)
-    sums = loss_lib.loss_sums(ce, batch, config.normalization)
+    if config.kl_to_base > 0:
+      ce, kl = kl_lib.ce_and_kl(model, hidden, reference, batch, config)
+      sums = loss_lib.loss_sums(ce, batch, config.normalization, kl, config.kl_to_base)
+    else:
+      ce = loss_lib.chunked_cross_entropy(hidden, model.output_embedding(), batch["targets"],
+                                          config.chunk_size)
+      sums = loss_lib.loss_sums(ce, batch, config.normalization)
     for norm in ("token", "sequence"):
       other = loss_lib.loss_sums(ce, batch, norm)
       sums[f"{norm}_numerator"] = other[loss_lib.NUMERATOR]

@@ -50,16 +50,20 @@ def _print_plan(p, label: str) -> None:
   if p.memory is not None:
     m = p.memory
     for name, key in (("parameters", "params"), ("optimizer state", "optimizer"),
+                      ("KL reference", "reference"),
                       ("batch", "batch"), ("temporaries", "temporaries"), ("code", "code"),
                       ("total", "total")):
-      print(f"  {name:<18}{_gib(m[key]):>9}")
+      if key != "reference" or m[key]:  # only runs with loss.kl_to_base > 0 hold one
+        print(f"  {name:<18}{_gib(m[key]):>9}")
   else:
     print(f"  the compiler refused the step: {p.out_of_memory}")
   if p.usable_hbm:
     print(f"  {'usable HBM':<18}{_gib(p.usable_hbm):>9}   (the TPU compiler's limit)")
   flops = ("-" if p.compiler_flops_per_device is None
            else f"{p.compiler_flops_per_device * p.devices:.3e}")
-  print(f"FLOPs per step: 6*N*tokens + causal attention {p.analytic_flops_per_step:.3e}; "
+  reference = " + the KL reference's forward (x 8/6)" if p.kl_reference else ""
+  print(f"FLOPs per step: 6*N*tokens + causal attention{reference} "
+        f"{p.analytic_flops_per_step:.3e}; "
         f"compiler {flops} (all devices; XLA counts a loop body once, so scanned layers and "
         "accumulated micro-batches are counted once: --config.model.scan_layers=false "
         "--config.train.grad_accum=1 gives the full count; Pallas kernels are not counted)")

@@ -47,6 +47,7 @@ class Plan:
   analytic_flops_per_step: float
   peak_flops_per_device: float | None
   out_of_memory: str | None = None  # the compiler's refusal, when it does not fit
+  kl_reference: bool = False  # loss.kl_to_base > 0: a frozen reference model in the step
 
   @property
   def needed(self) -> int | None:
@@ -92,15 +93,18 @@ class Plan:
     return d
 
 
-def analytic_flops(config: LlamaConfig, tokens: int, seq_len: int) -> float:
+def analytic_flops(config: LlamaConfig, tokens: int, seq_len: int,
+                   reference: bool = False) -> float:
   """6 N per token for the matmul weights (the input embedding is a lookup, not a matmul,
   unless tied to the output) plus causal attention, 6 L H hd T per token (half the score
-  matrix; packed rows need less still). Remat's recomputation is not useful work: excluded."""
+  matrix; packed rows need less still). Remat's recomputation is not useful work: excluded.
+  `reference`: a KL reference model's forward pass adds a third (2 of the 6)."""
   n = num_params(config)
   if not config.tie_word_embeddings:
     n -= config.vocab_size * config.hidden_size
   attention = 6 * config.num_layers * config.num_heads * config.head_dim * seq_len
-  return float(tokens) * (6 * n + attention)
+  passes = 8 if reference else 6  # forward 2, backward 4; the reference forward 2 more
+  return float(tokens) * (6 * n + attention) * passes / 6
 
 
 def model_config(c: ml_collections.ConfigDict) -> LlamaConfig:
@@ -136,7 +140,9 @@ def plan(c: ml_collections.ConfigDict, topology: topo_lib.Topology) -> Plan:
       grad_accum=c.train.grad_accum, tokens_per_step=tokens, memory=None,
       usable_hbm=int(chip.usable_hbm_gib * GiB) if chip else None,
       compiler_flops_per_device=None,
-      analytic_flops_per_step=analytic_flops(mcfg, tokens, c.data.max_seq_len),
+      analytic_flops_per_step=analytic_flops(mcfg, tokens, c.data.max_seq_len,
+                                             reference=c.loss.kl_to_base > 0),
+      kl_reference=c.loss.kl_to_base > 0,
       peak_flops_per_device=chip.peak_bf16_tflops * 1e12 if chip else None)
   try:
     with jax.set_mesh(mesh):

@@ -180,6 +180,17 @@ class _Preemption:
     return bool(np.any(flags))
 
 
+def checkpointed(state: TrainState) -> dict[str, Any]:
+  """What a checkpoint holds: the state's fields but the frozen KL reference, which every
+  start re-derives from the starting model (experiment.build) rather than store a copy.
+
+  A dict, so runs with and without a reference, and checkpoints written before it existed,
+  share one layout.
+  """
+  return {f.name: getattr(state, f.name) for f in dataclasses.fields(state)
+          if f.name != "reference"}
+
+
 def abstract_like(state: Any) -> Any:
   """ShapeDtypeStructs with the current shardings: what a restore should produce."""
   return jax.tree.map(
@@ -223,8 +234,9 @@ def run(*, workdir: str, state: TrainState, train_step: Callable, mesh: jax.shar
   start = 0
   if restored is not None:
     check_same_run(restored.meta, meta, store.directory)
-    # `frozen` (LoRA's base weights) is not in checkpoints: the run loaded it from its base.
-    state, start = state.replace(**restored.state), restored.step  # damaged ones reported
+    # Checkpoints hold neither `frozen` (LoRA's base weights) nor the KL reference: this start
+    # loaded both from model.init_from (the store reported damaged checkpoints).
+    state, start = state.replace(**restored.state), restored.step
     log.info("resumed from checkpoint %d in %s", start, store.directory)
   own_logger = logger is None
   if own_logger:

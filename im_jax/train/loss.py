@@ -19,10 +19,14 @@ same footing. Each group is reduced two ways:
                              examples that have any: the paper's held-out measure (its loss
                              script: batch size 1, one mean per example). It is the `sequence`
                              reduction with the group's tokens as weights.
+
+With the KL-to-base term (`LossConfig.kl_to_base`, train/kl.py) a per-token KL joins the
+numerator under the same weights and normalisation, and `kl` reports it alone.
 """
 
 import dataclasses
 import functools
+import math
 from typing import Literal, Mapping
 
 import jax
@@ -32,12 +36,15 @@ from im_jax.data.kinds import INSTRUCTION_KINDS, OUTPUT_KINDS
 from im_jax.models import partitioning as act
 
 Normalization = Literal["token", "sequence"]
+KLType = Literal["full", "target_token"]  # see train/kl.py
+KL_TYPES = ("full", "target_token")
 Batch = Mapping[str, jax.Array]
 LossSums = dict[str, jax.Array]
 
 # Keys of the sums every loss function returns; the step sums them over micro-batches.
 NUMERATOR = "numerator"
 DENOMINATOR = "denominator"
+KL_NUMERATOR = "kl_numerator"  # only with a KL term: its part of NUMERATOR, before beta
 METRIC_SUM_KEYS = ("output_ce_sum", "output_tokens", "instruction_ce_sum", "instruction_tokens",
                    "output_example_mean_sum", "output_examples",
                    "instruction_example_mean_sum", "instruction_examples")
@@ -51,6 +58,10 @@ class LossConfig:
   # Sequence positions per cross-entropy chunk; 0 computes full [B, T, V] logits at once.
   # With chunking only [B, chunk, V] logits exist at a time (forward and backward).
   chunk_size: int = 0
+  # beta of the KL-to-base term (train/kl.py): each token's loss is CE + beta * KL, weighted
+  # and normalised as the CE alone is; 0 = off (no reference model at all).
+  kl_to_base: float = 0.0
+  kl_type: KLType = "full"  # full: KL over the vocabulary | target_token: log p - log p_base
 
   def __post_init__(self):
     if self.normalization not in ("token", "sequence"):
@@ -58,15 +69,23 @@ class LossConfig:
                        f"{self.normalization!r}")
     if self.chunk_size < 0:
       raise ValueError(f"loss chunk_size must be >= 0, got {self.chunk_size}")
+    if not (math.isfinite(self.kl_to_base) and self.kl_to_base >= 0):
+      raise ValueError(f"kl_to_base must be a finite number >= 0, got {self.kl_to_base}")
+    if self.kl_type not in KL_TYPES:
+      raise ValueError(f"kl_type must be one of {', '.join(KL_TYPES)}, got {self.kl_type!r}")
+    if self.kl_type == "target_token" and self.kl_to_base >= 1:
+      # CE_t + beta (log p(y_t) - log p_base(y_t)) = (1 - beta) CE_t + a constant.
+      raise ValueError(f"kl_to_base={self.kl_to_base} with kl_type=target_token leaves "
+                       "(1 - beta) x the cross-entropy to train on: use beta < 1 or kl_type=full")
 
 
 def cross_entropy(logits: jax.Array, targets: jax.Array) -> jax.Array:
   """Per-token CE in float32: [..., V] logits, [...] int targets -> [...]."""
   logits = logits.astype(jnp.float32)
-  return jax.nn.logsumexp(logits, axis=-1) - _target_logit(logits, targets)
+  return jax.nn.logsumexp(logits, axis=-1) - target_logit(logits, targets)
 
 
-def _target_logit(logits: jax.Array, targets: jax.Array) -> jax.Array:
+def target_logit(logits: jax.Array, targets: jax.Array) -> jax.Array:
   # A one-hot contraction rather than a gather: XLA fuses it into the reduction and it
   # partitions cleanly when the vocabulary axis is sharded.
   one_hot = jax.nn.one_hot(targets, logits.shape[-1], dtype=logits.dtype)
@@ -90,22 +109,31 @@ def chunked_cross_entropy(hidden: jax.Array, output_embedding: jax.Array, target
   bounding memory for 128k vocabularies this does fewer passes over the logits than autodiff
   of `cross_entropy`, which it equals (tested).
   """
-  batch, length, _ = hidden.shape
-  chunk = length if chunk_size <= 0 else min(chunk_size, length)
-  pad = -length % chunk  # padded positions are computed, then dropped
-  if pad:
-    hidden = jnp.pad(hidden, ((0, 0), (0, pad), (0, 0)))
-    targets = jnp.pad(targets, ((0, 0), (0, pad)))
-  ce = _fused_ce(hidden, output_embedding, targets, (length + pad) // chunk)
+  length = hidden.shape[1]
+  n, (hidden, targets) = pad_to_chunks(chunk_size, hidden, targets)
+  ce = _fused_ce(hidden, output_embedding, targets, n)
   return ce[:, :length]
 
 
-def _to_chunks(x: jax.Array, n: int) -> jax.Array:
+def pad_to_chunks(chunk_size: int, *xs: jax.Array) -> tuple[int, list[jax.Array]]:
+  """(number of chunks, `xs` [B, T, ...] padded on T to a multiple of the chunk length).
+
+  `chunk_size` <= 0: one chunk. Padded positions are computed, then dropped by the caller.
+  """
+  length = xs[0].shape[1]
+  chunk = length if chunk_size <= 0 else min(chunk_size, length)
+  pad = -length % chunk
+  if pad:
+    xs = [jnp.pad(x, ((0, 0), (0, pad)) + ((0, 0),) * (x.ndim - 2)) for x in xs]
+  return (length + pad) // chunk, list(xs)
+
+
+def to_chunks(x: jax.Array, n: int) -> jax.Array:
   """[B, T, ...] -> [n, B, T / n, ...] (the scan axis first)."""
   return x.reshape(x.shape[0], n, x.shape[1] // n, *x.shape[2:]).swapaxes(0, 1)
 
 
-def _from_chunks(x: jax.Array) -> jax.Array:
+def from_chunks(x: jax.Array) -> jax.Array:
   return x.swapaxes(0, 1).reshape(x.shape[1], -1, *x.shape[3:])
 
 
@@ -119,10 +147,10 @@ def _fused_ce_fwd(hidden, w, targets, n):
     h, t = xs
     logits = project_logits(h, w)
     log_z = jax.nn.logsumexp(logits, axis=-1)
-    return carry, (log_z - _target_logit(logits, t), log_z)
+    return carry, (log_z - target_logit(logits, t), log_z)
 
-  _, (ce, log_z) = jax.lax.scan(body, None, (_to_chunks(hidden, n), _to_chunks(targets, n)))
-  return _from_chunks(ce), (hidden, w, targets, log_z)
+  _, (ce, log_z) = jax.lax.scan(body, None, (to_chunks(hidden, n), to_chunks(targets, n)))
+  return from_chunks(ce), (hidden, w, targets, log_z)
 
 
 def _fused_ce_bwd(n, residuals, g):
@@ -138,9 +166,9 @@ def _fused_ce_bwd(n, residuals, g):
     dw = dw + jnp.einsum("bcd,bcv->dv", h, dlogits, preferred_element_type=jnp.float32)
     return dw, dh.astype(hidden.dtype)
 
-  xs = (_to_chunks(hidden, n), _to_chunks(targets, n), log_z, _to_chunks(g, n))
+  xs = (to_chunks(hidden, n), to_chunks(targets, n), log_z, to_chunks(g, n))
   dw, dh = jax.lax.scan(body, jnp.zeros(w.shape, jnp.float32), xs)
-  return _from_chunks(dh), dw.astype(w.dtype), None
+  return from_chunks(dh), dw.astype(w.dtype), None
 
 
 _fused_ce.defvjp(_fused_ce_fwd, _fused_ce_bwd)
@@ -164,23 +192,27 @@ def _kind_mask(kinds: jax.Array, group: tuple[int, ...]) -> jax.Array:
   return mask
 
 
-def loss_sums(ce: jax.Array, batch: Batch, normalization: Normalization) -> LossSums:
-  """Reduces per-token CE [B, T] to the numerator, denominator and metric sums."""
+def loss_sums(ce: jax.Array, batch: Batch, normalization: Normalization,
+              kl: jax.Array | None = None, kl_to_base: float = 0.0) -> LossSums:
+  """Reduces per-token CE [B, T] to the numerator, denominator and metric sums.
+
+  With a per-token `kl` [B, T] (train/kl.py) the numerator is that of CE + kl_to_base * KL:
+  the KL weighted and normalised as the CE (the same denominator); KL_NUMERATOR holds its
+  own numerator for the `kl` metric.
+  """
   ce = ce.astype(jnp.float32)
   weights = batch["loss_weights"].astype(jnp.float32)
   segments = batch["segment_ids"]
   # The contract puts no weight on padding; zero it anyway so a stray weight cannot leak.
   weights = jnp.where(segments > 0, weights, 0.0)
-  weighted = weights * ce
-  if normalization == "token":
-    numerator, denominator = jnp.sum(weighted), jnp.sum(weights)
-  elif normalization == "sequence":
-    numerator, denominator = per_example_means(ce, weights, segments)
-  else:
-    raise ValueError(f"unknown loss normalization {normalization!r}")
+  numerator, denominator = _normalized(ce, weights, segments, normalization)
   kinds = batch["target_kinds"]
   real = segments > 0
   sums = {NUMERATOR: numerator, DENOMINATOR: denominator}
+  if kl is not None:
+    sums[KL_NUMERATOR] = _normalized(kl.astype(jnp.float32), weights, segments,
+                                     normalization)[0]
+    sums[NUMERATOR] = numerator + kl_to_base * sums[KL_NUMERATOR]
   for group, kinds_of_group in (("output", OUTPUT_KINDS), ("instruction", INSTRUCTION_KINDS)):
     mask = _kind_mask(kinds, kinds_of_group) & real
     sums[f"{group}_ce_sum"] = jnp.sum(jnp.where(mask, ce, 0.0))
@@ -188,6 +220,16 @@ def loss_sums(ce: jax.Array, batch: Batch, normalization: Normalization) -> Loss
     means, examples = per_example_means(ce, mask.astype(jnp.float32), segments)
     sums[f"{group}_example_mean_sum"], sums[f"{group}_examples"] = means, examples
   return sums
+
+
+def _normalized(values: jax.Array, weights: jax.Array, segments: jax.Array,
+                normalization: Normalization) -> tuple[jax.Array, jax.Array]:
+  """(numerator, denominator) of per-token `values` under `normalization`."""
+  if normalization == "token":
+    return jnp.sum(weights * values), jnp.sum(weights)
+  if normalization == "sequence":
+    return per_example_means(values, weights, segments)
+  raise ValueError(f"unknown loss normalization {normalization!r}")
 
 
 def per_example_means(ce: jax.Array, weights: jax.Array, segments: jax.Array
@@ -210,7 +252,7 @@ def finalize(sums: Mapping[str, jax.Array]) -> dict[str, jax.Array]:
   def ratio(num, den):
     return jnp.where(den > 0, num / jnp.maximum(den, 1e-30), 0.0)
 
-  return {
+  out = {
       "loss": ratio(sums[NUMERATOR], sums[DENOMINATOR]),
       "loss_denominator": sums[DENOMINATOR],
       "output_loss": ratio(sums["output_ce_sum"], sums["output_tokens"]),
@@ -224,3 +266,6 @@ def finalize(sums: Mapping[str, jax.Array]) -> dict[str, jax.Array]:
                                             sums["instruction_examples"]),
       "instruction_examples": sums["instruction_examples"],
   }
+  if KL_NUMERATOR in sums:  # `loss` is then CE + beta * KL; `kl` the KL alone, same weights
+    out["kl"] = ratio(sums[KL_NUMERATOR], sums[DENOMINATOR])
+  return out

@@ -38,6 +38,7 @@ class StepMemory:
 
   params: int
   optimizer: int
+  reference: int  # the frozen KL reference model (loss.kl_to_base > 0), else 0
   batch: int
   arguments: int  # state + batch, as the compiler counts them
   outputs: int
@@ -58,6 +59,7 @@ def step_memory(compiled: Any, state: Any, batch: Any) -> StepMemory:
   m = compiled.memory_analysis()
   return StepMemory(
       params=shard_bytes((state.params, state.frozen)), optimizer=shard_bytes(state.opt_state),
+      reference=shard_bytes(getattr(state, "reference", None)),
       batch=shard_bytes(batch), arguments=int(m.argument_size_in_bytes),
       outputs=int(m.output_size_in_bytes), aliased=int(m.alias_size_in_bytes),
       temporaries=int(m.temp_size_in_bytes), code=int(m.generated_code_size_in_bytes))
@@ -73,7 +75,8 @@ def device_memory_limit(device: jax.Device) -> int | None:
 
 
 def describe(mem: StepMemory, limit: int | None) -> str:
-  parts = (f"params {mem.params / GiB:.2f}, optimizer {mem.optimizer / GiB:.2f}, "
+  reference = f"reference {mem.reference / GiB:.2f}, " if mem.reference else ""
+  parts = (f"params {mem.params / GiB:.2f}, optimizer {mem.optimizer / GiB:.2f}, {reference}"
            f"temporaries {mem.temporaries / GiB:.2f}, batch {mem.batch / GiB:.3f}")
   of = f" of {limit / GiB:.2f} GiB ({mem.total / limit:.0%})" if limit else ""
   return f"compiled train step: {mem.total / GiB:.2f} GiB per device{of} ({parts} GiB)"

@@ -9,6 +9,10 @@ the denominator, the metric sums and the gradient of the numerator over its k mi
 then divides once (d(sum num / sum den) = sum d num / sum den, as the denominator does not
 depend on the parameters).
 
+With `loss.kl_to_base` > 0 the state also holds `reference`: the starting parameters, frozen
+(no gradient, no optimizer state, sharded like the parameters), which the loss function gets
+as a second model of the same graph (train/kl.py). None otherwise.
+
 Typical use:
 
     mesh = sharding.make_mesh(sharding.MeshConfig(data=1, fsdp=-1, tensor=1))
@@ -33,13 +37,15 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from im_jax.models import lora, partitioning
+from im_jax.train import kl as kl_lib
 from im_jax.train import neftune, optim, sharding
 from im_jax.train.loss import (DENOMINATOR, NUMERATOR, Batch, LossConfig, LossSums,
                                chunked_cross_entropy, finalize, loss_sums)
 
 # loss_fn(model, batch, rng) -> sums with at least NUMERATOR and DENOMINATOR. `rng` is a key
-# in training and None in evaluation (no noise, no dropout).
-LossFn = Callable[[nnx.Module, Batch, jax.Array | None], LossSums]
+# in training and None in evaluation (no noise, no dropout). When the state holds a reference
+# model the step also passes it: loss_fn(model, batch, rng, reference=frozen_model).
+LossFn = Callable[..., LossSums]
 _LORA_DROPOUT = 1  # folded into the step's key: LoRA dropout's own stream (NEFTune has `rng`)
 
 
@@ -53,13 +59,17 @@ class TrainState:
   # With LoRA: the base weights, never updated and not checkpointed (a run reloads them from
   # model.init_from); None without LoRA.
   frozen: nnx.State | None = None
+  # The KL's base model: nnx.Param values like `params`, never updated; None without KL.
+  # Not checkpointed: every start re-derives it (see experiment.build).
+  reference: nnx.State | None = None
 
   def fixed(self) -> tuple[nnx.State, ...]:
     """The model's states other than `params`, for `nnx.merge(graphdef, params, *fixed)`."""
     return (self.rest,) if self.frozen is None else (self.frozen, self.rest)
 
 
-# The fields a checkpoint holds: the state less `frozen` (the layout checkpoints always had).
+# The fields a checkpoint holds: the state less `frozen` and `reference`, which every start
+# re-derives from model.init_from (the layout checkpoints always had).
 CHECKPOINTED = ("step", "params", "opt_state", "rest", "rng")
 
 
@@ -81,12 +91,16 @@ def split_model(model: nnx.Module) -> tuple[nnx.GraphDef, nnx.State, nnx.State |
 def make_loss_fn(config: LossConfig = LossConfig(), neftune_alpha: float = 0.0) -> LossFn:
   """The default loss: embed, NEFTune noise (train only), hidden states, (chunked) CE."""
 
-  def loss_fn(model: nnx.Module, batch: Batch, rng: jax.Array | None) -> LossSums:
+  def loss_fn(model: nnx.Module, batch: Batch, rng: jax.Array | None,
+              reference: nnx.Module | None = None) -> LossSums:
     embeddings = model.embed(batch["tokens"])
     if rng is not None and neftune_alpha > 0:
       embeddings = neftune.add_noise(embeddings, batch["segment_ids"], neftune_alpha, rng)
     with lora.dropout_rng(None if rng is None else jax.random.fold_in(rng, _LORA_DROPOUT)):
       hidden = model.hidden_states(embeddings, batch["positions"], batch["segment_ids"])
+    if config.kl_to_base > 0:
+      ce, kl = kl_lib.ce_and_kl(model, hidden, reference, batch, config)
+      return loss_sums(ce, batch, config.normalization, kl, config.kl_to_base)
     ce = chunked_cross_entropy(hidden, model.output_embedding(), batch["targets"],
                                config.chunk_size)
     return loss_sums(ce, batch, config.normalization)
@@ -99,14 +113,16 @@ def _replicated(mesh: Mesh) -> NamedSharding:
 
 
 def train_state_shardings(model_fn: Callable[[], nnx.Module], tx: optax.GradientTransformation,
-                          mesh: Mesh, *, rules=sharding.LOGICAL_AXIS_RULES,
+                          mesh: Mesh, *, reference: bool = False,
+                          rules=sharding.LOGICAL_AXIS_RULES,
                           on_indivisible: sharding.OnIndivisible = "replicate",
                           ) -> tuple[nnx.GraphDef, TrainState, TrainState]:
   """(graphdef, abstract state, state shardings) without allocating anything.
 
   The abstract state holds `jax.ShapeDtypeStruct`s carrying their shardings: what
   `jax.jit(...).lower` needs to compile the train step for any devices (`python -m
-  im_jax.plan`), and the layout `create_train_state` allocates.
+  im_jax.plan`), and the layout `create_train_state` allocates. `reference`: the state holds
+  a frozen copy of the parameters (the KL's base model), sharded as they are.
   """
   abstract = nnx.eval_shape(model_fn)
   graphdef, abs_params, abs_frozen, abs_rest = split_model(abstract)
@@ -121,10 +137,11 @@ def train_state_shardings(model_fn: Callable[[], nnx.Module], tx: optax.Gradient
                                  is_leaf=lambda x: isinstance(x, nnx.Variable))
   shardings = TrainState(step=rep, params=param_sh, opt_state=opt_sh,
                          rest=sharding.state_shardings(abs_rest, mesh, **kw), rng=rep,
-                         frozen=frozen_sh)
+                         frozen=frozen_sh, reference=param_sh if reference else None)
   shapes = TrainState(step=jax.ShapeDtypeStruct((), jnp.int32), params=abs_params,
                       opt_state=abs_opt, rest=abs_rest,
-                      rng=jax.eval_shape(lambda: jax.random.PRNGKey(0)), frozen=abs_frozen)
+                      rng=jax.eval_shape(lambda: jax.random.PRNGKey(0)), frozen=abs_frozen,
+                      reference=abs_params if reference else None)
   # `shardings` is a prefix of `shapes` (one sharding per Variable).
   abstract_state = jax.tree.map(
       lambda s, sub: jax.tree.map(
@@ -134,7 +151,7 @@ def train_state_shardings(model_fn: Callable[[], nnx.Module], tx: optax.Gradient
 
 
 def create_train_state(model_fn: Callable[[], nnx.Module], tx: optax.GradientTransformation,
-                       mesh: Mesh, *, seed: int = 0,
+                       mesh: Mesh, *, seed: int = 0, reference: bool = False,
                        rules=sharding.LOGICAL_AXIS_RULES,
                        on_indivisible: sharding.OnIndivisible = "replicate",
                        ) -> tuple[nnx.GraphDef, TrainState, TrainState]:
@@ -145,14 +162,17 @@ def create_train_state(model_fn: Callable[[], nnx.Module], tx: optax.GradientTra
   out_shardings place every parameter and optimizer moment on its shard, so no device ever
   holds the whole model. Returns (graphdef, state, state shardings).
   """
-  graphdef, _, shardings = train_state_shardings(model_fn, tx, mesh, rules=rules,
-                                                 on_indivisible=on_indivisible)
+  graphdef, _, shardings = train_state_shardings(model_fn, tx, mesh, reference=reference,
+                                                 rules=rules, on_indivisible=on_indivisible)
   return graphdef, init_train_state(model_fn, tx, shardings, mesh, seed=seed), shardings
 
 
 def init_train_state(model_fn: Callable[[], nnx.Module], tx: optax.GradientTransformation,
                      shardings: TrainState, mesh: Mesh, *, seed: int = 0) -> TrainState:
-  """The initial state, each array created on its shards (see `create_train_state`)."""
+  """The initial state, each array created on its shards (see `create_train_state`).
+
+  When `shardings.reference` is set, the reference is a copy of the initial parameters.
+  """
 
   def init() -> TrainState:
     _, params, frozen, rest = split_model(model_fn())
@@ -160,7 +180,20 @@ def init_train_state(model_fn: Callable[[], nnx.Module], tx: optax.GradientTrans
                       rest=rest, rng=jax.random.PRNGKey(seed), frozen=frozen)
 
   with jax.set_mesh(mesh):
-    return jax.jit(init, out_shardings=shardings)()
+    state = jax.jit(init, out_shardings=shardings.replace(reference=None))()
+  return state if shardings.reference is None else set_reference(state, shardings, mesh)
+
+
+def set_reference(state: TrainState, shardings: TrainState, mesh: Mesh) -> TrainState:
+  """`state` whose reference is a copy of its current parameters, in `shardings.reference`.
+
+  A copy in its own buffers: the train step donates the whole state, parameters and
+  reference alike, so the two must not share memory.
+  """
+  with jax.set_mesh(mesh):
+    copy = jax.jit(lambda p: jax.tree.map(jnp.copy, p),
+                   out_shardings=shardings.reference)(state.params)
+  return state.replace(reference=copy)
 
 
 def _tree_add(total, x):
@@ -174,15 +207,15 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
   """`step(state, batch) -> (state, metrics)` for batches shaped [k, rows, T].
 
   k (the leading axis, see `sharding.global_batch`) is the number of accumulated
-  micro-batches. Metrics: loss, output_loss, instruction_loss, their token counts,
-  loss_denominator, grad_norm (before clipping), skipped (1.0 when non-finite gradients left
-  parameters and optimizer state untouched) and lr (when `schedule` is given: the schedule
-  of `tx`, counted in updates).
+  micro-batches. Metrics: loss, output_loss, instruction_loss, their token counts, kl (with
+  a reference model), loss_denominator, grad_norm (before clipping), skipped (1.0 when
+  non-finite gradients left parameters and optimizer state untouched) and lr (when
+  `schedule` is given: the schedule of `tx`, counted in updates).
   """
 
-  def micro_grads(params, fixed, batch, rng):
+  def micro_grads(params, fixed, reference, batch, rng):
     def numerator(p):  # differentiated in `params` only: frozen weights get no gradient
-      sums = loss_fn(nnx.merge(graphdef, p, *fixed), batch, rng)
+      sums = _call_loss(loss_fn, graphdef, p, fixed, reference, batch, rng)
       return sums[NUMERATOR], sums
 
     grads, sums = jax.grad(numerator, has_aux=True)(params)
@@ -200,14 +233,16 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
       return {name: value[i] for name, value in batch.items()}
 
     if k == 1:
-      grads, sums = micro_grads(state.params, state.fixed(), micro(0), key)
+      grads, sums = micro_grads(state.params, state.fixed(), state.reference, micro(0), key)
     else:
       def body(carry, i):
-        g, s = micro_grads(state.params, state.fixed(), micro(i), jax.random.fold_in(key, i))
+        g, s = micro_grads(state.params, state.fixed(), state.reference, micro(i),
+                           jax.random.fold_in(key, i))
         return (_tree_add(carry[0], g), _tree_add(carry[1], s)), None
 
       # Accumulate in float32 whatever the parameter dtype.
-      shapes = jax.eval_shape(micro_grads, state.params, state.fixed(), micro(0), key)
+      shapes = jax.eval_shape(micro_grads, state.params, state.fixed(), state.reference,
+                              micro(0), key)
       zeros = jax.tree.map(lambda x: jnp.zeros(x.shape, jnp.float32), shapes)
       zeros = (jax.lax.with_sharding_constraint(zeros[0], shardings.params), zeros[1])
       (grads, sums), _ = jax.lax.scan(body, zeros, jnp.arange(k))
@@ -252,12 +287,29 @@ def make_eval_step(graphdef: nnx.GraphDef, shardings: TrainState, mesh: Mesh,
 
   def step(state: TrainState, batch: Batch) -> LossSums:
     with partitioning.activation_layout(sharding.ActivationLayout(mesh)):
-      return loss_fn(nnx.merge(graphdef, state.params, *state.fixed()), batch, None)
+      return _call_loss(loss_fn, graphdef, state.params, state.fixed(), state.reference, batch,
+                        None)
 
   jitted = jax.jit(step,
                    in_shardings=(shardings, sharding.batch_sharding(mesh, micro_batched=False)),
                    out_shardings=_replicated(mesh))
   return _in_mesh(jitted, mesh)
+
+
+def _call_loss(loss_fn: LossFn, graphdef: nnx.GraphDef, params: nnx.State,
+               fixed: tuple[nnx.State, ...], reference: nnx.State | None, batch: Batch,
+               rng: jax.Array | None) -> LossSums:
+  """`loss_fn` on the model, and on the frozen reference model when the state has one.
+
+  `fixed`: `TrainState.fixed()`, the model's states other than `params`. A reference exists
+  only without LoRA (settings refuse both), so it pairs with `rest` alone.
+  """
+  model = nnx.merge(graphdef, params, *fixed)
+  if reference is None:
+    return loss_fn(model, batch, rng)
+  # Frozen: the gradient is taken with respect to `params` only; stop_gradient says so here too.
+  frozen = nnx.merge(graphdef, jax.lax.stop_gradient(reference), fixed[-1])
+  return loss_fn(model, batch, rng, reference=frozen)
 
 
 def _in_mesh(jitted, mesh: Mesh):
