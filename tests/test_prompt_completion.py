@@ -16,7 +16,7 @@ from im_jax.data.conversation import DataError
 from im_jax.data.kinds import kind_name
 from tests.test_templates import hand_tokenizer  # noqa: F401  (the fixture)
 
-B, T, S, U, A, E = "bos", "template", "system", "user", "assistant", "eos"
+T, S, U, A, E = "template", "system", "user", "assistant", "eos"
 # (token, kind, weight under it, weight under im)
 _USER_REPLY = [
     ("<|", T, 0, 0), ("user", T, 0, 0), ("|>", T, 0, 0), ("Ċ", T, 0, 0),
@@ -26,9 +26,9 @@ _USER_REPLY = [
     ("Yes", A, 1, 1),
     ("</s>", E, 1, 1),
 ]
-STRING_GOLDEN = [("<s>", B, 0, 0), *_USER_REPLY]
+# No BOS: tulu follows the tokenizer's own BOS behaviour, and this one adds none.
+STRING_GOLDEN = [*_USER_REPLY]
 MESSAGES_GOLDEN = [
-    ("<s>", B, 0, 0),
     ("<|", T, 0, 0), ("system", T, 0, 0), ("|>", T, 0, 0), ("Ċ", T, 0, 0),
     ("Be", S, 0, 1), ("Ġbrief", S, 0, 1), (".", S, 0, 1),
     ("Ċ", T, 0, 0),
