@@ -23,9 +23,9 @@ def _quiet_libtpu_without_chips() -> None:
   with no TPU chip, JAX's backend probe still loads it: libtpu prints start-up errors about
   worker hostnames and the accelerator type, and JAX logs that the TPU backend failed. Tell
   libtpu this is one local host, and where no other accelerator plugin is installed either,
-  use the CPU backend without probing. Real TPU VMs (chips present), GPU installs and an
-  explicit JAX_PLATFORMS are left alone."""
-  if "TPU_WORKER_HOSTNAMES" in os.environ or os.environ.get("JAX_PLATFORMS"):
+  use the CPU backend without probing. Real TPU VMs (chips present), explicit TPU settings,
+  GPU installs and an explicit JAX_PLATFORMS are left alone."""
+  if "TPU_WORKER_HOSTNAMES" in os.environ:
     return
   try:
     from jax._src import hardware_utils  # pylint: disable=g-import-not-at-top
@@ -39,7 +39,7 @@ def _quiet_libtpu_without_chips() -> None:
   # With no chip to guard, libtpu's one-process lock would only stop two plans (or a test
   # and the plan it starts) from compiling at once.
   os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
-  if not _has_accelerator_plugin():
+  if not os.environ.get("JAX_PLATFORMS") and not _has_accelerator_plugin():
     import jax  # pylint: disable=g-import-not-at-top
     jax.config.update("jax_platforms", "cpu")
 
