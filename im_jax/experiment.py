@@ -313,7 +313,11 @@ def absolute_spec(spec: str) -> str:
   """`model.init_from` as an absolute local folder (`hf:` kept; a Hub name resolved to its
   cached snapshot), valid from any directory."""
   prefix = HF_PREFIX if spec.startswith(HF_PREFIX) else ""
-  return prefix + str(hub.folder(spec).absolute())
+  try:
+    folder = hub.folder(spec)
+  except hub.HubError:  # nowhere to be found: settings.check_inputs says so before any run
+    folder = pathlib.Path(spec.removeprefix(prefix))
+  return prefix + str(folder.absolute())
 
 
 def check_resumable(c: ml_collections.ConfigDict, workdir: pathlib.Path) -> None:
