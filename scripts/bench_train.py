@@ -31,6 +31,7 @@ import jax.numpy as jnp  # noqa: E402
 from flax import nnx  # noqa: E402
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+from im_jax import host_memory  # noqa: E402
 from im_jax.models.llama import Llama, LlamaConfig, num_params  # noqa: E402
 from im_jax.models.llama import params as llama_params  # noqa: E402
 from im_jax.train import loss, optim, sharding, step  # noqa: E402
@@ -211,7 +212,7 @@ def main() -> None:
       "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
       "machine": {"nproc": os.cpu_count(), "threads": THREADS, "cpu": _cpu_model(),
                   "python": platform.python_version(), "jax": jax.__version__,
-                  "load_avg_1m_at_start": os.getloadavg()[0]},
+                  "load_avg_1m_at_start": os.getloadavg()[0], "malloc": host_memory.status()},
       "xla_matmul_gflops": peak / 1e9, "sizes": {}}
   for name in args.sizes.split(","):
     steps = args.steps or (20 if name == "tiny" else 5)
@@ -250,4 +251,5 @@ def _cpu_model() -> str:
 
 
 if __name__ == "__main__":
+  host_memory.reexec_with_tuned_malloc()
   main()

@@ -78,4 +78,6 @@ def argv_text(argv: list[str] | None) -> str:
 
 
 if __name__ == "__main__":
+  from im_jax import host_memory  # pylint: disable=g-import-not-at-top
+  host_memory.reexec_with_tuned_malloc()
   sys.exit(main())

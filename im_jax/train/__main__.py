@@ -17,7 +17,8 @@ import sys
 from absl import app, flags
 from ml_collections import config_flags
 
-from im_jax import cli, distributed  # defines --coordinator_address --num_processes --process_id
+# distributed defines --coordinator_address --num_processes --process_id
+from im_jax import cli, distributed, host_memory
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "experiment config file")
 _WORKDIR = flags.DEFINE_string("workdir", None, "run folder: config, metrics, checkpoints")
@@ -95,4 +96,5 @@ def _inspect(config) -> int:
 
 
 if __name__ == "__main__":
+  host_memory.reexec_with_tuned_malloc()
   app.run(main, flags_parser=cli.parse_flags)
