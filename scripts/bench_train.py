@@ -1,17 +1,23 @@
 """Train-step throughput: im_jax vs Hugging Face transformers + PyTorch, float32 on CPU.
 
-In one run: (1) the machine's float32 matmul rate through XLA; (2) the im_jax train step
-(jax.jit, AdamW, token-normalised loss) and (3) transformers' LlamaForCausalLM with
-torch.optim.AdamW, both on the same packed batch (PyTorch gets the equivalent 4-D
-block-diagonal causal mask and the same initial weights), same thread count, timed after
-warm-up. The first-step losses must agree. Prints tokens/s (non-padding tokens), their ratio
-and each one's model FLOP rate as a fraction of (1): 6 * N * tokens plus attention
+In one run: (1) the machine's float32 matmul rate through XLA (at start and end); (2) the
+im_jax train step (jax.jit, AdamW, token-normalised loss), once per attention implementation
+asked for, and (3) transformers' LlamaForCausalLM with torch.optim.AdamW, on the same packed
+batch (PyTorch gets the equivalent 4-D block-diagonal causal mask and the same initial
+weights), same thread count. The first-step losses must agree. Steps are timed in pairs, an
+im_jax step and a PyTorch step back to back in alternating order, and `speedup` is the median
+of the pairs' ratios, so one burst of outside load cannot decide it (min/min and
+median/median are reported beside it). Each batch shape holds the same tokens: 4x512 and
+1x2048 (longer segments, where attention's share grows). Prints tokens/s (non-padding
+tokens) and each one's model FLOP rate as a fraction of (1): 6 * N * tokens plus attention
 (6 * layers * heads * head_dim * sum of segment length^2: causal counted as half).
 
-    python scripts/bench_train.py [--sizes tiny,smollm2_135m] [--json]
+    python scripts/bench_train.py [--sizes tiny,smollm2_135m] [--batches 4x512,1x2048]
+        [--impls xla,blocked] [--pieces] [--json]
 """
 
 import argparse
+import dataclasses
 import datetime
 import json
 import os
@@ -28,6 +34,7 @@ os.environ.setdefault("OMP_NUM_THREADS", str(THREADS))
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
+import optax  # noqa: E402
 from flax import nnx  # noqa: E402
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
@@ -90,21 +97,55 @@ class JaxRunner:
 
   def __init__(self, config: LlamaConfig, batch, chunk: int, total_steps: int):
     mesh = sharding.make_mesh(sharding.MeshConfig(1, 1, 1), jax.devices()[:1])
-    tx, _ = optim.make_optimizer(optim.OptimConfig(
+    self.tx, _ = optim.make_optimizer(optim.OptimConfig(
         learning_rate=LR, b1=BETAS[0], b2=BETAS[1], eps=EPS, weight_decay=0.0,
         max_grad_norm=None, warmup_ratio=0.0, decay="constant"), total_steps)
-    graphdef, self.state, shardings = step.create_train_state(
-        lambda: Llama(config, rngs=nnx.Rngs(0)), tx, mesh)
-    self.weights = llama_params.to_hf(nnx.merge(graphdef, self.state.params, self.state.rest),
-                                      config)
+    self.graphdef, self.state, shardings = step.create_train_state(
+        lambda: Llama(config, rngs=nnx.Rngs(0)), self.tx, mesh)
+    self.weights = llama_params.to_hf(
+        nnx.merge(self.graphdef, self.state.params, self.state.rest), config)
     loss_fn = step.make_loss_fn(loss.LossConfig("token", chunk_size=chunk))
-    self.train_step = step.make_train_step(graphdef, tx, shardings, mesh, loss_fn)
+    self.train_step = step.make_train_step(self.graphdef, self.tx, shardings, mesh, loss_fn)
     self.batch = sharding.global_batch(batch, mesh, micro_batches=1)
 
   def step(self) -> float:
     """One step (blocking); returns its loss."""
     self.state, metrics = self.train_step(self.state, self.batch)
     return float(metrics["loss"])
+
+  def pieces(self, batch, chunk: int, reps: int = 3) -> dict[str, float]:
+    """Seconds (min of `reps`) of the step's pieces, each its own jit through the project's
+    model and loss code: decoder layers forward, forward + backward, the chunked CE forward +
+    backward, and the AdamW update."""
+    graphdef, params, rest = nnx.split(nnx.merge(self.graphdef, self.state.params,
+                                                 self.state.rest), nnx.Param, ...)
+    b = {k: jnp.asarray(v) for k, v in batch.items()}
+
+    def model(p):
+      return nnx.merge(graphdef, p, rest)
+
+    def layers(p, emb):
+      return model(p).hidden_states(emb, b["positions"], b["segment_ids"])
+
+    emb = jax.jit(lambda p: model(p).embed(b["tokens"]))(params)
+    cotangent = jax.random.normal(jax.random.PRNGKey(1), emb.shape, emb.dtype)
+    forward = jax.jit(layers)
+    backward = jax.jit(jax.grad(lambda p, e: jnp.vdot(layers(p, e), cotangent), argnums=(0, 1)))
+    hidden = forward(params, emb)
+    w = jax.jit(lambda p: model(p).output_embedding())(params)
+    ce = jax.jit(jax.grad(lambda h, w: jnp.sum(loss.chunked_cross_entropy(
+        h, w, b["targets"], chunk)), argnums=(0, 1)))
+    grads = jax.tree.map(jnp.ones_like, params)
+    opt_state = self.tx.init(params)
+    update = jax.jit(lambda g, s, p: optax.apply_updates(p, self.tx.update(g, s, p)[0]))
+    out = {}
+    for name, fn, args in (("layers_forward", forward, (params, emb)),
+                           ("layers_forward_backward", backward, (params, emb)),
+                           ("ce_forward_backward", ce, (hidden, w)),
+                           ("adamw_update", update, (grads, opt_state, params))):
+      jax.block_until_ready(fn(*args))
+      out[name] = min(_timed(lambda: jax.block_until_ready(fn(*args))) for _ in range(reps))
+    return out
 
 
 class TorchRunner:
@@ -168,43 +209,72 @@ def model_flops(config: LlamaConfig, lengths: list[int]) -> float:
   return 6 * n * tokens + attn
 
 
-def run_size(name: str, steps: int, warmup: int, rows: int, length: int, chunk: int,
-             peak: float) -> dict:
-  config = SIZES[name]
-  batch, lengths = packed_batch(config, rows, length)
+def _summary(times: list[float], tokens: int, flops: float, peak: float) -> dict:
+  median = statistics.median(times)
+  return {"step_s": median, "step_s_min": min(times), "tokens_per_s": tokens / median,
+          "flops_fraction_of_matmul": flops / median / peak}
+
+
+def run_batch(name: str, impls: list[str], steps: int, warmup: int, rows: int, length: int,
+              chunk: int, peak: float, pieces: bool) -> dict:
+  """Both frameworks on one packed batch: per im_jax attention implementation, `steps` timed
+  pairs (an im_jax step and a PyTorch step back to back, their order alternating)."""
+  batch, lengths = packed_batch(SIZES[name], rows, length)
   tokens = sum(lengths)
-  runners = {"im_jax": JaxRunner(config, batch, chunk, steps + warmup + 1)}
-  runners["torch"] = TorchRunner(config, batch, runners["im_jax"].weights)
-  first = {key: r.step() for key, r in runners.items()}  # im_jax compiles here
-  assert abs(first["im_jax"] - first["torch"]) <= 1e-4 * abs(first["torch"]), first
-  # Alternate the two step by step, so load from other processes hits both alike.
-  times = {key: [] for key in runners}
+  jax_runners = {impl: JaxRunner(dataclasses.replace(SIZES[name], attention_impl=impl), batch,
+                                 chunk, steps + warmup + 1) for impl in impls}
+  torch_runner = TorchRunner(SIZES[name], batch, jax_runners[impls[0]].weights)
+  first = {f"im_jax_{impl}": r.step() for impl, r in jax_runners.items()}  # compiles here
+  first["torch"] = torch_runner.step()
+  for key, value in first.items():
+    assert abs(value - first["torch"]) <= 1e-4 * abs(first["torch"]), first
+  jax_times = {impl: [] for impl in impls}
+  torch_times = {impl: [] for impl in impls}
   for i in range(warmup + steps):
-    for key, r in runners.items():
-      t = _timed(r.step)
+    for impl, runner in jax_runners.items():
+      order = [("jax", runner.step), ("torch", torch_runner.step)]
+      pair = dict((key, _timed(fn)) for key, fn in (order if i % 2 == 0 else order[::-1]))
       if i >= warmup:
-        times[key].append(t)
-  flops = model_flops(config, lengths)
-  out = {"params": num_params(config), "batch": f"{rows}x{length}", "tokens": tokens,
-         "segments": len(lengths), "steps": steps, "warmup": warmup, "first_loss": first,
-         "model_flops_per_step": flops}
-  for key, t in times.items():
-    median = statistics.median(t)
-    out[key] = {"step_s": median, "step_s_min": min(t), "tokens_per_s": tokens / median,
-                "flops_fraction_of_matmul": flops / median / peak}
-  out["speedup_vs_torch"] = out["torch"]["step_s"] / out["im_jax"]["step_s"]
+        jax_times[impl].append(pair["jax"])
+        torch_times[impl].append(pair["torch"])
+  flops = model_flops(SIZES[name], lengths)
+  out = {"batch": f"{rows}x{length}", "tokens": tokens, "segments": len(lengths),
+         "mean_segment_length": tokens / len(lengths), "steps": steps, "warmup": warmup,
+         "first_loss": first, "model_flops_per_step": flops, "im_jax": {}, "torch": {},
+         "speedup": {}}
+  for impl in impls:
+    jt, tt = jax_times[impl], torch_times[impl]
+    out["im_jax"][impl] = _summary(jt, tokens, flops, peak)
+    out["torch"][f"paired_with_{impl}"] = _summary(tt, tokens, flops, peak)
+    ratios = [t / j for j, t in zip(jt, tt)]
+    out["speedup"][impl] = {"median_of_pair_ratios": statistics.median(ratios),
+                            "pair_ratios": ratios, "min_over_min": min(tt) / min(jt),
+                            "median_over_median": statistics.median(tt) / statistics.median(jt)}
+    if pieces:
+      out["im_jax"][impl]["pieces_s"] = jax_runners[impl].pieces(batch, chunk)
+  # PyTorch's attention on CPU is SDPA with the dense block-diagonal mask (flash-attention's
+  # varlen kernels are CUDA-only), so its dense path is also its best.
+  dense = "xla" if "xla" in impls else impls[0]
+  out["speedup_vs_torch"] = {
+      "dense_vs_dense": out["speedup"][dense]["median_of_pair_ratios"],
+      "best_vs_best": max(v["median_of_pair_ratios"] for v in out["speedup"].values()),
+      "best_impl": max(impls, key=lambda k: out["speedup"][k]["median_of_pair_ratios"])}
   return out
 
 
 def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--sizes", default="tiny,smollm2_135m")
-  parser.add_argument("--steps", type=int, default=0, help="timed steps (default per size)")
+  parser.add_argument("--batches", default="4x512,1x2048",
+                      help="ROWSxLENGTH packed batches (same tokens, longer segments)")
+  parser.add_argument("--impls", default="xla",
+                      help="im_jax attention implementations, e.g. xla,blocked")
+  parser.add_argument("--steps", type=int, default=0, help="timed pairs (default per size)")
   parser.add_argument("--warmup", type=int, default=1)
-  parser.add_argument("--rows", type=int, default=4)
-  parser.add_argument("--length", type=int, default=512)
   parser.add_argument("--chunk", type=int, default=128,
                       help="im_jax loss chunk size (0: full logits; 128 was fastest here)")
+  parser.add_argument("--pieces", action="store_true",
+                      help="also time the step's pieces (layers fwd, fwd+bwd, CE, AdamW)")
   parser.add_argument("--json", action="store_true", help="print one JSON object")
   args = parser.parse_args()
   peak = matmul_rate()
@@ -214,29 +284,43 @@ def main() -> None:
                   "python": platform.python_version(), "jax": jax.__version__,
                   "load_avg_1m_at_start": os.getloadavg()[0], "malloc": host_memory.status()},
       "xla_matmul_gflops": peak / 1e9, "sizes": {}}
+  impls = args.impls.split(",")
   for name in args.sizes.split(","):
     steps = args.steps or (20 if name == "tiny" else 5)
-    report["sizes"][name] = run_size(name, steps, args.warmup, args.rows, args.length,
-                                     args.chunk, peak)
-    if not args.json:
-      _print_size(name, report["sizes"][name])
+    report["sizes"][name] = {"params": num_params(SIZES[name]), "batches": {}}
+    for spec in args.batches.split(","):
+      rows, length = (int(x) for x in spec.split("x"))
+      result = run_batch(name, impls, steps, args.warmup, rows, length, args.chunk, peak,
+                         args.pieces)
+      report["sizes"][name]["batches"][spec] = result
+      if not args.json:
+        _print_batch(name, result)
   report["machine"]["load_avg_1m_at_end"] = os.getloadavg()[0]
+  report["xla_matmul_gflops_at_end"] = matmul_rate() / 1e9
   if args.json:
     print(json.dumps(report, indent=2))
   else:
-    print(f"XLA float32 matmul: {peak / 1e9:.1f} GFLOP/s on {THREADS} threads "
-          f"({report['machine']['cpu']})")
+    print(f"XLA float32 matmul: {peak / 1e9:.1f} GFLOP/s at start, "
+          f"{report['xla_matmul_gflops_at_end']:.1f} at end, on {THREADS} threads "
+          f"({report['machine']['cpu']}); load {report['machine']['load_avg_1m_at_start']:.2f}"
+          f" -> {report['machine']['load_avg_1m_at_end']:.2f}; {report['machine']['malloc']}")
 
 
-def _print_size(name: str, r: dict) -> None:
-  print(f"{name}: {r['params'] / 1e6:.1f}M params, {r['batch']} rows, {r['tokens']} tokens "
-        f"in {r['segments']} segments; first loss im_jax {r['first_loss']['im_jax']:.5f} "
-        f"torch {r['first_loss']['torch']:.5f}")
-  for key in ("im_jax", "torch"):
-    x = r[key]
-    print(f"  {key:7s} {x['step_s']:.3f} s/step  {x['tokens_per_s']:.0f} tokens/s  "
-          f"{100 * x['flops_fraction_of_matmul']:.1f}% of XLA matmul rate")
-  print(f"  speedup_vs_torch {r['speedup_vs_torch']:.2f}x")
+def _print_batch(name: str, r: dict) -> None:
+  print(f"{name} {r['batch']}: {r['tokens']} tokens in {r['segments']} segments "
+        f"(mean {r['mean_segment_length']:.0f}); first losses {r['first_loss']}")
+  for impl, x in r["im_jax"].items():
+    t = r["torch"][f"paired_with_{impl}"]
+    s = r["speedup"][impl]
+    print(f"  im_jax[{impl}] {x['step_s']:.3f} s/step (min {x['step_s_min']:.3f}), "
+          f"{x['tokens_per_s']:.0f} tokens/s, {100 * x['flops_fraction_of_matmul']:.1f}% of "
+          f"matmul rate | torch {t['step_s']:.3f} (min {t['step_s_min']:.3f}) | speedup "
+          f"{s['median_of_pair_ratios']:.2f}x median of pairs, {s['min_over_min']:.2f}x min/min")
+    if "pieces_s" in x:
+      print("    pieces: " + ", ".join(f"{k} {v:.3f} s" for k, v in x["pieces_s"].items()))
+  v = r["speedup_vs_torch"]
+  print(f"  speedup_vs_torch: dense vs dense {v['dense_vs_dense']:.2f}x, best vs best "
+        f"{v['best_vs_best']:.2f}x ({v['best_impl']})")
 
 
 def _cpu_model() -> str:
