@@ -102,8 +102,8 @@ class JaxRunner:
         max_grad_norm=None, warmup_ratio=0.0, decay="constant"), total_steps)
     self.graphdef, self.state, shardings = step.create_train_state(
         lambda: Llama(config, rngs=nnx.Rngs(0)), self.tx, mesh)
-    self.weights = llama_params.to_hf(
-        nnx.merge(self.graphdef, self.state.params, self.state.rest), config)
+    self.weights = (None if self.state.frozen is not None else llama_params.to_hf(  # LoRA: base
+        nnx.merge(self.graphdef, self.state.params, self.state.rest), config))
     loss_fn = step.make_loss_fn(loss.LossConfig("token", chunk_size=chunk))
     self.train_step = step.make_train_step(self.graphdef, self.tx, shardings, mesh, loss_fn)
     self.batch = sharding.global_batch(batch, mesh, micro_batches=1)
