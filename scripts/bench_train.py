@@ -281,6 +281,8 @@ def main() -> None:
   report = {
       "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
       "machine": {"nproc": os.cpu_count(), "threads": THREADS, "cpu": _cpu_model(),
+                  "cpu_flags": _cpu_flags(), "transparent_hugepages": _transparent_hugepages(),
+                  "xla_flags": os.environ.get("XLA_FLAGS", ""),
                   "python": platform.python_version(), "jax": jax.__version__,
                   "load_avg_1m_at_start": os.getloadavg()[0], "malloc": host_memory.status()},
       "xla_matmul_gflops": peak / 1e9, "sizes": {}}
@@ -321,6 +323,28 @@ def _print_batch(name: str, r: dict) -> None:
   v = r["speedup_vs_torch"]
   print(f"  speedup_vs_torch: dense vs dense {v['dense_vs_dense']:.2f}x, best vs best "
         f"{v['best_vs_best']:.2f}x ({v['best_impl']})")
+
+
+def _cpu_flags() -> str:
+  """The vector-ISA flags XLA's and PyTorch's CPU code depend on."""
+  wanted = ("avx2", "fma", "avx512f", "avx512_bf16", "avx512_vnni", "amx_tile", "amx_bf16")
+  try:
+    with open("/proc/cpuinfo") as f:
+      for line in f:
+        if line.startswith("flags"):
+          have = set(line.split(":", 1)[1].split())
+          return " ".join(flag for flag in wanted if flag in have)
+  except OSError:
+    pass
+  return ""
+
+
+def _transparent_hugepages() -> str:
+  try:
+    with open("/sys/kernel/mm/transparent_hugepage/enabled") as f:
+      return f.read().strip()
+  except OSError:
+    return "unknown"
 
 
 def _cpu_model() -> str:
