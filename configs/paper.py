@@ -39,7 +39,8 @@ The KL baseline (it_kl, im_kl): the paper gives no beta; the authors' release de
 `kl_penalty_ctl` 1.0 with `kl_penalty_type` full, which we take (`loss.kl_to_base=1.0`,
 `loss.kl_type=full`). The reference is the starting model (model.init_from), frozen, run in
 the same step: one more parameter copy per device and a forward pass, ~+33% FLOPs
-(python -m im_jax.plan shows both). `--config.loss.kl_type=target_token` needs beta < 1: its
+(python -m im_jax.plan shows both); with `,lora` no copy: the reference is the model with its
+adapters off. `--config.loss.kl_type=target_token` needs beta < 1: its
 penalty log p(y) - log p_base(y) turns CE + beta KL into (1 - beta) CE + a constant.
 """
 

@@ -130,13 +130,14 @@ def build_steps(c: ml_collections.ConfigDict, mcfg: LlamaConfig, mesh: jax.shard
   """The train and eval steps of a run: what the trainer runs and `im_jax.plan` compiles.
 
   `updates`: the optimizer updates the learning-rate schedule spans. With `loss.kl_to_base`
-  > 0 the state holds the frozen reference model, so the plan counts its memory.
+  > 0 the state holds the frozen reference model, so the plan counts its memory; with LoRA
+  the reference is the base the adapters sit on (no copy).
   """
   model_fn = lambda: Llama(mcfg, rngs=nnx.Rngs(c.train.seed))
   tx, schedule = optimizer_for(c, updates)
   losses = loss_config(c)
   graphdef, abstract_state, shardings = step_lib.train_state_shardings(
-      model_fn, tx, mesh, reference=losses.kl_to_base > 0)
+      model_fn, tx, mesh, reference=losses.kl_to_base > 0 and not mcfg.lora.enabled)
   loss_fn = step_lib.make_loss_fn(losses, neftune_alpha=c.neftune_alpha)
   train_step = step_lib.make_train_step(graphdef, tx, shardings, mesh, loss_fn, schedule=schedule)
   # Held-out eval shares `python -m im_jax.eval loss`'s loss function and reduction.

@@ -260,11 +260,6 @@ def validate(c: ml_collections.ConfigDict, num_devices: int, process_count: int)
   _typed(_section_keys(c, "data") + _section_keys(c, "loss"), lambda: encode_config(c))
   _typed(["loss.normalization", "loss.chunk_size", "loss.kl_to_base", "loss.kl_type"],
          lambda: loss_config(c))
-  # With LoRA the KL's reference would be the model with adapters off (models/lora.py's
-  # `disabled`), not a copy; that path is not built yet.
-  check(not (lora.enabled and c.loss.kl_to_base > 0),
-        "loss.kl_to_base > 0 with model.lora.rank > 0 is not supported yet: train the KL "
-        "baseline with full fine-tuning")
   _typed(_section_keys(c, "optim"), lambda: optim_config(c))
   _typed(_section_keys(c, "data"), lambda: pipeline_config(c, rows=1, epochs=1, shuffle=True))
   _typed(_section_keys(c, "checkpoint"), lambda: checkpoint_config(c))

@@ -21,6 +21,7 @@ from im_jax.models import lora
 from im_jax.models.llama import Llama, LlamaConfig
 from im_jax.models.llama import params as hf_params
 from im_jax.train import loop, optim, sharding, step
+from im_jax.train import loss as loss_lib
 from tests import fixtures_lib, train_rows
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -76,6 +77,31 @@ def test_zero_b_leaves_logits_identical_and_disabled_is_the_base():
   assert np.abs(np.asarray(_logits(model, tokens)) - want).max() > 1e-3  # adapters now act
   # The KL reference hook: the same weights with the adapters off.
   np.testing.assert_array_equal(np.asarray(_base_logits(model, tokens)), want)
+
+
+@pytest.mark.parametrize("kl_type", ["full", "target_token"])
+def test_kl_reference_is_the_base_under_the_adapters(kl_type):
+  """LoRA + KL: the reference is the model with adapters off, equal to a separate base model."""
+  base = Llama(TINY, rngs=nnx.Rngs(0))
+  model = Llama(TINY.replace(lora=LORA), rngs=nnx.Rngs(1))
+  nnx.update(model, nnx.state(base, nnx.Param))
+  batch = {k: jnp.asarray(v) for k, v in _rows(0, rows=2).items()}
+  loss_fn = step.make_loss_fn(loss_lib.LossConfig("token", chunk_size=8, kl_to_base=0.5,
+                                                  kl_type=kl_type))
+  own = nnx.jit(lambda m, b: loss_fn(m, b, None))
+  separate = nnx.jit(lambda m, r, b: loss_fn(m, b, None, reference=r))
+  assert float(own(model, batch)[loss_lib.KL_NUMERATOR]) == 0.0  # B = 0: the model is its base
+  _with_random_b(model)
+  got, want = own(model, batch), separate(model, base, batch)
+  assert float(got[loss_lib.KL_NUMERATOR]) != 0.0
+  for key in want:
+    np.testing.assert_allclose(np.asarray(got[key]), np.asarray(want[key]), rtol=1e-6,
+                               atol=1e-6, err_msg=key)
+  c = configs_base.get_config()  # and the train state holds no copy of the base
+  c.model.lora.rank, c.loss.kl_to_base = 4, 0.5
+  mesh = sharding.make_mesh(sharding.MeshConfig(1, 1, 1), jax.devices()[:1])
+  steps = experiment.build_steps(c, TINY.replace(lora=LORA), mesh, 10)
+  assert steps.shardings.reference is None and steps.shardings.frozen is not None
 
 
 def test_merged_kernels_give_the_adapted_logits():

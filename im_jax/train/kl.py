@@ -8,7 +8,9 @@ alone (`loss.loss_sums`), where p is the trained model and q the reference (base
                 gradient is that of log p(y_t), so the objective is (1 - beta) CE + a constant.
 
 The reference is a second model (the starting parameters, frozen: `step.TrainState.reference`)
-run in the same step on the clean embeddings (no NEFTune noise) and given no gradient.
+run in the same step on the clean embeddings (no NEFTune noise) and given no gradient. With
+LoRA it is the trained model itself with its adapters switched off (`BaseOf`): the frozen base
+weights are the starting model, so no copy is held.
 
 `chunked_ce_and_kl` computes CE_t and KL_t in one scan over sequence chunks, like
 `loss.chunked_cross_entropy`: neither model's [B, T, V] logits exist at once. The forward keeps
@@ -23,8 +25,26 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from im_jax.models import lora
 from im_jax.train import loss as loss_lib
 from im_jax.train.loss import Batch, KLType, LossConfig
+
+
+class BaseOf:
+  """`model` with its LoRA adapters off: the base it started from, sharing its weights."""
+
+  def __init__(self, model: Any):
+    self.model = model
+
+  def embed(self, tokens: jax.Array) -> jax.Array:
+    return self.model.embed(tokens)  # embeddings carry no adapter
+
+  def hidden_states(self, *args) -> jax.Array:
+    with lora.disabled():
+      return self.model.hidden_states(*args)
+
+  def output_embedding(self) -> jax.Array:
+    return self.model.output_embedding()
 
 
 def reference_hidden(reference: Any, batch: Batch) -> jax.Array:
@@ -36,9 +56,15 @@ def reference_hidden(reference: Any, batch: Batch) -> jax.Array:
 
 def ce_and_kl(model: Any, hidden: jax.Array, reference: Any, batch: Batch,
               config: LossConfig) -> tuple[jax.Array, jax.Array]:
-  """Per-token CE and KL [B, T] of `model` (whose final `hidden` states are given)."""
+  """Per-token CE and KL [B, T] of `model` (whose final `hidden` states are given).
+
+  `reference` None: the model must carry LoRA adapters, and its base is the reference.
+  """
   if reference is None:
-    raise ValueError("loss.kl_to_base > 0 needs a reference model (TrainState.reference)")
+    if not lora.adapters(model):
+      raise ValueError("loss.kl_to_base > 0 needs a reference model (TrainState.reference) "
+                       "or LoRA adapters")
+    reference = BaseOf(model)
   return chunked_ce_and_kl(hidden, model.output_embedding(), reference_hidden(reference, batch),
                            jax.lax.stop_gradient(reference.output_embedding()),
                            batch["targets"], config.chunk_size, config.kl_type)
