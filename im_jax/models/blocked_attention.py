@@ -154,14 +154,16 @@ def _attend_bwd(scale, groups, res, dout):
     dq, dk, dv = carry
     q, kv = work.q, work.kv
     qb, kb, vb, dob = _get(qf, q, at), _get(kf, kv, at), _get(vf, kv, at), _get(dout, q, at)
-    sc = _pair_scores(qf, kf, seg, pos, work, at, scale, groups)
-    probs = jnp.exp(sc - _get(lse, q, at)[..., None])  # masked: exp(-inf) = 0
-    dv_b = jnp.einsum("pkmn,pkmd->pknd", probs.astype(dout.dtype), dob,
+    # P and dS as [kv, q]: dV and dK then contract a matmul's inner dimension, not the q rows
+    # of an untransposed P (which ran at half speed on CPU: 128-blocks fwd+bwd 50 -> 30 ms).
+    st = jnp.swapaxes(_pair_scores(qf, kf, seg, pos, work, at, scale, groups), 2, 3)
+    pt = jnp.exp(st - _get(lse, q, at)[:, :, None, :])  # [1, K, bk, G*bq]
+    dv_b = jnp.einsum("pknm,pkmd->pknd", pt.astype(dout.dtype), dob,
                       preferred_element_type=jnp.float32)
-    dp = jnp.einsum("pkmd,pknd->pkmn", dob, vb, preferred_element_type=jnp.float32)
-    ds = (probs * (dp - _get(delta, q, at)[..., None])).astype(qf.dtype)
-    dq_b = jnp.einsum("pkmn,pknd->pkmd", ds, kb, preferred_element_type=jnp.float32) * scale
-    dk_b = jnp.einsum("pkmn,pkmd->pknd", ds, qb, preferred_element_type=jnp.float32) * scale
+    dpt = jnp.einsum("pknd,pkmd->pknm", vb, dob, preferred_element_type=jnp.float32)
+    dst = (pt * (dpt - _get(delta, q, at)[:, :, None, :])).astype(qf.dtype)
+    dq_b = jnp.einsum("pknm,pknd->pkmd", dst, kb, preferred_element_type=jnp.float32) * scale
+    dk_b = jnp.einsum("pknm,pkmd->pknd", dst, qb, preferred_element_type=jnp.float32) * scale
     return _add(dq, q, at, dq_b), _add(dk, kv, at, dk_b), _add(dv, kv, at, dv_b)
 
   zeros = lambda x: jnp.zeros(x.shape, jnp.float32)
