@@ -33,7 +33,9 @@ from jax.sharding import PartitionSpec
 
 from im_jax.models import partitioning as P
 
-BLOCK = 64  # fastest fwd+bwd on CPU at SmolLM2 shapes (4 x 512, 1 x 2048) of 32/64/128/256
+# CPU, SmolLM2 layer fwd+bwd: 4 x 512 in 22 / 24 / 33 / 36 ms at blocks 32 / 64 / 128 / 256;
+# 1 x 2048 within 10% of 60 ms at all four.
+BLOCK = 64
 
 
 class WorkList(NamedTuple):
