@@ -141,6 +141,11 @@ def test_wrong_value_is_refused_naming_the_key(tmp_path, key, value):
   assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.parametrize("impl", ["auto", "xla", "splash", "cudnn", "blocked"])
+def test_every_attention_impl_is_accepted(tmp_path, impl):
+  _check_all(_with("model.attention_impl", impl), tmp_path / "run")
+
+
 def test_combinations_are_refused():
   c = _good()
   c.train.max_steps, c.train.epochs = 0, 0

@@ -9,10 +9,10 @@ from typing import Literal
 import jax
 import jax.numpy as jnp
 
-from im_jax.models import partitioning, splash
+from im_jax.models import blocked_attention, partitioning, splash
 
-Implementation = Literal["auto", "xla", "splash", "cudnn"]
-IMPLEMENTATIONS = ("auto", "xla", "splash", "cudnn")
+Implementation = Literal["auto", "xla", "splash", "cudnn", "blocked"]
+IMPLEMENTATIONS = ("auto", "xla", "splash", "cudnn", "blocked")
 
 
 def resolve_implementation(implementation: str) -> str:
@@ -64,8 +64,9 @@ def attention(
     implementation: "xla" (plain einsums, runs everywhere), "splash" (the Pallas TPU kernel,
       self-attention only: q and kv share segment ids; interpreted off TPU, see splash.py),
       "cudnn" (`jax.nn.dot_product_attention` with the same dense mask; GPU only, not yet
-      verified on a GPU: the mask layout is tested through that function's XLA path) or
-      "auto" (splash on TPUs, else xla).
+      verified on a GPU: the mask layout is tested through that function's XLA path),
+      "blocked" (plain XLA that skips the (q block, kv block) pairs holding no live score;
+      self-attention only, see blocked_attention.py) or "auto" (splash on TPUs, else xla).
 
   Returns:
     `[B, T, H, hd]` in q's dtype. Rows that may attend to nothing (padding) are exactly 0.
@@ -80,6 +81,11 @@ def attention(
     if q.shape[1] != k.shape[1]:
       raise ValueError("splash attention is self-attention over one packed row (T == S)")
     return splash.splash_attention(q, k, v, q_segment_ids, scale=scale)
+  if implementation == "blocked":
+    if q.shape[1] != k.shape[1]:
+      raise ValueError("blocked attention is self-attention over one packed row (T == S); "
+                       "use xla with a KV cache")
+    return blocked_attention.blocked_attention(q, k, v, q_segment_ids, q_positions, scale=scale)
   mask = attention_mask(q_segment_ids, kv_segment_ids, q_positions, kv_positions)
   any_visible = jnp.any(mask, axis=-1)  # [B, T]
 

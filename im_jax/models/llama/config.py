@@ -69,7 +69,7 @@ class LlamaConfig:
   remat_policy: str = "none"
   param_dtype: str = "float32"
   compute_dtype: str = "float32"
-  attention_impl: str = "auto"  # auto (splash on TPU, else xla) | xla | splash | cudnn
+  attention_impl: str = "auto"  # auto (splash on TPU, else xla) | xla | splash | cudnn | blocked
   lora: LoraConfig = LoraConfig()  # rank 0: no adapters
 
   def __post_init__(self):
