@@ -1,18 +1,20 @@
-"""Host memory on the CPU backend: let each step reuse the last step's memory.
+"""Host memory on the CPU backend: back each step's large buffers with huge pages.
 
 XLA's CPU runtime allocates a step's temporaries afresh on every call and frees them at its
-end (GBs for a 135M model). glibc serves blocks that large with mmap and returns them with
-munmap, so every step touches GBs of never-used pages: on a SmolLM2-135M step (4 x 512
-tokens, float32) 2.3 million page faults and 5-6 s of kernel time per 12 s step on a 2-core
-machine, a cost set by the kernel and hypervisor, not by the program (one reason the same
-step ran 1.85x slower on another machine of the same kind). glibc's tunables fix it: one
-arena, no mmap for large blocks and no trimming keep freed memory in the process, so from the
-second step on there are no page faults (docs/benchmarks.md has the figures).
+end (7.3 GiB for SmolLM2-135M at 4 x 512 tokens, float32, layers unrolled). glibc serves
+blocks that large with mmap and returns them with munmap, so every step faults in GBs of new
+4 KiB pages: 2.3 million page faults and 5-6 s of kernel time in a 12 s step on a 2-core
+machine, a cost set by the kernel and hypervisor rather than the program (one reason the same
+step ran 1.85x slower on another machine of the same kind). glibc's `hugetlb=1` tunable
+makes malloc advise transparent huge pages for what it maps: 512x fewer faults, a 7.3 s
+step, the same peak memory (docs/benchmarks.md). Keeping freed memory instead (one arena, no
+mmap, no trimming) was as fast but fragmented the heap: 17 GiB peak instead of 10.
 
 Tunables are read when a process starts, so the entry points re-execute themselves once with
-them set (`reexec_with_tuned_malloc`), before any work. Only for the CPU backend on glibc
-Linux; never when the caller chose malloc tunables already or set IM_JAX_MALLOC=system. The
-price: memory a step freed stays with the process (its resident size stays at its peak).
+it set (`reexec_with_tuned_malloc`), before any work. Only for the CPU backend on glibc >=
+2.35 Linux; never when the caller chose malloc tunables already or set IM_JAX_MALLOC=system.
+It needs transparent huge pages in `madvise` or `always` mode (/sys/kernel/mm/
+transparent_hugepage/enabled); with `never` it changes nothing.
 """
 
 import os
@@ -20,13 +22,24 @@ import platform
 import sys
 
 ENV = "IM_JAX_MALLOC"  # "system": leave malloc alone; "tuned": set by the re-execution
-TUNABLES = ("glibc.malloc.arena_max=1", "glibc.malloc.mmap_max=0",
-            "glibc.malloc.trim_threshold=68719476736")
+TUNABLES = ("glibc.malloc.hugetlb=1",)
+MIN_GLIBC = (2, 35)  # the first with glibc.malloc.hugetlb
 
 
-def tuned_environ(environ: dict[str, str], backend: str, libc: str) -> dict[str, str] | None:
-  """The environment to re-execute with, or None when this process should run as it is."""
-  if environ.get(ENV) in ("system", "tuned") or backend != "cpu" or libc != "glibc":
+def tuned_environ(environ: dict[str, str], backend: str,
+                  libc: tuple[str, str]) -> dict[str, str] | None:
+  """The environment to re-execute with, or None when this process should run as it is.
+
+  `libc`: `platform.libc_ver()`, e.g. ("glibc", "2.36").
+  """
+  name, version = libc
+  try:
+    new_enough = tuple(int(x) for x in version.split(".")[:2]) >= MIN_GLIBC
+  except ValueError:
+    new_enough = False
+  if environ.get(ENV) in ("system", "tuned") or backend != "cpu" or name != "glibc":
+    return None
+  if not new_enough:
     return None
   existing = environ.get("GLIBC_TUNABLES", "")
   if "glibc.malloc." in existing:  # the caller's own malloc settings win
@@ -50,7 +63,7 @@ def reexec_with_tuned_malloc() -> None:
   Call it first thing under `if __name__ == "__main__":` of an entry point, never from code
   a test imports and calls (it would replace the test runner).
   """
-  environ = tuned_environ(dict(os.environ), _backend(), platform.libc_ver()[0])
+  environ = tuned_environ(dict(os.environ), _backend(), platform.libc_ver())
   if environ is None:
     return
   sys.stdout.flush()

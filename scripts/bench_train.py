@@ -22,6 +22,7 @@ import datetime
 import json
 import os
 import platform
+import resource
 import statistics
 import sys
 import time
@@ -230,10 +231,17 @@ def run_batch(name: str, impls: list[str], steps: int, warmup: int, rows: int, l
     assert abs(value - first["torch"]) <= 1e-4 * abs(first["torch"]), first
   jax_times = {impl: [] for impl in impls}
   torch_times = {impl: [] for impl in impls}
+  faults = {"im_jax": [], "torch": []}  # minor page faults per step (host_memory.py)
   for i in range(warmup + steps):
     for impl, runner in jax_runners.items():
       order = [("jax", runner.step), ("torch", torch_runner.step)]
-      pair = dict((key, _timed(fn)) for key, fn in (order if i % 2 == 0 else order[::-1]))
+      pair = {}
+      for key, fn in (order if i % 2 == 0 else order[::-1]):
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+        pair[key] = _timed(fn)
+        if i >= warmup:
+          faults["im_jax" if key == "jax" else "torch"].append(
+              resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
       if i >= warmup:
         jax_times[impl].append(pair["jax"])
         torch_times[impl].append(pair["torch"])
@@ -241,6 +249,7 @@ def run_batch(name: str, impls: list[str], steps: int, warmup: int, rows: int, l
   out = {"batch": f"{rows}x{length}", "tokens": tokens, "segments": len(lengths),
          "mean_segment_length": tokens / len(lengths), "steps": steps, "warmup": warmup,
          "first_loss": first, "model_flops_per_step": flops, "im_jax": {}, "torch": {},
+         "page_faults_per_step_median": {k: statistics.median(v) for k, v in faults.items()},
          "speedup": {}}
   for impl in impls:
     jt, tt = jax_times[impl], torch_times[impl]
@@ -298,6 +307,7 @@ def main() -> None:
       if not args.json:
         _print_batch(name, result)
   report["machine"]["load_avg_1m_at_end"] = os.getloadavg()[0]
+  report["machine"]["peak_rss_gib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
   report["xla_matmul_gflops_at_end"] = matmul_rate() / 1e9
   if args.json:
     print(json.dumps(report, indent=2))

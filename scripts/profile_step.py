@@ -7,7 +7,11 @@ produced it (the dump's stack frames): each projection's matmuls by name, attent
 RoPE, MLP elementwise, cross-entropy, optimizer, step glue, and compiler-made copies. Matmuls
 also get their FLOP rate, which shows the ones XLA runs as slow loops.
 
-    python scripts/profile_step.py [--size smollm2_135m] [--rows 4] [--length 512] [--json]
+    python scripts/profile_step.py [--size smollm2_135m] [--rows 4] [--length 512]
+        [--impl xla|blocked] [--json]
+
+Also reported: each untraced step's kernel (system) time and minor page faults, the cost
+that im_jax/host_memory.py removes (compare with IM_JAX_MALLOC=system).
 
 Thunks may overlap on the CPU runtime's thread pool, so the ops' sum can exceed the step's
 wall time; the table prints both.
@@ -15,12 +19,14 @@ wall time; the table prints both.
 
 import argparse
 import collections
+import dataclasses
 import glob
 import gzip
 import json
 import math
 import os
 import re
+import resource
 import sys
 import tempfile
 import time
@@ -159,7 +165,7 @@ def categorize(module: HloModule, instr: dict) -> tuple[str, float]:
   return f"other {functions[0]}", flops
 
 
-def profile(size: str, rows: int, length: int, chunk: int, steps: int) -> dict:
+def profile(size: str, rows: int, length: int, chunk: int, steps: int, impl: str) -> dict:
   dump = tempfile.mkdtemp(prefix="im_jax_hlo_")
   trace_dir = tempfile.mkdtemp(prefix="im_jax_trace_")
   os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
@@ -170,16 +176,22 @@ def profile(size: str, rows: int, length: int, chunk: int, steps: int) -> dict:
   import jax  # pylint: disable=g-import-not-at-top
   from im_jax import host_memory  # pylint: disable=g-import-not-at-top
 
-  config = bench_train.SIZES[size]
+  config = dataclasses.replace(bench_train.SIZES[size], attention_impl=impl)
   batch, lengths = bench_train.packed_batch(config, rows, length)
   runner = bench_train.JaxRunner(config, batch, chunk, 100)
   runner.step()  # compiles
-  walls = []
+  walls, kernel, faults = [], [], []
   for _ in range(steps):
+    before = resource.getrusage(resource.RUSAGE_SELF)
     t = time.perf_counter()
     runner.step()
     walls.append(time.perf_counter() - t)
-  jax.profiler.start_trace(trace_dir, create_perfetto_trace=True)
+    after = resource.getrusage(resource.RUSAGE_SELF)
+    kernel.append(after.ru_stime - before.ru_stime)
+    faults.append(after.ru_minflt - before.ru_minflt)
+  options = jax.profiler.ProfileOptions()
+  options.python_tracer_level = 0  # Python frames would slow the traced step further
+  jax.profiler.start_trace(trace_dir, create_perfetto_trace=True, profiler_options=options)
   t = time.perf_counter()
   runner.step()
   traced_wall = time.perf_counter() - t
@@ -206,7 +218,9 @@ def profile(size: str, rows: int, length: int, chunk: int, steps: int) -> dict:
     count[category] += 1
   total_flops = bench_train.model_flops(config, lengths)
   return {"size": size, "batch": f"{rows}x{length}", "tokens": sum(lengths),
-          "step_s_untraced_min": min(walls), "step_s_traced": traced_wall,
+          "attention_impl": impl, "step_s_untraced_min": min(walls),
+          "step_s_untraced": walls, "kernel_s_per_step": kernel, "page_faults_per_step": faults,
+          "step_s_traced": traced_wall,
           "model_flops_per_step": total_flops, "ops_seconds_sum": sum(seconds.values()),
           "hlo": hlo_path, "load_avg_1m": os.getloadavg()[0], "malloc": host_memory.status(),
           "categories": {c: {"seconds": s, "ops": count[c],
@@ -220,16 +234,19 @@ def main() -> None:
   parser.add_argument("--rows", type=int, default=4)
   parser.add_argument("--length", type=int, default=512)
   parser.add_argument("--chunk", type=int, default=128)
-  parser.add_argument("--steps", type=int, default=2, help="untimed-by-trace steps first")
+  parser.add_argument("--impl", default="xla", help="attention_impl (xla, blocked, ...)")
+  parser.add_argument("--steps", type=int, default=2, help="untraced timed steps first")
   parser.add_argument("--json", action="store_true")
   args = parser.parse_args()
-  result = profile(args.size, args.rows, args.length, args.chunk, args.steps)
+  result = profile(args.size, args.rows, args.length, args.chunk, args.steps, args.impl)
   if args.json:
     print(json.dumps(result, indent=1))
     return
-  print(f"{result['size']} {result['batch']}: step {result['step_s_untraced_min']:.2f} s "
-        f"(traced {result['step_s_traced']:.2f} s), ops sum {result['ops_seconds_sum']:.2f} s, "
-        f"load {result['load_avg_1m']:.2f}, {result['malloc']}")
+  print(f"{result['size']} {result['batch']} attention {result['attention_impl']}: step "
+        f"{result['step_s_untraced_min']:.2f} s (traced {result['step_s_traced']:.2f} s), "
+        f"kernel time {min(result['kernel_s_per_step']):.2f} s and "
+        f"{min(result['page_faults_per_step'])} page faults per step, ops sum "
+        f"{result['ops_seconds_sum']:.2f} s, load {result['load_avg_1m']:.2f}, {result['malloc']}")
   print("| category | seconds | share | ops | matmul GFLOP/s |\n| --- | ---: | ---: | ---: | ---: |")
   total = result["ops_seconds_sum"]
   for c, v in result["categories"].items():
