@@ -19,9 +19,10 @@ def get_config() -> ml_collections.ConfigDict:
   c.model.remat_policy = "none"  # none | minimal | full
   c.model.param_dtype = "float32"
   c.model.compute_dtype = "float32"  # bfloat16 on accelerators
-  # auto: splash on TPU, else xla | xla (runs everywhere) | splash (Pallas TPU kernel; off TPU
-  # interpreted, slow) | cudnn (fused, NVIDIA GPUs, unverified) | blocked (plain XLA, skips
-  # blocks of the packed rows' masked scores; long packed rows on CPU/GPU)
+  # auto: splash on TPU, blocked on CPU for rows >= 256, else xla | xla (runs everywhere) |
+  # splash (Pallas TPU kernel; off TPU interpreted, slow) | cudnn (fused, NVIDIA GPUs,
+  # unverified) | blocked (plain XLA, skips blocks of the packed rows' masked scores; long
+  # packed rows on CPU/GPU)
   c.model.attention_impl = "auto"
   # LoRA (README: LoRA): rank 0 = full fine-tuning; > 0 trains only adapters of this rank on
   # the frozen model.init_from weights (W + alpha/rank * B A).

@@ -208,3 +208,12 @@ def test_three_steps_on_a_mesh_equal_xla():
   np.testing.assert_allclose(results["blocked"][0], results["xla"][0], rtol=1e-5)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5),
                results["blocked"][1], results["xla"][1])
+
+
+def test_auto_picks_blocked_on_cpu_for_long_self_attention_only():
+  assert jax.default_backend() == "cpu"
+  long = attention.BLOCKED_MIN_LENGTH
+  assert attention.resolve_implementation("auto", long, long) == "blocked"
+  assert attention.resolve_implementation("auto", long - 1, long - 1) == "xla"  # too short
+  assert attention.resolve_implementation("auto", 1, long) == "xla"  # decoding with a cache
+  assert attention.resolve_implementation("xla", long, long) == "xla"  # explicit choice kept

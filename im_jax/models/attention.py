@@ -15,15 +15,28 @@ Implementation = Literal["auto", "xla", "splash", "cudnn", "blocked"]
 IMPLEMENTATIONS = ("auto", "xla", "splash", "cudnn", "blocked")
 
 
-def resolve_implementation(implementation: str) -> str:
-  """`auto`: splash where the trace's devices are TPUs, else xla (cuDNN is never picked: it
-  is unverified without a GPU)."""
+# `auto` picks blocked on CPU for self-attention over rows at least this long: 1.07x the
+# dense path's train step at 4 x 512 (SmolLM2), more at 2048 (docs/benchmarks.md); shorter
+# rows have too few blocks to skip.
+BLOCKED_MIN_LENGTH = 256
+
+
+def resolve_implementation(implementation: str, q_length: int | None = None,
+                           kv_length: int | None = None) -> str:
+  """`auto`: splash where the trace's devices are TPUs; blocked on CPUs for self-attention
+  over rows of BLOCKED_MIN_LENGTH or more; else xla. cuDNN is never picked (unverified
+  without a GPU), nor blocked on GPUs (unmeasured there)."""
   if implementation != "auto":
     return implementation
   layout = partitioning.current()
   platform = (layout.mesh.devices.flat[0].platform if layout is not None
               else jax.default_backend())
-  return "splash" if platform == "tpu" else "xla"
+  if platform == "tpu":
+    return "splash"
+  if (platform == "cpu" and q_length is not None and q_length == kv_length
+      and q_length >= BLOCKED_MIN_LENGTH):
+    return "blocked"
+  return "xla"
 
 
 def attention_mask(
@@ -66,7 +79,8 @@ def attention(
       "cudnn" (`jax.nn.dot_product_attention` with the same dense mask; GPU only, not yet
       verified on a GPU: the mask layout is tested through that function's XLA path),
       "blocked" (plain XLA that skips the (q block, kv block) pairs holding no live score;
-      self-attention only, see blocked_attention.py) or "auto" (splash on TPUs, else xla).
+      self-attention only, see blocked_attention.py) or "auto" (splash on TPUs, blocked on
+      CPUs for rows of BLOCKED_MIN_LENGTH or more, else xla).
 
   Returns:
     `[B, T, H, hd]` in q's dtype. Rows that may attend to nothing (padding) are exactly 0.
@@ -76,7 +90,7 @@ def attention(
   if h % kv_heads:
     raise ValueError(f"query heads {h} not divisible by kv heads {kv_heads}")
   scale = hd**-0.5 if scale is None else scale
-  implementation = resolve_implementation(implementation)
+  implementation = resolve_implementation(implementation, q.shape[1], k.shape[1])
   if implementation == "splash":
     if q.shape[1] != k.shape[1]:
       raise ValueError("splash attention is self-attention over one packed row (T == S)")

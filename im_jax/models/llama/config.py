@@ -69,7 +69,8 @@ class LlamaConfig:
   remat_policy: str = "none"
   param_dtype: str = "float32"
   compute_dtype: str = "float32"
-  attention_impl: str = "auto"  # auto (splash on TPU, else xla) | xla | splash | cudnn | blocked
+  # auto (splash on TPU, blocked on CPU for rows >= 256, else xla) | xla | splash | cudnn | blocked
+  attention_impl: str = "auto"
   lora: LoraConfig = LoraConfig()  # rank 0: no adapters
 
   def __post_init__(self):
