@@ -45,7 +45,11 @@ def tuned_environ(environ: dict[str, str], backend: str,
   if "glibc.malloc." in existing:  # the caller's own malloc settings win
     return None
   tunables = ":".join([t for t in [existing] if t] + list(TUNABLES))
-  return {**environ, "GLIBC_TUNABLES": tunables, ENV: "tuned"}
+  # im_jax's import told libtpu this host has no chip (TPU_WORKER_HOSTNAMES, ...) and chose the
+  # CPU backend in-process; the new process sees those variables and would skip that choice,
+  # so name the backend outright.
+  platforms = {"JAX_PLATFORMS": environ.get("JAX_PLATFORMS") or "cpu"}
+  return {**environ, "GLIBC_TUNABLES": tunables, ENV: "tuned", **platforms}
 
 
 def _backend() -> str:

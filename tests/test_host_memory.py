@@ -36,6 +36,7 @@ def test_tuned_environ_only_for_cpu_on_glibc_and_never_twice():
   tuned = host_memory.tuned_environ(env, "cpu", glibc)
   assert tuned["GLIBC_TUNABLES"] == ":".join(host_memory.TUNABLES)
   assert tuned[host_memory.ENV] == "tuned" and tuned["PATH"] == "/bin"
+  assert tuned["JAX_PLATFORMS"] == "cpu"  # the child must not probe libtpu
   assert host_memory.tuned_environ(tuned, "cpu", glibc) is None  # no loop
   assert host_memory.tuned_environ(env, "tpu", glibc) is None
   assert host_memory.tuned_environ(env, "cuda", glibc) is None
