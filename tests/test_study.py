@@ -174,7 +174,8 @@ def test_speed_probe_measures_tokens_per_second(smoke, shared_data_dir):
   tokens_per_sec, tokens_per_example = runner.measure_speed(study)
   assert tokens_per_sec > 0
   assert 10 < tokens_per_example <= scale.overrides["data.max_seq_len"]
-  assert (smoke / "probe" / "metrics.jsonl").is_file()
+  assert [p.name for p in (smoke / "probe").iterdir()] == [runner.digest(study.base_key())]
+  assert (smoke / "probe" / runner.digest(study.base_key()) / "metrics.jsonl").is_file()
 
 
 def test_subsets_never_overlap_the_held_out_sets(shared_data_dir):

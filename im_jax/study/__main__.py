@@ -6,7 +6,7 @@
 Experiments (--only picks some): overfitting, memorisation, data_size, length_ratio,
 second_seed (the LIMA IT-vs-IM comparison again with another seed).
 Scales: smoke (tiny random-init model, every experiment in minutes: tests the machinery),
-cpu (SmolLM2-135M-Instruct sized to about 3 hours of a 2-core CPU by a measured tokens/s),
+cpu (SmolLM2-135M-Instruct sized to about 2 hours of a 2-core CPU by a measured tokens/s),
 accelerator (any Hugging Face model given with --model hf:DIR; every method).
 
 Each run is an ordinary training workdir under DIR/runs/; each finished run's measures go to

@@ -57,11 +57,10 @@ def example_losses(mut: ModelUnderTest, conversations: Sequence[Conversation],
       template=templates.TemplateConfig(mut.template, strip_content=mut.strip_content),
       loss=weights_lib.LossMaskConfig("it"), max_seq_len=max_seq_len))
   examples = [encoder.encode(c) for c in conversations]
-  kept = [i for i, e in enumerate(examples) if e is not None]
-  longest = max([len(examples[i]["tokens"]) for i in kept] or [1])
-  length = 64  # powers of two: few shapes, so few compilations
-  while length < longest:
-    length *= 2
+  # Shortest first, each batch padded to a power of two over its longest: a batch of short
+  # examples does not pay for the longest one (few shapes, so few compilations).
+  kept = sorted((i for i, e in enumerate(examples) if e is not None),
+                key=lambda i: len(examples[i]["tokens"]))
   graphdef, state = nnx.split(mut.model)
 
   @jax.jit
@@ -78,6 +77,9 @@ def example_losses(mut: ModelUnderTest, conversations: Sequence[Conversation],
                                         "instruction": [None] * len(examples)}
   for start in range(0, len(kept), batch_size):
     rows = kept[start:start + batch_size]
+    length = 64
+    while length < len(examples[rows[-1]]["tokens"]):
+      length *= 2
     arrays = {k: np.zeros((batch_size, length), np.int32)
               for k in ("tokens", "targets", "kinds", "segments")}
     for r, i in enumerate(rows):

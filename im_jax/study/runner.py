@@ -10,6 +10,7 @@ resume). Results hold measures only, never checkpoints.
 
 import dataclasses
 import hashlib
+import json
 import pathlib
 import sys
 import time
@@ -31,6 +32,10 @@ class StudyStopped(RuntimeError):
 
 def ids_digest(conversations: Sequence[Conversation]) -> str:
   return hashlib.sha256("\n".join(str(c.id) for c in conversations).encode()).hexdigest()[:16]
+
+
+def digest(key: dict[str, Any]) -> str:
+  return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def say(message: str) -> None:
@@ -224,15 +229,17 @@ def measure_speed(study: Study) -> tuple[float, float]:
   """(training tokens/s of the model here, mean tokens per example at max_seq_len).
 
   A short `it` run (PROBE_STEPS steps) on the first pool examples of every dataset, in
-  OUT/probe; the first logged step holds the compilation and is left out.
+  OUT/probe/DIGEST (the settings' digest: a probe of other settings is never resumed as this
+  one); the first logged step holds the compilation and is left out.
   """
   pool = [c for s in study.splits.values() for c in s.pool[:16]]
   probe = plan_lib.Run(plan_lib.Subset("probe", "alpaca5k", len(pool)), "it", ())
   data = subsets.write_jsonl(study.out / "data" / "probe.jsonl", pool)
   c = plan_lib.config_for(probe, study.scale, data, study.start.init_from, study.start.tokenizer)
   c.train.max_steps = PROBE_STEPS
-  exp = experiment.build(c, study.out / "probe")
+  workdir = study.out / "probe" / digest(study.base_key())
+  exp = experiment.build(c, workdir)
   exp.run()
-  summary = report.summarize(report.load_run(study.out / "probe"))
+  summary = report.summarize(report.load_run(workdir))
   stats = exp.train_data.stats
   return summary.tokens_per_sec, stats.kept_tokens / max(stats.kept, 1)
