@@ -243,3 +243,17 @@ def test_bad_settings_are_one_line_and_exit_2(tmp_path, shared_data_dir, capsys,
   assert sorted(p.name for p in workdir.iterdir()) == ["checkpoints"]
   err = capsys.readouterr().err.strip().splitlines()
   assert code == 2 and len(err) == 1 and message in err[0], err
+
+
+def test_committed_cpu_results_give_the_claims_docs_study_states():
+  """docs/study.md's claim table is what the committed results (docs/study/) compute to."""
+  from im_jax.study import claims, results, writeup  # pylint: disable=g-import-not-at-top
+
+  root = pathlib.Path(__file__).resolve().parents[1]
+  records = {k: v for k, v in results.ResultStore(root / "docs" / "study").all().items()
+             if k != "sizing"}
+  verdicts = claims.verdicts(writeup.analyse(records))
+  assert len(verdicts) == 10
+  doc = (root / "docs" / "study.md").read_text()
+  for v in verdicts:
+    assert f"| {v['claim']} | {v['measured']} | {v['verdict']} |" in doc

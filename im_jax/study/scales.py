@@ -50,13 +50,14 @@ CPU = Scale(
                "checkpoint.every_steps": 8, "checkpoint.keep": 1, "export_hf": False},
     reasons={
         "data.max_seq_len": "512 tokens: a 2-core CPU; longer examples are cut on the right",
-        "data.packing": "best_fit: examples average ~200 tokens, so one per 512-token row "
-                        "(the paper's layout) left 60% of every step padding (85 tokens/s "
-                        "measured vs ~250 packed); the per-example loss is unchanged by "
-                        "packing (segments never attend across)",
-        "train.batch_size": "8 packed rows per step (~20 examples; paper: 128 examples) so "
-                            "that a few hundred examples still give tens of updates; lr stays "
-                            "the paper's 2e-5, fixed before any result",
+        "data.packing": "best_fit: examples average ~210 tokens, so one per 512-token row "
+                        "(the paper's layout) left ~60% of every step padding (the sizing "
+                        "probe measured 85 tokens/s unpacked, 176 packed); the per-example "
+                        "loss is unchanged by packing (segments never attend across)",
+        "train.batch_size": "8 packed rows per step (6-11 LIMA examples, ~20 of the shorter "
+                            "Alpaca and Dolly ones; paper: 128 examples) so that small subsets "
+                            "still give several updates per epoch; lr stays the paper's 2e-5, "
+                            "fixed before any result",
         "methods": "it and im only: NEFTune's runs would take a third of the budget from the "
                    "comparisons the paper's claims rest on",
         "train.epochs": "3 epochs: enough points for a per-epoch overfitting curve",

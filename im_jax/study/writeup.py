@@ -134,7 +134,8 @@ def _gains(records: Records, experiment: str, by: str) -> list[dict[str, Any]]:
     dataset = it["subset"]["dataset"]
     a, b = it["held_out"][dataset]["output"], im["held_out"][dataset]["output"]
     rows.append({"subset": name, by: it["subset"]["size" if by == "size" else "band"],
-                 "examples": it["subset"]["size"], "length_ratio": it["length_ratio"],
+                 "examples": it.get("data_stats", {}).get("kept", it["subset"]["size"]),
+                 "length_ratio": it["length_ratio"],
                  "it": it["held_out"][dataset]["output_mean"],
                  "im": im["held_out"][dataset]["output_mean"], "gain": _diff(a, b),
                  # Held-out examples are shared: gains pair across subsets too (claims).
@@ -211,7 +212,7 @@ def markdown(analysis: dict[str, Any], header: dict[str, Any]) -> str:
                              ("4. Length ratio (paper Fig. 2)", "length_ratio", "band")):
     parts.append(f"\n## {title}: held-out gain of IM = IT - IM output loss\n\n")
     parts.append(_table(
-        [column, "examples", "length ratio", "IT", "IM", "gain [95% CI]", "share IM better"],
+        [column, "examples kept", "length ratio", "IT", "IM", "gain [95% CI]", "share IM better"],
         [[r[column], r["examples"], _fmt(r["length_ratio"], 3), _fmt(r["it"]), _fmt(r["im"]),
           _ci(r["gain"]), _fmt(r["gain"]["positive_fraction"], 2)]
          for r in analysis[key]]) if analysis[key] else NOT_RUN)
