@@ -34,16 +34,14 @@ SMOKE = Scale(
     name="smoke", model="tiny", overfit_size=24, sizes=(8, 16, 24), ratio_size=16,
     held_out=12, train_eval=12, generations=4, max_new_tokens=8, extra_methods=(),
     overrides={"data.max_seq_len": 128, "data.packing": "best_fit", "train.batch_size": 8,
-               "train.epochs": 2,
-               "eval.batch_size": 8, "checkpoint.every_steps": 1000, "checkpoint.keep": 1},
+               "train.epochs": 2, "eval.batch_size": 8, "checkpoint.every_steps": 1000,
+               "checkpoint.keep": 1},
     reasons={"all": "a random-init 2-layer model on a CPU: tests the machinery, not the paper"})
 
 CPU = Scale(
     name="cpu", model="smollm2_135m", overfit_size=256, sizes=(64, 128, 256), ratio_size=128,
     held_out=100, train_eval=100, generations=32, max_new_tokens=64,
-    # NEFTune's pair would take a third of the budget from the IT-vs-IM comparisons the
-    # claims rest on (measured speed, 2026-12-01): left to the accelerator scale.
-    extra_methods=(),
+    extra_methods=(),  # why: reasons["methods"]
     overrides={"data.max_seq_len": 512, "data.packing": "best_fit", "train.batch_size": 8,
                "train.grad_accum": 2, "loss.chunk_size": 128, "train.epochs": 3,
                "eval.batch_size": 8, "model.compute_dtype": "float32",
