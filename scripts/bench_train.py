@@ -61,12 +61,17 @@ def matmul_rate(n: int = 2048, reps: int = 10) -> float:
   b = jax.random.normal(jax.random.PRNGKey(1), (n, n), jnp.float32)
   f = jax.jit(jnp.matmul)
   f(a, b).block_until_ready()
-  times = []
-  for _ in range(reps):
-    t = time.perf_counter()
-    f(a, b).block_until_ready()
-    times.append(time.perf_counter() - t)
-  return 2 * n**3 / min(times)
+  return 2 * n**3 / min(_timed(lambda: f(a, b).block_until_ready()) for _ in range(reps))
+
+
+def torch_matmul_rate(n: int = 2048, reps: int = 10) -> float:
+  """The same through PyTorch (its BLAS): with XLA's, it says how much of a step ratio is the
+  two matmul libraries on this CPU rather than the two steps."""
+  import torch
+  torch.set_num_threads(THREADS)
+  a, b = torch.randn(n, n), torch.randn(n, n)
+  torch.matmul(a, b)
+  return 2 * n**3 / min(_timed(lambda: torch.matmul(a, b)) for _ in range(reps))
 
 
 def packed_batch(config: LlamaConfig, rows: int, length: int, seed: int = 0):
@@ -299,7 +304,8 @@ def main() -> None:
                   "xla_flags": os.environ.get("XLA_FLAGS", ""),
                   "python": platform.python_version(), "jax": jax.__version__,
                   "load_avg_1m_at_start": os.getloadavg()[0], "malloc": host_memory.status()},
-      "xla_matmul_gflops": peak / 1e9, "sizes": {}}
+      "xla_matmul_gflops": peak / 1e9, "torch_matmul_gflops": torch_matmul_rate() / 1e9,
+      "sizes": {}}
   impls = args.impls.split(",")
   for name in args.sizes.split(","):
     steps = args.steps or (20 if name == "tiny" else 5)
@@ -314,11 +320,14 @@ def main() -> None:
   report["machine"]["load_avg_1m_at_end"] = os.getloadavg()[0]
   report["machine"]["peak_rss_gib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
   report["xla_matmul_gflops_at_end"] = matmul_rate() / 1e9
+  report["torch_matmul_gflops_at_end"] = torch_matmul_rate() / 1e9
   if args.json:
     print(json.dumps(report, indent=2))
   else:
     print(f"XLA float32 matmul: {peak / 1e9:.1f} GFLOP/s at start, "
-          f"{report['xla_matmul_gflops_at_end']:.1f} at end, on {THREADS} threads "
+          f"{report['xla_matmul_gflops_at_end']:.1f} at end (PyTorch: "
+          f"{report['torch_matmul_gflops']:.1f} / {report['torch_matmul_gflops_at_end']:.1f}), "
+          f"on {THREADS} threads "
           f"({report['machine']['cpu']}); load {report['machine']['load_avg_1m_at_start']:.2f}"
           f" -> {report['machine']['load_avg_1m_at_end']:.2f}; {report['machine']['malloc']}")
 
@@ -364,13 +373,19 @@ def _transparent_hugepages() -> str:
 
 
 def _cpu_model() -> str:
+  fields = {}
   try:
     with open("/proc/cpuinfo") as f:
       for line in f:
-        if line.startswith("model name"):
-          return line.split(":", 1)[1].strip()
+        if line.startswith(("cpu family", "model")):
+          key, value = (x.strip() for x in line.split(":", 1))
+          fields.setdefault(key, value)
   except OSError:
     pass
+  # "AMD EPYC" alone does not tell one generation from another: family/model do.
+  if "model name" in fields:
+    return (f"{fields['model name']} (family {fields.get('cpu family', '?')}, "
+            f"model {fields.get('model', '?')})")
   return platform.processor()
 
 

@@ -150,12 +150,65 @@ def test_chunked_cross_entropy_equals_autodiff_of_full_logits(chunk_size):
     np.testing.assert_allclose(a, b_, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("normalization,chunk_size", [("sequence", 0), ("sequence", 12),
+                                                      ("token", 0), ("token", 24)])
+def test_ce_and_numerator_equals_autodiff_of_the_full_loss(normalization, chunk_size):
+  """The forward-formed gradients equal plain autodiff of loss_sums over materialised logits."""
+  batch = _batch(instruction_weight=0.3)
+  batch["loss_weights"][0, batch["segment_ids"][0] == 1] = 0.0  # an example with no weight
+  jbatch = {k: jnp.asarray(v) for k, v in batch.items()}
+  rng = np.random.default_rng(4)
+  hidden = jnp.asarray(rng.normal(size=batch["targets"].shape + (16,)), jnp.float32)
+  emb = jnp.asarray(rng.normal(size=(16, VOCAB)), jnp.float32)
+
+  def reference(h, w):
+    ce = loss.cross_entropy(loss.project_logits(h, w), jbatch["targets"])
+    return loss.loss_sums(ce, jbatch, normalization)["numerator"]
+
+  def fused(h, w):
+    ce, numerator = loss.ce_and_numerator(
+        h, w, jbatch["targets"], loss.numerator_token_grads(jbatch, normalization), chunk_size)
+    sums = loss.loss_sums(ce, jbatch, normalization, numerator=numerator)
+    return sums["numerator"], (ce, sums)
+
+  (num, (ce, sums)), grads = jax.jit(jax.value_and_grad(fused, argnums=(0, 1), has_aux=True))(
+      hidden, emb)
+  num_ref, grads_ref = jax.value_and_grad(reference, argnums=(0, 1))(hidden, emb)
+  _, np_num, np_den = _np_reference(np.einsum("btd,dv->btv", hidden, emb), batch, normalization)
+  np.testing.assert_allclose(num, np_num, rtol=1e-5)
+  np.testing.assert_allclose(num, num_ref, rtol=1e-5)
+  np.testing.assert_allclose(sums["denominator"], np_den, rtol=1e-6)
+  np.testing.assert_allclose(ce, _np_ce(np.einsum("btd,dv->btv", hidden, emb),
+                                        batch["targets"]), rtol=1e-5, atol=1e-5)
+  for g, g_ref in zip(grads, grads_ref):
+    assert float(jnp.max(jnp.abs(g_ref))) > 0
+    np.testing.assert_allclose(g, g_ref, rtol=1e-4, atol=1e-6)
+  # The CE it returns is for metrics: no gradient flows through it.
+  g_ce = jax.grad(lambda h: jnp.sum(fused(h, emb)[1][0]))(hidden)
+  assert not np.any(np.asarray(g_ce))
+
+
+def test_ce_and_numerator_runs_the_logits_matmul_three_times_not_four():
+  """Its backward does not recompute the logits (chunked_cross_entropy's does)."""
+  b, t, d, v = 1, 32, 8, 64
+  args = (jnp.zeros((b, t, d)), jnp.zeros((d, v)), jnp.zeros((b, t), jnp.int32))
+
+  def dots(fn):
+    text = jax.jit(jax.grad(fn, argnums=(0, 1))).lower(*args).as_text()
+    return text.count("stablehlo.dot_general")
+
+  fused = lambda h, w, y: loss.ce_and_numerator(h, w, y, jnp.ones(y.shape), 8)[1]
+  recomputing = lambda h, w, y: jnp.sum(loss.chunked_cross_entropy(h, w, y, 8))
+  assert (dots(fused), dots(recomputing)) == (3, 4)
+
+
 def test_chunked_cross_entropy_never_builds_full_logits():
   b, t, d, v, chunk = 1, 64, 8, 4096, 16
   args = (jnp.zeros((b, t, d)), jnp.zeros((d, v)), jnp.zeros((b, t), jnp.int32))
-  fn = lambda h, w, y: jnp.sum(loss.chunked_cross_entropy(h, w, y, chunk))
-  hlo = jax.jit(jax.grad(fn, argnums=(0, 1))).lower(*args).as_text()
-  assert f"{t}x{v}" not in hlo and f"{chunk}x{v}" in hlo
+  for fn in (lambda h, w, y: jnp.sum(loss.chunked_cross_entropy(h, w, y, chunk)),
+             lambda h, w, y: loss.ce_and_numerator(h, w, y, jnp.ones(y.shape), chunk)[1]):
+    hlo = jax.jit(jax.grad(fn, argnums=(0, 1))).lower(*args).as_text()
+    assert f"{t}x{v}" not in hlo and f"{chunk}x{v}" in hlo
 
 
 def test_im_minus_it_numerator_is_instruction_ce():

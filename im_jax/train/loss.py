@@ -115,6 +115,56 @@ def chunked_cross_entropy(hidden: jax.Array, output_embedding: jax.Array, target
   return ce[:, :length]
 
 
+def ce_and_numerator(hidden: jax.Array, output_embedding: jax.Array, targets: jax.Array,
+                     token_grads: jax.Array, chunk_size: int) -> tuple[jax.Array, jax.Array]:
+  """(per-token CE [B, T] for metrics, the loss numerator sum_t token_grads_t * CE_t).
+
+  `token_grads` [B, T] is d numerator / d CE_t (`numerator_token_grads`): the numerator is
+  linear in the CE, so it depends on the batch alone and is known before the backward pass.
+  That lets the forward form the numerator's gradients (hidden states and output embedding)
+  chunk by chunk while each chunk's logits are at hand; the backward only scales them. Three
+  passes of the [D, V] matmul instead of `chunked_cross_entropy`'s four (its backward
+  recomputes the logits): a quarter of the cross-entropy's FLOPs, on any backend. The CE
+  returned carries no gradient, so the numerator is the only way to differentiate the loss.
+  """
+  length = hidden.shape[1]
+  n, (hidden, targets, token_grads) = pad_to_chunks(chunk_size, hidden, targets,
+                                                    token_grads.astype(jnp.float32))
+  ce, numerator = _ce_numerator(hidden, output_embedding, targets, token_grads, n)
+  return jax.lax.stop_gradient(ce[:, :length]), numerator
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
+def _ce_numerator(hidden, w, targets, token_grads, n):
+  ce = _fused_ce_fwd(hidden, w, targets, n)[0]  # no gradient asked for: the forward alone
+  return ce, jnp.sum(ce * token_grads)
+
+
+def _ce_numerator_fwd(hidden, w, targets, token_grads, n):
+  def body(dw, xs):
+    h, t, tg = xs
+    logits = project_logits(h, w)
+    log_z = jax.nn.logsumexp(logits, axis=-1)
+    dh, dw_chunk = _backprop_logits(logits, log_z, t, tg, h, w)
+    return dw + dw_chunk, (log_z - target_logit(logits, t), dh.astype(hidden.dtype))
+
+  xs = (to_chunks(hidden, n), to_chunks(targets, n), to_chunks(token_grads, n))
+  dw, (ce, dh) = jax.lax.scan(body, jnp.zeros(w.shape, jnp.float32), xs)
+  ce = from_chunks(ce)
+  return (ce, jnp.sum(ce * token_grads)), (from_chunks(dh), dw.astype(w.dtype), ce)
+
+
+def _ce_numerator_bwd(n, residuals, cotangents):
+  del n
+  dh, dw, ce = residuals
+  # The CE output's cotangent is zero: `ce_and_numerator` stops its gradient.
+  _, g = cotangents
+  return (dh * g).astype(dh.dtype), (dw * g).astype(dw.dtype), None, ce * g
+
+
+_ce_numerator.defvjp(_ce_numerator_fwd, _ce_numerator_bwd)
+
+
 def pad_to_chunks(chunk_size: int, *xs: jax.Array) -> tuple[int, list[jax.Array]]:
   """(number of chunks, `xs` [B, T, ...] padded on T to a multiple of the chunk length).
 
@@ -155,20 +205,23 @@ def _fused_ce_fwd(hidden, w, targets, n):
 
 def _fused_ce_bwd(n, residuals, g):
   hidden, w, targets, log_z = residuals
-  vocab = w.shape[-1]
 
   def body(dw, xs):
     h, t, lz, gc = xs
-    logits = project_logits(h, w)
-    one_hot = jax.nn.one_hot(t, vocab, dtype=jnp.float32)
-    dlogits = ((jnp.exp(logits - lz[..., None]) - one_hot) * gc[..., None]).astype(w.dtype)
-    dh = jnp.einsum("bcv,dv->bcd", dlogits, w, preferred_element_type=jnp.float32)
-    dw = dw + jnp.einsum("bcd,bcv->dv", h, dlogits, preferred_element_type=jnp.float32)
-    return dw, dh.astype(hidden.dtype)
+    dh, dw_chunk = _backprop_logits(project_logits(h, w), lz, t, gc, h, w)
+    return dw + dw_chunk, dh.astype(hidden.dtype)
 
   xs = (to_chunks(hidden, n), to_chunks(targets, n), log_z, to_chunks(g, n))
   dw, dh = jax.lax.scan(body, jnp.zeros(w.shape, jnp.float32), xs)
   return from_chunks(dh), dw.astype(w.dtype), None
+
+
+def _backprop_logits(logits, log_z, targets, g, h, w):
+  """Float32 (d/dh, d/dw) of sum_t g_t CE_t for one chunk: (softmax - one_hot) * g, in one pass."""
+  one_hot = jax.nn.one_hot(targets, w.shape[-1], dtype=jnp.float32)
+  dlogits = ((jnp.exp(logits - log_z[..., None]) - one_hot) * g[..., None]).astype(w.dtype)
+  dh = jnp.einsum("bcv,dv->bcd", dlogits, w, preferred_element_type=jnp.float32)
+  return dh, jnp.einsum("bcd,bcv->dv", h, dlogits, preferred_element_type=jnp.float32)
 
 
 _fused_ce.defvjp(_fused_ce_fwd, _fused_ce_bwd)
@@ -192,20 +245,36 @@ def _kind_mask(kinds: jax.Array, group: tuple[int, ...]) -> jax.Array:
   return mask
 
 
+def numerator_token_grads(batch: Batch, normalization: Normalization) -> jax.Array:
+  """d numerator / d CE_t [B, T] float32 for `ce_and_numerator`.
+
+  The numerator is linear in the per-token CE, so its gradient depends on the batch alone:
+  the loss weights (token), or each weight over its example's weight sum (sequence).
+  """
+  weights, segments = _loss_weights(batch), batch["segment_ids"]
+  return jax.grad(lambda ce: _normalized(ce, weights, segments, normalization)[0])(
+      jnp.zeros(weights.shape, jnp.float32))
+
+
+def _loss_weights(batch: Batch) -> jax.Array:
+  # The contract puts no weight on padding; zero it anyway so a stray weight cannot leak.
+  return jnp.where(batch["segment_ids"] > 0, batch["loss_weights"].astype(jnp.float32), 0.0)
+
+
 def loss_sums(ce: jax.Array, batch: Batch, normalization: Normalization,
-              kl: jax.Array | None = None, kl_to_base: float = 0.0) -> LossSums:
+              kl: jax.Array | None = None, kl_to_base: float = 0.0,
+              numerator: jax.Array | None = None) -> LossSums:
   """Reduces per-token CE [B, T] to the numerator, denominator and metric sums.
 
   With a per-token `kl` [B, T] (train/kl.py) the numerator is that of CE + kl_to_base * KL:
   the KL weighted and normalised as the CE (the same denominator); KL_NUMERATOR holds its
-  own numerator for the `kl` metric.
+  own numerator for the `kl` metric. `numerator`: the CE's numerator as `ce_and_numerator`
+  formed it (differentiable; its `ce` then serves the metrics and denominator only).
   """
   ce = ce.astype(jnp.float32)
-  weights = batch["loss_weights"].astype(jnp.float32)
-  segments = batch["segment_ids"]
-  # The contract puts no weight on padding; zero it anyway so a stray weight cannot leak.
-  weights = jnp.where(segments > 0, weights, 0.0)
-  numerator, denominator = _normalized(ce, weights, segments, normalization)
+  weights, segments = _loss_weights(batch), batch["segment_ids"]
+  ce_numerator, denominator = _normalized(ce, weights, segments, normalization)
+  numerator = ce_numerator if numerator is None else numerator
   kinds = batch["target_kinds"]
   real = segments > 0
   sums = {NUMERATOR: numerator, DENOMINATOR: denominator}

@@ -40,7 +40,7 @@ from im_jax.models import lora, partitioning
 from im_jax.train import kl as kl_lib
 from im_jax.train import neftune, optim, sharding
 from im_jax.train.loss import (DENOMINATOR, NUMERATOR, Batch, LossConfig, LossSums,
-                               chunked_cross_entropy, finalize, loss_sums)
+                               ce_and_numerator, finalize, loss_sums, numerator_token_grads)
 
 # loss_fn(model, batch, rng) -> sums with at least NUMERATOR and DENOMINATOR. `rng` is a key
 # in training and None in evaluation (no noise, no dropout). When the state holds a reference
@@ -101,9 +101,10 @@ def make_loss_fn(config: LossConfig = LossConfig(), neftune_alpha: float = 0.0) 
     if config.kl_to_base > 0:
       ce, kl = kl_lib.ce_and_kl(model, hidden, reference, batch, config)
       return loss_sums(ce, batch, config.normalization, kl, config.kl_to_base)
-    ce = chunked_cross_entropy(hidden, model.output_embedding(), batch["targets"],
-                               config.chunk_size)
-    return loss_sums(ce, batch, config.normalization)
+    ce, numerator = ce_and_numerator(hidden, model.output_embedding(), batch["targets"],
+                                     numerator_token_grads(batch, config.normalization),
+                                     config.chunk_size)
+    return loss_sums(ce, batch, config.normalization, numerator=numerator)
 
   return loss_fn
 
