@@ -12,6 +12,7 @@ import pytest
 
 from im_jax.study import __main__ as study_main
 from im_jax.study import plan as plan_lib
+from im_jax.study import claims as claims_lib
 from im_jax.study import scales, sizing, statistics, subsets
 
 FILES = ("results.json", "results.md", "curves_lima.png", "curves_alpaca5k.png",
@@ -74,7 +75,7 @@ def test_smoke_writes_every_file_and_well_formed_tables(smoke):
   # 2 x overfitting (train, held-out), 2 for the second seed, 2 x memorisation, ratio, size
   assert len(claims) == 10
   assert analysis["second_seed"]["seed"] == plan_lib.SECOND_SEED
-  assert {c["verdict"] for c in claims} <= {"reproduced", "within noise", "opposite"}
+  assert {c["verdict"] for c in claims} <= set(claims_lib.VERDICTS)
 
 
 def test_smoke_trained_and_the_untrained_baseline_is_worse(smoke):
@@ -210,6 +211,17 @@ def test_paired_bootstrap_interval():
   assert not noise.excludes_zero
   with pytest.raises(ValueError):
     statistics.paired_difference([1.0], [1.0, 2.0])
+
+
+def test_a_verdict_needs_enough_examples():
+  """One example's bootstrap is a point that excludes 0: it must not read as reproduced."""
+  one = statistics.paired_difference([2.0], [1.0]).as_dict()
+  assert one["low"] == one["high"] == 1.0
+  assert claims_lib._verdict(one, +1) == "too few examples"
+  n = claims_lib.MIN_EXAMPLES
+  enough = statistics.paired_difference([2.0, 2.1] * (n // 2), [1.0] * n).as_dict()
+  assert claims_lib._verdict(enough, +1) == "reproduced"
+  assert claims_lib._verdict(enough, -1) == "opposite"
 
 
 def test_cpu_sizing_shrinks_to_the_budget_only_when_needed():

@@ -1,6 +1,8 @@
 """The paper's claims, each judged from the measured intervals, never from a threshold of
 our choosing: a claim is "reproduced" when its 95% interval lies on the paper's side of 0,
-"opposite" when it lies on the other side, and "within noise" when it contains 0.
+"opposite" when it lies on the other side, and "within noise" when it contains 0. Fewer than
+MIN_EXAMPLES paired examples give "too few examples": a bootstrap over one example is a point
+(its interval cannot contain 0), and over a handful it undercovers.
 
 Differences are IT minus IM per held-out example, so the paper expects:
   - train output loss: IM higher (IT - IM < 0 on the training examples);
@@ -16,7 +18,13 @@ from typing import Any
 from im_jax.study import statistics
 
 
+MIN_EXAMPLES = 10
+VERDICTS = ("reproduced", "within noise", "opposite", "too few examples")
+
+
 def _verdict(diff: dict[str, Any], expected_sign: int) -> str:
+  if diff["examples"] < MIN_EXAMPLES:
+    return "too few examples"
   if diff["low"] <= 0 <= diff["high"]:
     return "within noise"
   return "reproduced" if (diff["mean"] > 0) == (expected_sign > 0) else "opposite"
