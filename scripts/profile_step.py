@@ -144,7 +144,7 @@ def categorize(module: HloModule, instr: dict) -> tuple[str, float]:
   if "loss.py" in files:
     return f"cross-entropy {kind} {direction}", flops
   for path, function, line in stack:
-    if function == "Dense.__call__":
+    if function in ("Dense.__call__", "_contract"):
       continue
     if os.path.basename(path) == "model.py":
       if dots:
@@ -152,7 +152,8 @@ def categorize(module: HloModule, instr: dict) -> tuple[str, float]:
         if called:
           return f"{called.group(1)} matmul {direction}", flops
       break
-  inner_fn = next((fn for f, fn, _ in stack if os.path.basename(f) == "model.py"), "")
+  inner_fn = next((fn for f, fn, _ in stack if os.path.basename(f) == "model.py"
+                   and fn not in ("Dense.__call__", "_contract")), "")
   names = {"RMSNorm.__call__": "rmsnorm", "apply_rope": "rope", "rope_cos_sin": "rope",
            "MLP.__call__": "mlp silu*up", "Llama.embed": "embedding",
            "Block.__call__": "residual adds", "Llama.output_embedding": "output embedding"}

@@ -12,6 +12,7 @@ Every `nnx.Param` carries `logical_axes` metadata; with `scan_layers` the decode
 one stacked `Block` (leading `layers` axis) run by `jax.lax.scan`, else an `nnx.List`.
 """
 
+import math
 from collections.abc import Callable, Sequence
 
 import flax.struct
@@ -80,12 +81,24 @@ class Dense(nnx.Module):
 
   def __call__(self, x: jax.Array) -> jax.Array:
     dt = self.compute_dtype
-    y = jnp.tensordot(x.astype(dt), self.kernel[...].astype(dt), axes=self.n_in)
+    y = _contract(x.astype(dt), self.kernel[...].astype(dt), self.n_in)
     if self.lora is not None and (delta := self.lora(x, dt)) is not None:
       y = y + delta
     if self.bias is not None:
       y = y + self.bias[...].astype(dt)
     return y
+
+
+def _contract(x: jax.Array, kernel: jax.Array, n_in: int) -> jax.Array:
+  """`tensordot(x, kernel, n_in)` as one 2-D matmul: [tokens, inputs] @ [inputs, outputs].
+
+  Same numbers; the reshapes are free. Why: the gradient of a tensordot over [B, T, ...]
+  contracts two dims, and XLA:CPU then writes the SwiGLU gradient transposed for the
+  weight-gradient matmul (SmolLM2 MLP forward + backward 375 -> 293 ms per layer flat).
+  """
+  lead, ins, outs = x.shape[:x.ndim - n_in], kernel.shape[:n_in], kernel.shape[n_in:]
+  y = x.reshape(-1, math.prod(ins)) @ kernel.reshape(math.prod(ins), math.prod(outs))
+  return y.reshape(*lead, *outs)
 
 
 class RMSNorm(nnx.Module):
