@@ -119,6 +119,10 @@ def _source_line(path: str, line: int) -> str:
   return lines[line - 1] if 0 < line <= len(lines) else ""
 
 
+# Frames of Dense's own code: a matmul is named by the model line that called the Dense.
+_DENSE_FRAMES = ("Dense.__call__", "_contract")
+
+
 def categorize(module: HloModule, instr: dict) -> tuple[str, float]:
   """(category, matmul FLOPs) of one executed op."""
   inner = module.computations.get(instr["calls"] or "", [])
@@ -144,7 +148,7 @@ def categorize(module: HloModule, instr: dict) -> tuple[str, float]:
   if "loss.py" in files:
     return f"cross-entropy {kind} {direction}", flops
   for path, function, line in stack:
-    if function in ("Dense.__call__", "_contract"):
+    if function in _DENSE_FRAMES:
       continue
     if os.path.basename(path) == "model.py":
       if dots:
@@ -153,7 +157,7 @@ def categorize(module: HloModule, instr: dict) -> tuple[str, float]:
           return f"{called.group(1)} matmul {direction}", flops
       break
   inner_fn = next((fn for f, fn, _ in stack if os.path.basename(f) == "model.py"
-                   and fn not in ("Dense.__call__", "_contract")), "")
+                   and fn not in _DENSE_FRAMES), "")
   names = {"RMSNorm.__call__": "rmsnorm", "apply_rope": "rope", "rope_cos_sin": "rope",
            "MLP.__call__": "mlp silu*up", "Llama.embed": "embedding",
            "Block.__call__": "residual adds", "Llama.output_embedding": "output embedding"}
