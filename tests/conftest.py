@@ -79,3 +79,22 @@ def compilation_cache(tmp_path_factory):
   for name, value in saved.items():
     jax.config.update(name, value)
   cc.reset_cache()
+
+
+@pytest.fixture(scope="session")
+def _subprocess_cache_dir(tmp_path_factory) -> pathlib.Path:
+  return tmp_path_factory.mktemp("jax_cache_subprocesses")
+
+
+@pytest.fixture(scope="module")
+def subprocess_compilation_cache(_subprocess_cache_dir):
+  """Training and eval commands that a test module starts as subprocesses share one
+  persistent compilation cache for the session: a killed run, its resume and the
+  uninterrupted reference compile the same step once (a tiny run: ~33 s -> ~20 s here).
+  Set in the environment only, after this process imported jax, so the tests' own
+  compilations (virtual-TPU plans included) are untouched; subprocesses inherit it."""
+  with pytest.MonkeyPatch.context() as patch:
+    patch.setenv("JAX_COMPILATION_CACHE_DIR", str(_subprocess_cache_dir))
+    patch.setenv("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+    patch.setenv("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "-1")
+    yield

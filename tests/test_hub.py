@@ -25,6 +25,9 @@ from im_jax.data import sources
 from im_jax.data.conversation import DataError
 from im_jax.data.stats import load_tokenizer
 
+# The training/eval commands this module starts share compiled steps (tests/conftest.py).
+pytestmark = pytest.mark.usefixtures("subprocess_compilation_cache")
+
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 MODEL, DATASET = "testorg/tiny-llama", "testorg/chat"
 REVISION = "0123456789abcdef0123456789abcdef01234567"

@@ -17,6 +17,9 @@ from im_jax.data import synthetic
 from im_jax.train.metrics_log import read_metrics
 from tests import fixtures_lib
 
+# The training/eval commands this module starts share compiled steps (tests/conftest.py).
+pytestmark = pytest.mark.usefixtures("subprocess_compilation_cache")
+
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 STEPS = 24
 KL = ("--config.loss.kl_to_base=0.5",)
