@@ -123,6 +123,23 @@ def test_rerun_skips_finished_work(smoke, shared_data_dir, capsys):
   assert {p: p.stat().st_mtime_ns for p in results} == before
 
 
+def test_baseline_scored_on_other_examples_is_not_reused(smoke, shared_data_dir, capsys,
+                                                         monkeypatch):
+  """The baseline's key names the training examples it was scored on: when they change, the
+  stored baseline is stale (the study stops and names it) instead of being reused."""
+  from im_jax.study import runner  # pylint: disable=g-import-not-at-top
+
+  drawn = runner._baseline_train  # pylint: disable=protected-access
+  monkeypatch.setattr(runner, "_baseline_train", lambda study, d: drawn(study, d)[::-1])
+  files = sorted((smoke / "results" / "smoke").glob("*.json"))
+  before = {p: p.read_bytes() for p in files}
+  code = study_main.main(["--out", str(smoke), "--scale", "smoke",
+                          "--data-dir", str(shared_data_dir)])
+  err = capsys.readouterr().err
+  assert code != 0 and "baseline_" in err and "other settings" in err, err[-2000:]
+  assert {p: p.read_bytes() for p in files} == before
+
+
 @pytest.mark.parametrize("scale", list(scales.SCALES.values()), ids=list(scales.SCALES))
 def test_every_planned_run_has_a_valid_config(scale, tmp_path):
   from im_jax import settings  # pylint: disable=g-import-not-at-top

@@ -116,9 +116,12 @@ def baseline(study: Study, datasets: Sequence[str]) -> None:
   the first training examples of their subset: one result per dataset."""
   todo = []
   for dataset in datasets:
-    key = {**study.base_key(), "dataset": dataset}
+    train = _baseline_train(study, dataset)
+    # The training examples it is scored on are part of the key: a change in how subsets
+    # are drawn must not reuse a baseline scored on other examples.
+    key = {**study.base_key(), "dataset": dataset, "train_examples": ids_digest(train)}
     if study.store.get(baseline_name(dataset), key) is None:
-      todo.append((dataset, key))
+      todo.append((dataset, train, key))
   if not todo:
     say("baseline: done (from results)")
     return
@@ -133,14 +136,18 @@ def baseline(study: Study, datasets: Sequence[str]) -> None:
     mcfg = experiment.model_config(c, len(tokenizer))
     mut = evaluation.ModelUnderTest(Llama(mcfg, rngs=nnx.Rngs(c.train.seed)), tokenizer,
                                     c.data.template, c.data.strip_content)
-  for dataset, key in todo:
-    train = []
-    if dataset in plan_lib.OVERFIT_DATASETS:
-      subset = plan_lib.overfit_subset(study.scale, dataset)
-      train = plan_lib.subset_conversations(subset, study.splits[dataset], study.max_seq_len())
-    value = evaluate_model(study, mut, [dataset], train[:study.scale.train_eval],
-                           c.data.max_seq_len)
+  for dataset, train, key in todo:
+    value = evaluate_model(study, mut, [dataset], train, c.data.max_seq_len)
     study.store.put(baseline_name(dataset), key, value)
+
+
+def _baseline_train(study: Study, dataset: str) -> list[Conversation]:
+  """The training examples the baseline is scored on: the first of the overfitting subset."""
+  if dataset not in plan_lib.OVERFIT_DATASETS:
+    return []
+  subset = plan_lib.overfit_subset(study.scale, dataset)
+  train = plan_lib.subset_conversations(subset, study.splits[dataset], study.max_seq_len())
+  return train[:study.scale.train_eval]
 
 
 def epoch_curves(workdir: pathlib.Path, steps_per_epoch: int) -> list[dict[str, Any]]:
