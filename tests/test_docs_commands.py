@@ -1,6 +1,7 @@
 """Every command line shown in README.md and docs/*.md still works, so the docs cannot drift.
 
-Commands are collected generically: any `python -m im_jax...`, `python scripts/...`,
+Commands are collected generically: any `python -m im_jax...`, `im-jax COMMAND ...` (read as
+`python -m im_jax.COMMAND ...`), `python scripts/...`,
 `bash scripts/...` or `scripts/...` in a code block (continuation lines joined, leading
 `VAR=value` settings dropped) or an inline code span. Each is checked against the code:
 
@@ -30,6 +31,7 @@ import sys
 
 import pytest
 
+from im_jax import __main__ as dispatcher
 from im_jax import settings
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -42,7 +44,7 @@ HELP_ONLY: set[str] = set()
 IN_PROCESS = ("im_jax.data", "im_jax.convert", "im_jax.eval", "im_jax.report",
               "im_jax.study")
 _COMMAND = re.compile(r"(python -m im_jax\S*|python scripts/\S+|bash scripts/\S+|"
-                      r"(?<![\w/.])scripts/\S+)(.*)")
+                      r"(?<![\w/.])scripts/\S+|(?<![\w/.-])im-jax \S+)(.*)")
 _PLACEHOLDER = re.compile(r"^[A-Z][A-Z0-9_]*$|\.\.\.")
 
 
@@ -191,6 +193,9 @@ def _check_script(args: list[str]) -> None:
 def test_documented_command_matches_the_code(doc, command):
   del doc
   args = _clean(shlex.split(command))
+  if args[0] == "im-jax":  # the console script: `im-jax X` is `python -m im_jax.X`
+    assert args[1] in dispatcher.COMMANDS, f"im-jax has no command {args[1]}"
+    args = ["python", "-m", dispatcher.COMMANDS[args[1]][0], *args[2:]]
   if args[0] == "python" and args[1] == "-m":
     module, rest = args[2], args[3:]
     if any(s in command for s in HELP_ONLY):
