@@ -74,6 +74,12 @@ def _commands() -> list[tuple[str, str]]:
       match = _COMMAND.search(line.split(" # ")[0].split("  #")[0])
       if match:
         command = (match.group(1) + match.group(2)).strip().rstrip("&").strip()
+        if command.startswith("im-jax "):  # the console script: `python -m im_jax.X`
+          name = command.split()[1]
+          if _PLACEHOLDER.search(name):  # `im-jax COMMAND`: prose about the command itself
+            continue
+          assert name in dispatcher.COMMANDS, f"{doc.name}: im-jax has no command {name}"
+          command = f"python -m {dispatcher.COMMANDS[name][0]}{command[len('im-jax ' + name):]}"
         found.append((doc.name, command))
   return sorted(set(found))
 
@@ -193,9 +199,6 @@ def _check_script(args: list[str]) -> None:
 def test_documented_command_matches_the_code(doc, command):
   del doc
   args = _clean(shlex.split(command))
-  if args[0] == "im-jax":  # the console script: `im-jax X` is `python -m im_jax.X`
-    assert args[1] in dispatcher.COMMANDS, f"im-jax has no command {args[1]}"
-    args = ["python", "-m", dispatcher.COMMANDS[args[1]][0], *args[2:]]
   if args[0] == "python" and args[1] == "-m":
     module, rest = args[2], args[3:]
     if any(s in command for s in HELP_ONLY):
