@@ -10,9 +10,6 @@ from flax import nnx
 
 from im_jax.models import attention, blocked_attention
 from im_jax.models.llama import Llama, LlamaConfig
-from im_jax.train import optim, sharding, step as step_lib
-from im_jax.train.loss import LossConfig
-from tests import train_rows
 
 
 def _layouts(t: int, block: int, seed: int = 0) -> list[list[int]]:
@@ -184,30 +181,6 @@ def test_model_logits_and_gradients_equal_xla():
   np.testing.assert_allclose(logits_b, logits_x, atol=1e-5)
   np.testing.assert_allclose(loss_b, loss_x, rtol=1e-6)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6), grads_b, grads_x)
-
-
-def test_three_steps_on_a_mesh_equal_xla():
-  """3 train steps on a (2, 2, 2) mesh (rows and heads split, the path per device in a
-  shard_map) equal the XLA path's."""
-  mesh = sharding.make_mesh(sharding.MeshConfig(2, 2, 2))
-  batches = [train_rows.pack(train_rows.make_examples(seed, 12, 512, 5, 40), 4, 128)
-             for seed in range(3)]
-  results = {}
-  for impl in ("xla", "blocked"):
-    config = LlamaConfig.preset("tiny", scan_layers=True, attention_impl=impl)
-    tx, _ = optim.make_optimizer(optim.OptimConfig(learning_rate=1e-3), 3)
-    graphdef, state, shardings = step_lib.create_train_state(
-        lambda: Llama(config, rngs=nnx.Rngs(0)), tx, mesh, seed=0)
-    train_step = step_lib.make_train_step(graphdef, tx, shardings, mesh,
-                                          step_lib.make_loss_fn(LossConfig()), donate=False)
-    losses = []
-    for rows in batches:
-      state, metrics = train_step(state, sharding.global_batch(rows, mesh, micro_batches=1))
-      losses.append(float(metrics["loss"]))
-    results[impl] = (losses, jax.device_get(state.params))
-  np.testing.assert_allclose(results["blocked"][0], results["xla"][0], rtol=1e-5)
-  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5),
-               results["blocked"][1], results["xla"][1])
 
 
 def test_auto_picks_blocked_on_cpu_for_long_self_attention_only():

@@ -4,13 +4,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from flax import nnx
 
 from im_jax.models import attention, splash
-from im_jax.models.llama import Llama, LlamaConfig
-from im_jax.train import optim, sharding, step as step_lib
-from im_jax.train.loss import LossConfig
-from tests import train_rows
 
 # Row 0: segments of 50, 1, 79 and 60 positions then padding; row 1: all padding. 200 is not
 # a multiple of the 128-position blocks (padded inside). 4 query heads on 2 KV heads.
@@ -82,27 +77,3 @@ def test_block_size_and_padding():
       128, 256, 128, 512, 512, 512]
   with pytest.raises(ValueError, match="multiple of 128"):
     splash.block_size(200)
-
-
-def test_three_steps_on_a_mesh_equal_xla():
-  """3 train steps on a (2, 2, 2) mesh (rows and heads split, the kernel per device in a
-  shard_map) equal the XLA path's."""
-  mesh = sharding.make_mesh(sharding.MeshConfig(2, 2, 2))
-  batches = [train_rows.pack(train_rows.make_examples(seed, 12, 512, 5, 40), 4, 128)
-             for seed in range(3)]
-  results = {}
-  for impl in ("xla", "splash"):
-    config = LlamaConfig.preset("tiny", scan_layers=True, attention_impl=impl)
-    tx, schedule = optim.make_optimizer(optim.OptimConfig(learning_rate=1e-3), 3)
-    graphdef, state, shardings = step_lib.create_train_state(
-        lambda: Llama(config, rngs=nnx.Rngs(0)), tx, mesh, seed=0)
-    train_step = step_lib.make_train_step(graphdef, tx, shardings, mesh,
-                                          step_lib.make_loss_fn(LossConfig()), donate=False)
-    losses = []
-    for rows in batches:
-      state, metrics = train_step(state, sharding.global_batch(rows, mesh, micro_batches=1))
-      losses.append(float(metrics["loss"]))
-    results[impl] = (losses, jax.device_get(state.params))
-  np.testing.assert_allclose(results["splash"][0], results["xla"][0], rtol=1e-5)
-  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5),
-               results["splash"][1], results["xla"][1])
