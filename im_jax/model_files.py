@@ -162,7 +162,7 @@ def tensor_index(folder: str | os.PathLike) -> dict[str, TensorInfo]:
     return out
   if (folder / SINGLE_FILE).exists():
     return read_safetensors_header(folder / SINGLE_FILE)
-  raise ModelFileError(folder, f"no {SINGLE_FILE} or {INDEX_FILE} (no model weights here)")
+  raise FileNotFoundError(f"{folder}: no {SINGLE_FILE} or {INDEX_FILE} (no model weights here)")
 
 
 def check_tokenizer_files(folder: str | os.PathLike) -> None:

@@ -180,7 +180,7 @@ def _check_model_files(spec: str | pathlib.Path, tokenizer_only: bool = False) -
       model_files.check_tokenizer_files(spec)
     else:
       read_pretrained(spec)
-  except model_files.ModelFileError as e:
+  except (model_files.ModelFileError, FileNotFoundError) as e:  # each names its file
     raise ConfigError(str(e)) from None
 
 

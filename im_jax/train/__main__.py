@@ -50,10 +50,13 @@ def main(argv) -> int:
   # the console gets one line (write_faults).
   with write_faults.TracebackLog(pathlib.Path(_WORKDIR.value) / "errors.log") as tracebacks:
     try:
-      return _train(config)
+      code = _train(config)
     except write_faults.WriteFailed as e:
       print(f"error: {e}{tracebacks.note(e)}", file=sys.stderr)
       return 1
+  if tracebacks.path is not None:  # a library logged a traceback, yet the run went on
+    print(f"warning: library tracebacks were written to {tracebacks.path}", file=sys.stderr)
+  return code
 
 
 def _train(config) -> int:

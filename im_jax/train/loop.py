@@ -14,6 +14,11 @@ holds NaNs.
 
 SIGTERM (a Cloud TPU preemption notice) sets a flag; at the next step boundary every process
 agrees on it, a checkpoint is written by all processes together, and the loop returns.
+
+A write that fails for lack of space or permission (a checkpoint, whose asynchronous failure
+surfaces at the next save or the final wait, or a metrics record) ends the run with
+`write_faults.WriteFailed`: one line naming the path, the reason and the newest intact
+checkpoint, from which a rerun resumes.
 """
 
 import dataclasses
