@@ -5,7 +5,7 @@ minutes: the output loss falls on train and is reported on the held-out split, a
 ends with a Hugging Face export that transformers loads.
 """
 
-from configs import base
+from im_jax.configs import base
 
 
 def get_config():

@@ -31,7 +31,7 @@ def _unknown_override(argv: list[str]) -> str:
         settings.check_override_key(key)
       except settings.ConfigError as e:
         return str(e)
-  return "unknown config key (every key is in configs/base.py)"
+  return "unknown config key (every key is in im_jax/configs/base.py)"
 
 
 def last_line(e: BaseException) -> str:

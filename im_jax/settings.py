@@ -17,7 +17,7 @@ from typing import Any, Callable, Sequence
 
 import ml_collections
 
-from configs import base as base_config
+from im_jax.configs import base as base_config
 from im_jax import hub, model_files, output_guard
 from im_jax.checkpoint import CheckpointConfig
 from im_jax.convert.load import read_pretrained
@@ -112,7 +112,7 @@ def check_keys_and_types(c: ml_collections.ConfigDict) -> None:
     if key not in reference:
       raise ConfigError(unknown_key_message(key))
   for key, default in reference.items():
-    check(key in given, f"config key {key} is missing (every key is in configs/base.py)")
+    check(key in given, f"config key {key} is missing (every key is in im_jax/configs/base.py)")
     value, want = given[key], type(default)
     ok = isinstance(value, want) and not (want is int and isinstance(value, bool))
     if want is float:  # an int is a fine float; a bool is not
@@ -131,7 +131,7 @@ def unknown_key_message(key: str) -> str:
   """`unknown config key data.formt (did you mean data.format?)`."""
   keys = list(_flat(base_config.get_config().to_dict()))
   close = difflib.get_close_matches(key, keys, n=1, cutoff=0.6)
-  hint = f" (did you mean {close[0]}?)" if close else " (every key is in configs/base.py)"
+  hint = f" (did you mean {close[0]}?)" if close else " (every key is in im_jax/configs/base.py)"
   return f"unknown config key {key}{hint}"
 
 

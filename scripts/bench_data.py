@@ -17,7 +17,6 @@ import time
 import numpy as np
 import transformers
 
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # run from anywhere
 from im_jax.data import encode as encode_lib
 from im_jax.data import pipeline as pipeline_lib
 from im_jax.data import sources

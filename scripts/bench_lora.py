@@ -21,12 +21,10 @@ import subprocess
 import sys
 import time
 
-HERE = os.path.dirname(os.path.abspath(__file__))
 
 
 def run_mode(mode: str, size: str, rank: int, rows: int, length: int, steps: int) -> dict:
   """One mode, in this process: compiled memory, step times, peak RSS."""
-  sys.path.insert(0, HERE)
   import bench_train  # pylint: disable=g-import-not-at-top  (sets threads, imports jax)
   import jax  # pylint: disable=g-import-not-at-top
   from im_jax.models.lora import LoraConfig  # pylint: disable=g-import-not-at-top
@@ -100,7 +98,6 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-  sys.path.insert(0, os.path.join(HERE, ".."))
   from im_jax import host_memory  # pylint: disable=g-import-not-at-top
   host_memory.reexec_with_tuned_malloc()
   main()

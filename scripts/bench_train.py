@@ -39,7 +39,6 @@ import jax.numpy as jnp  # noqa: E402
 import optax  # noqa: E402
 from flax import nnx  # noqa: E402
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 from im_jax import host_memory  # noqa: E402
 from im_jax.models.llama import Llama, LlamaConfig, num_params  # noqa: E402
 from im_jax.models.llama import params as llama_params  # noqa: E402

@@ -176,7 +176,6 @@ def profile(size: str, rows: int, length: int, chunk: int, steps: int, impl: str
   os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
                              f" --xla_dump_to={dump} --xla_dump_hlo_as_text"
                              " --xla_dump_hlo_module_re=.*step.*")
-  sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
   import bench_train  # pylint: disable=g-import-not-at-top  (sets thread counts, imports jax)
   import jax  # pylint: disable=g-import-not-at-top
   from im_jax import host_memory  # pylint: disable=g-import-not-at-top
@@ -261,7 +260,6 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-  sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
   from im_jax import host_memory  # pylint: disable=g-import-not-at-top
   host_memory.reexec_with_tuned_malloc()
   main()

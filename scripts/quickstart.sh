@@ -6,6 +6,6 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 . .venv/bin/activate
-rm -rf runs/demo  # a fresh run; rerunning in a workdir otherwise resumes it
+# Rerunning resumes runs/demo (a finished run: evaluated and exported again); nothing is deleted.
 python -m im_jax.train --config configs/demo.py --workdir runs/demo
 python scripts/hf_generate.py runs/demo/hf "What is 12 plus 30? Reply with the number."

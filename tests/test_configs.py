@@ -21,7 +21,7 @@ import ml_collections
 import numpy as np
 import pytest
 
-from configs import base, paper
+from im_jax.configs import base, paper
 from im_jax.data.kinds import INSTRUCTION_KINDS, TokenKind
 from im_jax import experiment
 from im_jax.train.metrics_log import read_metrics

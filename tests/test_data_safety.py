@@ -23,7 +23,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from configs import base
+from im_jax.configs import base
 from im_jax import experiment, output_guard, report
 from im_jax.convert.__main__ import main as convert_main
 from im_jax.eval.__main__ import main as eval_main

@@ -1,6 +1,7 @@
 """Every command line shown in README.md and docs/*.md still works, so the docs cannot drift.
 
-Commands are collected generically: any `python -m im_jax...`, `python scripts/...`,
+Commands are collected generically: any `python -m im_jax...`, `im-jax COMMAND ...` (read as
+`python -m im_jax.COMMAND ...`), `python scripts/...`,
 `bash scripts/...` or `scripts/...` in a code block (continuation lines joined, leading
 `VAR=value` settings dropped) or an inline code span. Each is checked against the code:
 
@@ -30,6 +31,7 @@ import sys
 
 import pytest
 
+from im_jax import __main__ as dispatcher
 from im_jax import settings
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -42,7 +44,7 @@ HELP_ONLY: set[str] = set()
 IN_PROCESS = ("im_jax.data", "im_jax.convert", "im_jax.eval", "im_jax.report",
               "im_jax.study")
 _COMMAND = re.compile(r"(python -m im_jax\S*|python scripts/\S+|bash scripts/\S+|"
-                      r"(?<![\w/.])scripts/\S+)(.*)")
+                      r"(?<![\w/.])scripts/\S+|(?<![\w/.-])im-jax \S+)(.*)")
 _PLACEHOLDER = re.compile(r"^[A-Z][A-Z0-9_]*$|\.\.\.")
 
 
@@ -72,6 +74,12 @@ def _commands() -> list[tuple[str, str]]:
       match = _COMMAND.search(line.split(" # ")[0].split("  #")[0])
       if match:
         command = (match.group(1) + match.group(2)).strip().rstrip("&").strip()
+        if command.startswith("im-jax "):  # the console script: `python -m im_jax.X`
+          name = command.split()[1]
+          if _PLACEHOLDER.search(name):  # `im-jax COMMAND`: prose about the command itself
+            continue
+          assert name in dispatcher.COMMANDS, f"{doc.name}: im-jax has no command {name}"
+          command = f"python -m {dispatcher.COMMANDS[name][0]}{command[len('im-jax ' + name):]}"
         found.append((doc.name, command))
   return sorted(set(found))
 

@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from configs import base
+from im_jax.configs import base
 from im_jax import dry_run, settings
 from im_jax.models.llama import LlamaConfig
 from im_jax.models.llama.config import num_params

@@ -22,7 +22,7 @@ import sys
 
 import pytest
 
-from configs import base
+from im_jax.configs import base
 from im_jax import experiment, model_files, write_faults
 from im_jax.convert.__main__ import main as convert_main
 from im_jax.data import synthetic

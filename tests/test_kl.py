@@ -13,7 +13,7 @@ import torch
 import transformers
 from flax import nnx
 
-from configs import base
+from im_jax.configs import base
 from im_jax import experiment
 from im_jax.data.kinds import TokenKind
 from im_jax.models.llama import Llama, LlamaConfig, params

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from configs import base as configs_base
+from im_jax.configs import base as configs_base
 from im_jax import experiment
 from im_jax.convert import hf_export, peft_export
 from im_jax.models import lora

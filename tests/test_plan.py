@@ -11,7 +11,7 @@ import sys
 import jax
 import pytest
 
-from configs import base
+from im_jax.configs import base
 from im_jax import experiment
 from im_jax.plan import analysis
 from im_jax.plan import topology as topo_lib

@@ -13,7 +13,7 @@ import pytest
 import transformers
 from tokenizers.processors import TemplateProcessing
 
-from configs import paper
+from im_jax.configs import paper
 from im_jax import experiment
 from im_jax.data import encode as encode_lib
 from im_jax.data import preview

@@ -4,16 +4,20 @@ the KL-to-base term, whose frozen reference is re-derived at the restart, not re
 
 import os
 import pathlib
+import shutil
 import signal
 import subprocess
 import sys
 import time
 
+import jax
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
+import safetensors.numpy
 
 from im_jax.data import synthetic
+from im_jax.train import step as step_lib
 from im_jax.train.metrics_log import read_metrics
 from tests import fixtures_lib
 
@@ -145,20 +149,77 @@ def lora_args(tmp_path_factory, tokenizer_dir):
           "--config.model.lora.dropout=0.1")
 
 
+def _state_tree(step_dir):
+  """The checkpoint's state as numpy arrays, read without a target."""
+  with ocp.PyTreeCheckpointer() as checkpointer:
+    tree = checkpointer.metadata(step_dir / "state").item_metadata.tree
+    args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), tree)
+    return checkpointer.restore(step_dir / "state", args=ocp.args.PyTreeRestore(restore_args=args))
+
+
+def _folder_bytes(path):
+  return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+
+
+def _rewrite_in_old_layout(step_dir, base_dir):
+  """The checkpoint as the loop wrote it before issue 24: the state also holds `frozen`,
+  the LoRA base weights (nnx.Param nodes, {"value": array})."""
+  state = _state_tree(step_dir)
+  frozen = {}
+  for name, value in safetensors.numpy.load_file(base_dir / "model.safetensors").items():
+    node = frozen
+    for key in name.split(".")[:-1]:
+      node = node.setdefault(key, {})
+    node[name.split(".")[-1]] = {"value": value}
+  state["frozen"] = frozen
+  with ocp.PyTreeCheckpointer() as checkpointer:
+    checkpointer.save(step_dir / "state.old_layout", args=ocp.args.PyTreeSave(state))
+  shutil.rmtree(step_dir / "state")
+  (step_dir / "state.old_layout").rename(step_dir / "state")
+
+
 def test_lora_run_killed_resumes_exactly(tmp_path, tokenizer_dir, lora_args):
   """Adapters, their optimizer state and the dropout stream resume exactly; the checkpoints
-  hold the adapters only (the base is reloaded from model.init_from)."""
+  hold the adapters only (the base is reloaded from model.init_from), and a checkpoint in
+  the layout that also held the base resumes the same way."""
   uninterrupted = tmp_path / "uninterrupted"
   _run(uninterrupted, tokenizer_dir, *lora_args)
   killed = tmp_path / "killed"
   code, _ = _start_and_signal(killed, tokenizer_dir, signal.SIGKILL, *lora_args)
   assert code == -signal.SIGKILL
-  assert max(_finished_steps(killed)) < STEPS, "the run finished before the signal"
+  newest = max(_finished_steps(killed))
+  assert newest < STEPS, "the run finished before the signal"
+  old_layout = tmp_path / "old_layout"
+  shutil.copytree(killed, old_layout)
+  base_dir = pathlib.Path(lora_args[0].split("hf:", 1)[1])
+  _rewrite_in_old_layout(old_layout / "checkpoints" / str(newest), base_dir)
+
   resumed = _run(killed, tokenizer_dir, *lora_args)
   assert "resumed from checkpoint" in resumed.stderr
   assert _losses(killed) == _losses(uninterrupted)
   want, got = _final_params(uninterrupted), _final_params(killed)
   assert want.keys() == got.keys() and want
   assert all(name.split("/")[-3] == "lora" for name in want), sorted(want)[:3]
+  for name in want:
+    np.testing.assert_array_equal(got[name], want[name], err_msg=name)
+
+  # What a checkpoint holds, on disk: the fields of one definition, and bytes of the order of
+  # the adapters and their two Adam moments (orbax keeps some arrays twice plus metadata),
+  # far below the base's weights.
+  step_dir = uninterrupted / "checkpoints" / str(STEPS)
+  assert set(_state_tree(step_dir)) == set(step_lib.CHECKPOINTED)
+  adapter_bytes = sum(v.nbytes for v in want.values())
+  base_bytes = (base_dir / "model.safetensors").stat().st_size
+  state_bytes = _folder_bytes(step_dir / "state")
+  assert state_bytes <= 4 * 3 * adapter_bytes + 64 * 1024, (state_bytes, adapter_bytes)
+  assert state_bytes < base_bytes, (state_bytes, base_bytes)
+
+  # The old layout: resumes from the same step to the same losses and adapters, nothing moved.
+  resumed = _run(old_layout, tokenizer_dir, *lora_args)
+  assert f"resumed from checkpoint {newest}" in resumed.stderr
+  assert "damaged" not in resumed.stderr
+  assert not (old_layout / "damaged_checkpoints").exists()
+  assert _losses(old_layout) == _losses(uninterrupted)
+  got = _final_params(old_layout)
   for name in want:
     np.testing.assert_array_equal(got[name], want[name], err_msg=name)

@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from configs import base
+from im_jax.configs import base
 from im_jax import experiment
 from im_jax.data import pipeline as pipeline_lib
 from im_jax.data.kinds import TokenKind

@@ -13,7 +13,7 @@ import sys
 import ml_collections
 import pytest
 
-from configs import base
+from im_jax.configs import base
 from im_jax import settings
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]

@@ -1,6 +1,7 @@
 """The trainer end to end: a HF start point through data, sharded step and loss, checked
 against PyTorch; and the README's demo job, from config to a HF export transformers runs."""
 
+import importlib.util
 import os
 import pathlib
 import re
@@ -15,7 +16,7 @@ import transformers
 
 from safetensors.numpy import load_file
 
-from configs import base
+from im_jax.configs import base
 from im_jax.convert import load
 from im_jax.models.llama import params as llama_params
 from im_jax import experiment
@@ -112,8 +113,9 @@ def test_demo_job_trains_evaluates_and_exports(tmp_path):
   # Weights & Biases (offline) got every record of metrics.jsonl, in one run with the config.
   (run,) = wandb_runs.offline_runs(workdir)
   assert run["history"] == wandb_runs.by_step(records) and run["name"] == "demo"
-  sys.path.insert(0, str(ROOT / "scripts"))
-  import hf_generate  # pylint: disable=import-outside-toplevel
+  spec = importlib.util.spec_from_file_location("hf_generate", ROOT / "scripts/hf_generate.py")
+  hf_generate = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(hf_generate)
 
   answer = hf_generate.main(str(workdir / "hf"), "What is 2 plus 3?", max_new_tokens=5)
   assert isinstance(answer, str)

@@ -77,7 +77,7 @@ def test_a_run_w_and_b_refuses_is_one_line(tmp_path, monkeypatch):
 
 
 def test_an_online_run_without_an_api_key_stops_before_any_work(tmp_path, monkeypatch):
-  from configs import base  # pylint: disable=g-import-not-at-top
+  from im_jax.configs import base  # pylint: disable=g-import-not-at-top
   from im_jax import settings  # pylint: disable=g-import-not-at-top
 
   c = base.get_config()

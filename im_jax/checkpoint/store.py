@@ -122,12 +122,16 @@ class CheckpointStore:
     self._manager.wait_until_finished()
     self._manager.close()
 
-  def restore_latest(self, abstract_state: Any, data_iterator=None) -> Restored | None:
+  def restore_latest(self, abstract_state: Any, data_iterator=None,
+                     ignored_fields: tuple[str, ...] = ()) -> Restored | None:
     """Restores the newest readable checkpoint, moving damaged newer ones aside.
 
     `abstract_state` is a pytree of `jax.ShapeDtypeStruct` with the shardings wanted now,
     so a checkpoint written on another mesh shape is re-sharded on restore. If
     `data_iterator` is given its position is restored in place.
+    `ignored_fields`: top-level keys an older layout of a dict state stored and this one no
+    longer restores; a checkpoint holding them (and otherwise the fields asked for) restores
+    without reading them.
     Returns None when there is no checkpoint at all. Raises if every one is damaged, and
     then moves nothing: starting over is the user's decision.
     """
@@ -137,7 +141,7 @@ class CheckpointStore:
       if step not in complete:
         reason = "not a complete checkpoint (files missing)"
       else:
-        reason = self._try_restore(step, abstract_state, data_iterator)
+        reason = self._try_restore(step, abstract_state, data_iterator, ignored_fields)
         if isinstance(reason, Restored):
           moved = self._move_aside(skipped)
           return dataclasses.replace(reason, skipped=tuple(skipped), moved=tuple(moved))
@@ -149,10 +153,12 @@ class CheckpointStore:
           + "): move the folder away to start over")
     return None
 
-  def _try_restore(self, step: int, abstract_state: Any, data_iterator) -> Restored | str:
+  def _try_restore(self, step: int, abstract_state: Any, data_iterator,
+                   ignored_fields: tuple[str, ...]) -> Restored | str:
     """The restored checkpoint, or why it cannot be read (the same on every process)."""
     try:
-      restored, reason = self._restore_step(step, abstract_state, data_iterator), ""
+      restored = self._restore_step(step, abstract_state, data_iterator, ignored_fields)
+      reason = ""
     except Exception as e:  # noqa: BLE001 - any failure to read means "damaged"
       restored, reason = None, f"{type(e).__name__}: {e}".splitlines()[0][:300]
     if jax.process_count() > 1:  # damage one process sees is damage for all
@@ -181,20 +187,45 @@ class CheckpointStore:
       self._manager.reload()
     return moved
 
-  def _restore_step(self, step: int, abstract_state: Any, data_iterator) -> Restored:
+  def _restore_step(self, step: int, abstract_state: Any, data_iterator,
+                    ignored_fields: tuple[str, ...] = ()) -> Restored:
     step_dir = self.directory / str(step)
     if not (step_dir / META).is_dir():
       raise FileNotFoundError(f"{step_dir / META} is missing")
-    items = {STATE: ocp.args.StandardRestore(abstract_state), META: ocp.args.JsonRestore()}
+    items = {META: ocp.args.JsonRestore()}
+    partial = self._holds_only_extra(step, abstract_state, ignored_fields)
+    if not partial:
+      items[STATE] = ocp.args.StandardRestore(abstract_state)
     if data_iterator is not None:
       if not (step_dir / DATA).is_dir():
         raise FileNotFoundError(f"{step_dir / DATA} is missing")
       items[DATA] = grain.checkpoint.CheckpointRestore(data_iterator)
     out = self._manager.restore(step, args=ocp.args.Composite(**items))
-    state = out[STATE]
+    if partial:
+      # The standard handler restores whole trees only; the pytree handler underneath it
+      # (same files) can leave the ignored fields unread.
+      args = ocp.args.PyTreeRestore(
+          item=abstract_state, partial_restore=True,
+          restore_args=ocp.checkpoint_utils.construct_restore_args(abstract_state))
+      with ocp.PyTreeCheckpointer() as checkpointer:
+        state = checkpointer.restore(step_dir / STATE, args=args)
+    else:
+      state = out[STATE]
     # Orbax restores lazily in places; touch every array so damage surfaces here.
     jax.block_until_ready(state)
     return Restored(step=step, state=state, meta=dict(out[META]))
+
+  def _holds_only_extra(self, step: int, abstract_state: Any,
+                        ignored_fields: tuple[str, ...]) -> bool:
+    """Whether step's state holds every field of `abstract_state` plus only ignored ones."""
+    if not ignored_fields or not isinstance(abstract_state, dict):
+      return False
+    stored = self._manager.item_metadata(step)[STATE]
+    tree = getattr(stored, "tree", stored)
+    if not isinstance(tree, dict):
+      return False
+    extra = set(tree) - set(abstract_state)
+    return bool(extra) and extra <= set(ignored_fields) and set(abstract_state) <= set(tree)
 
 
 def newest_meta(workdir: str | pathlib.Path) -> tuple[int, dict] | None:

@@ -14,7 +14,7 @@ from typing import Any
 
 import ml_collections
 
-from configs import paper
+from im_jax.configs import paper
 from im_jax.study import scales, subsets
 
 OVERFIT_DATASETS = ("lima", "alpaca5k")

@@ -14,7 +14,7 @@ import json
 import pathlib
 from collections.abc import Sequence
 
-from configs import paper
+from im_jax.configs import paper
 from im_jax.data import sources
 from im_jax.data.conversation import Conversation
 

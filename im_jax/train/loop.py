@@ -39,7 +39,7 @@ from im_jax.checkpoint import CheckpointConfig, CheckpointStore
 from im_jax.train import loss as loss_lib
 from im_jax.train import sharding
 from im_jax.train.metrics_log import MetricsLogger
-from im_jax.train.step import TrainState, checkpointed, host_metrics
+from im_jax.train.step import LEGACY_FIELDS, TrainState, checkpointed, host_metrics
 from im_jax.train.wandb_log import WandbConfig
 
 log = logging.getLogger(__name__)
@@ -186,17 +186,6 @@ class _Preemption:
     return bool(np.any(flags))
 
 
-def checkpointed(state: TrainState) -> dict[str, Any]:
-  """What a checkpoint holds: the state's fields but the frozen KL reference, which every
-  start re-derives from the starting model (experiment.build) rather than store a copy.
-
-  A dict, so runs with and without a reference, and checkpoints written before it existed,
-  share one layout.
-  """
-  return {f.name: getattr(state, f.name) for f in dataclasses.fields(state)
-          if f.name != "reference"}
-
-
 def abstract_like(state: Any) -> Any:
   """ShapeDtypeStructs with the current shardings: what a restore should produce."""
   return jax.tree.map(
@@ -236,7 +225,8 @@ def run(*, workdir: str, state: TrainState, train_step: Callable, mesh: jax.shar
   """
   store = CheckpointStore(workdir, config.checkpoint)
   iterator = iter(train_batches)
-  restored = store.restore_latest(abstract_like(checkpointed(state)), data_iterator=iterator)
+  restored = store.restore_latest(abstract_like(checkpointed(state)), data_iterator=iterator,
+                                  ignored_fields=LEGACY_FIELDS)
   start = 0
   if restored is not None:
     check_same_run(restored.meta, meta, store.directory)

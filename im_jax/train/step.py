@@ -71,6 +71,9 @@ class TrainState:
 # The fields a checkpoint holds: the state less `frozen` and `reference`, which every start
 # re-derives from model.init_from (the layout checkpoints always had).
 CHECKPOINTED = ("step", "params", "opt_state", "rest", "rng")
+# Fields that checkpoints written before this definition held and a restore leaves unread:
+# a hand merge once made the loop save `frozen` too (LoRA's whole base, or None without LoRA).
+LEGACY_FIELDS = ("frozen",)
 
 
 def checkpointed(state: TrainState) -> dict[str, Any]:
