@@ -283,6 +283,46 @@ def test_full_disk_in_convert_leaves_no_output(models, tmp_path, capsys):
                              "are untouched and no half-written output is left; free space "
                              "and rerun the same command"), line
       assert os.listdir(disk) == []  # neither the folder nor its .partial
+      _remove_named_log(line)
+    subprocess.run(["mount", "-o", "remount,ro", str(disk)], check=True)
+    assert convert_main(["to-hf", "--ckpt", str(models["ckpt"]), "--out",
+                         str(disk / "out")]) == 1
+    line = _one_error_line(capsys.readouterr().err)
+    assert line.startswith(
+        f"error: cannot write {disk / 'out'}: read-only file system; the inputs are untouched "
+        "and no half-written output is left; make it writable and rerun the same command"), line
+    _remove_named_log(line)
+
+
+def _remove_named_log(line: str) -> None:
+  """The temporary traceback log a convert line names: it holds the traceback, then goes."""
+  log = pathlib.Path(line.rsplit("(traceback in ", 1)[1].rstrip(")"))
+  assert "Traceback" in log.read_text()
+  log.unlink()
+
+
+def test_write_failures_are_recognised_in_each_library_form():
+  """As Python, tensorstore (the message of a real full-disk save, shortened) and safetensors
+  report them; any other error is not one."""
+  ocdbt = ('RESOURCE_EXHAUSTED: Error writing "opt_state.1.0.mu/0.0" in OCDBT database at '
+           'local file "/w/checkpoints/8.orbax-checkpoint-tmp/state.orbax-checkpoint-tmp/'
+           'ocdbt.process_0/": Failed writing: "/w/checkpoints/8.orbax-checkpoint-tmp/d/3e": '
+           "Failed to write 367407 bytes to file 19: No space left on device "
+           "[os_error_code='28']")
+  cases = [
+      (OSError(122, "Disk quota exceeded", "/w/metrics.jsonl"),
+       ("/w/metrics.jsonl", "disk quota exceeded", "free space")),
+      (ValueError(ocdbt), ("/w/checkpoints/8", "no space left on device", "free space")),
+      (RuntimeError("Error while serializing: I/O error: Read-only file system (os error 30)"),
+       ("", "read-only file system", "make it writable")),
+  ]
+  for error, (path, reason, remedy) in cases:
+    wrapped = RuntimeError("at the next save")  # Orbax re-raises from its threads
+    wrapped.__cause__ = error
+    failure = write_faults.find(wrapped)
+    assert (failure.path, failure.reason, failure.remedy) == (path, reason, remedy)
+  assert write_faults.find(FileNotFoundError(2, "No such file", "/x")) is None
+  assert write_faults.find(ValueError("RESOURCE_EXHAUSTED: out of memory")) is None
 
 
 def test_full_disk_metrics_record_is_whole_or_absent(tmp_path):

@@ -317,7 +317,10 @@ def run(*, workdir: str, state: TrainState, train_step: Callable, mesh: jax.shar
 
 
 def _write_failure(error: Exception, store: CheckpointStore) -> write_faults.WriteFailed | None:
-  """A write failure (checkpoint, metrics) as one line naming the newest intact checkpoint."""
+  """A write failure (checkpoint, metrics) as one line naming the newest intact checkpoint;
+  None for any other error."""
+  if write_faults.find(error) is None:
+    return None
   try:
     steps = store.steps()  # complete steps only: Orbax renames a step into place when whole
   except Exception:  # noqa: BLE001 - the store's own state may be broken by the failure
