@@ -328,8 +328,6 @@ def check_resumable(c: ml_collections.ConfigDict, workdir: pathlib.Path) -> None
                             workdir / "checkpoints")
 
 
-
-
 def resume_key(c: ml_collections.ConfigDict) -> dict[str, Any]:
   """The settings a resumed run must share with the run that wrote the checkpoints.
 

@@ -180,8 +180,11 @@ def _check_model_files(spec: str | pathlib.Path, tokenizer_only: bool = False) -
       model_files.check_tokenizer_files(spec)
     else:
       read_pretrained(spec)
-  except (model_files.ModelFileError, FileNotFoundError) as e:  # each names its file
+  except model_files.ModelFileError as e:  # names its file
     raise ConfigError(str(e)) from None
+  except (OSError, ValueError, KeyError) as e:  # not a model folder, an unsupported format
+    raise ConfigError(f"{'data.tokenizer' if tokenizer_only else 'model.init_from'}={spec}: "
+                      f"{' '.join(str(e).split())}") from None
 
 
 def check_inputs(c: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> None:

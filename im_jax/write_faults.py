@@ -123,8 +123,8 @@ class TracebackLog:
   traceback) are written there and not shown; so are exceptions raised in threads, unraisable
   ones and those C callbacks print through `sys.excepthook`. `note(error)` adds a command's
   own final error and returns ` (traceback in PATH)` for its one line. The file is
-  `preferred` when it can be written there, else a temporary file (a full disk may refuse
-  the workdir even this).
+  `preferred` when it can be written there (its folder exists), else a temporary file (a
+  full disk may refuse the workdir even this).
   """
 
   def __init__(self, preferred: str | os.PathLike | None):
@@ -171,9 +171,8 @@ class TracebackLog:
         self.preferred, self.path = None, None
 
   def _open(self) -> pathlib.Path | None:
-    if self.preferred is not None:
+    if self.preferred is not None:  # never creates its folder: a refused run writes nothing
       try:
-        self.preferred.parent.mkdir(parents=True, exist_ok=True)
         with self.preferred.open("a", encoding="utf-8"):
           return self.preferred
       except OSError:
