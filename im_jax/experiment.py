@@ -11,7 +11,6 @@ import hashlib
 import json
 import logging
 import math
-import os
 import pathlib
 from typing import Any, Callable, Sequence
 
@@ -19,7 +18,7 @@ import jax
 import ml_collections
 from flax import nnx
 
-from im_jax import distributed, hub
+from im_jax import distributed, hub, write_faults
 from im_jax.checkpoint.store import newest_meta
 from im_jax.convert import hf_export
 from im_jax.convert.load import HF_PREFIX, LORA_BASE, load_pretrained
@@ -263,7 +262,7 @@ def build(c: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> Experime
   workdir.mkdir(parents=True, exist_ok=True)
   if jax.process_index() == 0:  # one run per workdir; the other processes share it
     workdir_lock.acquire(workdir)
-    _write_atomic(workdir / "config.json", c.to_json(indent=2) + "\n")
+    write_faults.replace_text(workdir / "config.json", c.to_json(indent=2) + "\n")
 
   mesh = sharding.make_mesh(sharding.MeshConfig(c.mesh.data, c.mesh.fsdp, c.mesh.tensor))
   pretrained = None
@@ -327,12 +326,6 @@ def check_resumable(c: ml_collections.ConfigDict, workdir: pathlib.Path) -> None
   if newest is not None:
     loop_lib.check_same_run(newest[1], {loop_lib.RESUME_KEY: resume_key(c)},
                             workdir / "checkpoints")
-
-
-def _write_atomic(path: pathlib.Path, text: str) -> None:
-  tmp = path.with_name(f".{path.name}.partial")
-  tmp.write_text(text)
-  os.replace(tmp, path)
 
 
 def resume_key(c: ml_collections.ConfigDict) -> dict[str, Any]:

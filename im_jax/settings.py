@@ -18,8 +18,9 @@ from typing import Any, Callable, Sequence
 import ml_collections
 
 from im_jax.configs import base as base_config
-from im_jax import hub, output_guard
+from im_jax import hub, model_files, output_guard
 from im_jax.checkpoint import CheckpointConfig
+from im_jax.convert.load import read_pretrained
 from im_jax.data import encode as encode_lib
 from im_jax.data import pipeline as pipeline_lib
 from im_jax.data import sources, templates
@@ -170,6 +171,22 @@ def _hub_hint(spec: str) -> str:
   return f" (a Hugging Face Hub name is written hf:{spec})" if looks_like_hub else ""
 
 
+def _check_model_files(spec: str | pathlib.Path, tokenizer_only: bool = False) -> None:
+  """A damaged model or tokenizer file (cut short, unparsable, a shard missing, a tensor
+  that disagrees with config.json) stops the run here, before the workdir is touched: one
+  line `FILE: what is wrong` from the loader every command shares (convert.load)."""
+  try:
+    if tokenizer_only:
+      model_files.check_tokenizer_files(spec)
+    else:
+      read_pretrained(spec)
+  except model_files.ModelFileError as e:  # names its file
+    raise ConfigError(str(e)) from None
+  except (OSError, ValueError, KeyError) as e:  # not a model folder, an unsupported format
+    raise ConfigError(f"{'data.tokenizer' if tokenizer_only else 'model.init_from'}={spec}: "
+                      f"{' '.join(str(e).split())}") from None
+
+
 def check_inputs(c: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> None:
   """The files a run reads exist, and the workdir is none of them (checked before any work).
 
@@ -194,6 +211,9 @@ def check_inputs(c: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> N
   if init_from:
     init_path = _hub_path("model.init_from", init_from, hub.folder)
     check(init_path.is_dir(), f"model.init_from={init_from}: no such folder{_hub_hint(init_from)}")
+    _check_model_files(init_from)
+  if tokenizer_path is not None:
+    _check_model_files(tokenizer_path, tokenizer_only=True)
   check(bool(tokenizer) or bool(init_from),
          "data.tokenizer is empty and model.init_from names no model to take it from")
   try:

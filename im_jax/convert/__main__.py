@@ -21,11 +21,12 @@ import sys
 import jax
 from safetensors import SafetensorError
 
-from im_jax import output_guard
+from im_jax import output_guard, write_faults
 from im_jax.convert import ckpt, hf_export, load, peft_export
 from im_jax.models import lora as lora_lib
 
 EXIT_BAD_INPUT = 2
+EXIT_WRITE_FAILED = 1  # the disk, not the input: rerun once it has room
 
 
 def _host(axes, shape) -> jax.sharding.Sharding:
@@ -119,12 +120,23 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
   args = _parser().parse_args(argv)
-  try:
-    print(args.run(args))
-  except (OSError, ValueError, KeyError, SafetensorError) as e:
-    message = str(e).splitlines()[0] if str(e) else type(e).__name__
-    print(f"error: {message}", file=sys.stderr)
-    return EXIT_BAD_INPUT
+  # A full disk: library tracebacks go to a temporary log the one line names (the output
+  # folder is removed on failure: files.atomic_dir).
+  with write_faults.TracebackLog(None) as tracebacks:
+    try:
+      print(args.run(args))
+    except Exception as e:  # noqa: BLE001 - a write failure, whatever raised it, is one line
+      failed = write_faults.failed_write(
+          e, path=args.out, safe="the inputs are untouched and no half-written output is left",
+          rerun="the same command")
+      if failed is not None:
+        print(f"error: {failed}{tracebacks.note(e)}", file=sys.stderr)
+        return EXIT_WRITE_FAILED
+      if not isinstance(e, (OSError, ValueError, KeyError, SafetensorError)):
+        raise
+      message = str(e).splitlines()[0] if str(e) else type(e).__name__
+      print(f"error: {message}", file=sys.stderr)
+      return EXIT_BAD_INPUT
   return 0
 
 

@@ -24,6 +24,7 @@ import jax.numpy as jnp
 import orbax.checkpoint as ocp
 from flax import nnx
 
+from im_jax import model_files
 from im_jax.convert.files import PathLike, as_tokenizer, atomic_dir
 from im_jax.models.llama import Llama, LlamaConfig
 from im_jax.models.llama import params as hf_params
@@ -97,11 +98,11 @@ def read_info(path: PathLike) -> tuple[LlamaConfig, dict[str, Any]]:
     raise FileNotFoundError(f"CKPT folder {path} does not exist")
   if not (path / INFO_FILE).exists():
     raise FileNotFoundError(f"{path} is not an im_jax CKPT folder (no {INFO_FILE})")
-  info = json.loads((path / INFO_FILE).read_text())
+  info = model_files.read_json(path / INFO_FILE)
   if info.get("format") != FORMAT or info.get("version") != VERSION:
     raise ValueError(f"{path / INFO_FILE}: unsupported format {info.get('format')!r} "
                      f"version {info.get('version')!r} (expected {FORMAT!r} {VERSION})")
-  return LlamaConfig.from_dict(json.loads((path / CONFIG_FILE).read_text())), info
+  return LlamaConfig.from_dict(model_files.read_json(path / CONFIG_FILE)), info
 
 
 def default_sharding(axes, shape) -> jax.sharding.Sharding:
@@ -182,6 +183,7 @@ def load_ckpt(path: PathLike, *, shardings: Any = None, **config_overrides) -> L
   """
   path = pathlib.Path(path).absolute()
   config, info = read_info(path)
+  model_files.check_tokenizer_files(path / TOKENIZER_DIR)  # before the weights: fail fast
   config = config.replace(**config_overrides)
   model = restore_params(path / PARAMS_DIR, config, shardings)
   return LoadedCkpt(model, config, path / TOKENIZER_DIR, info)

@@ -8,6 +8,7 @@ from collections.abc import Iterator
 from typing import Any
 
 from im_jax import output_guard
+from im_jax.data.stats import load_tokenizer
 
 PathLike = str | os.PathLike
 
@@ -50,11 +51,9 @@ def as_tokenizer(tokenizer: Any) -> Any:
   """A transformers tokenizer from a folder path, or the tokenizer object itself."""
   if not isinstance(tokenizer, (str, os.PathLike)):
     return tokenizer
-  import transformers  # heavy; only the callers that handle tokenizers need it
-
   path = pathlib.Path(tokenizer)
   if not any((path / f).exists() for f in ("tokenizer.json", "tokenizer_config.json",
                                            "tokenizer.model")):
     raise FileNotFoundError(f"no tokenizer files (tokenizer.json, tokenizer_config.json) in "
                             f"{path}")
-  return transformers.AutoTokenizer.from_pretrained(str(path))
+  return load_tokenizer(str(path))  # a damaged file: one line naming it

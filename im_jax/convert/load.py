@@ -16,7 +16,6 @@ trainer's pytree `sharding.state_shardings(abstract_params, mesh)`: every parame
 its shards directly.
 """
 
-import json
 import pathlib
 from typing import Any
 
@@ -24,7 +23,7 @@ import jax
 import orbax.checkpoint as ocp
 from flax import nnx
 
-from im_jax import hub
+from im_jax import hub, model_files
 from im_jax.convert import ckpt
 from im_jax.convert.files import PathLike
 from im_jax.models.llama import LlamaConfig
@@ -66,32 +65,61 @@ def read_model_config(spec: PathLike, **config_overrides) -> LlamaConfig:
 
 def read_pretrained(spec: PathLike, **config_overrides) -> tuple[LlamaConfig,
                                                                  pathlib.Path | None]:
-  """(model config, tokenizer folder) `load_pretrained(spec)` would give, reading no weights."""
+  """(model config, tokenizer folder) `load_pretrained(spec)` would give, reading no weights.
+
+  The files a load reads are checked as it would meet them (a HF folder's config.json,
+  safetensors headers and tokenizer files: `read_hf_folder`), so every command that takes a
+  model (train's init_from, eval, convert, plan, study) stops on a damaged one before it
+  writes anything: one `model_files.ModelFileError` line naming the file.
+  """
   text = str(spec)
   if text.startswith(HF_PREFIX):
     folder = hub.folder(text).absolute()
-    return LlamaConfig.from_hf(folder, **config_overrides), folder
+    return read_hf_folder(folder, **config_overrides), folder
   path = pathlib.Path(text)
   if (path / ckpt.INFO_FILE).exists():
+    model_files.check_tokenizer_files(path / ckpt.TOKENIZER_DIR)
     return (ckpt.read_info(path)[0].replace(**config_overrides),
             path.absolute() / ckpt.TOKENIZER_DIR)
   if path.is_dir() and _step_dir(path, required=False) is not None:
-    meta = json.loads((_step_dir(path) / "meta" / "metadata").read_text())
+    meta = model_files.read_json(_step_dir(path) / "meta" / "metadata")
     tokenizer = meta.get("tokenizer") or meta.get("tokenizer_dir")
     return (LlamaConfig.from_dict(meta["model_config"]).replace(**config_overrides),
             pathlib.Path(tokenizer) if tokenizer else None)
   if (path / "config.json").exists():
-    return LlamaConfig.from_hf(path, **config_overrides), path.absolute()
+    return read_hf_folder(path, **config_overrides), path.absolute()
   raise FileNotFoundError(f"{text}: not a HF folder (config.json), an im_jax CKPT folder "
                           f"({ckpt.INFO_FILE}) or a training workdir with checkpoints")
+
+
+def read_hf_folder(hf_dir: PathLike, **config_overrides) -> LlamaConfig:
+  """The model config of a Hugging Face folder, after checking every file a load reads:
+  config.json (present, parsable, with the keys a Llama-family config needs), the safetensors
+  index and headers (every shard there, no file cut short, each tensor's shape from the one
+  HF name table and dtype as config.json declares), the tokenizer JSON files. Reads no tensor;
+  a fault is one `ModelFileError` line `FILE: what is wrong`."""
+  hf_dir = pathlib.Path(hf_dir)
+  path = hf_dir / "config.json"
+  if not path.exists():
+    raise FileNotFoundError(f"{hf_dir}: no config.json (not a Hugging Face model folder)")
+  hf = model_files.read_json(path)
+  try:
+    config = LlamaConfig.from_hf(hf)
+  except KeyError as e:
+    raise model_files.ModelFileError(path, f"missing key {e.args[0]!r}") from None
+  except (TypeError, ValueError) as e:
+    raise model_files.ModelFileError(path, " ".join(str(e).split())) from None
+  declared = model_files.CONFIG_DTYPES.get(str(hf.get("dtype") or hf.get("torch_dtype")))
+  hf_params.check_hf_tensors(model_files.tensor_index(hf_dir), config, dtype=declared,
+                             where=hf_dir)
+  model_files.check_tokenizer_files(hf_dir)
+  return config.replace(**config_overrides)
 
 
 def load_hf_folder(hf_dir: PathLike, *, shardings: Any = None,
                    **config_overrides) -> ckpt.LoadedCkpt:
   hf_dir = pathlib.Path(hf_dir).absolute()
-  if not (hf_dir / "config.json").exists():
-    raise FileNotFoundError(f"{hf_dir}: no config.json (not a Hugging Face model folder)")
-  config = LlamaConfig.from_hf(hf_dir, **config_overrides)
+  config = read_hf_folder(hf_dir, **config_overrides)
   model = hf_params.load_hf(hf_dir, config, shardings=shardings)
   info = {"format": "hf", "template": None, "source": str(hf_dir)}
   return ckpt.LoadedCkpt(model, config, hf_dir, info)
@@ -122,7 +150,7 @@ def load_train_checkpoint(path: PathLike, *, shardings: Any = None,
   `model.init_from` (recorded in its meta).
   """
   step_dir = _step_dir(pathlib.Path(path).absolute())
-  meta = json.loads((step_dir / "meta" / "metadata").read_text())
+  meta = model_files.read_json(step_dir / "meta" / "metadata")
   if "model_config" not in meta:
     raise ValueError(f"{step_dir / 'meta'}: no model_config")
   stored = LlamaConfig.from_dict(meta["model_config"])

@@ -13,7 +13,7 @@ import dataclasses
 import pathlib
 from typing import Any
 
-from im_jax import hub
+from im_jax import hub, model_files
 from im_jax.data.conversation import Conversation, DataError
 
 # Heuristic thresholds distilled from the paper's findings, not values the paper states:
@@ -124,8 +124,14 @@ def load_tokenizer(path: str) -> Any:
 
   if not pathlib.Path(path).is_dir():  # else transformers reads it as a hub name: a confusing error
     raise DataError(str(path), None, "cannot load a tokenizer: no such folder")
+  try:  # a cut or empty JSON file, named (the tokenizers library names no file)
+    model_files.check_tokenizer_files(path)
+  except model_files.ModelFileError as e:
+    raise DataError(e.path, None, f"cannot load a tokenizer: {e.problem}") from None
   try:
     return transformers.AutoTokenizer.from_pretrained(path, local_files_only=True)
-  except (OSError, ValueError) as e:  # a wrong folder is bad input: one clear line, no traceback
+  except Exception as e:  # noqa: BLE001 - tokenizers raises bare Exceptions on damaged files
     reason = " ".join(str(e).split())
+    if not isinstance(e, (OSError, ValueError)):  # a KeyError's message is just the key
+      reason = f"{type(e).__name__}: {reason}"
     raise DataError(str(path), None, f"cannot load a tokenizer: {reason}") from None

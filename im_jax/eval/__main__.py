@@ -19,7 +19,7 @@ from typing import Any
 
 from safetensors import SafetensorError
 
-from im_jax import output_guard
+from im_jax import output_guard, write_faults
 from im_jax.data import sources
 from im_jax.data.conversation import DataError
 from im_jax.data.stats import load_tokenizer
@@ -107,7 +107,8 @@ def _generate(args: argparse.Namespace) -> int:
                                       model_dir=model_dir, strip_content=strip)
   out = pathlib.Path(args.out)
   out.parent.mkdir(parents=True, exist_ok=True)
-  out.write_text(json.dumps(records, indent=2, ensure_ascii=False) + "\n")
+  # whole or not at all (a full disk leaves no half-written file): write_faults
+  write_faults.replace_text(out, json.dumps(records, indent=2, ensure_ascii=False) + "\n")
   print(f"wrote {len(records)} generations to {out} (generator {name}, template {template})")
   return 0
 
@@ -155,7 +156,14 @@ def main(argv: list[str] | None = None) -> int:
   args = _parser().parse_args(argv)
   try:
     return args.run(args)
-  except (DataError, OSError, ValueError, KeyError, SafetensorError) as e:
+  except OSError as e:  # a full disk: one line, exit 1 (write_faults); other OSErrors: below
+    if failed := write_faults.failed_write(e, path=getattr(args, "out", None),
+                                           safe="nothing was written", rerun="the same command"):
+      print(f"error: {failed}", file=sys.stderr)
+      return 1
+    print(f"error: {str(e).splitlines()[0] if str(e) else type(e).__name__}", file=sys.stderr)
+    return EXIT_BAD_INPUT
+  except (DataError, ValueError, KeyError, SafetensorError) as e:
     message = str(e).splitlines()[0] if str(e) else type(e).__name__
     print(f"error: {message}", file=sys.stderr)
     return EXIT_BAD_INPUT

@@ -13,6 +13,7 @@ import ml_collections
 
 from im_jax import experiment
 from im_jax.convert.load import read_model_config
+from im_jax.model_files import ModelFileError
 from im_jax.models.llama import LlamaConfig, num_params
 from im_jax.plan import topology as topo_lib
 from im_jax.train import memory as memory_lib
@@ -113,6 +114,8 @@ def model_config(c: ml_collections.ConfigDict) -> LlamaConfig:
   if c.model.init_from:
     try:
       pretrained = read_model_config(c.model.init_from, **experiment.model_options(c))
+    except ModelFileError as e:  # a damaged file: the line names it
+      raise experiment.ConfigError(str(e)) from None
     except (OSError, ValueError, KeyError) as e:
       raise experiment.ConfigError(f"model.init_from={c.model.init_from}: {e}") from None
   return experiment.model_config(c, 0, pretrained)

@@ -50,20 +50,23 @@ def main(argv: list[str] | None = None) -> int:
   # Orbax and grain log every file operation at INFO through absl: keep theirs to warnings.
   logging.getLogger("absl").setLevel(logging.WARNING)
   logging.getLogger("im_jax").setLevel(logging.WARNING)
-  from im_jax import output_guard  # pylint: disable=g-import-not-at-top  (jax: slow)
+  from im_jax import write_faults  # pylint: disable=g-import-not-at-top
   from im_jax.data.conversation import DataError  # pylint: disable=g-import-not-at-top
-  from im_jax.study import orchestrate, runner  # pylint: disable=g-import-not-at-top
+  from im_jax.study import runner  # pylint: disable=g-import-not-at-top
 
+  # A full disk: library tracebacks go to OUT/errors.log (or a temporary file), one line here.
+  tracebacks = write_faults.TracebackLog(pathlib.Path(args.out) / "errors.log")
   try:
-    out = pathlib.Path(args.out)
-    inputs = [args.data_dir, output_guard.local_path(args.model) if args.model else None]
-    output_guard.check_not_input(out, [p for p in inputs if p])
-    kind = output_guard.protected_kind(out)
-    if kind is not None and not kind.startswith("a folder holding"):  # its own runs/ hold some
-      raise ValueError(f"--out {out} is {kind}: give the study a folder of its own")
-    written = orchestrate.run_study(out, args.scale, tuple(args.only or ()), args.results,
-                                  args.model, args.data_dir, argv_text(argv), started)
+    with tracebacks:
+      written = _run(args, argv, started)
+  except write_faults.WriteFailed as e:  # a run's training: it names its intact checkpoint
+    print(f"error: {e}{tracebacks.note(e)}", file=sys.stderr)
+    return 1
   except (DataError, OSError, ValueError, KeyError) as e:
+    if failed := write_faults.failed_write(  # a result, a data subset, the report
+        e, safe="the results already written are whole", rerun="the same command to go on"):
+      print(f"error: {failed}{tracebacks.note(e)}", file=sys.stderr)
+      return 1
     print(f"error: {' '.join(str(e).split()) or type(e).__name__}", file=sys.stderr)
     return EXIT_BAD_INPUT
   except runner.StudyStopped as e:
@@ -71,6 +74,22 @@ def main(argv: list[str] | None = None) -> int:
     return 1
   print("\n".join(f"wrote {p}" for p in written))
   return 0
+
+
+def _run(args: argparse.Namespace, argv: list[str] | None, started: float) -> list[pathlib.Path]:
+  from im_jax import output_guard  # pylint: disable=g-import-not-at-top  (jax: slow)
+  from im_jax.study import models, orchestrate  # pylint: disable=g-import-not-at-top
+
+  out = pathlib.Path(args.out)
+  inputs = [args.data_dir, output_guard.local_path(args.model) if args.model else None]
+  output_guard.check_not_input(out, [p for p in inputs if p])
+  if args.scale == "accelerator":  # a damaged model stops here, before anything is written
+    models.check_model(args.model)
+  kind = output_guard.protected_kind(out)
+  if kind is not None and not kind.startswith("a folder holding"):  # its own runs/ hold some
+    raise ValueError(f"--out {out} is {kind}: give the study a folder of its own")
+  return orchestrate.run_study(out, args.scale, tuple(args.only or ()), args.results,
+                               args.model, args.data_dir, argv_text(argv), started)
 
 
 def argv_text(argv: list[str] | None) -> str:

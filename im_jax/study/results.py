@@ -7,9 +7,10 @@ the study stops and names it.
 """
 
 import json
-import os
 import pathlib
 from typing import Any
+
+from im_jax import write_faults
 
 
 class StaleResult(ValueError):
@@ -39,9 +40,8 @@ class ResultStore:
     record = {"key": key, **value}
     path = self.path(name)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.partial")
-    tmp.write_text(json.dumps(record, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
+    # whole or not at all: a full disk leaves no half-written result (nor its .partial)
+    write_faults.replace_text(path, json.dumps(record, indent=1, ensure_ascii=False) + "\n")
     return json.loads(json.dumps(record))
 
   def all(self) -> dict[str, dict[str, Any]]:

@@ -12,13 +12,14 @@ compiling or touching the workdir. The memory plan is `python -m im_jax.plan`.
 """
 
 import logging
+import pathlib
 import sys
 
 from absl import app, flags
 from ml_collections import config_flags
 
 # distributed defines --coordinator_address --num_processes --process_id
-from im_jax import cli, distributed, host_memory
+from im_jax import cli, distributed, host_memory, write_faults
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "experiment config file")
 _WORKDIR = flags.DEFINE_string("workdir", None, "run folder: config, metrics, checkpoints")
@@ -38,10 +39,6 @@ def main(argv) -> int:
     distributed.initialize()  # before any other JAX use; single process when nothing is set
   except ValueError as e:  # incomplete or malformed IM_JAX_* / --coordinator settings
     cli.fail(str(e))
-  from im_jax.data.conversation import DataError  # pylint: disable=g-import-not-at-top
-  from im_jax import checkpoint, experiment
-  from im_jax.train import loop, workdir_lock
-
   try:
     config = _CONFIG.value
     config.keys()  # the file's load error, if any, is raised on first use
@@ -49,6 +46,25 @@ def main(argv) -> int:
     cli.fail(" ".join(str(e).split()))
   if _PRINT_CONFIG.value or _DRY_RUN.value:
     return _inspect(config)
+  # A full disk: library tracebacks (Orbax's threads log theirs) go to WORKDIR/errors.log,
+  # the console gets one line (write_faults).
+  with write_faults.TracebackLog(pathlib.Path(_WORKDIR.value) / "errors.log") as tracebacks:
+    try:
+      code = _train(config)
+    except write_faults.WriteFailed as e:
+      print(f"error: {e}{tracebacks.note(e)}", file=sys.stderr)
+      return 1
+  if tracebacks.path is not None:  # a library logged a traceback, yet the run went on
+    print(f"warning: library tracebacks were written to {tracebacks.path}", file=sys.stderr)
+  return code
+
+
+def _train(config) -> int:
+  """Build, run and export; a write failure raises WriteFailed (one line, exit 1)."""
+  from im_jax.data.conversation import DataError  # pylint: disable=g-import-not-at-top
+  from im_jax import checkpoint, experiment  # pylint: disable=g-import-not-at-top
+  from im_jax.train import loop, workdir_lock  # pylint: disable=g-import-not-at-top
+
   try:
     exp = experiment.build(config, _WORKDIR.value)
     result = exp.run()
@@ -56,6 +72,9 @@ def main(argv) -> int:
     print(f"error: {e}", file=sys.stderr)
     return 2
   except (ValueError, OSError) as e:  # anything else about the inputs (a tokenizer folder, ...)
+    if failed := write_faults.failed_write(e, safe="no training step ran",
+                                           rerun="the same command"):  # e.g. config.json
+      raise failed from e
     print(f"error: {' '.join(str(e).split()) or type(e).__name__}", file=sys.stderr)
     return 2
   except (loop.TrainingStopped, checkpoint.UnreadableCheckpoints) as e:
@@ -69,7 +88,16 @@ def main(argv) -> int:
   print("done: step %d, %s" % (result.step, ", ".join(
       f"{k}={summary[k]:.4g}" for k in shown if k in summary)))
   if exp.config.export_hf:
-    exp.export_hf(result.state)
+    try:
+      exp.export_hf(result.state)
+    except Exception as e:  # noqa: BLE001 - only a write failure is turned into one line
+      failed = write_faults.failed_write(
+          e, path=exp.workdir / "hf", rerun="the same command to export",
+          safe=f"training is done, checkpoint {result.step} is intact and no half-written "
+               "export is left")
+      if failed is None:
+        raise
+      raise failed from e
   return 0
 
 

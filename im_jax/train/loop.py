@@ -14,6 +14,11 @@ holds NaNs.
 
 SIGTERM (a Cloud TPU preemption notice) sets a flag; at the next step boundary every process
 agrees on it, a checkpoint is written by all processes together, and the loop returns.
+
+A write that fails for lack of space or permission (a checkpoint, whose asynchronous failure
+surfaces at the next save or the final wait, or a metrics record) ends the run with
+`write_faults.WriteFailed`: one line naming the path, the reason and the newest intact
+checkpoint, from which a rerun resumes.
 """
 
 import dataclasses
@@ -29,6 +34,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.experimental import multihost_utils
 
+from im_jax import write_faults
 from im_jax.checkpoint import CheckpointConfig, CheckpointStore
 from im_jax.train import loss as loss_lib
 from im_jax.train import sharding
@@ -229,9 +235,6 @@ def run(*, workdir: str, state: TrainState, train_step: Callable, mesh: jax.shar
     state, start = state.replace(**restored.state), restored.step
     log.info("resumed from checkpoint %d in %s", start, store.directory)
   own_logger = logger is None
-  if own_logger:
-    logger = MetricsLogger(workdir, total_steps=config.total_steps, start_step=start,
-                           wandb=config.wandb, run_config=meta.get("config"))
   last_metrics: dict[str, float] = {}
   last_eval: dict[str, float] = {}
   preempted = False
@@ -254,7 +257,11 @@ def run(*, workdir: str, state: TrainState, train_step: Callable, mesh: jax.shar
       if last_eval:
         logger.write({"step": step, **last_eval})
 
+  failed = True
   try:
+    if own_logger:
+      logger = MetricsLogger(workdir, total_steps=config.total_steps, start_step=start,
+                             wandb=config.wandb, run_config=meta.get("config"))
     with _Preemption() as preemption:
       # Throughput over each logging interval: steps are dispatched asynchronously, so
       # only the wall time between two synchronising log points is honest.
@@ -289,13 +296,40 @@ def run(*, workdir: str, state: TrainState, train_step: Callable, mesh: jax.shar
         run_eval()
         if saved != step:
           save(force=True)
+      store.wait()  # inside the try: an asynchronous save's failure surfaces here
+    failed = False
+  except Exception as e:  # a full disk (or read-only, over quota): one line, what is safe
+    failure = _write_failure(e, store)
+    if failure is None:
+      raise
+    raise failure from e
   finally:
-    store.close()
-    if own_logger:
+    try:
+      store.close()
+    except Exception:  # noqa: BLE001 - a failed save raises again here: keep the first error
+      if not failed:
+        raise
+    if own_logger and logger is not None:
       logger.close()
   return LoopResult(state=state, step=step, preempted=preempted,
                     resumed_from=None if restored is None else restored.step,
                     last_metrics=last_metrics, last_eval=last_eval)
+
+
+def _write_failure(error: Exception, store: CheckpointStore) -> write_faults.WriteFailed | None:
+  """A write failure (checkpoint, metrics) as one line naming the newest intact checkpoint;
+  None for any other error."""
+  if write_faults.find(error) is None:
+    return None
+  try:
+    steps = store.steps()  # complete steps only: Orbax renames a step into place when whole
+  except Exception:  # noqa: BLE001 - the store's own state may be broken by the failure
+    steps = []
+  if steps:
+    return write_faults.failed_write(error, safe=f"checkpoint {steps[-1]} is intact",
+                                     rerun="the same command to resume")
+  return write_faults.failed_write(error, safe="no checkpoint was complete yet",
+                                   rerun="the same command to start again")
 
 
 def _next_batch(iterator: Iterator[Batch], step: int) -> Batch:

@@ -11,6 +11,7 @@ from typing import Any
 
 import jax
 
+from im_jax import write_faults
 from im_jax.train.wandb_log import WandbConfig, WandbSink
 
 METRICS_FILE = "metrics.jsonl"
@@ -35,8 +36,10 @@ def read_metrics(workdir: str | pathlib.Path) -> list[dict[str, Any]]:
 def _truncate_after(path: pathlib.Path, step: int) -> None:
   if not path.exists():
     return
-  kept = [line for line, record in _records(path) if record.get("step", 0) <= step]
-  path.write_text("".join(line + "\n" for line in kept))
+  text = path.read_text()
+  kept = "".join(line + "\n" for line, record in _records(path) if record.get("step", 0) <= step)
+  if kept != text:  # replaced whole, so a failed write (a full disk) leaves the old file
+    write_faults.replace_text(path, kept)
 
 
 class MetricsLogger:
@@ -56,7 +59,7 @@ class MetricsLogger:
       self._wandb = WandbSink(wandb, workdir, run_config)
     path = workdir / METRICS_FILE
     _truncate_after(path, start_step)
-    self._file = path.open("a", encoding="utf-8")
+    self._file = path.open("ab", buffering=0)  # each record reaches the file whole or not at all
     if tensorboard:
       import tensorboardX  # no TensorFlow needed
 
@@ -70,8 +73,7 @@ class MetricsLogger:
   def write(self, record: dict[str, Any]) -> None:
     if not self.enabled:
       return
-    self._file.write(json.dumps(record) + "\n")
-    self._file.flush()
+    _append_whole(self._file, (json.dumps(record) + "\n").encode())
     step = int(record["step"])
     if self._tb is not None:
       for key, value in record.items():
@@ -96,6 +98,23 @@ class MetricsLogger:
       self._bar.close()
     if self._wandb is not None:
       self._wandb.close()
+
+
+def _append_whole(file: Any, data: bytes) -> None:
+  """Appends `data` to an unbuffered file; a failed write (a full disk) is cut back off, so
+  no half record is left behind. The OSError names the file."""
+  start = file.tell()
+  try:
+    done = 0
+    while done < len(data):
+      done += file.write(data[done:])
+  except OSError as e:
+    try:
+      file.truncate(start)
+    except OSError:
+      pass  # _records() skips a cut line on resume anyway
+    e.filename = e.filename or file.name
+    raise
 
 
 def _fmt(value: Any) -> str:

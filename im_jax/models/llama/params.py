@@ -27,11 +27,11 @@ from flax import nnx
 from safetensors import safe_open
 from safetensors.numpy import save_file
 
+from im_jax import model_files
 from im_jax.models.llama.config import LlamaConfig
 from im_jax.models.llama.model import Llama
 
-INDEX_FILE = "model.safetensors.index.json"
-SINGLE_FILE = "model.safetensors"
+INDEX_FILE, SINGLE_FILE = model_files.INDEX_FILE, model_files.SINGLE_FILE
 # Tensors some checkpoints carry that hold nothing the model needs.
 _IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
 
@@ -128,43 +128,61 @@ def abstract_model(config: LlamaConfig) -> Llama:
 
 
 class _Reader:
-  """Lazy access to the tensors of a HF folder (one or several safetensors files)."""
+  """Lazy access to the tensors of a HF folder (one or several safetensors files), whose
+  headers `model_files.tensor_index` has read and checked (names, dtypes, shapes, sizes)."""
 
   def __init__(self, hf_dir: str | os.PathLike):
-    d = pathlib.Path(hf_dir)
-    if (d / INDEX_FILE).exists():
-      weight_map = json.loads((d / INDEX_FILE).read_text())["weight_map"]
-      self.files = {name: d / f for name, f in weight_map.items()}
-    elif (d / SINGLE_FILE).exists():
-      with safe_open(d / SINGLE_FILE, "np") as f:
-        self.files = {name: d / SINGLE_FILE for name in f.keys()}
-    else:
-      raise FileNotFoundError(f"no {SINGLE_FILE} or {INDEX_FILE} in {d}")
+    self.tensors = model_files.tensor_index(hf_dir)
 
   # Each read opens and closes its file: safe_open mmaps it, and pages of a mapping kept open
   # stay resident, which would add a full file's size to the peak (2.2x the model, measured on
   # SmolLM2, instead of 1.2x; see im_jax/convert/memory.py).
 
   def get(self, name: str) -> np.ndarray:
-    with safe_open(self.files[name], "np") as f:
+    with safe_open(self.tensors[name].file, "np") as f:
       return f.get_tensor(name)
 
-  def shape(self, name: str) -> tuple[int, ...]:
-    with safe_open(self.files[name], "np") as f:
-      return tuple(f.get_slice(name).get_shape())
+
+def hf_shapes(config: LlamaConfig) -> dict[str, tuple[int, ...]]:
+  """HF name -> the shape that tensor has for `config`, from the table."""
+  flat = dict(nnx.to_flat_state(nnx.state(abstract_model(config))))
+  shapes = {}
+  for slot in _slots(config):
+    shape = flat[slot.path].shape
+    shapes[slot.name] = _hf_shape(slot.entry, shape[1:] if slot.layer is not None else shape)
+  return shapes
 
 
-def _check_names(reader: _Reader, config: LlamaConfig) -> None:
-  expected = set(hf_tensor_names(config))
-  present = set(reader.files)
-  missing = sorted(expected - present)
-  unknown = sorted(n for n in present - expected if not n.endswith(_IGNORED_SUFFIXES)
+def check_hf_tensors(tensors: dict[str, "model_files.TensorInfo"], config: LlamaConfig, *,
+                     dtype: str | None = None, where: str | os.PathLike = "") -> None:
+  """Every tensor `config` needs is there with its shape, and nothing unknown is (before any
+  tensor is read). `dtype`: the safetensors dtype config.json declares (F32, BF16, ...), which
+  every tensor must have; else any floating dtype. ModelFileError names the file."""
+  expected = hf_shapes(config)
+  missing = [n for n in expected if n not in tensors]
+  unknown = sorted(n for n in tensors if n not in expected and not n.endswith(_IGNORED_SUFFIXES)
                    and not (n == "lm_head.weight" and config.tie_word_embeddings))
+  index = pathlib.Path(where) / model_files.INDEX_FILE
+  listing = index if index.exists() else pathlib.Path(where) / model_files.SINGLE_FILE
   if missing:
-    raise ValueError(f"missing HF tensors: {missing[:10]}{' ...' if len(missing) > 10 else ''}")
+    raise model_files.ModelFileError(
+        listing, f"missing HF tensors: {missing[:10]}{' ...' if len(missing) > 10 else ''}")
   if unknown:
-    raise ValueError(f"unknown HF tensors for this config: {unknown[:10]}"
-                     f"{' ...' if len(unknown) > 10 else ''}")
+    raise model_files.ModelFileError(
+        listing, f"unknown HF tensors for this config: {unknown[:10]}"
+        f"{' ...' if len(unknown) > 10 else ''}")
+  for name, want in expected.items():
+    info = tensors[name]
+    if info.shape != want:
+      raise model_files.ModelFileError(
+          info.file, f"tensor {name} has shape {info.shape}; config.json gives {want}")
+    if dtype is not None and info.dtype != dtype:
+      raise model_files.ModelFileError(
+          info.file, f"tensor {name} is {info.dtype}; config.json declares {dtype}")
+    if info.dtype not in ("F16", "BF16", "F32", "F64"):
+      raise model_files.ModelFileError(
+          info.file, f"tensor {name} is {info.dtype}, not a floating-point dtype (quantized "
+          "weights are unsupported)")
 
 
 def _flat_params(model_or_state: Any) -> dict[tuple, Any]:
@@ -205,10 +223,11 @@ def load_hf(hf_dir: str | os.PathLike, config: LlamaConfig, *, shardings: Any = 
     dtype: parameter dtype, default `config.param_dtype`.
 
   Raises:
-    ValueError: naming any missing or unknown tensor, or a shape mismatch.
+    model_files.ModelFileError (a ValueError): naming the file of any missing or unknown
+      tensor, a shape mismatch, or a damaged file (checked from the headers before reading).
   """
   reader = _Reader(hf_dir)
-  _check_names(reader, config)
+  check_hf_tensors(reader.tensors, config, where=hf_dir)
   dtype = np.dtype(jax.numpy.dtype(dtype or config.param_dtype))
   graphdef, state = nnx.split(abstract_model(config))
   flat = dict(nnx.to_flat_state(state))
@@ -219,11 +238,7 @@ def load_hf(hf_dir: str | os.PathLike, config: LlamaConfig, *, shardings: Any = 
     var = flat[path]
     shape = var.shape[1:] if slots[0].layer is not None else var.shape
     host = np.empty(var.shape, dtype)  # one parameter at a time: stacked or not
-    for slot in slots:
-      got = reader.shape(slot.name)
-      want = _hf_shape(slot.entry, shape)
-      if got != want:
-        raise ValueError(f"HF tensor {slot.name}: shape {got}, expected {want} for {config}")
+    for slot in slots:  # shapes were checked against the table above
       x = _to_jax(slot.entry, reader.get(slot.name), shape)
       if slot.layer is None:
         host[...] = x

@@ -1,0 +1,374 @@
+"""Faults in one line: damaged model files and a full disk, in every command.
+
+Each kind of damage to a Hugging Face model folder (a `.safetensors` file cut short, a header
+cut or garbled, a shard the index names missing, a tensor whose shape or dtype disagrees with
+config.json, a config.json cut short or lacking a key, a tokenizer file cut short) is made
+here and given to one command family (train, eval, convert both ways, plan, study): one
+`error: FILE: what is wrong` line naming the damaged file, exit status 2, nothing written.
+
+A full disk is a small tmpfs (mounting one needs root, as CI runs; skipped otherwise): during
+training (a checkpoint cannot be written: one line naming the intact checkpoint, exit 1, no
+traceback on the console, and a rerun once the disk grows resumes from it), and while
+exporting, writing a metrics record or a study result (one line, nothing half-written).
+"""
+
+import contextlib
+import json
+import os
+import pathlib
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+from im_jax.configs import base
+from im_jax import experiment, model_files, write_faults
+from im_jax.convert.__main__ import main as convert_main
+from im_jax.data import synthetic
+from im_jax.eval.__main__ import main as eval_main
+from im_jax.plan import analysis
+from im_jax.study import __main__ as study_main
+from im_jax.train.metrics_log import METRICS_FILE, MetricsLogger, read_metrics
+from tests import fixtures_lib
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+DATA_LINE = json.dumps({"messages": [{"role": "user", "content": "Hi"},
+                                     {"role": "assistant", "content": "Hello"}]})
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory, tiny_tokenizer_dir):
+  """A tiny HF folder (one safetensors file), the same sharded, a CKPT of it, a data file."""
+  from flax import nnx  # pylint: disable=g-import-not-at-top
+  from im_jax.convert import hf_export  # pylint: disable=g-import-not-at-top
+  from im_jax.models.llama import Llama, LlamaConfig  # pylint: disable=g-import-not-at-top
+
+  root = tmp_path_factory.mktemp("models")
+  single = fixtures_lib.tiny_hf_base(tiny_tokenizer_dir, root / "hf")
+  config = LlamaConfig.preset("tiny")
+  sharded = hf_export.export_hf(root / "hf_sharded", Llama(config, rngs=nnx.Rngs(7)), config,
+                                tiny_tokenizer_dir, template="tulu", max_shard_bytes=100_000)
+  assert convert_main(["from-hf", "--hf", str(single), "--out", str(root / "ckpt")]) == 0
+  data = root / "data.jsonl"
+  data.write_text(DATA_LINE + "\n")
+  return {"hf": single, "hf_sharded": sharded, "ckpt": root / "ckpt", "data": data}
+
+
+def _cut(path: pathlib.Path, keep) -> None:
+  data = path.read_bytes()
+  path.write_bytes(data[:keep] if isinstance(keep, int) else keep(data))
+
+
+def _edit_config(path: pathlib.Path, change) -> None:
+  config = json.loads(path.read_text())
+  change(config)
+  path.write_text(json.dumps(config))
+
+
+# fault -> (source folder, damage, the damaged file, what the line says about it)
+FAULTS = {
+    "tensor data cut short": (
+        "hf", lambda d: _cut(d / "model.safetensors", 300_000), "model.safetensors",
+        "cut short: its tensors need"),
+    "header cut short": (
+        "hf", lambda d: _cut(d / "model.safetensors", 100), "model.safetensors",
+        "cut short: the header needs"),
+    "header unparsable": (
+        "hf", lambda d: _cut(d / "model.safetensors", lambda b: b[:8] + b"#" * 20 + b[28:]),
+        "model.safetensors", "unparsable safetensors header"),
+    "shard missing": (
+        "hf_sharded", lambda d: (d / "model-00003-of-00006.safetensors").unlink(),
+        "model-00003-of-00006.safetensors",
+        "no such file (model.safetensors.index.json names it)"),
+    "shape disagrees": (
+        "hf", lambda d: _edit_config(d / "config.json",
+                                     lambda c: c.update(intermediate_size=96)),
+        "model.safetensors", "tensor model.layers.0.mlp.gate_proj.weight has shape (128, 64); "
+        "config.json gives (96, 64)"),
+    "dtype disagrees": (
+        "hf", lambda d: _edit_config(d / "config.json", lambda c: c.update(dtype="bfloat16")),
+        "model.safetensors", "tensor model.embed_tokens.weight is F32; config.json declares BF16"),
+    "config.json lacks a key": (
+        "hf", lambda d: _edit_config(d / "config.json", lambda c: c.pop("num_attention_heads")),
+        "config.json", "missing key 'num_attention_heads'"),
+    "config.json cut short": (
+        "hf", lambda d: _cut(d / "config.json", 200), "config.json",
+        "(the file looks cut short)"),
+    "tokenizer.json cut short": (
+        "ckpt", lambda d: _cut(d / "tokenizer" / "tokenizer.json", 5000),
+        "tokenizer/tokenizer.json", "invalid JSON at line"),
+    "tokenizer_config.json cut short": (
+        "hf", lambda d: _cut(d / "tokenizer_config.json", 50), "tokenizer_config.json",
+        "(the file looks cut short)"),
+}
+
+
+def _damaged(models, tmp_path, fault) -> tuple[pathlib.Path, str, str]:
+  """(the damaged copy, the file at fault, what the line says about it)."""
+  source, damage, name, problem = FAULTS[fault]
+  folder = tmp_path / "model"
+  shutil.copytree(models[source], folder)
+  damage(folder)
+  return folder, str(folder / name), problem
+
+
+def _names(message: str, path: str, problem: str) -> bool:
+  return message.startswith(f"{path}: ") and problem in message
+
+
+def _tree(root: pathlib.Path) -> list[str]:
+  return sorted(str(p.relative_to(root)) for p in root.rglob("*"))
+
+
+def _one_error_line(err: str) -> str:
+  lines = [line for line in err.strip().splitlines() if line.strip()]
+  assert len(lines) == 1 and "Traceback" not in err, err
+  return lines[0]
+
+
+# ------------------------------------------------------------ damaged model files
+
+
+@pytest.mark.parametrize("fault, command", [
+    ("header unparsable", "eval loss"),
+    ("tokenizer_config.json cut short", "eval loss"),
+    ("dtype disagrees", "eval generate"),
+    ("header cut short", "convert from-hf"),
+    ("tokenizer.json cut short", "convert to-hf"),
+])
+def test_damaged_model_file_commands_in_process(models, tmp_path, capsys, fault, command):
+  model, path, problem = _damaged(models, tmp_path, fault)
+  before = _tree(tmp_path)
+  out = tmp_path / "out"
+  argv = {
+      "eval loss": ["loss", "--model", f"hf:{model}", "--data", str(models["data"])],
+      "eval generate": ["generate", "--model", f"hf:{model}", "--data", str(models["data"]),
+                        "--out", str(out / "gen.json")],
+      "convert from-hf": ["from-hf", "--hf", str(model), "--out", str(out)],
+      "convert to-hf": ["to-hf", "--ckpt", str(model), "--out", str(out)],
+  }[command]
+  main = eval_main if command.startswith("eval") else convert_main
+  assert main(argv) == 2
+  line = _one_error_line(capsys.readouterr().err)
+  assert _names(line.removeprefix("error: "), path, problem), line
+  assert _tree(tmp_path) == before  # nothing written
+
+
+@pytest.mark.parametrize("fault", ["config.json lacks a key", "shape disagrees"])
+def test_damaged_init_from_stops_training_before_the_workdir(models, tmp_path, fault):
+  model, path, problem = _damaged(models, tmp_path, fault)
+  c = base.get_config()
+  c.data.train, c.model.init_from = str(models["data"]), f"hf:{model}"
+  c.train.max_steps, c.train.batch_size = 1, 8
+  with pytest.raises(experiment.ConfigError) as info:  # python -m im_jax.train: exit 2
+    experiment.build(c, tmp_path / "run")
+  assert _names(str(info.value), path, problem), info.value
+  assert not (tmp_path / "run").exists()
+
+
+def test_damaged_model_in_the_plan_and_the_study(models, tmp_path, capsys):
+  model, path, problem = _damaged(models, tmp_path, "shard missing")
+  c = base.get_config()
+  c.model.init_from = f"hf:{model}"
+  with pytest.raises(experiment.ConfigError) as info:  # python -m im_jax.plan: exit 2
+    analysis.model_config(c)
+  assert _names(str(info.value), path, problem), info.value
+  out = tmp_path / "study"
+  assert study_main.main(["--out", str(out), "--scale", "accelerator",
+                          "--model", f"hf:{model}"]) == 2
+  line = _one_error_line(capsys.readouterr().err)
+  assert _names(line.removeprefix("error: "), path, problem), line
+  assert not out.exists()
+
+
+def test_train_command_names_a_cut_weights_file(models, tmp_path):
+  """The issue's case: `python -m im_jax.train` with a truncated model.init_from."""
+  model, path, problem = _damaged(models, tmp_path, "tensor data cut short")
+  proc = subprocess.run(
+      [sys.executable, "-m", "im_jax.train", "--config", str(ROOT / "configs/base.py"),
+       "--workdir", str(tmp_path / "run"), f"--config.data.train={models['data']}",
+       f"--config.model.init_from=hf:{model}"],
+      cwd=ROOT, capture_output=True, text=True, timeout=300)
+  assert proc.returncode == 2
+  line = _one_error_line(proc.stderr)
+  assert _names(line.removeprefix("error: "), path, problem), line
+  assert not (tmp_path / "run").exists()
+
+
+def test_safetensors_header_reader_agrees_with_safetensors(models, tmp_path):
+  """What the header reader finds in an intact file is what safetensors itself reads; a copy
+  cut by k bytes is short by exactly k."""
+  from safetensors import safe_open  # pylint: disable=g-import-not-at-top
+
+  path = models["hf"] / "model.safetensors"
+  infos = model_files.read_safetensors_header(path)
+  with safe_open(path, "np") as f:
+    assert sorted(f.keys()) == sorted(infos)
+    data_bytes = 0
+    for name in f.keys():
+      tensor = f.get_tensor(name)
+      assert infos[name].shape == tensor.shape and infos[name].dtype == "F32"
+      data_bytes += tensor.nbytes
+  cut = tmp_path / "cut.safetensors"
+  cut.write_bytes(path.read_bytes()[:-1000])
+  with pytest.raises(model_files.ModelFileError, match=(
+      f"cut short: its tensors need {data_bytes} bytes of data, the file holds "
+      f"{data_bytes - 1000} ")):
+    model_files.read_safetensors_header(cut)
+
+
+# ------------------------------------------------------------ a full disk
+
+
+@contextlib.contextmanager
+def _small_disk(path: pathlib.Path, size: str):
+  """A tmpfs of `size` at `path`, always unmounted."""
+  if os.geteuid() != 0:
+    pytest.skip("a full disk is a small tmpfs, and mounting one needs root (CI runs as root)")
+  path.mkdir(parents=True, exist_ok=True)
+  mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)],
+                           capture_output=True, text=True)
+  if mounted.returncode:
+    pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.strip()}")
+  try:
+    yield path
+  finally:
+    subprocess.run(["umount", "-l", str(path)], check=False)
+
+
+def _fill(disk: pathlib.Path) -> None:
+  """Leaves the disk with no free page."""
+  with contextlib.suppress(OSError), (disk / "filler").open("wb") as f:
+    while True:
+      f.write(b"\0" * 65536)
+
+
+@pytest.mark.usefixtures("subprocess_compilation_cache")
+def test_full_disk_in_training_names_the_intact_checkpoint_and_resumes(tmp_path):
+  tokenizer = synthetic.train_tokenizer(
+      synthetic.tokenizer_texts(synthetic.make_conversations(200, seed=0)), tmp_path / "tok",
+      vocab_size=400)
+  # test_resume.py's run (its compiled step is shared): checkpoints of ~1.5 MB every 4 steps.
+  command = [sys.executable, "-m", "im_jax.train", "--config", str(ROOT / "configs/base.py"),
+             "--config.data.train=synthetic:200", f"--config.data.tokenizer={tokenizer}",
+             "--config.data.max_seq_len=128", "--config.train.batch_size=8",
+             "--config.train.max_steps=24", "--config.optim.lr=1e-3",
+             "--config.checkpoint.every_steps=4", "--config.checkpoint.keep=10",
+             "--config.mesh.fsdp=4", "--config.mesh.data=2", "--config.data.read_threads=0"]
+  env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8",
+         "JAX_PLATFORMS": "cpu"}
+  with _small_disk(tmp_path / "disk", "2500k") as disk:  # room for one checkpoint, not two
+    workdir = disk / "run"
+    full = subprocess.run(command + ["--workdir", str(workdir)], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert full.returncode == 1, full.stderr[-3000:]
+    assert "Traceback" not in full.stderr, full.stderr[-3000:]
+    line = full.stderr.strip().splitlines()[-1]
+    assert line == (f"error: cannot write {workdir}/checkpoints/8: no space left on device; "
+                    "checkpoint 4 is intact; free space and rerun the same command to resume "
+                    f"(traceback in {workdir}/errors.log)")
+    assert [l for l in full.stderr.splitlines() if l.startswith("error")] == [line]
+    assert "RESOURCE_EXHAUSTED" in (workdir / "errors.log").read_text()
+    assert sorted(p.name for p in (workdir / "checkpoints").iterdir() if p.name.isdigit()) == [
+        "4"]
+
+    subprocess.run(["mount", "-o", "remount,size=16m", str(disk)], check=True)
+    resumed = subprocess.run(command + ["--workdir", str(workdir)], cwd=ROOT, env=env,
+                             capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resumed from checkpoint 4" in resumed.stderr
+    assert [r["step"] for r in read_metrics(workdir) if "loss" in r] == list(range(1, 25))
+
+
+def test_full_disk_in_convert_leaves_no_output(models, tmp_path, capsys):
+  with _small_disk(tmp_path / "disk", "256k") as disk:
+    for argv in (["from-hf", "--hf", str(models["hf"])],  # orbax (tensorstore) writes
+                 ["to-hf", "--ckpt", str(models["ckpt"])]):  # safetensors writes
+      out = disk / "out"
+      assert convert_main([*argv, "--out", str(out)]) == 1
+      line = _one_error_line(capsys.readouterr().err)
+      assert line.startswith(f"error: cannot write {out}: no space left on device; the inputs "
+                             "are untouched and no half-written output is left; free space "
+                             "and rerun the same command"), line
+      assert os.listdir(disk) == []  # neither the folder nor its .partial
+      _remove_named_log(line)
+    subprocess.run(["mount", "-o", "remount,ro", str(disk)], check=True)
+    assert convert_main(["to-hf", "--ckpt", str(models["ckpt"]), "--out",
+                         str(disk / "out")]) == 1
+    line = _one_error_line(capsys.readouterr().err)
+    assert line.startswith(
+        f"error: cannot write {disk / 'out'}: read-only file system; the inputs are untouched "
+        "and no half-written output is left; make it writable and rerun the same command"), line
+    _remove_named_log(line)
+
+
+def _remove_named_log(line: str) -> None:
+  """The temporary traceback log a convert line names: it holds the traceback, then goes."""
+  log = pathlib.Path(line.rsplit("(traceback in ", 1)[1].rstrip(")"))
+  assert "Traceback" in log.read_text()
+  log.unlink()
+
+
+def test_write_failures_are_recognised_in_each_library_form():
+  """As Python, tensorstore (the message of a real full-disk save, shortened) and safetensors
+  report them; any other error is not one."""
+  ocdbt = ('RESOURCE_EXHAUSTED: Error writing "opt_state.1.0.mu/0.0" in OCDBT database at '
+           'local file "/w/checkpoints/8.orbax-checkpoint-tmp/state.orbax-checkpoint-tmp/'
+           'ocdbt.process_0/": Failed writing: "/w/checkpoints/8.orbax-checkpoint-tmp/d/3e": '
+           "Failed to write 367407 bytes to file 19: No space left on device "
+           "[os_error_code='28']")
+  cases = [
+      (OSError(122, "Disk quota exceeded", "/w/metrics.jsonl"),
+       ("/w/metrics.jsonl", "disk quota exceeded", "free space")),
+      (ValueError(ocdbt), ("/w/checkpoints/8", "no space left on device", "free space")),
+      (RuntimeError("Error while serializing: I/O error: Read-only file system (os error 30)"),
+       ("", "read-only file system", "make it writable")),
+  ]
+  for error, (path, reason, remedy) in cases:
+    wrapped = RuntimeError("at the next save")  # Orbax re-raises from its threads
+    wrapped.__cause__ = error
+    failure = write_faults.find(wrapped)
+    assert (failure.path, failure.reason, failure.remedy) == (path, reason, remedy)
+  assert write_faults.find(FileNotFoundError(2, "No such file", "/x")) is None
+  assert write_faults.find(ValueError("RESOURCE_EXHAUSTED: out of memory")) is None
+
+
+def test_full_disk_metrics_record_is_whole_or_absent(tmp_path):
+  with _small_disk(tmp_path / "disk", "64k") as disk:
+    logger = MetricsLogger(disk, total_steps=100, tensorboard=False, progress=False)
+    logger.write({"step": 0, "loss": 1.0})
+    _fill(disk)
+    with pytest.raises(OSError) as info:  # records fill the metrics file's last free page
+      for step in range(1, 100):
+        logger.write({"step": step, "loss": 1.0, "padding": "x" * 200})
+    logger.close()
+    records = read_metrics(disk)
+    text = (disk / METRICS_FILE).read_text()
+    assert text.endswith("\n") and len(text.splitlines()) == len(records)  # no half line
+    assert [r["step"] for r in records] == list(range(len(records)))
+    failed = write_faults.failed_write(info.value, safe="S", rerun="R")
+    assert str(failed) == (f"cannot write {disk / METRICS_FILE}: no space left on device; S; "
+                           "free space and rerun R")
+
+
+def test_full_disk_for_a_study_result_is_one_line(tmp_path, capsys, monkeypatch):
+  from im_jax.study import orchestrate, results  # pylint: disable=g-import-not-at-top
+
+  with _small_disk(tmp_path / "disk", "64k") as disk:
+    store = results.ResultStore(disk / "results")
+    store.put("done", {"k": 1}, {"loss": 1.0})
+    _fill(disk)
+
+    def run_study(*args):  # the study's own runs, reduced to saving their next result
+      del args
+      store.put("next", {"k": 1}, {"losses": [1.0] * 5000})
+
+    monkeypatch.setattr(orchestrate, "run_study", run_study)
+    assert study_main.main(["--out", str(tmp_path / "study")]) == 1
+    line = _one_error_line(capsys.readouterr().err)
+    assert line.startswith(f"error: cannot write {disk / 'results' / 'next.json'}: no "
+                           "space left on device; the results already written are whole; "
+                           "free space and rerun the same command to go on"), line
+    assert sorted(os.listdir(disk / "results")) == ["done.json"]
+    assert store.get("done", {"k": 1}) == {"key": {"k": 1}, "loss": 1.0}
