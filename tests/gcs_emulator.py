@@ -14,8 +14,8 @@ import pathlib
 import socket
 import subprocess
 import time
-import urllib.error
-import urllib.request
+from urllib import error as url_error
+from urllib import request as url_request
 
 
 def _binary() -> pathlib.Path:
@@ -43,7 +43,7 @@ class Emulator:
     deadline = time.time() + 20
     while True:
       try:
-        urllib.request.urlopen(self.url + "/storage/v1/b", timeout=2).read()
+        url_request.urlopen(self.url + "/storage/v1/b", timeout=2).read()
         break
       except OSError:
         if self._process.poll() is not None or time.time() > deadline:
@@ -59,11 +59,11 @@ class Emulator:
             "IM_JAX_GCS_CACHE": str(cache)}
 
   def create_bucket(self, name: str) -> None:
-    request = urllib.request.Request(
+    request = url_request.Request(
         self.url + "/storage/v1/b?project=test", data=json.dumps({"name": name}).encode(),
         headers={"Content-Type": "application/json"})
-    with contextlib.suppress(urllib.error.HTTPError):  # 409: exists already
-      urllib.request.urlopen(request, timeout=10).read()
+    with contextlib.suppress(url_error.HTTPError):  # 409: exists already
+      url_request.urlopen(request, timeout=10).read()
 
   def stop(self) -> None:
     self._process.terminate()

@@ -55,6 +55,9 @@ def main(argv: list[str] | None = None) -> int:
   from im_jax.study import orchestrate, runner  # pylint: disable=g-import-not-at-top
 
   try:
+    if args.out.startswith("gs://"):  # its subsets, results and plots are local files
+      raise ValueError(f"--out {args.out}: the study writes a local folder; give a local --out "
+                       "and copy it to the bucket afterwards (gcloud storage cp -r)")
     out = pathlib.Path(args.out)
     inputs = [args.data_dir, output_guard.local_path(args.model) if args.model else None]
     output_guard.check_not_input(out, [p for p in inputs if p])
