@@ -26,11 +26,11 @@ from im_jax.train.metrics_log import read_metrics
 from tests import fixtures_lib
 from tests.gcs_emulator import Emulator
 
-pytestmark = pytest.mark.usefixtures("subprocess_compilation_cache")
+pytestmark = pytest.mark.usefixtures("subprocess_compilation_cache", "compilation_cache")
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 BUCKET = "gs://bkt"
-STEPS = 12
+STEPS = 8
 
 
 @pytest.fixture(scope="module")
@@ -178,7 +178,7 @@ def test_bucket_run_killed_resumes_exactly_and_reads_back(gcs, inputs, tmp_path,
     np.testing.assert_array_equal(converted[name], value, err_msg=name)
   assert report(["--workdir", workdir, str(local), "--out", f"{BUCKET}/reports/r.png"]) == 0
   table = paths.path(f"{BUCKET}/reports/r.md").read_text()
-  assert "| killed | 12 |" in table and "| local | 12 |" in table
+  assert f"| killed | {STEPS} |" in table and f"| local | {STEPS} |" in table
   assert paths.path(f"{BUCKET}/reports/r.png").read_bytes()[:4] == b"\x89PNG"
 
 
