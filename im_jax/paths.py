@@ -122,15 +122,15 @@ def check_ready(spec: PathLike, *, what: str, write: bool = False) -> None:
   uri = str(spec).removeprefix("hf:")
   bucket_name, prefix = split(uri)
   errors = api_errors()
-  storage_client = client()
-  try:
-    bucket = storage_client.lookup_bucket(bucket_name)
+  bucket = client().bucket(bucket_name)
+  try:  # listing needs only object permissions (bucket metadata may be out of reach)
+    next(iter(bucket.list_blobs(prefix=prefix, max_results=1)), None)
+  except errors.NotFound:
+    raise CloudError(f"{what}={spec}: bucket gs://{bucket_name} does not exist") from None
   except errors.Forbidden:
-    raise CloudError(f"{what}={spec}: no permission to use bucket gs://{bucket_name}") from None
+    raise CloudError(f"{what}={spec}: no permission to read gs://{bucket_name}") from None
   except errors.GoogleAPIError as e:
     raise CloudError(f"{what}={spec}: cannot reach gs://{bucket_name}: {_short(e)}") from None
-  if bucket is None:
-    raise CloudError(f"{what}={spec}: bucket gs://{bucket_name} does not exist")
   if not write:
     return
   probe = bucket.blob(f"{prefix}/.im_jax_write_probe.{socket.gethostname()}.{os.getpid()}"

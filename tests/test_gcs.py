@@ -248,6 +248,18 @@ def test_bad_cloud_input_is_one_line(gcs, tmp_path, monkeypatch, capsys):
   assert report(["--workdir", "gs://no-such-bucket/run", "--out", str(tmp_path / "r.png")]) == 2
   assert capsys.readouterr().err == (
       "error: --workdir=gs://no-such-bucket/run: bucket gs://no-such-bucket does not exist\n")
+  from configs import base  # pylint: disable=g-import-not-at-top
+  from im_jax import settings  # pylint: disable=g-import-not-at-top
+
+  c = base.get_config()
+  c.data.train, c.data.tokenizer = "synthetic:8", "synthetic"
+  with pytest.raises(settings.ConfigError, match=r"^--workdir=gs://no-such-bucket/run: bucket "
+                     r"gs://no-such-bucket does not exist$"):
+    settings.check_inputs(c, "gs://no-such-bucket/run")
+  c.data.train = f"{BUCKET}/inputs/missing.jsonl"
+  with pytest.raises(settings.ConfigError, match=r"^data.train=gs://bkt/inputs/missing.jsonl: "
+                     "no such object or folder$"):
+    settings.check_inputs(c, tmp_path / "run")
   with pytest.raises(paths.CloudError, match="no permission to write to gs://bkt"):
     from google.api_core import exceptions  # pylint: disable=g-import-not-at-top
     from google.cloud import storage  # pylint: disable=g-import-not-at-top
