@@ -75,6 +75,7 @@ def client():
   except ImportError as e:
     raise CloudError(f"gs:// paths need gcsfs ({e.name} is not installed): {_INSTALL}") from None
   logging.getLogger("gcsfs").setLevel(logging.ERROR)  # one warning per call about bucket types
+  logging.getLogger("fsspec").setLevel(logging.WARNING)  # a line per file opened
   import fsspec  # pylint: disable=g-import-not-at-top
 
   for protocol in ("gs", "gcs"):  # other processes write the same folders: list them afresh
