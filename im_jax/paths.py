@@ -223,8 +223,12 @@ def fetch(spec: PathLike, *, what: str) -> str:
       target = tmp / local.name / rel if rel else tmp / local.name
       target.parent.mkdir(parents=True, exist_ok=True)
       fs.get_file(f"{bucket}/{name}/{rel}".rstrip("/"), str(target),
-                  version_id=info.get("generation"))
-    os.replace(tmp / local.name, local)
+                  generation=info.get("generation"))  # the listed version, not a newer one
+    try:
+      os.replace(tmp / local.name, local)
+    except OSError:  # another process (a host's other trainer) made the same copy first
+      if not local.exists():
+        raise
   finally:
     shutil.rmtree(tmp, ignore_errors=True)
   log.info("copied %s (%d objects) to %s", uri, len(objects), local)

@@ -283,3 +283,22 @@ def test_bad_cloud_input_is_one_line(gcs, tmp_path, monkeypatch, capsys):
         paths.path(f"{BUCKET}/x")
   finally:
     paths.client.cache_clear()
+
+
+def test_fetch_copies_once_and_again_when_an_object_changes(gcs, tmp_path):
+  source = tmp_path / "model"
+  source.mkdir()
+  (source / "config.json").write_text("{}")
+  (source / "weights.bin").write_bytes(b"one")
+  paths.upload_tree(source, f"{BUCKET}/fetch/model")
+  first = paths.fetch(f"hf:{BUCKET}/fetch/model", what="model.init_from")
+  assert first.startswith("hf:") and first.endswith("/model")
+  local = pathlib.Path(first.removeprefix("hf:"))
+  (local / "marker").write_text("kept")  # a second fetch of unchanged objects copies nothing
+  assert paths.fetch(f"hf:{BUCKET}/fetch/model", what="model.init_from") == first
+  assert (local / "marker").exists()
+  (source / "weights.bin").write_bytes(b"two")
+  paths.upload_tree(source / "weights.bin", f"{BUCKET}/fetch/model/weights.bin")
+  second = pathlib.Path(paths.fetch(f"{BUCKET}/fetch/model", what="model.init_from"))
+  assert second != local and (second / "weights.bin").read_bytes() == b"two"
+  assert (local / "weights.bin").read_bytes() == b"one"  # the old copy is left as it was
