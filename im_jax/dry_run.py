@@ -14,7 +14,7 @@ from typing import Any
 import jax
 import ml_collections
 
-from im_jax import experiment
+from im_jax import experiment, paths
 from im_jax.checkpoint.store import newest_meta
 from im_jax.convert.load import read_pretrained
 from im_jax.models.llama import config as llama_config
@@ -23,15 +23,15 @@ from im_jax.settings import SYNTHETIC, ConfigError, check_inputs, model_options,
 
 def data_plan(c: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dict[str, Any]:
   """What a run with this config and workdir would train on, as one JSON-able dict."""
-  workdir = pathlib.Path(workdir)
+  workdir = paths.path(workdir)  # a local folder or gs://BUCKET/...
   validate(c, jax.device_count(), jax.process_count())
   check_inputs(c, workdir)
   experiment.check_resumable(c, workdir)  # reads only
   pretrained_config = pretrained_tokenizer = None
   if c.model.init_from:
     try:
-      pretrained_config, pretrained_tokenizer = read_pretrained(c.model.init_from,
-                                                                **model_options(c))
+      pretrained_config, pretrained_tokenizer = read_pretrained(  # gs://: the run's local copy
+          paths.fetch(c.model.init_from, what="model.init_from"), **model_options(c))
     except (OSError, ValueError, KeyError) as e:
       raise ConfigError(f"model.init_from={c.model.init_from}: {e}") from None
   reuse = (workdir / "tokenizer" / "tokenizer.json").exists()  # a synthetic one, kept on resume

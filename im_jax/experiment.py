@@ -12,13 +12,14 @@ import json
 import logging
 import math
 import pathlib
+import tempfile
 from typing import Any, Callable, Sequence
 
 import jax
 import ml_collections
 from flax import nnx
 
-from im_jax import distributed, hub, write_faults
+from im_jax import distributed, hub, paths
 from im_jax.checkpoint.store import newest_meta
 from im_jax.convert import hf_export
 from im_jax.convert.load import HF_PREFIX, LORA_BASE, load_pretrained
@@ -50,8 +51,9 @@ def load_train_conversations(c: ml_collections.ConfigDict) -> Sequence[Conversat
   check(bool(spec), "data.train is empty: give a data file, tfds:NAME:SPLIT or synthetic:N")
   if spec.startswith(SYNTHETIC + ":"):
     conversations = synthetic.make_conversations(int(spec.split(":", 1)[1]), seed=c.train.seed)
-  else:
-    conversations = sources.load_conversations(spec, format=c.data.format or None,
+  else:  # a gs:// file is read from a local copy
+    conversations = sources.load_conversations(paths.fetch(spec, what="data.train"),
+                                               format=c.data.format or None,
                                                on_bad_record=c.data.on_bad_record)
   limit = c.data.max_examples  # the split is per example: a subset keeps its held-out part
   return list(conversations)[:limit] if limit > 0 else conversations
@@ -79,6 +81,8 @@ def split_held_out(conversations: Sequence[Conversation], fraction: float
 def resolve_tokenizer_dir(c: ml_collections.ConfigDict, workdir: pathlib.Path,
                           conversations: Sequence[Conversation],
                           pretrained_tokenizer_dir: pathlib.Path | None) -> pathlib.Path:
+  if c.data.tokenizer == SYNTHETIC and paths.is_remote(workdir):
+    return _remote_synthetic_tokenizer(workdir / "tokenizer", conversations)
   if c.data.tokenizer == SYNTHETIC:
     out = workdir / "tokenizer"
     # A resumed run must reuse the same one; process 0 writes it, the others wait to read it.
@@ -87,10 +91,22 @@ def resolve_tokenizer_dir(c: ml_collections.ConfigDict, workdir: pathlib.Path,
     distributed.sync("synthetic_tokenizer")
     return out
   if c.data.tokenizer:
-    return hub.folder(c.data.tokenizer)
+    return hub.folder(paths.fetch(c.data.tokenizer, what="data.tokenizer"))
   check(pretrained_tokenizer_dir is not None,
          "data.tokenizer is empty and model.init_from names no model to take it from")
   return pathlib.Path(pretrained_tokenizer_dir)
+
+
+def _remote_synthetic_tokenizer(out, conversations: Sequence[Conversation]) -> pathlib.Path:
+  """A synthetic tokenizer kept in a gs:// workdir: trained locally once (process 0),
+  uploaded, and read by every process (and every resume) from a local copy."""
+  if not (out / "tokenizer.json").exists() and distributed.is_main_process():
+    with tempfile.TemporaryDirectory() as tmp:
+      local = synthetic.train_tokenizer(synthetic.tokenizer_texts(list(conversations)),
+                                        pathlib.Path(tmp) / "tokenizer")
+      paths.upload_tree(local, out, last="tokenizer.json")
+  distributed.sync("synthetic_tokenizer")
+  return pathlib.Path(paths.fetch(out, what="data.tokenizer"))
 
 
 # Model.
@@ -236,9 +252,14 @@ class Experiment:
     # Every process takes part in gathering parameters sharded across hosts; process 0 writes.
     params = distributed.fetchable(params)
     if distributed.is_main_process():
-      hf_export.export_hf(out, params, self.model_config, str(self.tokenizer_dir),
-                          template=self.config.data.template,
-                          strip_content=self.config.data.strip_content, overwrite=True)
+      with tempfile.TemporaryDirectory() as tmp:  # a gs:// workdir: written here, uploaded
+        local = pathlib.Path(tmp) / "hf" if paths.is_remote(out) else out
+        hf_export.export_hf(local, params, self.model_config, str(self.tokenizer_dir),
+                            template=self.config.data.template,
+                            strip_content=self.config.data.strip_content, overwrite=True)
+        if local != out:  # config.json last: an upload cut short is no loadable folder
+          paths.remove_tree(out)
+          paths.upload_tree(local, out, last="config.json")
       log.info("exported a Hugging Face model to %s", out)
     distributed.sync("export_hf")  # no process returns before the folder is complete
     return out
@@ -254,22 +275,26 @@ class Experiment:
 
 
 def build(c: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> Experiment:
-  workdir = pathlib.Path(workdir)
+  remote = paths.is_remote(workdir)
+  workdir = paths.path(workdir)  # a local folder or gs://BUCKET/...
   processes = jax.process_count()
   validate(c, jax.device_count(), processes)
   check_inputs(c, workdir)
   check_resumable(c, workdir)  # reads only: a refused run leaves every file as it was
-  workdir.mkdir(parents=True, exist_ok=True)
+  if remote:  # before any work: may this run write there?
+    paths.check_ready(workdir, what="--workdir", write=True)
+  else:
+    workdir.mkdir(parents=True, exist_ok=True)
   if jax.process_index() == 0:  # one run per workdir; the other processes share it
     workdir_lock.acquire(workdir)
-    write_faults.replace_text(workdir / "config.json", c.to_json(indent=2) + "\n")
+    paths.write_text(workdir / "config.json", c.to_json(indent=2) + "\n")  # whole or not at all
 
   mesh = sharding.make_mesh(sharding.MeshConfig(c.mesh.data, c.mesh.fsdp, c.mesh.tensor))
   pretrained = None
   if c.model.init_from:  # placed straight into the parameters' shardings
-    try:
-      pretrained = load_pretrained(c.model.init_from, shardings=sharding.sharding_fn(mesh),
-                                   **model_options(c))
+    try:  # a gs:// model is read from a local copy (made once, kept in a cache)
+      pretrained = load_pretrained(paths.fetch(c.model.init_from, what="model.init_from"),
+                                   shardings=sharding.sharding_fn(mesh), **model_options(c))
     except (OSError, ValueError, KeyError) as e:  # a missing folder, an unsupported config
       raise ConfigError(f"model.init_from={c.model.init_from}: {e}") from None
     check(not pretrained.config.lora.enabled,
@@ -313,6 +338,8 @@ def absolute_spec(spec: str) -> str:
   """`model.init_from` as an absolute local folder (`hf:` kept; a Hub name resolved to its
   cached snapshot), valid from any directory."""
   prefix = HF_PREFIX if spec.startswith(HF_PREFIX) else ""
+  if paths.is_remote(spec):  # already absolute
+    return spec
   try:
     folder = hub.folder(spec)
   except hub.HubError:  # nowhere to be found: settings.check_inputs says so before any run

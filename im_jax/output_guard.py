@@ -30,18 +30,21 @@ class UnsafeOutput(ValueError):
   """An output that would overwrite an input or a protected folder; one line for the user."""
 
 
-def local_path(spec: str) -> pathlib.Path | None:
-  """The local path named by an input spec (`hf:DIR`, a file), or None (`synthetic:N`, tfds:)."""
+def local_path(spec: str) -> pathlib.Path | str | None:
+  """The path named by an input spec (`hf:DIR`, a file; a gs:// URI stays a string), or
+  None (`synthetic:N`, tfds:)."""
   if not spec:
     return None
   if spec.startswith("hf:"):
     spec = spec[3:]
   elif spec.startswith(("synthetic:", "tfds:")) or spec == "synthetic":
     return None
-  return pathlib.Path(spec)
+  return spec if spec.startswith("gs://") else pathlib.Path(spec)
 
 
-def _resolved(path: PathLike) -> pathlib.Path:
+def _resolved(path: PathLike) -> pathlib.PurePath:
+  if str(path).startswith("gs://"):  # an object path: compared as text ('//' keeps it apart)
+    return pathlib.PurePosixPath("//" + str(path).removeprefix("gs://").rstrip("/"))
   return pathlib.Path(path).expanduser().resolve()
 
 

@@ -20,9 +20,10 @@ import json
 import math
 import pathlib
 import sys
+import tempfile
 from typing import Any, Sequence
 
-from im_jax import output_guard
+from im_jax import output_guard, paths
 from im_jax.train.metrics_log import METRICS_FILE
 
 EXIT_BAD_INPUT = 2
@@ -57,7 +58,11 @@ class Summary:
 
 def load_run(workdir: str | pathlib.Path, label: str | None = None) -> Run:
   """Reads `workdir/metrics.jsonl`; a missing, empty or unreadable file is a ReportError."""
-  workdir = pathlib.Path(workdir)
+  try:
+    paths.check_ready(workdir, what="--workdir")
+    workdir = paths.path(workdir)  # a local folder or gs://BUCKET/...
+  except paths.CloudError as e:
+    raise ReportError(str(e)) from None
   path = workdir / METRICS_FILE
   if not path.is_file():
     raise ReportError(f"{path}: not found (is {workdir} a training workdir?)")
@@ -78,7 +83,8 @@ def load_run(workdir: str | pathlib.Path, label: str | None = None) -> Run:
   if not train and not evals:
     raise ReportError(f"{path}: no metrics records yet")
   # resolve() so "." and "runs/x/" get a real name.
-  return Run(label or workdir.resolve().name, train, evals)
+  return Run(label or (workdir.name if paths.is_remote(workdir) else workdir.resolve().name),
+             train, evals)
 
 
 PER_EXAMPLE = "_per_example"
@@ -215,18 +221,28 @@ def report(workdirs: Sequence[str | pathlib.Path], out: str | pathlib.Path,
   """Plots the runs to `out` and writes the table to `out` with a .md suffix."""
   if labels and len(labels) != len(workdirs):
     raise ReportError(f"{len(labels)} --label values for {len(workdirs)} workdirs")
-  md = pathlib.Path(out).with_suffix(".md")
+  remote = paths.is_remote(out)
+  md = paths.path(out).with_suffix(".md") if remote else pathlib.Path(out).with_suffix(".md")
   try:  # a report is never written over (or into) the runs it reads
     for path in (out, md):
-      output_guard.check_not_input(path, workdirs)
-      output_guard.check_writable_file(path)
-  except output_guard.UnsafeOutput as e:
+      output_guard.check_not_input(str(path), workdirs)
+      if not remote:
+        output_guard.check_writable_file(path)
+    if remote:
+      paths.check_ready(out, what="--out", write=True)
+  except (output_guard.UnsafeOutput, paths.CloudError) as e:
     raise ReportError(str(e)) from None
   runs = [load_run(w, labels[i] if labels else None) for i, w in enumerate(workdirs)]
-  png = plot(runs, out)
   table = markdown_table([summarize(run) for run in runs])
-  md.write_text(table, encoding="utf-8")
-  return png, md, table
+  if not remote:
+    png = plot(runs, out)
+    md.write_text(table, encoding="utf-8")
+    return png, md, table
+  with tempfile.TemporaryDirectory() as tmp:  # a gs:// --out: drawn here, then uploaded
+    local = plot(runs, pathlib.Path(tmp) / pathlib.PurePosixPath(str(out)).name)
+    paths.upload_tree(local, out)
+  paths.write_text(md, table)
+  return paths.path(out), md, table
 
 
 def _parser() -> argparse.ArgumentParser:

@@ -18,7 +18,7 @@ from typing import Any, Callable, Sequence
 import ml_collections
 
 from im_jax.configs import base as base_config
-from im_jax import hub, model_files, output_guard
+from im_jax import hub, model_files, output_guard, paths
 from im_jax.checkpoint import CheckpointConfig
 from im_jax.convert.load import read_pretrained
 from im_jax.data import encode as encode_lib
@@ -187,14 +187,28 @@ def _check_model_files(spec: str | pathlib.Path, tokenizer_only: bool = False) -
                       f"{' '.join(str(e).split())}") from None
 
 
+def _remote_input(key: str, spec: str) -> str:
+  """A gs:// input: its bucket reachable and the object (or folder) there."""
+  try:
+    paths.check_ready(spec, what=key)
+    found = paths.path(spec.removeprefix(hub.PREFIX)).exists()
+  except paths.CloudError as e:
+    raise ConfigError(str(e)) from None
+  check(found, f"{key}={spec}: no such object or folder")
+  return spec.removeprefix(hub.PREFIX)
+
+
 def check_inputs(c: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> None:
   """The files a run reads exist, and the workdir is none of them (checked before any work).
 
   `hf:` names are resolved here (a local path, else the Hugging Face cache): see `hub`.
+  Any of them, and the workdir, may be gs:// paths (`paths`): their buckets are checked.
   """
   spec = c.data.train
   check(bool(spec), "data.train is empty: give a data file, tfds:NAME:SPLIT or synthetic:N")
-  if spec.startswith(hub.PREFIX):
+  if paths.is_remote(spec):
+    data_path = _remote_input("data.train", spec)
+  elif spec.startswith(hub.PREFIX):
     files = _hub_path("data.train", spec, hub.dataset_files)
     data_path = pathlib.Path(os.path.commonpath(files))
   else:
@@ -203,16 +217,20 @@ def check_inputs(c: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> N
       check(data_path.is_file(), f"data.train={spec}: no such file{_hub_hint(spec)}")
   tokenizer, init_from = c.data.tokenizer, c.model.init_from
   tokenizer_path = None
-  if tokenizer and tokenizer != SYNTHETIC:
+  if paths.is_remote(tokenizer):
+    tokenizer_path = _remote_input("data.tokenizer", tokenizer)
+  elif tokenizer and tokenizer != SYNTHETIC:
     tokenizer_path = _hub_path("data.tokenizer", tokenizer, hub.folder)
     check(tokenizer_path.is_dir(),
           f"data.tokenizer={tokenizer}: no such folder{_hub_hint(tokenizer)}")
   init_path = None
-  if init_from:
+  if paths.is_remote(init_from):
+    init_path = _remote_input("model.init_from", init_from)
+  elif init_from:
     init_path = _hub_path("model.init_from", init_from, hub.folder)
     check(init_path.is_dir(), f"model.init_from={init_from}: no such folder{_hub_hint(init_from)}")
     _check_model_files(init_from)
-  if tokenizer_path is not None:
+  if tokenizer_path is not None and not paths.is_remote(tokenizer_path):  # a copy is checked
     _check_model_files(tokenizer_path, tokenizer_only=True)
   check(bool(tokenizer) or bool(init_from),
          "data.tokenizer is empty and model.init_from names no model to take it from")
@@ -220,7 +238,11 @@ def check_inputs(c: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> N
     wandb_log.check_logged_in(wandb_config(c))
   except wandb_log.WandbUnavailable as e:
     raise ConfigError(str(e)) from None
-  workdir = pathlib.Path(workdir)
+  try:
+    paths.check_ready(workdir, what="--workdir")
+    workdir = paths.path(workdir)
+  except paths.CloudError as e:
+    raise ConfigError(str(e)) from None
   try:
     output_guard.check_not_input(workdir, {
         f"data.train={spec}": data_path, f"data.tokenizer={tokenizer}": tokenizer_path,

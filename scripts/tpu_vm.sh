@@ -10,8 +10,8 @@
 #           stops when it does not fit (SKIP_PLAN=1 creates anyway). Then the TPU VM / pod
 #           slice (ACCELERATOR, RUNTIME, SPOT)
 #   setup   on every worker: this repository (committed HEAD), the paper's data files, a venv
-#           with requirements.txt's runtime part and jax[tpu], the bucket mounted at MOUNT
-#           (the shared workdir), the pretrained model copied to local disk
+#           with requirements.txt's runtime part (gcsfs included) and jax[tpu]; with GCSFUSE=1
+#           also the bucket mounted at MOUNT
 #   train   the same command on every worker, in the background (survives ssh disconnects);
 #           rerunning it resumes from the newest checkpoint in the workdir
 #   logs    follows worker 0's log (the one process that writes metrics)
@@ -21,7 +21,11 @@
 #   ssh     runs EXTRA (after --) as a shell command on every worker
 #
 # Multi-worker slices need BUCKET: checkpoints are written by all workers into one folder, so
-# the workdir must be shared (the bucket, mounted with gcsfuse at MOUNT on every worker).
+# the workdir must be shared. The trainer writes to BUCKET/runs/RUN directly (orbax through
+# tensorstore; the workdir lock is an object in the bucket, so a second run is refused across
+# workers) and reads the model from BUCKET/models/MODEL (each worker copies it once to a local
+# cache). GCSFUSE=1 mounts the bucket at MOUNT and uses MOUNT/runs/RUN instead (the older way:
+# every write through FUSE, and a lock that cannot see other hosts).
 # Without BUCKET, put the model at ~/models/MODEL on the worker yourself.
 #
 # Every setting below can be overridden from the environment, e.g.
@@ -39,11 +43,12 @@ ACCELERATOR="${ACCELERATOR:-v4-32}"         # v4-32: 16 chips on 4 workers; or v
 RUNTIME="${RUNTIME:-tpu-ubuntu2204-base}"   # v5e: v2-alpha-tpuv5-lite
 SPOT="${SPOT:-0}"                           # 1: a spot slice (cheaper; preemption = SIGTERM)
 BUCKET="${BUCKET:-}"                        # gs://NAME: runs/ and models/ live there
-MOUNT="${MOUNT:-/mnt/im_jax}"               # BUCKET mounted here on every worker (gcsfuse)
+GCSFUSE="${GCSFUSE:-0}"                     # 1: mount BUCKET with gcsfuse, train in MOUNT
+MOUNT="${MOUNT:-/mnt/im_jax}"               # where GCSFUSE=1 mounts BUCKET on every worker
 REMOTE_DIR="${REMOTE_DIR:-im_jax}"          # the repository on each worker, under $HOME
 MODEL="${MODEL:-Llama-2-7b-hf}"             # a HF folder under BUCKET/models/
 CONFIG="${CONFIG:-configs/paper.py:lima,im,llama2_7b}"
-RUN="${RUN:-lima_im_llama2_7b}"             # the run folder: MOUNT/runs/RUN
+RUN="${RUN:-lima_im_llama2_7b}"             # the run folder: BUCKET/runs/RUN
 PYTHON="${PYTHON:-python3}"                 # on the workers (3.10+; 3.11 is what CI uses)
 
 # --- Plumbing ---------------------------------------------------------------------------
@@ -74,8 +79,10 @@ on_workers() {
 }
 
 workdir() {
-  if [[ -n "${BUCKET}" ]]; then
+  if [[ -n "${BUCKET}" && "${GCSFUSE}" == 1 ]]; then
     echo "${MOUNT}/runs/${RUN}"
+  elif [[ -n "${BUCKET}" ]]; then
+    echo "${BUCKET}/runs/${RUN}"
   else
     echo "\$HOME/runs/${RUN}"  # single-host slices only: the workdir must be shared
   fi
@@ -136,7 +143,7 @@ pip install -q -r /tmp/requirements-runtime.txt "jax[tpu]==${jax_version}"
 python -c "import jax, flax, orbax.checkpoint, grain; print('jax', jax.__version__)"
 EOF
 )
-  if [[ -n "${BUCKET}" ]]; then
+  if [[ -n "${BUCKET}" && "${GCSFUSE}" == 1 ]]; then
     script+=$(cat <<EOF
 
 # The shared workdir: every process writes its checkpoint shards into the same folder.
@@ -148,8 +155,6 @@ fi
 sudo mkdir -p "${MOUNT}" && sudo chown "\$USER" "${MOUNT}"
 mountpoint -q "${MOUNT}" || gcsfuse --implicit-dirs --rename-dir-limit=1000000 "${BUCKET#gs://}" "${MOUNT}"
 mkdir -p "${MOUNT}/runs"
-# The pretrained model on local disk: read once per worker at start, faster than the mount.
-mkdir -p "\$HOME/models" && gcloud storage cp -r "${BUCKET}/models/${MODEL}" "\$HOME/models/"
 EOF
 )
   fi
@@ -163,11 +168,15 @@ cmd_train() {
   wd="$(workdir)"
   [[ -n "${BUCKET}" ]] || echo "tpu_vm.sh: no BUCKET: the workdir is each worker's own disk," \
     "which only a single-host slice (v4-8, v5litepod-8) can use" >&2
+  # The model: read from the bucket (each worker keeps a local copy, made once).
+  local model="\$HOME/models/${MODEL}" mkdir_wd=""
+  [[ -n "${BUCKET}" ]] && model="${BUCKET}/models/${MODEL}"
+  [[ "${wd}" == gs://* ]] || mkdir_wd="mkdir -p \"${wd}\" && "
   # Same command on every worker; jax.distributed finds the others through the TPU metadata
   # server. setsid + nohup: the trainers outlive this ssh session; the pid file is for `stop`.
-  on_workers "cd \"\$HOME/${REMOTE_DIR}\" && . .venv/bin/activate && mkdir -p \"${wd}\" && \
+  on_workers "cd \"\$HOME/${REMOTE_DIR}\" && . .venv/bin/activate && ${mkdir_wd}\
 setsid nohup python -m im_jax.train --config ${CONFIG} --workdir \"${wd}\" \
---config.model.init_from=hf:\$HOME/models/${MODEL}${extra} > \"\$HOME/train.log\" 2>&1 < /dev/null & \
+--config.model.init_from=hf:${model}${extra} > \"\$HOME/train.log\" 2>&1 < /dev/null & \
 echo \$! > \"\$HOME/train.pid\"; echo started on \$(hostname)"
 }
 

@@ -10,6 +10,11 @@ save never shows up as a step. A finished checkpoint can still be damaged later 
 copy, a lost file, an emptied folder): `restore_latest` falls back to the previous one and
 moves the damaged folder aside to `WORKDIR/damaged_checkpoints/<step>` (never deleted: a
 person may want to look at it), so the resumed run can save that step again.
+
+The workdir may be a `gs://` folder (`im_jax.paths`): orbax then writes each step straight
+into its final folder and marks it complete with a `commit_success.txt` object (no rename
+in a bucket), so a save cut short leaves a step folder without it, which restore treats as
+an unfinished save and moves aside like a damaged one.
 """
 
 import dataclasses
@@ -23,6 +28,8 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
+
+from im_jax import paths
 
 log = logging.getLogger(__name__)
 
@@ -73,7 +80,8 @@ class CheckpointStore:
   """Saves every `every_steps` steps (or when forced), keeps the newest `keep`."""
 
   def __init__(self, workdir: str | pathlib.Path, config: CheckpointConfig = CheckpointConfig()):
-    self.directory = pathlib.Path(workdir).absolute() / "checkpoints"
+    workdir = paths.path(workdir)
+    self.directory = (workdir if paths.is_remote(workdir) else workdir.absolute()) / "checkpoints"
     self.config = config
     options = ocp.CheckpointManagerOptions(
         max_to_keep=config.keep,
@@ -177,7 +185,7 @@ class CheckpointStore:
         target, n = target_root / str(step), 1
         while target.exists():  # damaged twice: keep both
           target, n = target_root / f"{step}.{n}", n + 1
-        (self.directory / str(step)).rename(target)
+        paths.move(self.directory / str(step), target)
         log.warning("checkpoint %d is damaged (%s): moved to %s, resuming from an older one",
                     step, reason, target)
         moved.append(str(target))
@@ -233,7 +241,7 @@ def newest_meta(workdir: str | pathlib.Path) -> tuple[int, dict] | None:
 
   For checks before a run builds anything (is this workdir's run the same run?).
   """
-  directory = pathlib.Path(workdir) / "checkpoints"
+  directory = paths.path(workdir) / "checkpoints"
   if not directory.is_dir():
     return None
   steps = sorted((int(p.name) for p in directory.iterdir() if p.name.isdigit()), reverse=True)

@@ -15,13 +15,15 @@ contain an input, and --overwrite never replaces a training workdir or a CKPT fo
 """
 
 import argparse
+import contextlib
 import pathlib
 import sys
+import tempfile
 
 import jax
 from safetensors import SafetensorError
 
-from im_jax import output_guard, write_faults
+from im_jax import output_guard, paths, write_faults
 from im_jax.convert import ckpt, hf_export, load, peft_export
 from im_jax.models import lora as lora_lib
 
@@ -39,22 +41,65 @@ def _host(axes, shape) -> jax.sharding.Sharding:
   return jax.sharding.SingleDeviceSharding(device)
 
 
+def _check_remote_out(args: argparse.Namespace) -> None:
+  """Before any work, a gs:// --out: writable, absent (or --overwrite), and no workdir/CKPT."""
+  if not paths.is_remote(args.out):
+    return
+  paths.check_ready(args.out, what="--out", write=True)
+  out = paths.path(args.out)
+  if out.exists():
+    if not args.overwrite:
+      raise FileExistsError(f"{args.out} already exists (use --overwrite to replace it)")
+    for marker in ("checkpoints", "metrics.jsonl", "im_jax.json"):
+      if (out / marker).exists():
+        raise output_guard.UnsafeOutput(f"--out {args.out} holds {marker}; it is never "
+                                        "replaced, even with --overwrite")
+
+
+@contextlib.contextmanager
+def _writable_out(args: argparse.Namespace, last: str):
+  """Where to write --out: itself, or for gs:// a local folder uploaded when complete
+  (`last`, the file loaders check, goes up after all others)."""
+  if not paths.is_remote(args.out):
+    yield args.out
+    return
+  out = paths.path(args.out)
+  with tempfile.TemporaryDirectory() as tmp:
+    local = pathlib.Path(tmp) / out.name
+    yield local
+    paths.remove_tree(out)
+    paths.upload_tree(local, out, last=last)
+
+
+def _inputs(args: argparse.Namespace, *names: str) -> None:
+  """gs:// inputs become local copies (`paths.fetch`); the guard saw the given paths."""
+  for name in names:
+    if getattr(args, name):
+      setattr(args, name, paths.fetch(getattr(args, name), what=f"--{name}"))
+
+
 def _from_hf(args: argparse.Namespace) -> str:
+  output_guard.check_not_input(args.out, [args.hf, args.tokenizer])
+  _check_remote_out(args)
+  _inputs(args, "hf", "tokenizer")
   hf_dir = pathlib.Path(args.hf)
-  output_guard.check_not_input(args.out, [hf_dir, args.tokenizer])
   if not hf_dir.is_dir():
     raise FileNotFoundError(f"--hf {hf_dir}: no such folder")
   # Scanned: the stored CKPT layout, so nothing is stacked a second time.
   loaded = load.load_hf_folder(hf_dir, shardings=_host, scan_layers=True)
-  out = ckpt.save_ckpt(args.out, loaded.model, loaded.config, args.tokenizer or hf_dir,
-                       template=args.template, source=str(hf_dir.absolute()),
-                       overwrite=args.overwrite)
+  with _writable_out(args, ckpt.INFO_FILE) as local:
+    out = ckpt.save_ckpt(local, loaded.model, loaded.config, args.tokenizer or hf_dir,
+                         template=args.template, source=str(hf_dir.absolute()),
+                         overwrite=args.overwrite)
+  out = args.out if paths.is_remote(args.out) else out
   return f"wrote {out} ({loaded.config.model_type}, {loaded.config.num_layers} layers)"
 
 
 def _to_hf(args: argparse.Namespace) -> str:
+  output_guard.check_not_input(args.out, [args.ckpt, args.tokenizer, args.base])
+  _check_remote_out(args)
+  _inputs(args, "ckpt", "tokenizer", "base")
   source = pathlib.Path(args.ckpt)
-  output_guard.check_not_input(args.out, [source, args.tokenizer])
   if not source.is_dir():
     raise FileNotFoundError(f"--ckpt {source}: no such folder")
   loaded = load.load_pretrained(source, shardings=_host, base=args.base)
@@ -63,9 +108,11 @@ def _to_hf(args: argparse.Namespace) -> str:
     if not lora.enabled:
       raise ValueError(f"--adapter: {source} holds no LoRA adapters (model.lora.rank 0)")
     base = loaded.info[load.LORA_BASE]
-    out = peft_export.save_peft_adapter(args.out, loaded.model, loaded.config,
-                                        base.removeprefix(load.HF_PREFIX),
-                                        overwrite=args.overwrite)
+    with _writable_out(args, "adapter_config.json") as local:
+      out = peft_export.save_peft_adapter(local, loaded.model, loaded.config,
+                                          base.removeprefix(load.HF_PREFIX),
+                                          overwrite=args.overwrite)
+    out = args.out if paths.is_remote(args.out) else out
     return f"wrote {out} (PEFT LoRA adapter, rank {lora.rank}, base {base})"
   model, config, merged = loaded.model, loaded.config, ""
   if lora.enabled:
@@ -81,10 +128,12 @@ def _to_hf(args: argparse.Namespace) -> str:
   output_guard.check_not_input(args.out, [tokenizer])  # the recorded one may live elsewhere
   # a training workdir records its run's content rendering; it holds for its own template
   strip = loaded.info.get("strip_content") if template == loaded.info.get("template") else None
-  out = hf_export.export_hf(args.out, model, config, tokenizer,
-                            template=template, strip_content=strip, dtype=args.dtype,
-                            max_shard_bytes=int(args.max_shard_gb * 2**30),
-                            overwrite=args.overwrite)
+  with _writable_out(args, "config.json") as local:
+    out = hf_export.export_hf(local, model, config, tokenizer,
+                              template=template, strip_content=strip, dtype=args.dtype,
+                              max_shard_bytes=int(args.max_shard_gb * 2**30),
+                              overwrite=args.overwrite)
+  out = args.out if paths.is_remote(args.out) else out
   return f"wrote {out} ({args.dtype}, template {template}{merged})"
 
 

@@ -23,7 +23,7 @@ import jax
 import orbax.checkpoint as ocp
 from flax import nnx
 
-from im_jax import hub, model_files
+from im_jax import hub, model_files, paths
 from im_jax.convert import ckpt
 from im_jax.convert.files import PathLike
 from im_jax.models.llama import LlamaConfig
@@ -82,10 +82,10 @@ def read_pretrained(spec: PathLike, **config_overrides) -> tuple[LlamaConfig,
     return (ckpt.read_info(path)[0].replace(**config_overrides),
             path.absolute() / ckpt.TOKENIZER_DIR)
   if path.is_dir() and _step_dir(path, required=False) is not None:
-    meta = model_files.read_json(_step_dir(path) / "meta" / "metadata")
-    tokenizer = meta.get("tokenizer") or meta.get("tokenizer_dir")
+    step_dir = _step_dir(path)
+    meta = model_files.read_json(step_dir / "meta" / "metadata")
     return (LlamaConfig.from_dict(meta["model_config"]).replace(**config_overrides),
-            pathlib.Path(tokenizer) if tokenizer else None)
+            _recorded_tokenizer(meta, step_dir))
   if (path / "config.json").exists():
     return read_hf_folder(path, **config_overrides), path.absolute()
   raise FileNotFoundError(f"{text}: not a HF folder (config.json), an im_jax CKPT folder "
@@ -180,19 +180,33 @@ def load_train_checkpoint(path: PathLike, *, shardings: Any = None,
   values = dict(ckpt.flatten(restored))
   for p, var in flat.items():
     var.set_value(values[("params", *map(str, p), "value")])
-  tokenizer = meta.get("tokenizer") or meta.get("tokenizer_dir")
   info = {"format": "train", "template": meta.get("template"),
           "strip_content": meta.get("strip_content"), "source": str(step_dir),
           "step": int(step_dir.name) if step_dir.name.isdigit() else None,
           LORA_BASE: base_spec}
   states = [nnx.from_flat_state(flat)] + ([] if base_state is None else [base_state])
   return ckpt.LoadedCkpt(nnx.merge(graphdef, *states), config,
-                         pathlib.Path(tokenizer) if tokenizer else None, info)
+                         _recorded_tokenizer(meta, step_dir), info)
+
+
+def _recorded_tokenizer(meta: dict, step_dir: pathlib.Path) -> pathlib.Path | None:
+  """The tokenizer folder a training checkpoint records: a gs:// one as a local copy; one
+  recorded on another machine (a copied workdir) found in the workdir's own tokenizer/."""
+  recorded = meta.get("tokenizer") or meta.get("tokenizer_dir")
+  if not recorded:
+    return None
+  if paths.is_remote(recorded):
+    return pathlib.Path(paths.fetch(recorded, what="the recorded tokenizer"))
+  own = step_dir.parent.parent / "tokenizer"
+  if not pathlib.Path(recorded).exists() and (own / "tokenizer.json").exists():
+    return own
+  return pathlib.Path(recorded)
 
 
 def _lora_base(step_dir: pathlib.Path, spec: str, config: LlamaConfig,
                shardings: Any) -> nnx.State:
   """The base weights a LoRA checkpoint's adapters apply to, checked against its config."""
+  spec = paths.fetch(spec, what="the LoRA base") if spec else spec  # gs:// -> a local copy
   local = spec.removeprefix(HF_PREFIX)
   if not spec or not pathlib.Path(local).exists():
     raise FileNotFoundError(f"{step_dir} holds LoRA adapters whose base model "

@@ -19,7 +19,7 @@ from typing import Any
 
 from safetensors import SafetensorError
 
-from im_jax import output_guard, write_faults
+from im_jax import output_guard, paths, write_faults
 from im_jax.data import sources
 from im_jax.data.conversation import DataError
 from im_jax.data.stats import load_tokenizer
@@ -47,7 +47,14 @@ def _load(args: argparse.Namespace, mesh=None) -> tuple[Any, Any, str, bool | No
   return loaded.model, tokenizer, template, strip
 
 
+def _localize(args: argparse.Namespace) -> None:
+  """gs:// inputs are read from local copies (made once, kept in a cache: `paths.fetch`)."""
+  args.model = paths.fetch(args.model, what="--model")
+  args.data = paths.fetch(args.data, what="--data")
+
+
 def _conversations(args: argparse.Namespace):
+  _localize(args)
   conversations = sources.load_from_args(args).conversations
   return conversations[:args.limit] if args.limit else conversations
 
@@ -63,7 +70,7 @@ def _loss(args: argparse.Namespace) -> int:
       template=template, strip_content=strip, loss_mode=args.loss_mode,
       max_seq_len=args.max_seq_len, batch_size=args.batch_size, chunk_size=args.chunk_size)
   metrics = loss_eval.evaluate_loss(model, tokenizer, conversations, config, mesh)
-  report = {"model": args.model, "data": args.data, "template": template,
+  report = {"model": args.given[0], "data": args.given[1], "template": template,
             "loss_mode": args.loss_mode,
             **{k: int(v) if _is_count(k) else v for k, v in metrics.items()}}
   if args.json:
@@ -94,8 +101,11 @@ def _generate(args: argparse.Namespace) -> int:
 
   # Before any work: generating takes minutes, and the output must not replace an input.
   output_guard.check_not_input(
-      args.out, [output_guard.local_path(args.model), output_guard.local_path(args.data)])
-  output_guard.check_writable_file(args.out)
+      args.out, [output_guard.local_path(s) for s in (*args.given, args.model, args.data)])
+  if paths.is_remote(args.out):
+    paths.check_ready(args.out, what="--out", write=True)
+  else:
+    output_guard.check_writable_file(args.out)
   conversations = _conversations(args)
   model, tokenizer, template, strip = _load(args)
   config = generate.GenerateConfig(
@@ -105,10 +115,11 @@ def _generate(args: argparse.Namespace) -> int:
   model_dir = args.model.removeprefix("hf:")
   records = generate.generate_records(conversations, model, tokenizer, template, config, name,
                                       model_dir=model_dir, strip_content=strip)
-  out = pathlib.Path(args.out)
-  out.parent.mkdir(parents=True, exist_ok=True)
-  # whole or not at all (a full disk leaves no half-written file): write_faults
-  write_faults.replace_text(out, json.dumps(records, indent=2, ensure_ascii=False) + "\n")
+  out = paths.path(args.out)
+  if not paths.is_remote(out):
+    out.parent.mkdir(parents=True, exist_ok=True)
+  # whole or not at all (a full disk leaves no half-written file)
+  paths.write_text(out, json.dumps(records, indent=2, ensure_ascii=False) + "\n")
   print(f"wrote {len(records)} generations to {out} (generator {name}, template {template})")
   return 0
 
@@ -155,6 +166,7 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
   args = _parser().parse_args(argv)
   try:
+    args.given = (args.model, args.data)  # what reports name; gs:// ones become local copies
     return args.run(args)
   except OSError as e:  # a full disk: one line, exit 1 (write_faults); other OSErrors: below
     if failed := write_faults.failed_write(e, path=getattr(args, "out", None),

@@ -54,6 +54,10 @@ def main(argv: list[str] | None = None) -> int:
   from im_jax.data.conversation import DataError  # pylint: disable=g-import-not-at-top
   from im_jax.study import runner  # pylint: disable=g-import-not-at-top
 
+  if args.out.startswith("gs://"):  # its subsets, results and plots are local files
+    print(f"error: --out {args.out}: the study writes a local folder; give a local --out and "
+          "copy it to the bucket afterwards (gcloud storage cp -r)", file=sys.stderr)
+    return EXIT_BAD_INPUT
   # A full disk: library tracebacks go to OUT/errors.log (or a temporary file), one line here.
   tracebacks = write_faults.TracebackLog(pathlib.Path(args.out) / "errors.log")
   try:

@@ -3,6 +3,12 @@ when configured, Weights & Biases (`wandb_log`).
 
 Only JAX process 0 writes. On resume, records past the restored step (written by the
 interrupted run after its last checkpoint) are dropped, so `metrics.jsonl` reads as one run.
+
+In a `gs://` workdir (objects cannot be appended to) the files are written in a local
+staging folder and uploaded at every record written (each logging interval, each eval) and
+at the end: `metrics.jsonl` whole, each TensorBoard event file whole when it changed. A run
+killed mid-interval loses at most the records of its last interval, which the resumed run
+logs again anyway (it restarts from the last checkpoint).
 """
 
 import json
@@ -11,8 +17,8 @@ from typing import Any
 
 import jax
 
-from im_jax import write_faults
-from im_jax.train.wandb_log import WandbConfig, WandbSink
+from im_jax import paths, write_faults
+from im_jax.train.wandb_log import RUN_ID_FILE, WandbConfig, WandbSink
 
 METRICS_FILE = "metrics.jsonl"
 
@@ -29,7 +35,7 @@ def _records(path: pathlib.Path) -> list[tuple[str, dict[str, Any]]]:
 
 
 def read_metrics(workdir: str | pathlib.Path) -> list[dict[str, Any]]:
-  path = pathlib.Path(workdir) / METRICS_FILE
+  path = paths.path(workdir) / METRICS_FILE
   return [record for _, record in _records(path)] if path.exists() else []
 
 
@@ -50,10 +56,14 @@ class MetricsLogger:
                tensorboard: bool = True, progress: bool = True,
                wandb: WandbConfig | None = None, run_config: dict[str, Any] | None = None):
     self.enabled = jax.process_index() == 0
-    self._file = self._tb = self._bar = self._wandb = None
+    self._file = self._tb = self._bar = self._wandb = self._staging = None
     if not self.enabled:
       return
-    workdir = pathlib.Path(workdir)
+    # A local workdir is written in place; W&B's own files stay local (W&B syncs them).
+    self._staging = paths.Staging(workdir, skip=("wandb/",))
+    for name in (METRICS_FILE, RUN_ID_FILE):
+      self._staging.pull(name)
+    workdir = self._staging.local
     workdir.mkdir(parents=True, exist_ok=True)
     if wandb is not None and wandb.project:  # first: when W&B refuses, nothing is left open
       self._wandb = WandbSink(wandb, workdir, run_config)
@@ -81,6 +91,10 @@ class MetricsLogger:
           self._tb.add_scalar(key, value, step)
     if self._wandb is not None:
       self._wandb.write(record)
+    if self._staging.remote is not None:
+      if self._tb is not None:
+        self._tb.flush()
+      self._staging.push()
     if self._bar is not None:
       if "loss" in record:
         self._bar.n = step
@@ -98,6 +112,8 @@ class MetricsLogger:
       self._bar.close()
     if self._wandb is not None:
       self._wandb.close()
+    if self._staging is not None:
+      self._staging.close()
 
 
 def _append_whole(file: Any, data: bytes) -> None:

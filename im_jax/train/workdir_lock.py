@@ -8,6 +8,9 @@ into the file. The other processes of a multi-host run share the workdir and do 
 File systems without shared locks (gcsfuse mounts, some NFS setups) cannot refuse a second
 run on another host: FUSE keeps flock locks in the local kernel, and where locking fails
 outright a warning says so and the run goes on unprotected.
+
+A `gs://` workdir gets a lock that works across hosts (`bucket_lock`): an object created only
+if absent, kept fresh by a heartbeat, removed at exit and stale after a timeout.
 """
 
 import datetime
@@ -17,6 +20,9 @@ import logging
 import os
 import pathlib
 import socket
+
+from im_jax import paths
+from im_jax.train import bucket_lock
 
 log = logging.getLogger(__name__)
 
@@ -30,6 +36,9 @@ class WorkdirBusy(RuntimeError):
 
 def acquire(workdir: str | pathlib.Path) -> None:
   """Locks `workdir` for the rest of this process's life (again: a no-op)."""
+  if paths.is_remote(workdir):
+    bucket_lock.acquire(str(workdir), LOCK_FILE, WorkdirBusy)
+    return
   path = pathlib.Path(workdir).resolve() / LOCK_FILE
   if path in _held:
     return
@@ -54,6 +63,9 @@ def acquire(workdir: str | pathlib.Path) -> None:
 
 def release(workdir: str | pathlib.Path) -> None:
   """Gives the lock up before the process ends (tests; a run keeps it until it exits)."""
+  if paths.is_remote(workdir):
+    bucket_lock.release(str(workdir), LOCK_FILE)
+    return
   fd = _held.pop(pathlib.Path(workdir).resolve() / LOCK_FILE, None)
   if fd is not None:
     os.close(fd)
