@@ -1,0 +1,258 @@
+"""lm-evaluation-harness on the JAX model (im_jax.eval.harness_lm) against lm-eval's own `hf`
+backend on the same SmolLM2 weights, request by request; packing, sharding and truncation;
+the `eval harness` command's bad-input handling.
+
+One SmolLM2 load (sharded over 8 simulated devices, data x fsdp x tensor = 2 x 2 x 2) and one
+`hf` backend load are shared by the module; its exported folder is the session's.
+"""
+
+import json
+import os
+import pathlib
+
+import jax
+import numpy as np
+import pytest
+
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+
+from lm_eval.api.instance import Instance  # noqa: E402
+
+from im_jax.eval import __main__ as eval_main  # noqa: E402
+from im_jax.eval import harness, harness_lm  # noqa: E402
+from im_jax.train import sharding  # noqa: E402
+
+REL = 1e-4  # the issue's tolerance, float32 against PyTorch
+
+LL_REQUESTS = [
+    ("Question: What is the capital of France?\nAnswer:", " Paris"),
+    ("Question: What is the capital of France?\nAnswer:", " London"),
+    ("Question: What is the capital of France?\nAnswer: ", "Paris"),  # space moves over
+    ("", "The quick brown fox jumps over the lazy dog."),  # empty context: the prefix token
+    ("Q: What is the capital of France?\nA:", " The capital of France is Paris"),  # greedy
+    ("Q: What is 2 + 2?\nA:", " 4"),
+    ("Q: What is 2 + 2?\nA:", " The answer is 4, because two and two make four."),
+    ("Instruction modelling applies the loss to the instructions as well as to the outputs, "
+     "and it helps most when instructions are long and examples are few. In short,", " yes"),
+]
+ROLLING_TEXTS = [
+    "The quick brown fox jumps over the lazy dog. It was not amused, and said so at length.",
+    "Instruction tuning masks the prompt; instruction modelling does not. Which overfits less?",
+]
+GEN_REQUESTS = [
+    ("Q: What is the capital of France?\nA:", {"until": ["\n", "."], "max_gen_toks": 16}),
+    ("Q: Which animal barks?\nA:", {"until": ["\n", "."], "max_gen_toks": 16}),
+    ("Write three colours:\n1.", {"until": ["zzz"], "max_gen_toks": 10, "do_sample": False}),
+]
+SHORT = 24  # a context length that forces left truncation and several rolling windows
+
+
+def _instances(kind, args):
+  return [Instance(kind, {}, a if isinstance(a, tuple) else (a,), i) for i, a in enumerate(args)]
+
+
+def _close(ours, theirs):
+  np.testing.assert_allclose([v for v, _ in ours], [v for v, _ in theirs], rtol=REL)
+  assert [g for _, g in ours] == [g for _, g in theirs]
+
+
+MC_DOCS = [
+    {"question": "What is the capital of France?", "choices": ["Paris", "London", "Rome"],
+     "answer": 0},
+    {"question": "Which animal barks?", "choices": ["cat", "dog", "fish"], "answer": 1},
+    {"question": "2 + 2 =", "choices": ["3", "4", "22"], "answer": 1},
+    {"question": "Water freezes at", "choices": ["0 degrees Celsius", "100 degrees Celsius"],
+     "answer": 0},
+]
+
+
+def write_mc_task(folder: pathlib.Path, name: str = "im_jax_mc") -> pathlib.Path:
+  folder.mkdir(parents=True, exist_ok=True)
+  data = folder / f"{name}.jsonl"
+  data.write_text("".join(json.dumps(d) + "\n" for d in MC_DOCS))
+  (folder / f"{name}.yaml").write_text(
+      f"task: {name}\ndataset_path: json\ndataset_kwargs:\n  data_files:\n    test: {data}\n"
+      "test_split: test\noutput_type: multiple_choice\n"
+      'doc_to_text: "Question: {{question}}\\nAnswer:"\ndoc_to_choice: "{{choices}}"\n'
+      'doc_to_target: "{{answer}}"\nmetric_list:\n  - metric: acc\n'
+      "    aggregation: mean\n    higher_is_better: true\n")
+  return folder
+
+
+@pytest.fixture(scope="module")
+def lmeval_hf_dir(smollm2_hf_dir, tmp_path_factory) -> pathlib.Path:
+  """The exported folder as lm-eval's hf backend loads it: config.json without the GGUF
+  `quantization_config` (which it refuses), the other files linked."""
+  out = tmp_path_factory.mktemp("smollm2_for_lm_eval")
+  for f in smollm2_hf_dir.iterdir():
+    if f.name != "config.json":
+      (out / f.name).symlink_to(f)
+  config = json.loads((smollm2_hf_dir / "config.json").read_text())
+  config.pop("quantization_config", None)
+  (out / "config.json").write_text(json.dumps(config))
+  return out
+
+
+@pytest.fixture(scope="module")
+def hf_lm(lmeval_hf_dir):
+  from lm_eval.models.huggingface import HFLM  # pylint: disable=g-import-not-at-top
+
+  return HFLM(pretrained=str(lmeval_hf_dir), batch_size=4, dtype="float32", device="cpu")
+
+
+@pytest.fixture(scope="module")
+def mesh():
+  return sharding.make_mesh(sharding.MeshConfig(data=2, fsdp=2, tensor=2))
+
+
+@pytest.fixture(scope="module")
+def smollm2(smollm2_hf_dir, mesh, compilation_cache):
+  from im_jax.convert import load  # pylint: disable=g-import-not-at-top
+  from im_jax.data.stats import load_tokenizer  # pylint: disable=g-import-not-at-top
+
+  loaded = load.load_pretrained(f"hf:{smollm2_hf_dir}", shardings=sharding.sharding_fn(mesh))
+  return loaded.model, load_tokenizer(str(smollm2_hf_dir))
+
+
+@pytest.fixture(scope="module")
+def jax_lm(smollm2, mesh, smollm2_hf_dir):
+  model, tokenizer = smollm2
+  return harness_lm.HarnessLM(model, tokenizer, mesh=mesh, batch_size=8,
+                              stop_ids=harness_lm.default_stop_ids(tokenizer, smollm2_hf_dir))
+
+
+def test_loglikelihood_equals_hf_backend(jax_lm, hf_lm):
+  requests = _instances("loglikelihood", LL_REQUESTS)
+  theirs = hf_lm.loglikelihood(requests)
+  _close(jax_lm.loglikelihood(requests), theirs)
+  assert any(g for _, g in theirs) and not all(g for _, g in theirs)  # both flags exercised
+
+
+def test_rolling_equals_hf_backend(jax_lm, hf_lm):
+  requests = _instances("loglikelihood_rolling", ROLLING_TEXTS)
+  np.testing.assert_allclose(jax_lm.loglikelihood_rolling(requests),
+                             hf_lm.loglikelihood_rolling(requests), rtol=REL)
+
+
+def test_left_truncation_equals_hf_backend(jax_lm, hf_lm, monkeypatch):
+  """Context + continuation longer than the context length: both keep the last tokens
+  (loglikelihood) and roll windows (loglikelihood_rolling) the same way."""
+  monkeypatch.setattr(hf_lm, "_max_length", SHORT)
+  monkeypatch.setattr(jax_lm, "_max_length", SHORT)
+  requests = _instances("loglikelihood", LL_REQUESTS)
+  assert max(len(c) + len(x) for _, c, x in _encoded(jax_lm, requests)) > SHORT + 1
+  _close(jax_lm.loglikelihood(requests), hf_lm.loglikelihood(requests))
+  rolling = _instances("loglikelihood_rolling", ROLLING_TEXTS)
+  np.testing.assert_allclose(jax_lm.loglikelihood_rolling(rolling),
+                             hf_lm.loglikelihood_rolling(rolling), rtol=REL)
+
+
+def _encoded(lm, requests):
+  captured = []
+  original = lm._loglikelihood_tokens  # pylint: disable=protected-access
+  lm._loglikelihood_tokens = lambda reqs, **kw: captured.extend(reqs) or [(0.0, False)] * len(reqs)
+  try:
+    lm.loglikelihood(requests)
+  finally:
+    lm._loglikelihood_tokens = original
+  return captured
+
+
+def test_generate_until_equals_hf_backend(jax_lm, hf_lm):
+  requests = _instances("generate_until", GEN_REQUESTS)
+  ours = jax_lm.generate_until(requests)
+  assert ours == hf_lm.generate_until(requests)
+  assert "." not in ours[0] and ours[0].strip()  # stopped on a string, not at max tokens
+  assert len(jax_lm.tokenizer(ours[2])["input_ids"]) >= 9  # ran to max_gen_toks
+
+
+def test_packed_equals_one_at_a_time(jax_lm):
+  encoded = _encoded(jax_lm, _instances("loglikelihood", LL_REQUESTS))
+  sequences = [c + x for _, c, x in encoded]
+  scored = [len(x) for _, _, x in encoded]
+  batch = harness_lm.pack([len(s) - 1 for s in sequences], jax_lm.rows)
+  assert any(len({r for _, r, _ in placed}) < len(placed) for _, placed in batch)  # packed
+  together = jax_lm.score_sequences(sequences, scored)
+  alone = [jax_lm.score_sequences([s], [k])[0] for s, k in zip(sequences, scored)]
+  np.testing.assert_allclose([v for v, _ in together], [v for v, _ in alone], rtol=1e-5)
+  assert [g for _, g in together] == [g for _, g in alone]
+
+
+def test_sharded_equals_single_device(jax_lm, smollm2, smollm2_hf_dir):
+  model, tokenizer = smollm2
+  single = sharding.make_mesh(sharding.MeshConfig(1, 1, 1), devices=jax.devices()[:1])
+  from flax import nnx  # pylint: disable=g-import-not-at-top
+
+  graphdef, state = nnx.split(model)
+  local = nnx.merge(graphdef, jax.device_put(state, jax.devices()[0]))
+  lm = harness_lm.HarnessLM(local, tokenizer, mesh=single, batch_size=8)
+  assert len(jax.tree.leaves(state)[0].sharding.device_set) == 8
+  requests = _instances("loglikelihood", LL_REQUESTS)
+  ours, sharded = lm.loglikelihood(requests), jax_lm.loglikelihood(requests)
+  np.testing.assert_allclose([v for v, _ in ours], [v for v, _ in sharded], rtol=1e-5)
+  assert [g for _, g in ours] == [g for _, g in sharded]
+
+
+def test_task_accuracy_equals_hf_backend(jax_lm, hf_lm, tmp_path):
+  tasks = harness.prepare_tasks("im_jax_mc", include_path=str(write_mc_task(tmp_path)))
+  ours = harness.flat_metrics(harness.run_tasks(jax_lm, tasks))
+  theirs = harness.flat_metrics(harness.run_tasks(hf_lm, tasks))
+  assert ours == pytest.approx(theirs) and set(ours) == {"harness/im_jax_mc/acc",
+                                                          "harness/im_jax_mc/acc_stderr"}
+
+
+# The command line: every bad input is one line, exit status 2, before the model loads.
+
+
+def _bad(capsys, args, out=None):
+  code = eval_main.main(["harness", *args] + (["--out", str(out)] if out else []))
+  err = capsys.readouterr().err.strip().splitlines()
+  assert code == 2 and len(err) == 1 and err[0].startswith("error: "), err
+  assert out is None or not out.exists()
+  return err[0]
+
+
+@pytest.fixture
+def model_dir(tiny_tokenizer_dir, tmp_path):
+  """Just enough to pass as a model (config.json): the bad inputs stop before weights."""
+  from im_jax.models.llama import LlamaConfig  # pylint: disable=g-import-not-at-top
+
+  folder = tmp_path / "model"
+  folder.mkdir()
+  (folder / "config.json").write_text(json.dumps(LlamaConfig.preset("tiny").to_hf_dict()))
+  for f in tiny_tokenizer_dir.iterdir():
+    (folder / f.name).symlink_to(f)
+  return f"hf:{folder}"
+
+
+def test_bad_inputs_are_one_line(capsys, tmp_path, model_dir):
+  tasks = write_mc_task(tmp_path / "tasks")
+  out = tmp_path / "out" / "results.json"
+  local = ["--include-path", str(tasks)]
+  assert "unknown task im_jax_mcq (did you mean im_jax_mc" in _bad(
+      capsys, ["--model", model_dir, "--tasks", "im_jax_mcq", *local], out)
+  assert "--limit must be >= 1" in _bad(
+      capsys, ["--model", model_dir, "--tasks", "im_jax_mc", "--limit", "0", *local], out)
+  assert "--num-fewshot must be >= 0" in _bad(
+      capsys, ["--model", model_dir, "--tasks", "im_jax_mc", "--num-fewshot", "-1", *local], out)
+  assert str(tmp_path) in _bad(
+      capsys, ["--model", str(tmp_path), "--tasks", "im_jax_mc", *local], out)
+  broken = tmp_path / "broken"
+  broken.mkdir()
+  (broken / "bad.yaml").write_text("task: x\n  dataset_path: [\n")
+  assert "bad.yaml: does not parse" in _bad(
+      capsys, ["--model", model_dir, "--tasks", "x", "--include-path", str(broken)], out)
+  # Data not in the cache with the Hub offline: the task and the download to run.
+  remote = tmp_path / "remote"
+  remote.mkdir()
+  (remote / "r.yaml").write_text("task: remote_mc\ndataset_path: im-jax-test/absent\n"
+                                 "test_split: test\noutput_type: multiple_choice\n"
+                                 'doc_to_text: "{{q}}"\ndoc_to_choice: "{{c}}"\n'
+                                 'doc_to_target: "{{a}}"\n')
+  line = _bad(capsys, ["--model", model_dir, "--tasks", "remote_mc", "--include-path",
+                       str(remote)], out)
+  assert "task remote_mc" in line and "hf download --repo-type dataset im-jax-test/absent" in line
+  # --out inside an input
+  assert "inside the input" in _bad(
+      capsys, ["--model", model_dir, "--tasks", "im_jax_mc", *local,
+               "--out", str(tasks / "results.json")])
