@@ -39,10 +39,9 @@ ROLLING_TEXTS = [
     "The quick brown fox jumps over the lazy dog. It was not amused, and said so at length.",
     "Instruction tuning masks the prompt; instruction modelling does not. Which overfits less?",
 ]
-GEN_REQUESTS = [
-    ("Q: What is the capital of France?\nA:", {"until": ["\n", "."], "max_gen_toks": 16}),
-    ("Q: Which animal barks?\nA:", {"until": ["\n", "."], "max_gen_toks": 16}),
-    ("Write three colours:\n1.", {"until": ["zzz"], "max_gen_toks": 10, "do_sample": False}),
+GEN_REQUESTS = [  # one batch: the first stops on a string, the second runs to max_gen_toks
+    ("Q: What is the capital of France?\nA:", {"until": ["\n", "."], "max_gen_toks": 12}),
+    ("Q: Which animal barks?\nA:", {"until": ["\n", "."], "max_gen_toks": 12}),
 ]
 SHORT = 24  # a context length that forces left truncation and several rolling windows
 
@@ -101,23 +100,19 @@ def hf_lm(lmeval_hf_dir):
 
 
 @pytest.fixture(scope="module")
-def mesh():
-  return sharding.make_mesh(sharding.MeshConfig(data=2, fsdp=2, tensor=2))
-
-
-@pytest.fixture(scope="module")
-def smollm2(smollm2_hf_dir, mesh, compilation_cache):
+def smollm2(smollm2_hf_dir, compilation_cache):
+  """SmolLM2 on one device (the parity tests: quick steps); the sharding test spreads it."""
   from im_jax.convert import load  # pylint: disable=g-import-not-at-top
   from im_jax.data.stats import load_tokenizer  # pylint: disable=g-import-not-at-top
 
-  loaded = load.load_pretrained(f"hf:{smollm2_hf_dir}", shardings=sharding.sharding_fn(mesh))
-  return loaded.model, load_tokenizer(str(smollm2_hf_dir))
+  return load.load_pretrained(f"hf:{smollm2_hf_dir}").model, load_tokenizer(str(smollm2_hf_dir))
 
 
 @pytest.fixture(scope="module")
-def jax_lm(smollm2, mesh, smollm2_hf_dir):
+def jax_lm(smollm2, smollm2_hf_dir):
   model, tokenizer = smollm2
-  return harness_lm.HarnessLM(model, tokenizer, mesh=mesh, batch_size=8,
+  single = sharding.make_mesh(sharding.MeshConfig(1, 1, 1), devices=jax.devices()[:1])
+  return harness_lm.HarnessLM(model, tokenizer, mesh=single, batch_size=4,
                               stop_ids=harness_lm.default_stop_ids(tokenizer, smollm2_hf_dir))
 
 
@@ -162,8 +157,8 @@ def test_generate_until_equals_hf_backend(jax_lm, hf_lm):
   requests = _instances("generate_until", GEN_REQUESTS)
   ours = jax_lm.generate_until(requests)
   assert ours == hf_lm.generate_until(requests)
-  assert "." not in ours[0] and ours[0].strip()  # stopped on a string, not at max tokens
-  assert len(jax_lm.tokenizer(ours[2])["input_ids"]) >= 9  # ran to max_gen_toks
+  assert ours[0] == " The capital of France is Paris"  # stopped on "."
+  assert len(jax_lm.tokenizer(ours[1])["input_ids"]) == 12  # ran to max_gen_toks
 
 
 def test_packed_equals_one_at_a_time(jax_lm):
@@ -178,19 +173,33 @@ def test_packed_equals_one_at_a_time(jax_lm):
   assert [g for _, g in together] == [g for _, g in alone]
 
 
-def test_sharded_equals_single_device(jax_lm, smollm2, smollm2_hf_dir):
-  model, tokenizer = smollm2
-  single = sharding.make_mesh(sharding.MeshConfig(1, 1, 1), devices=jax.devices()[:1])
+def test_sharded_equals_single_device(tiny_tokenizer_dir):
+  """Rows over data x fsdp (8 simulated devices: 2 x 2 x 2), parameters in their FSDP and
+  tensor layout, against the same weights on one device (a tiny random model: quick to
+  compile, and the sharding is the same code for any size)."""
   from flax import nnx  # pylint: disable=g-import-not-at-top
 
-  graphdef, state = nnx.split(model)
-  local = nnx.merge(graphdef, jax.device_put(state, jax.devices()[0]))
-  lm = harness_lm.HarnessLM(local, tokenizer, mesh=single, batch_size=8)
-  assert len(jax.tree.leaves(state)[0].sharding.device_set) == 8
+  from im_jax.data.stats import load_tokenizer  # pylint: disable=g-import-not-at-top
+  from im_jax.models.llama import Llama, LlamaConfig  # pylint: disable=g-import-not-at-top
+
+  tokenizer = load_tokenizer(str(tiny_tokenizer_dir))
+  mesh = sharding.make_mesh(sharding.MeshConfig(data=2, fsdp=2, tensor=2))
+  config = LlamaConfig.preset("tiny", vocab_size=len(tokenizer))
+  model = Llama(config, rngs=nnx.Rngs(3))
+  graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+  placed = [jax.device_put(s, sharding.state_shardings(s, mesh)) for s in (params, rest)]
+  assert max(len(x.sharding.device_set) for x in jax.tree.leaves(placed[0])) == 8
+  spread = nnx.merge(graphdef, *placed)
+  single = sharding.make_mesh(sharding.MeshConfig(1, 1, 1), devices=jax.devices()[:1])
+  lms = [harness_lm.HarnessLM(m, tokenizer, mesh=x, batch_size=4)
+         for m, x in ((spread, mesh), (model, single))]
+  assert [lm.rows for lm in lms] == [4, 4]  # one row per (data, fsdp) shard
   requests = _instances("loglikelihood", LL_REQUESTS)
-  ours, sharded = lm.loglikelihood(requests), jax_lm.loglikelihood(requests)
-  np.testing.assert_allclose([v for v, _ in ours], [v for v, _ in sharded], rtol=1e-5)
-  assert [g for _, g in ours] == [g for _, g in sharded]
+  sharded, alone = (lm.loglikelihood(requests) for lm in lms)
+  np.testing.assert_allclose([v for v, _ in sharded], [v for v, _ in alone], rtol=1e-5)
+  assert [g for _, g in sharded] == [g for _, g in alone]
+  generate = _instances("generate_until", GEN_REQUESTS)
+  assert lms[0].generate_until(generate) == lms[1].generate_until(generate)
 
 
 def test_task_accuracy_equals_hf_backend(jax_lm, hf_lm, tmp_path):
