@@ -243,6 +243,9 @@ def validate(c: ml_collections.ConfigDict, num_devices: int, process_count: int)
   check(c.eval.batch_size % max(rows_axes, process_count) == 0,
          f"eval.batch_size {c.eval.batch_size} does not split over {rows_axes} data x fsdp "
          "devices")
+  check(c.eval.harness_every_steps >= 0,
+        f"eval.harness_every_steps must be >= 0, got {c.eval.harness_every_steps}")
+  check(c.eval.harness_limit >= 0, f"eval.harness_limit must be >= 0, got {c.eval.harness_limit}")
   check(c.train.max_steps >= 0, f"train.max_steps must be >= 0, got {c.train.max_steps}")
   check(c.train.epochs >= 0, f"train.epochs must be >= 0, got {c.train.epochs}")
   check(c.train.max_steps > 0 or c.train.epochs > 0,

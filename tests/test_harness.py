@@ -265,3 +265,58 @@ def test_bad_inputs_are_one_line(capsys, tmp_path, model_dir):
   assert "inside the input" in _bad(
       capsys, ["--model", model_dir, "--tasks", "im_jax_mc", *local,
                "--out", str(tasks / "results.json")])
+
+
+# In training: eval.harness_* keys, a hook the top-level wiring hands to the loop.
+
+
+def test_training_logs_harness_scores_of_the_trained_state(tmp_path, tiny_tokenizer_dir):
+  from configs import base  # pylint: disable=g-import-not-at-top
+  from im_jax import experiment  # pylint: disable=g-import-not-at-top
+  from im_jax.convert import load  # pylint: disable=g-import-not-at-top
+  from im_jax.data.stats import load_tokenizer  # pylint: disable=g-import-not-at-top
+  from im_jax.train.metrics_log import read_metrics  # pylint: disable=g-import-not-at-top
+
+  c = base.get_config()
+  c.data.train, c.data.tokenizer, c.data.max_seq_len = "synthetic:24", str(tiny_tokenizer_dir), 64
+  c.train.batch_size, c.train.max_steps, c.optim.lr = 8, 2, 1e-2
+  c.eval.harness_tasks = "im_jax_mc"
+  c.eval.harness_include_path = str(write_mc_task(tmp_path / "tasks"))
+  c.eval.harness_every_steps, c.eval.harness_limit = 1, 3
+  result = experiment.build(c, tmp_path / "run").run()
+  assert result.step == 2
+  logged = [r for r in read_metrics(tmp_path / "run") if "harness/im_jax_mc/acc" in r]
+  assert [r["step"] for r in logged] == [1, 2]  # every step; the end is step 2
+  assert "harness/im_jax_mc/acc_stderr" in logged[-1]
+  # The logged score is the final model's: the same task on the saved checkpoint, one device.
+  model = load.load_pretrained(tmp_path / "run").model
+  single = sharding.make_mesh(sharding.MeshConfig(1, 1, 1), devices=jax.devices()[:1])
+  lm = harness_lm.HarnessLM(model, load_tokenizer(str(tiny_tokenizer_dir)), mesh=single)
+  tasks = harness.prepare_tasks("im_jax_mc", include_path=c.eval.harness_include_path, limit=3)
+  direct = harness.flat_metrics(harness.run_tasks(lm, tasks))
+  assert {k: logged[-1][k] for k in direct} == pytest.approx(direct)
+
+
+def test_bad_harness_config_stops_before_any_work(tmp_path, tiny_tokenizer_dir):
+  from configs import base  # pylint: disable=g-import-not-at-top
+  from im_jax import experiment  # pylint: disable=g-import-not-at-top
+
+  c = base.get_config()
+  c.data.train, c.data.tokenizer, c.train.max_steps = "synthetic:8", str(tiny_tokenizer_dir), 1
+  c.eval.harness_tasks = "im_jax_mc"
+  c.eval.harness_include_path = str(tmp_path / "no_tasks_here")
+  with pytest.raises(experiment.ConfigError, match="eval.harness_tasks=im_jax_mc: "
+                     "task folder .*no_tasks_here: no such folder"):
+    experiment.build(c, tmp_path / "run")
+  assert not (tmp_path / "run").exists()
+  c.eval.harness_tasks, c.eval.harness_limit = "im_jax_mc", -1
+  with pytest.raises(experiment.ConfigError, match="eval.harness_limit must be >= 0"):
+    experiment.build(c, tmp_path / "run")
+
+
+def test_training_code_imports_no_evaluation():
+  """train/ gets the harness as a hook; it never imports the evaluation code or lm-eval."""
+  root = pathlib.Path(__file__).resolve().parents[1] / "im_jax" / "train"
+  for path in root.glob("*.py"):
+    text = path.read_text()
+    assert "im_jax.eval" not in text and "lm_eval" not in text, path

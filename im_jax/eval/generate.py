@@ -279,6 +279,10 @@ class MeshGreedyGenerator:
     self._decode = jax.jit(functools.partial(_decode_steps, graphdef, steps=steps,
                                              pad_id=self.pad_id, layout=layout))
 
+  def update(self, model: Llama) -> None:
+    """Generates with `model`'s parameters (same structure and shardings): no recompile."""
+    self._state = nnx.split(model)[1]
+
   def _put(self, array: np.ndarray) -> jax.Array:
     # Every process holds the same host rows; each places the shards its devices own.
     return jax.make_array_from_callback(array.shape, self._rows, lambda index: array[index])

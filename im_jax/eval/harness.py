@@ -38,6 +38,7 @@ class PreparedTasks:
   names: list[str]  # as requested, `paper` expanded
   built: list[Any]  # lm-eval Task / Group objects (datasets loaded), few-shot settings applied
   limit: int | None
+  manager: Any  # the TaskManager that built them (simple_evaluate would index all of lm-eval's)
 
 
 def check_ranges(limit: int | None, num_fewshot: int | None) -> None:
@@ -64,7 +65,7 @@ def check_task_files(include_path: str | None) -> None:
     return
   root = pathlib.Path(include_path)
   if not root.is_dir():
-    raise HarnessError(f"--include-path {include_path}: no such folder")
+    raise HarnessError(f"task folder {include_path}: no such folder")
   from lm_eval.tasks._yaml_loader import load_yaml  # pylint: disable=g-import-not-at-top
 
   for path in sorted(root.glob("**/*.yaml")):
@@ -118,7 +119,7 @@ def prepare_tasks(spec: str, *, include_path: str | None = None, num_fewshot: in
       if k is not None and task.get_config("num_fewshot") != 0:  # lm-eval's rule: 0 stays 0
         task.set_config(key="num_fewshot", value=k)
     built += obj
-  return PreparedTasks(names, built, limit)
+  return PreparedTasks(names, built, limit, manager)
 
 
 def _leaf_tasks(built: Sequence[Any]) -> list[Any]:
@@ -152,7 +153,7 @@ def run_tasks(lm: Any, tasks: PreparedTasks, *, apply_chat_template: bool = Fals
 
   return lm_eval.simple_evaluate(model=lm, tasks=list(tasks.built), limit=tasks.limit,
                                  apply_chat_template=apply_chat_template, log_samples=False,
-                                 bootstrap_iters=1000)
+                                 bootstrap_iters=1000, task_manager=tasks.manager)
 
 
 def flat_metrics(results: dict[str, Any]) -> dict[str, float]:
@@ -170,24 +171,23 @@ def flat_metrics(results: dict[str, Any]) -> dict[str, float]:
   return out
 
 
-def make_training_hook(spec: str, *, limit: int | None, tokenizer_dir: str, template: str,
-                       strip_content: bool | None, mesh: Any, batch_size: int,
-                       max_length: int | None = None) -> Callable[[Any], dict[str, float]]:
-  """`hook(model) -> harness/... metrics`: the tasks are checked and built now (before
-  training starts); every process computes, the loop writes from process 0."""
+def make_training_hook(tasks: PreparedTasks, *, tokenizer_dir: str, template: str,
+                       strip_content: bool | None, mesh: Any, batch_size: int
+                       ) -> Callable[[Any], dict[str, float]]:
+  """`hook(model) -> harness/... metrics` for training (tasks prepared before the run
+  starts). One HarnessLM serves every call, so its steps compile once; every process
+  computes, the loop writes from process 0."""
   from im_jax.data.stats import load_tokenizer  # pylint: disable=g-import-not-at-top
   from im_jax.eval import harness_lm  # pylint: disable=g-import-not-at-top
 
-  tasks = prepare_tasks(spec, limit=limit)
   tokenizer = load_tokenizer(tokenizer_dir)
+  lms = []
 
   def hook(model) -> dict[str, float]:
-    lm = harness_lm.HarnessLM(model, tokenizer, mesh=mesh, batch_size=batch_size,
-                              max_length=max_length, template=template,
-                              strip_content=strip_content,
-                              stop_ids=harness_lm.default_stop_ids(tokenizer))
-    # Tasks are built once; lm-eval re-reads their documents each run, so a rebuild is not
-    # needed between evaluations.
-    return flat_metrics(run_tasks(lm, tasks))
+    if not lms:
+      lms.append(harness_lm.HarnessLM(model, tokenizer, mesh=mesh, batch_size=batch_size,
+                                      template=template, strip_content=strip_content))
+    lms[0].update(model)
+    return flat_metrics(run_tasks(lms[0], tasks))
 
   return hook

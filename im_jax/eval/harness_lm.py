@@ -127,6 +127,12 @@ class HarnessLM(TemplateLM):
     self._generator = generate_lib.MeshGreedyGenerator(
         model, self.mesh, list(stop_ids or eos), pad, steps=decode_steps)
 
+  def update(self, model: nnx.Module) -> None:
+    """Scores with `model`'s current parameters (same structure and shardings as the model
+    this LM was built with: training's state at a later step); nothing recompiles."""
+    self._state = nnx.split(model)[1]
+    self._generator.update(model)
+
   # lm-eval's tokenization hooks, as its hf backend defines them.
 
   @property
