@@ -8,7 +8,9 @@ mean over its output, or instruction, tokens, averaged over examples: `*_loss_pe
 workdirs that predate it fall back to the per-token `*_loss`), on train (left) and on the
 held-out split (right). With IT the train output loss falls lower; with IM the held-out output loss
 stays lower. The Markdown summary (final losses, tokens seen, throughput) is printed to
-stdout and written next to the PNG as FILE.md.
+stdout and written next to the PNG as FILE.md. Runs that scored lm-eval tasks in training
+(`eval.harness_tasks`) get a second table: each `harness/TASK/METRIC`'s last value per run,
+side by side, with its standard error as lm-eval reports it.
 
 A missing or empty `metrics.jsonl`, a label count that differs from the workdir count, or an
 --out inside a workdir prints one error line and exits with status 2.
@@ -27,6 +29,8 @@ from im_jax.train.metrics_log import METRICS_FILE
 
 EXIT_BAD_INPUT = 2
 EVAL_PREFIX = "eval_"
+HARNESS_PREFIX = "harness/"  # lm-eval scores logged in training (im_jax.eval.harness)
+STDERR = "_stderr"
 
 Record = dict[str, Any]
 
@@ -40,6 +44,8 @@ class Run:
   label: str
   train: list[Record]  # logged train steps (records with a "loss"), in step order
   eval: list[Record]  # held-out evaluations (records with "eval_*" keys), in step order
+  # benchmark scores (eval.harness_tasks): each harness/TASK/METRIC's last logged value
+  harness: dict[str, float] = dataclasses.field(default_factory=dict)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -75,10 +81,13 @@ def load_run(workdir: str | pathlib.Path, label: str | None = None) -> Run:
   train = sorted((r for r in records if "loss" in r), key=lambda r: r["step"])
   evals = sorted((r for r in records if any(k.startswith(EVAL_PREFIX) for k in r)),
                  key=lambda r: r["step"])
+  harness = {}
+  for record in sorted(records, key=lambda r: r["step"]):
+    harness.update({k: float(v) for k, v in record.items() if k.startswith(HARNESS_PREFIX)})
   if not train and not evals:
     raise ReportError(f"{path}: no metrics records yet")
   # resolve() so "." and "runs/x/" get a real name.
-  return Run(label or workdir.resolve().name, train, evals)
+  return Run(label or workdir.resolve().name, train, evals, harness)
 
 
 PER_EXAMPLE = "_per_example"
@@ -150,6 +159,27 @@ def markdown_table(summaries: Sequence[Summary]) -> str:
            "| " + " | ".join("---" if f == "label" else "---:" for _, f, _ in _COLUMNS) + " |"]
   for s in summaries:
     lines.append("| " + " | ".join(cell(s, f, fmt) for _, f, fmt in _COLUMNS) + " |")
+  return "\n".join(lines) + "\n"
+
+
+def harness_table(runs: Sequence[Run]) -> str:
+  """Benchmark scores side by side, one row per TASK/METRIC, one column per run: the last
+  logged value with lm-eval's standard error (`value ± stderr`); "" when no run has any."""
+  metrics = sorted({k for run in runs for k in run.harness if not k.endswith(STDERR)})
+  if not metrics:
+    return ""
+
+  def cell(run: Run, key: str) -> str:
+    if key not in run.harness:
+      return "n/a"
+    stderr = run.harness.get(key + STDERR)
+    return f"{run.harness[key]:.4f}" + ("" if stderr is None else f" ± {stderr:.4f}")
+
+  lines = ["| benchmark (lm-eval) | " + " | ".join(run.label for run in runs) + " |",
+           "| --- | " + " | ".join("---:" for _ in runs) + " |"]
+  for key in metrics:
+    name = key.removeprefix(HARNESS_PREFIX).replace("|", "\\|")
+    lines.append(f"| {name} | " + " | ".join(cell(run, key) for run in runs) + " |")
   return "\n".join(lines) + "\n"
 
 
@@ -225,6 +255,8 @@ def report(workdirs: Sequence[str | pathlib.Path], out: str | pathlib.Path,
   runs = [load_run(w, labels[i] if labels else None) for i, w in enumerate(workdirs)]
   png = plot(runs, out)
   table = markdown_table([summarize(run) for run in runs])
+  benchmarks = harness_table(runs)
+  table += "\n" + benchmarks if benchmarks else ""
   md.write_text(table, encoding="utf-8")
   return png, md, table
 

@@ -320,3 +320,14 @@ def test_training_code_imports_no_evaluation():
   for path in root.glob("*.py"):
     text = path.read_text()
     assert "im_jax.eval" not in text and "lm_eval" not in text, path
+
+
+def test_paper_group_resolves_in_lm_evals_registry():
+  """Every name of `--tasks paper` is a task, group or tag lm-eval 0.4.13 knows (offline:
+  the registry is its task files; no data is read)."""
+  from im_jax.eval import harness_paper  # pylint: disable=g-import-not-at-top
+
+  known = set(harness.task_manager(["mmlu"], None).all_tasks)
+  assert [n for n in harness_paper.names() if n not in known] == []
+  assert harness.split_names("paper,piqa") == harness_paper.names()  # expanded, deduplicated
+  assert len(harness_paper.names()) == 16

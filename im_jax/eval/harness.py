@@ -15,6 +15,7 @@ Shared by `python -m im_jax.eval harness` and training's `eval.harness_tasks` ho
 
 import dataclasses
 import difflib
+import functools
 import logging
 import math
 import pathlib
@@ -78,15 +79,32 @@ def check_task_files(include_path: str | None) -> None:
 
 
 def task_manager(names: Sequence[str], include_path: str | None):
-  """A TaskManager that knows `names`: only the local folder's tasks when that is enough
-  (indexing lm-eval's own ~10k task files takes seconds)."""
+  """A TaskManager that knows `names` (else HarnessError naming the unknown one, with close
+  names): only the local folder's tasks when that is enough, as indexing lm-eval's own ~10k
+  task files takes seconds."""
   from lm_eval.tasks import TaskManager  # pylint: disable=g-import-not-at-top
 
-  if include_path is not None:
-    local = TaskManager(include_path=include_path, include_defaults=False)
-    if all(n in local.all_tasks for n in names):
-      return local
-  return TaskManager(include_path=include_path)
+  local = None if include_path is None else TaskManager(include_path=include_path,
+                                                         include_defaults=False)
+  local_names = set(local.all_tasks) if local else set()
+  if all(n in local_names for n in names):
+    return local
+  known = local_names | set(_default_manager().all_tasks)
+  for name in names:
+    if name not in known:
+      close = difflib.get_close_matches(name, sorted(known), n=3, cutoff=0.6)
+      hint = f" (did you mean {', '.join(close)}?)" if close else ""
+      raise HarnessError(f"unknown task {name}{hint}; see `lm-eval ls tasks` or give "
+                         "--include-path DIR for local task files")
+  return _default_manager() if local is None else TaskManager(include_path=include_path)
+
+
+@functools.lru_cache(maxsize=1)
+def _default_manager():
+  # lm-eval's own tasks, indexed once per process (the index maps names to files).
+  from lm_eval.tasks import TaskManager  # pylint: disable=g-import-not-at-top
+
+  return TaskManager()
 
 
 def prepare_tasks(spec: str, *, include_path: str | None = None, num_fewshot: int | None = None,
@@ -96,13 +114,6 @@ def prepare_tasks(spec: str, *, include_path: str | None = None, num_fewshot: in
   check_task_files(include_path)
   names = split_names(spec)
   manager = task_manager(names, include_path)
-  known = set(manager.all_tasks)
-  for name in names:
-    if name not in known:
-      close = difflib.get_close_matches(name, sorted(known), n=3, cutoff=0.6)
-      hint = f" (did you mean {', '.join(close)}?)" if close else ""
-      raise HarnessError(f"unknown task {name}{hint}; see `lm-eval ls tasks` or give "
-                         "--include-path DIR for local task files")
   shots = harness_paper.fewshot_settings()
   built = []
   for name in names:
