@@ -331,3 +331,28 @@ def test_paper_group_resolves_in_lm_evals_registry():
   assert [n for n in harness_paper.names() if n not in known] == []
   assert harness.split_names("paper,piqa") == harness_paper.names()  # expanded, deduplicated
   assert len(harness_paper.names()) == 16
+
+
+def test_worked_example_commands_run(tiny_tokenizer_dir, tmp_path, monkeypatch,
+                                    compilation_cache):
+  """docs/harness.md's `eval harness` commands on its local tasks, for real (a tiny random
+  model in place of the docs' model, 4 documents per task; `--tasks paper` needs the Hub's
+  data; the generation task's command only parses, in test_docs_commands: generation has
+  its own tests above)."""
+  from tests import fixtures_lib  # pylint: disable=g-import-not-at-top
+  from tests.test_docs_commands import COMMANDS, ROOT, _clean  # pylint: disable=g-import-not-at-top
+
+  model = fixtures_lib.tiny_hf_base(tiny_tokenizer_dir, tmp_path / "tiny_hf")
+  shown = [c for doc, c in COMMANDS if doc == "harness.md" and "im_jax.eval harness --" in c
+           and "--tasks paper" not in c and "_gen" not in c]
+  assert len(shown) == 2
+  monkeypatch.chdir(ROOT)  # the task files' data paths are relative to the repository root
+  for command in shown:
+    args = _clean(command.split())[3:]
+    args[args.index("--model") + 1] = f"hf:{model}"
+    args += [] if "--limit" in args else ["--limit", "4"]
+    if "--out" in args:
+      out = tmp_path / "results.json"
+      args[args.index("--out") + 1] = str(out)
+    assert eval_main.main(args) == 0, command
+  assert set(json.loads(out.read_text())["results"]) == {"im_jax_example_qa"}
