@@ -356,3 +356,20 @@ def test_worked_example_commands_run(tiny_tokenizer_dir, tmp_path, monkeypatch,
       args[args.index("--out") + 1] = str(out)
     assert eval_main.main(args) == 0, command
   assert set(json.loads(out.read_text())["results"]) == {"im_jax_example_qa"}
+
+
+def test_bench_eval_script_runs(tiny_tokenizer_dir, tmp_path, compilation_cache):
+  """scripts/bench_eval.py end to end on a tiny model (docs/benchmarks.md runs it on SmolLM2);
+  it checks itself that both backends' loglikelihoods agree."""
+  import sys  # pylint: disable=g-import-not-at-top
+
+  from tests import fixtures_lib  # pylint: disable=g-import-not-at-top
+
+  sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "scripts"))
+  import bench_eval  # pylint: disable=g-import-not-at-top,import-outside-toplevel
+
+  model = fixtures_lib.tiny_hf_base(tiny_tokenizer_dir, tmp_path / "tiny_hf")
+  results = bench_eval.main(["--model", f"hf:{model}", "--requests", "10", "--gen-requests",
+                             "2", "--max-gen-toks", "4", "--json"])
+  assert results["requests"] == 10 and results["im_jax_ll_s"] > 0 and results["hf_ll_s"] > 0
+  assert results["im_jax_ll_compile_s"] > 0 and results["gen_new_tokens"] >= 0
