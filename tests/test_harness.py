@@ -40,8 +40,8 @@ ROLLING_TEXTS = [
     "Instruction tuning masks the prompt; instruction modelling does not. Which overfits less?",
 ]
 GEN_REQUESTS = [  # one batch: the first stops on a string, the second runs to max_gen_toks
-    ("Q: What is the capital of France?\nA:", {"until": ["\n", "."], "max_gen_toks": 12}),
-    ("Q: Which animal barks?\nA:", {"until": ["\n", "."], "max_gen_toks": 12}),
+    ("Q: What is the capital of France?\nA:", {"until": ["\n", "."], "max_gen_toks": 8}),
+    ("Q: Which animal barks?\nA:", {"until": ["\n", "."], "max_gen_toks": 8}),
 ]
 SHORT = 24  # a context length that forces left truncation and several rolling windows
 
@@ -158,7 +158,7 @@ def test_generate_until_equals_hf_backend(jax_lm, hf_lm):
   ours = jax_lm.generate_until(requests)
   assert ours == hf_lm.generate_until(requests)
   assert ours[0] == " The capital of France is Paris"  # stopped on "."
-  assert len(jax_lm.tokenizer(ours[1])["input_ids"]) == 12  # ran to max_gen_toks
+  assert len(jax_lm.tokenizer(ours[1])["input_ids"]) == 8  # ran to max_gen_toks
 
 
 def test_packed_equals_one_at_a_time(jax_lm):
@@ -305,8 +305,8 @@ def test_bad_harness_config_stops_before_any_work(tmp_path, tiny_tokenizer_dir):
   c.data.train, c.data.tokenizer, c.train.max_steps = "synthetic:8", str(tiny_tokenizer_dir), 1
   c.eval.harness_tasks = "im_jax_mc"
   c.eval.harness_include_path = str(tmp_path / "no_tasks_here")
-  with pytest.raises(experiment.ConfigError, match="eval.harness_tasks=im_jax_mc: "
-                     "task folder .*no_tasks_here: no such folder"):
+  with pytest.raises(experiment.ConfigError,
+                     match="eval.harness_include_path=.*no_tasks_here: no such folder"):
     experiment.build(c, tmp_path / "run")
   assert not (tmp_path / "run").exists()
   c.eval.harness_tasks, c.eval.harness_limit = "im_jax_mc", -1
