@@ -373,3 +373,39 @@ def test_bench_eval_script_runs(tiny_tokenizer_dir, tmp_path, compilation_cache)
                              "2", "--max-gen-toks", "4", "--json"])
   assert results["requests"] == 10 and results["im_jax_ll_s"] > 0 and results["hf_ll_s"] > 0
   assert results["im_jax_ll_compile_s"] > 0 and results["gen_new_tokens"] >= 0
+
+
+@pytest.mark.parametrize("template", ["tulu", "tulu_bos", "hf"])
+def test_chat_prompts_tokenize_as_in_training(tiny_tokenizer_dir, template):
+  """--apply-chat-template: the prompt lm-eval gets back tokenizes (as the hf backend's
+  tok_encode would) to the training tokens before a reply, content stripped as training did."""
+  from im_jax.data.conversation import Message  # pylint: disable=g-import-not-at-top
+  from im_jax.data.stats import load_tokenizer  # pylint: disable=g-import-not-at-top
+  from im_jax.data.templates import ChatTemplate, TemplateConfig  # pylint: disable=g-import-not-at-top
+  from im_jax.eval import generate  # pylint: disable=g-import-not-at-top
+
+  tokenizer = load_tokenizer(str(tiny_tokenizer_dir))
+  adds_bos = template == "tulu_bos"
+  if adds_bos:  # a tokenizer that adds its BOS to every text, as LLaMA-2's
+    from tokenizers import processors  # pylint: disable=g-import-not-at-top
+
+    template = "tulu"
+    tokenizer._tokenizer.post_processor = processors.TemplateProcessing(  # pylint: disable=protected-access
+        single="<s> $A", special_tokens=[("<s>", tokenizer.bos_token_id)])
+    assert tokenizer("a")["input_ids"][0] == tokenizer.bos_token_id
+  history = [{"role": "system", "content": " Be brief. "},
+             {"role": "user", "content": "What is the capital of France?\n"}]
+  text = harness_lm.render_chat(tokenizer, template, None, history)
+  messages = [Message(m["role"], m["content"]) for m in history]
+  want = generate.prompt_ids(tokenizer, template, messages,
+                             ChatTemplate(tokenizer, TemplateConfig(template)))
+  lm = harness_lm.HarnessLM.__new__(harness_lm.HarnessLM)  # tokenization needs no model
+  lm.tokenizer = tokenizer
+  assert lm.tok_encode(text) == want
+  assert want.count(tokenizer.bos_token_id) == (1 if adds_bos else 0)  # one BOS, in front
+  assert want[0] == tokenizer.bos_token_id or not adds_bos
+  if template == "tulu":
+    assert "<|user|>\nWhat is the capital of France?\n<|assistant|>\n" in text  # stripped
+  continued = harness_lm.render_chat(tokenizer, template, None,
+                                     history + [{"role": "assistant", "content": "Par"}], False)
+  assert continued == text + "Par"

@@ -176,19 +176,8 @@ class HarnessLM(TemplateLM):
 
   def apply_chat_template(self, chat_history: list[dict[str, str]],
                           add_generation_prompt: bool = True) -> str:
-    """The prompt as training rendered conversations (`template`, content stripping, BOS).
-
-    Without the generation prompt lm-eval continues the last (assistant) message: the prompt
-    before it plus its content as is.
-    """
-    history = [Message(m["role"], m["content"]) for m in chat_history]
-    tail = ""
-    if not add_generation_prompt and history and history[-1].role == "assistant":
-      tail, history = history[-1].content, history[:-1]
-    chat = ChatTemplate(self.tokenizer, TemplateConfig(self.template,
-                                                       strip_content=self.strip_content))
-    ids = generate_lib.prompt_ids(self.tokenizer, self.template, history, chat)
-    return self.tokenizer.decode(ids, skip_special_tokens=False) + tail
+    return render_chat(self.tokenizer, self.template, self.strip_content, chat_history,
+                       add_generation_prompt)
 
   # Scoring.
 
@@ -305,6 +294,23 @@ class HarnessLM(TemplateLM):
           out[i] = text
           self.cache_hook.add_partial("generate_until", requests[i].args, text)
     return out
+
+
+def render_chat(tokenizer: Any, template: str, strip_content: bool | None,
+                chat_history: Sequence[dict[str, str]], add_generation_prompt: bool = True) -> str:
+  """lm-eval's chat prompt as training rendered conversations (`template`, content stripping,
+  BOS rule): the text whose tokens (`tok_encode`) are the training tokens before a reply.
+
+  Without the generation prompt lm-eval continues the last (assistant) message: the prompt
+  before it plus its content as is.
+  """
+  history = [Message(m["role"], m["content"]) for m in chat_history]
+  tail = ""
+  if not add_generation_prompt and history and history[-1].role == "assistant":
+    tail, history = history[-1].content, history[:-1]
+  chat = ChatTemplate(tokenizer, TemplateConfig(template, strip_content=strip_content))
+  ids = generate_lib.prompt_ids(tokenizer, template, history, chat)
+  return tokenizer.decode(ids, skip_special_tokens=False) + tail
 
 
 def _first_stop(tokenizer: Any, ids: Sequence[int], until: Sequence[str]) -> int:
