@@ -1,6 +1,7 @@
 """Loss curves and a summary table for one or several training runs.
 
     python -m im_jax.report --workdir DIR [DIR ...] --out FILE.png [--label NAME [NAME ...]]
+        [--harness RESULTS.json [RESULTS.json ...]]
 
 Reads each workdir's `metrics.jsonl` and draws the paper's IT-vs-IM overfitting picture:
 output loss and instruction loss over steps, each as the paper measures it (every example's
@@ -10,7 +11,8 @@ held-out split (right). With IT the train output loss falls lower; with IM the h
 stays lower. The Markdown summary (final losses, tokens seen, throughput) is printed to
 stdout and written next to the PNG as FILE.md. Runs that scored lm-eval tasks in training
 (`eval.harness_tasks`) get a second table: each `harness/TASK/METRIC`'s last value per run,
-side by side, with its standard error as lm-eval reports it.
+side by side, with its standard error as lm-eval reports it; `--harness FILE ...` (one
+`eval harness --out` file per workdir) adds scores measured after training.
 
 A missing or empty `metrics.jsonl`, a label count that differs from the workdir count, or an
 --out inside a workdir prints one error line and exits with status 2.
@@ -240,19 +242,40 @@ def plot(runs: Sequence[Run], out: str | pathlib.Path) -> pathlib.Path:
   return out
 
 
+def harness_scores(path: str | pathlib.Path) -> dict[str, float]:
+  """`harness/TASK/METRIC` scores from an `eval harness --out` file (lm-eval's results)."""
+  from im_jax.eval.harness import flat_metrics  # pylint: disable=g-import-not-at-top
+
+  try:
+    results = json.loads(pathlib.Path(path).read_text(encoding="utf-8"))
+  except (OSError, json.JSONDecodeError) as e:
+    raise ReportError(f"{path}: not a readable JSON file ({e})") from None
+  if not isinstance(results, dict) or not isinstance(results.get("results"), dict):
+    raise ReportError(f"{path}: no lm-eval `results` (write it with eval harness --out)")
+  return flat_metrics(results)
+
+
 def report(workdirs: Sequence[str | pathlib.Path], out: str | pathlib.Path,
-           labels: Sequence[str] | None = None) -> tuple[pathlib.Path, pathlib.Path, str]:
-  """Plots the runs to `out` and writes the table to `out` with a .md suffix."""
+           labels: Sequence[str] | None = None,
+           harness: Sequence[str | pathlib.Path] | None = None
+           ) -> tuple[pathlib.Path, pathlib.Path, str]:
+  """Plots the runs to `out` and writes the table to `out` with a .md suffix. `harness`: one
+  `eval harness --out` file per workdir, whose scores join (and replace) those it logged."""
   if labels and len(labels) != len(workdirs):
     raise ReportError(f"{len(labels)} --label values for {len(workdirs)} workdirs")
+  if harness and len(harness) != len(workdirs):
+    raise ReportError(f"{len(harness)} --harness files for {len(workdirs)} workdirs")
   md = pathlib.Path(out).with_suffix(".md")
   try:  # a report is never written over (or into) the runs it reads
     for path in (out, md):
-      output_guard.check_not_input(path, workdirs)
+      output_guard.check_not_input(path, [*workdirs, *(harness or [])])
       output_guard.check_writable_file(path)
   except output_guard.UnsafeOutput as e:
     raise ReportError(str(e)) from None
   runs = [load_run(w, labels[i] if labels else None) for i, w in enumerate(workdirs)]
+  if harness:
+    runs = [dataclasses.replace(run, harness={**run.harness, **harness_scores(path)})
+            for run, path in zip(runs, harness)]
   png = plot(runs, out)
   table = markdown_table([summarize(run) for run in runs])
   benchmarks = harness_table(runs)
@@ -270,13 +293,16 @@ def _parser() -> argparse.ArgumentParser:
   parser.add_argument("--label", nargs="+", action="extend",
                       help="legend names, one per workdir in order (one flag with several, or "
                       "repeated; default: each workdir's folder name)")
+  parser.add_argument("--harness", nargs="+", action="extend",
+                      help="`eval harness --out` results, one per workdir in order: their "
+                      "benchmark scores join the table")
   return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
   args = _parser().parse_args(argv)
   try:
-    png, md, table = report(args.workdir, args.out, args.label)
+    png, md, table = report(args.workdir, args.out, args.label, args.harness)
   except (ReportError, ValueError, OSError) as e:  # e.g. an image format matplotlib lacks
     print(f"error: {' '.join(str(e).split()) or type(e).__name__}", file=sys.stderr)
     return EXIT_BAD_INPUT

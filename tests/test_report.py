@@ -133,3 +133,22 @@ def test_harness_scores_side_by_side_with_stderr(tmp_path):
   assert "benchmark" in plain  # a run with scores; none: no second table
   assert "benchmark" not in report.report([_write_run(tmp_path / "x", [
       _train(1, 2.0, 2.0, 3.0, 100, 10.0)])], tmp_path / "x.png")[2]
+
+
+def test_harness_results_files_join_the_table(tmp_path, capsys):
+  """`eval harness --out` files (lm-eval's results), one per workdir, add their scores."""
+  runs = [_write_run(tmp_path / name, [_train(1, 2.0, 2.0, 3.0, 100, 10.0)])
+          for name in ("it", "im")]
+  files = []
+  for name, acc in (("it", 0.5), ("im", 0.625)):
+    files.append(tmp_path / f"{name}.json")
+    files[-1].write_text(json.dumps({"results": {"piqa": {
+        "alias": "piqa", "acc,none": acc, "acc_stderr,none": 0.01, "acc_norm,none": "N/A"}}}))
+  args = ["--workdir", *map(str, runs), "--out", str(tmp_path / "r.png"), "--label", "IT", "IM"]
+  assert report.main(args + ["--harness", *map(str, files)]) == 0
+  assert "| piqa/acc | 0.5000 ± 0.0100 | 0.6250 ± 0.0100 |" in capsys.readouterr().out
+  assert report.main(args + ["--harness", str(files[0])]) == 2  # one per workdir
+  files[1].write_text("{}")
+  assert report.main(args + ["--harness", *map(str, files)]) == 2
+  err = capsys.readouterr().err.strip().splitlines()
+  assert err[-1].startswith("error: ") and "no lm-eval `results`" in err[-1]
