@@ -238,6 +238,7 @@ class Experiment:
   eval_step: Callable
   loop_config: loop_lib.LoopConfig
   meta: dict[str, Any]
+  hooks: tuple[loop_lib.StepHook, ...] = ()  # benchmark scores (eval.harness_tasks)
 
   def export_hf(self, state: step_lib.TrainState) -> pathlib.Path:
     """Writes the trained model as a Hugging Face folder to WORKDIR/hf (replacing it).
@@ -271,7 +272,8 @@ class Experiment:
     return loop_lib.run(workdir=str(self.workdir), state=self.state, train_step=self.train_step,
                         mesh=self.mesh, train_batches=self.train_data.dataset(),
                         config=self.loop_config, meta=self.meta, eval_step=self.eval_step,
-                        eval_batches=eval_batches, eval_finalize=loss_eval.finalize)
+                        eval_batches=eval_batches, eval_finalize=loss_eval.finalize,
+                        hooks=self.hooks)
 
 
 def build(c: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> Experiment:
@@ -281,6 +283,7 @@ def build(c: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> Experime
   validate(c, jax.device_count(), processes)
   check_inputs(c, workdir)
   check_resumable(c, workdir)  # reads only: a refused run leaves every file as it was
+  harness_tasks = prepare_harness_tasks(c)  # reads (task files, cached datasets) only
   if remote:  # before any work: may this run write there?
     paths.check_ready(workdir, what="--workdir", write=True)
   else:
@@ -330,8 +333,40 @@ def build(c: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> Experime
           "data_stats": train_data.stats.as_dict(), loop_lib.RESUME_KEY: resume_key(c)}
   if mcfg.lora.enabled:  # checkpoints hold adapters only: where their base weights are
     meta[LORA_BASE] = absolute_spec(c.model.init_from)
+  hooks = () if harness_tasks is None else (
+      harness_hook(c, harness_tasks, mesh, graphdef, tokenizer_dir),)
   return Experiment(c, workdir, mesh, tokenizer_dir, mcfg, train_data, eval_data, graphdef,
-                    state, train_step, eval_step, loop_config(c, total_steps), meta)
+                    state, train_step, eval_step, loop_config(c, total_steps), meta, hooks)
+
+
+def prepare_harness_tasks(c: ml_collections.ConfigDict) -> Any:
+  """eval.harness_tasks checked and built (None when off): a bad name, task file or missing
+  dataset stops the run before any work, naming the key."""
+  if not c.eval.harness_tasks:
+    return None
+  try:
+    from im_jax.eval import harness  # pylint: disable=g-import-not-at-top  (lm-eval: optional)
+    return harness.prepare_tasks(c.eval.harness_tasks, limit=c.eval.harness_limit or None,
+                                 include_path=c.eval.harness_include_path or None)
+  except ImportError as e:
+    raise ConfigError(f"eval.harness_tasks needs lm-eval (pip install lm-eval==0.4.13): {e}"
+                      ) from None
+  except ValueError as e:
+    raise ConfigError(f"eval.harness_tasks={c.eval.harness_tasks}: {e}") from None
+
+
+def harness_hook(c: ml_collections.ConfigDict, tasks: Any, mesh: jax.sharding.Mesh,
+                 graphdef: nnx.GraphDef, tokenizer_dir: pathlib.Path) -> loop_lib.StepHook:
+  """lm-eval tasks on the training state (LoRA adapters applied), rows over the run's mesh,
+  logged as harness/TASK/METRIC every eval.harness_every_steps and at the end."""
+  from im_jax.eval import harness  # pylint: disable=g-import-not-at-top
+
+  evaluate = harness.make_training_hook(
+      tasks, tokenizer_dir=str(tokenizer_dir), template=c.data.template,
+      strip_content=c.data.strip_content, mesh=mesh, batch_size=c.eval.batch_size)
+  return loop_lib.StepHook(
+      lambda state: evaluate(nnx.merge(graphdef, state.params, *state.fixed())),
+      c.eval.harness_every_steps)
 
 
 def absolute_spec(spec: str) -> str:

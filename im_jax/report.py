@@ -1,6 +1,7 @@
 """Loss curves and a summary table for one or several training runs.
 
     python -m im_jax.report --workdir DIR [DIR ...] --out FILE.png [--label NAME [NAME ...]]
+        [--harness RESULTS.json [RESULTS.json ...]]
 
 Reads each workdir's `metrics.jsonl` and draws the paper's IT-vs-IM overfitting picture:
 output loss and instruction loss over steps, each as the paper measures it (every example's
@@ -8,7 +9,10 @@ mean over its output, or instruction, tokens, averaged over examples: `*_loss_pe
 workdirs that predate it fall back to the per-token `*_loss`), on train (left) and on the
 held-out split (right). With IT the train output loss falls lower; with IM the held-out output loss
 stays lower. The Markdown summary (final losses, tokens seen, throughput) is printed to
-stdout and written next to the PNG as FILE.md.
+stdout and written next to the PNG as FILE.md. Runs that scored lm-eval tasks in training
+(`eval.harness_tasks`) get a second table: each `harness/TASK/METRIC`'s last value per run,
+side by side, with its standard error as lm-eval reports it; `--harness FILE ...` (one
+`eval harness --out` file per workdir) adds scores measured after training.
 
 A missing or empty `metrics.jsonl`, a label count that differs from the workdir count, or an
 --out inside a workdir prints one error line and exits with status 2.
@@ -28,6 +32,8 @@ from im_jax.train.metrics_log import METRICS_FILE
 
 EXIT_BAD_INPUT = 2
 EVAL_PREFIX = "eval_"
+HARNESS_PREFIX = "harness/"  # lm-eval scores logged in training (im_jax.eval.harness)
+STDERR = "_stderr"
 
 Record = dict[str, Any]
 
@@ -41,6 +47,8 @@ class Run:
   label: str
   train: list[Record]  # logged train steps (records with a "loss"), in step order
   eval: list[Record]  # held-out evaluations (records with "eval_*" keys), in step order
+  # benchmark scores (eval.harness_tasks): each harness/TASK/METRIC's last logged value
+  harness: dict[str, float] = dataclasses.field(default_factory=dict)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -80,11 +88,14 @@ def load_run(workdir: str | pathlib.Path, label: str | None = None) -> Run:
   train = sorted((r for r in records if "loss" in r), key=lambda r: r["step"])
   evals = sorted((r for r in records if any(k.startswith(EVAL_PREFIX) for k in r)),
                  key=lambda r: r["step"])
+  harness = {}
+  for record in sorted(records, key=lambda r: r["step"]):
+    harness.update({k: float(v) for k, v in record.items() if k.startswith(HARNESS_PREFIX)})
   if not train and not evals:
     raise ReportError(f"{path}: no metrics records yet")
   # resolve() so "." and "runs/x/" get a real name.
   return Run(label or (workdir.name if paths.is_remote(workdir) else workdir.resolve().name),
-             train, evals)
+             train, evals, harness)
 
 
 PER_EXAMPLE = "_per_example"
@@ -159,6 +170,27 @@ def markdown_table(summaries: Sequence[Summary]) -> str:
   return "\n".join(lines) + "\n"
 
 
+def harness_table(runs: Sequence[Run]) -> str:
+  """Benchmark scores side by side, one row per TASK/METRIC, one column per run: the last
+  logged value with lm-eval's standard error (`value ± stderr`); "" when no run has any."""
+  metrics = sorted({k for run in runs for k in run.harness if not k.endswith(STDERR)})
+  if not metrics:
+    return ""
+
+  def cell(run: Run, key: str) -> str:
+    if key not in run.harness:
+      return "n/a"
+    stderr = run.harness.get(key + STDERR)
+    return f"{run.harness[key]:.4f}" + ("" if stderr is None else f" ± {stderr:.4f}")
+
+  lines = ["| benchmark (lm-eval) | " + " | ".join(run.label for run in runs) + " |",
+           "| --- | " + " | ".join("---:" for _ in runs) + " |"]
+  for key in metrics:
+    name = key.removeprefix(HARNESS_PREFIX).replace("|", "\\|")
+    lines.append(f"| {name} | " + " | ".join(cell(run, key) for run in runs) + " |")
+  return "\n".join(lines) + "\n"
+
+
 # (row, column) of each panel: output loss on top, instruction loss below; train | eval.
 _PANELS = (
     (0, 0, "output_loss", "train output loss"),
@@ -216,16 +248,34 @@ def plot(runs: Sequence[Run], out: str | pathlib.Path) -> pathlib.Path:
   return out
 
 
+def harness_scores(path: str | pathlib.Path) -> dict[str, float]:
+  """`harness/TASK/METRIC` scores from an `eval harness --out` file (lm-eval's results)."""
+  from im_jax.eval.harness import flat_metrics  # pylint: disable=g-import-not-at-top
+
+  try:
+    results = json.loads(pathlib.Path(path).read_text(encoding="utf-8"))
+  except (OSError, json.JSONDecodeError) as e:
+    raise ReportError(f"{path}: not a readable JSON file ({e})") from None
+  if not isinstance(results, dict) or not isinstance(results.get("results"), dict):
+    raise ReportError(f"{path}: no lm-eval `results` (write it with eval harness --out)")
+  return flat_metrics(results)
+
+
 def report(workdirs: Sequence[str | pathlib.Path], out: str | pathlib.Path,
-           labels: Sequence[str] | None = None) -> tuple[pathlib.Path, pathlib.Path, str]:
-  """Plots the runs to `out` and writes the table to `out` with a .md suffix."""
+           labels: Sequence[str] | None = None,
+           harness: Sequence[str | pathlib.Path] | None = None
+           ) -> tuple[pathlib.Path, pathlib.Path, str]:
+  """Plots the runs to `out` and writes the table to `out` with a .md suffix. `harness`: one
+  `eval harness --out` file per workdir, whose scores join (and replace) those it logged."""
   if labels and len(labels) != len(workdirs):
     raise ReportError(f"{len(labels)} --label values for {len(workdirs)} workdirs")
+  if harness and len(harness) != len(workdirs):
+    raise ReportError(f"{len(harness)} --harness files for {len(workdirs)} workdirs")
   remote = paths.is_remote(out)
   md = paths.path(out).with_suffix(".md") if remote else pathlib.Path(out).with_suffix(".md")
   try:  # a report is never written over (or into) the runs it reads
     for path in (out, md):
-      output_guard.check_not_input(str(path), workdirs)
+      output_guard.check_not_input(str(path), [*workdirs, *(harness or [])])
       if not remote:
         output_guard.check_writable_file(path)
     if remote:
@@ -233,7 +283,12 @@ def report(workdirs: Sequence[str | pathlib.Path], out: str | pathlib.Path,
   except (output_guard.UnsafeOutput, paths.CloudError) as e:
     raise ReportError(str(e)) from None
   runs = [load_run(w, labels[i] if labels else None) for i, w in enumerate(workdirs)]
+  if harness:
+    runs = [dataclasses.replace(run, harness={**run.harness, **harness_scores(path)})
+            for run, path in zip(runs, harness)]
   table = markdown_table([summarize(run) for run in runs])
+  benchmarks = harness_table(runs)
+  table += "\n" + benchmarks if benchmarks else ""
   if not remote:
     png = plot(runs, out)
     md.write_text(table, encoding="utf-8")
@@ -254,13 +309,16 @@ def _parser() -> argparse.ArgumentParser:
   parser.add_argument("--label", nargs="+", action="extend",
                       help="legend names, one per workdir in order (one flag with several, or "
                       "repeated; default: each workdir's folder name)")
+  parser.add_argument("--harness", nargs="+", action="extend",
+                      help="`eval harness --out` results, one per workdir in order: their "
+                      "benchmark scores join the table")
   return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
   args = _parser().parse_args(argv)
   try:
-    png, md, table = report(args.workdir, args.out, args.label)
+    png, md, table = report(args.workdir, args.out, args.label, args.harness)
   except (ReportError, ValueError, OSError) as e:  # e.g. an image format matplotlib lacks
     print(f"error: {' '.join(str(e).split()) or type(e).__name__}", file=sys.stderr)
     return EXIT_BAD_INPUT

@@ -234,6 +234,9 @@ def check_inputs(c: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> N
     _check_model_files(tokenizer_path, tokenizer_only=True)
   check(bool(tokenizer) or bool(init_from),
          "data.tokenizer is empty and model.init_from names no model to take it from")
+  tasks_dir = c.eval.harness_include_path
+  check(not tasks_dir or pathlib.Path(tasks_dir).is_dir(),
+        f"eval.harness_include_path={tasks_dir}: no such folder")
   try:
     wandb_log.check_logged_in(wandb_config(c))
   except wandb_log.WandbUnavailable as e:
@@ -285,6 +288,11 @@ def validate(c: ml_collections.ConfigDict, num_devices: int, process_count: int)
   check(c.eval.batch_size % max(rows_axes, process_count) == 0,
          f"eval.batch_size {c.eval.batch_size} does not split over {rows_axes} data x fsdp "
          "devices")
+  check(c.eval.harness_every_steps >= 0,
+        f"eval.harness_every_steps must be >= 0, got {c.eval.harness_every_steps}")
+  check(c.eval.harness_limit >= 0, f"eval.harness_limit must be >= 0, got {c.eval.harness_limit}")
+  check(all(n.strip() for n in c.eval.harness_tasks.split(",")) or not c.eval.harness_tasks,
+        f"eval.harness_tasks={c.eval.harness_tasks}: an empty name between commas")
   check(c.train.max_steps >= 0, f"train.max_steps must be >= 0, got {c.train.max_steps}")
   check(c.train.epochs >= 0, f"train.epochs must be >= 0, got {c.train.epochs}")
   check(c.train.max_steps > 0 or c.train.epochs > 0,

@@ -16,6 +16,9 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 PYPROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
 # Imported inside a try/except ImportError and provided by no distribution of its own.
 OPTIONAL_NAMESPACES = {"jax_plugins"}
+# Modules that exist for an extra's feature and import it when they load; every other module
+# imports them inside a function, so the default install never loads them.
+OPTIONAL_MODULES = {"im_jax.eval.harness_lm": "eval"}
 
 
 def _name(requirement: str) -> str:
@@ -48,16 +51,19 @@ def test_pyproject_and_requirements_pin_the_same_versions():
       f"{sorted(k for k in declared.keys() & required.keys() if declared[k] != required[k])}")
 
 
-def _imports(path: pathlib.Path) -> tuple[set[str], set[str]]:
-  """(top-level names imported when the module loads, names imported inside functions)."""
+def _imports(path: pathlib.Path, full: bool = False) -> tuple[set[str], set[str]]:
+  """(names imported when the module loads, names imported inside functions): top-level
+  package names, or with `full` every dotted name (`from a.b import c` gives a.b and a.b.c)."""
   tree = ast.parse(path.read_text())
   eager, lazy, at_load = set(), set(), set()
 
   def names(node):
     if isinstance(node, ast.Import):
-      return {a.name.split(".")[0] for a in node.names}
+      return {a.name if full else a.name.split(".")[0] for a in node.names}
     if isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
-      return {node.module.split(".")[0]}
+      if not full:
+        return {node.module.split(".")[0]}
+      return {node.module, *(f"{node.module}.{a.name}" for a in node.names)}
     return set()
 
   for node in tree.body:  # module level, including inside a top-level try/if
@@ -77,14 +83,22 @@ def test_default_install_holds_every_import_the_runtime_makes():
   local = {"im_jax", *sys.stdlib_module_names, *OPTIONAL_NAMESPACES}
   problems = []
   for path in sorted((ROOT / "im_jax").rglob("*.py")):
+    module = ".".join(path.relative_to(ROOT).with_suffix("").parts)
     eager, lazy = _imports(path)
-    for kind, names, allowed in (("imports", eager, runtime),
+    eager_at_load = runtime
+    if module in OPTIONAL_MODULES:
+      extra = OPTIONAL_MODULES[module]
+      eager_at_load = runtime | {_name(r) for r in PYPROJECT["optional-dependencies"][extra]}
+    for name in sorted(_imports(path, full=True)[0] & set(OPTIONAL_MODULES)):
+      problems.append(f"{path.relative_to(ROOT)} imports {name} when it loads: it needs the "
+                      f"{OPTIONAL_MODULES[name]} extra, so import it inside a function")
+    for kind, names, allowed in (("imports", eager, eager_at_load),
                                  ("imports in a function", lazy, runtime | optional)):
       for name in sorted(names - local):
         dists = {_name(d) for d in distributions.get(name, [])}
         if not dists & allowed:
           problems.append(f"{path.relative_to(ROOT)} {kind} {name} ({sorted(dists)}): not in "
-                          f"{'the default install' if allowed is runtime else 'any extra'}")
+                          f"{'any extra' if kind.endswith('function') else 'its install'}")
   assert not problems, "\n".join(problems)
 
 

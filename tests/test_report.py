@@ -111,3 +111,44 @@ def test_labels_after_one_flag_like_workdirs_and_a_bad_format_is_one_line(two_ru
   assert report.main(["--workdir", *map(str, two_runs), "--out", str(tmp_path / "r.xyz")]) == 2
   err = capsys.readouterr().err.strip()
   assert err.startswith("error: Format 'xyz' is not supported") and "\n" not in err
+
+
+def test_harness_scores_side_by_side_with_stderr(tmp_path):
+  """Benchmark scores logged in training (eval.harness_tasks): the last value per run, with
+  lm-eval's standard error; a metric one run lacks is n/a."""
+  it = _write_run(tmp_path / "it", [
+      _train(1, 2.0, 2.0, 3.0, 100, 10.0),
+      {"step": 1, "harness/arc_easy/acc": 0.25, "harness/arc_easy/acc_stderr": 0.04},
+      {"step": 2, "harness/arc_easy/acc": 0.3125, "harness/arc_easy/acc_stderr": 0.0125}])
+  im = _write_run(tmp_path / "im", [
+      _train(1, 2.0, 2.0, 3.0, 100, 10.0),
+      {"step": 2, "harness/arc_easy/acc": 0.375, "harness/arc_easy/acc_stderr": 0.02,
+       "harness/lambada_openai/perplexity": 40.5}])
+  _, _, table = report.report([it, im], tmp_path / "r.png", labels=["IT", "IM"])
+  benchmarks = table[table.index("| benchmark"):].splitlines()
+  assert benchmarks == ["| benchmark (lm-eval) | IT | IM |", "| --- | ---: | ---: |",
+                        "| arc_easy/acc | 0.3125 ± 0.0125 | 0.3750 ± 0.0200 |",
+                        "| lambada_openai/perplexity | n/a | 40.5000 |"]
+  _, _, plain = report.report([tmp_path / "it"], tmp_path / "p.png")
+  assert "benchmark" in plain  # a run with scores; none: no second table
+  assert "benchmark" not in report.report([_write_run(tmp_path / "x", [
+      _train(1, 2.0, 2.0, 3.0, 100, 10.0)])], tmp_path / "x.png")[2]
+
+
+def test_harness_results_files_join_the_table(tmp_path, capsys):
+  """`eval harness --out` files (lm-eval's results), one per workdir, add their scores."""
+  runs = [_write_run(tmp_path / name, [_train(1, 2.0, 2.0, 3.0, 100, 10.0)])
+          for name in ("it", "im")]
+  files = []
+  for name, acc in (("it", 0.5), ("im", 0.625)):
+    files.append(tmp_path / f"{name}.json")
+    files[-1].write_text(json.dumps({"results": {"piqa": {
+        "alias": "piqa", "acc,none": acc, "acc_stderr,none": 0.01, "acc_norm,none": "N/A"}}}))
+  args = ["--workdir", *map(str, runs), "--out", str(tmp_path / "r.png"), "--label", "IT", "IM"]
+  assert report.main(args + ["--harness", *map(str, files)]) == 0
+  assert "| piqa/acc | 0.5000 ± 0.0100 | 0.6250 ± 0.0100 |" in capsys.readouterr().out
+  assert report.main(args + ["--harness", str(files[0])]) == 2  # one per workdir
+  files[1].write_text("{}")
+  assert report.main(args + ["--harness", *map(str, files)]) == 2
+  err = capsys.readouterr().err.strip().splitlines()
+  assert err[-1].startswith("error: ") and "no lm-eval `results`" in err[-1]

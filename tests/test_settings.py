@@ -79,6 +79,10 @@ WRONG = {
     "checkpoint.async_save": ["no"],
     "eval.every_steps": [-1],
     "eval.batch_size": [0, 3],
+    "eval.harness_tasks": ["piqa,,arc_easy"],
+    "eval.harness_every_steps": [-1],
+    "eval.harness_limit": [-1],
+    "eval.harness_include_path": ["/nonexistent/im_jax_tasks"],
     "log.wandb_project": ["team/project", "x" * 129, " padded", 1],
     "log.wandb_entity": ["team#1", "team"],  # the second: set while the project is empty
     "log.wandb_run_name": ["run1"],

@@ -96,6 +96,13 @@ def get_config() -> ml_collections.ConfigDict:
   c.eval = ml_collections.ConfigDict()
   c.eval.every_steps = 0  # 0 = only at the end
   c.eval.batch_size = 8  # global rows per eval batch
+  # lm-evaluation-harness tasks scored during training (docs/harness.md): comma-separated
+  # lm-eval names or `paper`; "" = off. Logged as harness/TASK/METRIC. every_steps 0 = only
+  # at the end; limit 0 = every document.
+  c.eval.harness_tasks = ""
+  c.eval.harness_every_steps = 0
+  c.eval.harness_limit = 0
+  c.eval.harness_include_path = ""  # a folder of local lm-eval task YAMLs ("" = none)
 
   # Weights & Biases mirrors metrics.jsonl (process 0; pip install wandb); off when empty
   c.log = ml_collections.ConfigDict()

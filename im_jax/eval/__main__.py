@@ -4,6 +4,8 @@
         [--loss-mode it|im|im_release] [--max-seq-len L] [--limit N] [--json]
     python -m im_jax.eval generate --model ... --data PATH --out FILE.json
         [--max-new-tokens N] [--temperature T] [--template tulu|hf] [--generator NAME]
+    python -m im_jax.eval harness --model ... --tasks T1,T2|paper [--include-path DIR] ...
+        (lm-evaluation-harness tasks: see im_jax/eval/harness_cli.py)
 
 The template defaults to the one the checkpoint records, else `hf` when the tokenizer has a
 chat template, else `tulu`. Bad data, a bad model path or an --out that is not writable (or
@@ -23,6 +25,7 @@ from im_jax import output_guard, paths, write_faults
 from im_jax.data import sources
 from im_jax.data.conversation import DataError
 from im_jax.data.stats import load_tokenizer
+from im_jax.eval import harness_cli
 
 EXIT_BAD_INPUT = 2
 _DTYPES = ("float32", "bfloat16")
@@ -160,6 +163,7 @@ def _parser() -> argparse.ArgumentParser:
   p.add_argument("--generator", default=None,
                  help="the `generator` field (default: the model folder's name)")
   p.set_defaults(run=_generate)
+  harness_cli.add_parser(sub, _load)
   return parser
 
 

@@ -19,7 +19,7 @@ import dataclasses
 import functools
 import json
 import pathlib
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
@@ -30,6 +30,7 @@ from flax import nnx
 from im_jax.data.conversation import Conversation, Message
 from im_jax.data.kinds import TokenKind
 from im_jax.data.templates import ChatTemplate, TemplateConfig
+from im_jax.models import partitioning
 from im_jax.models.llama import Llama
 
 
@@ -213,3 +214,118 @@ def generate_records(conversations: Sequence[Conversation], model: Llama, tokeni
            "output": tokenizer.decode(ids, skip_special_tokens=True).strip(),
            "generator": generator_name}
           for (_, instruction), ids in zip(split, outputs)]
+
+
+# Greedy generation on a mesh, in chunks of decode steps: between chunks the host may stop rows
+# on what they decoded to (lm-eval's string stop sequences), which a device loop cannot test.
+
+
+def _prefill(graphdef: nnx.GraphDef, state: nnx.State, tokens: jax.Array, positions: jax.Array,
+             segment_ids: jax.Array, *, cache_len: int, layout: Any
+             ) -> tuple[jax.Array, Any]:
+  """(greedy first new token `[B]`, the cache holding the left-padded prompts)."""
+  with partitioning.activation_layout(layout):
+    model: Llama = nnx.merge(graphdef, state)
+    cache = model.init_cache(tokens.shape[0], cache_len)
+    logits, cache = model.decode(tokens, positions, segment_ids, cache)
+    return jnp.argmax(logits[:, -1], axis=-1).astype(jnp.int32), cache
+
+
+def _decode_steps(graphdef: nnx.GraphDef, state: nnx.State, cache: Any, last: jax.Array,
+                  lengths: jax.Array, start: jax.Array, done: jax.Array, stop_ids: jax.Array,
+                  *, steps: int, pad_id: int, layout: Any
+                  ) -> tuple[jax.Array, jax.Array, Any, jax.Array]:
+  """`steps` greedy tokens (new-token indices start..start+steps-1) after `last` (index
+  start - 1): `(tokens [B, steps], last token, cache, done)`; `pad_id` once a row is done."""
+  with partitioning.activation_layout(layout):
+    model: Llama = nnx.merge(graphdef, state)
+    ones = jnp.ones((last.shape[0], 1), jnp.int32)
+
+    def body(j, carry):
+      last, cache, out, done = carry
+      # The token with new-token index i - 1 sits at position length + i - 1.
+      logits, cache = model.decode(last[:, None], (lengths + start + j - 1)[:, None], ones,
+                                   cache)
+      token = jnp.where(done, pad_id, jnp.argmax(logits[:, 0], axis=-1).astype(jnp.int32))
+      out = jax.lax.dynamic_update_slice(out, token[:, None], (0, j))
+      return token, cache, out, done | jnp.isin(token, stop_ids)
+
+    out = jnp.full((last.shape[0], steps), pad_id, jnp.int32)
+    last, cache, out, done = jax.lax.fori_loop(0, steps, body, (last, cache, out, done))
+    return out, last, cache, done
+
+
+class MeshGreedyGenerator:
+  """Greedy continuations of token-id prompts with rows sharded over the mesh's data x fsdp
+  axes (the parameters stay in their FSDP layout), stopping each row on a stop token id or
+  when `stop(row_index, new_ids)` says so; the host asks after every `steps` tokens.
+
+  Same prompts layout as `Generator` (left padding, segment id 0, positions from 0), so a
+  row's tokens do not depend on its batch-mates.
+  """
+
+  def __init__(self, model: Llama, mesh: jax.sharding.Mesh, stop_ids: Sequence[int],
+               pad_id: int, *, steps: int = 16, prompt_bucket: int = 64):
+    from im_jax.train import sharding  # pylint: disable=g-import-not-at-top  (mesh helpers)
+
+    self.mesh, self.steps, self.prompt_bucket = mesh, steps, prompt_bucket
+    self.stop_ids = np.asarray(sorted({int(i) for i in stop_ids}), np.int32)
+    self.pad_id = int(pad_id)
+    self._rows = sharding.batch_sharding(mesh, micro_batched=False)
+    layout = sharding.ActivationLayout(mesh)
+    graphdef, self._state = nnx.split(model)
+    self._prefill = jax.jit(functools.partial(_prefill, graphdef, layout=layout),
+                            static_argnames=("cache_len",))
+    self._decode = jax.jit(functools.partial(_decode_steps, graphdef, steps=steps,
+                                             pad_id=self.pad_id, layout=layout))
+
+  def update(self, model: Llama) -> None:
+    """Generates with `model`'s parameters (same structure and shardings): no recompile."""
+    self._state = nnx.split(model)[1]
+
+  def _put(self, array: np.ndarray) -> jax.Array:
+    # Every process holds the same host rows; each places the shards its devices own.
+    return jax.make_array_from_callback(array.shape, self._rows, lambda index: array[index])
+
+  def generate(self, prompts: Sequence[Sequence[int]], max_new_tokens: int,
+               stop: Callable[[int, list[int]], bool] | None = None) -> list[list[int]]:
+    """New ids per prompt (one batch: pad `prompts` to a multiple of the row axes first),
+    cut before the first stop token id; at most `max_new_tokens`."""
+    rows = len(prompts)
+    width = -(-max(len(p) for p in prompts) // self.prompt_bucket) * self.prompt_bucket
+    tokens = np.full((rows, width), self.pad_id, np.int32)
+    positions = np.zeros_like(tokens)
+    segments = np.zeros_like(tokens)
+    for r, prompt in enumerate(prompts):
+      tokens[r, width - len(prompt):] = prompt
+      positions[r, width - len(prompt):] = np.arange(len(prompt))
+      segments[r, width - len(prompt):] = 1
+    lengths = np.asarray([len(p) for p in prompts], np.int32)
+    chunks = -(-(max_new_tokens - 1) // self.steps)
+    with jax.set_mesh(self.mesh):
+      last, cache = self._prefill(self._state, self._put(tokens), self._put(positions),
+                                  self._put(segments), cache_len=width + 1 + chunks * self.steps)
+      out = [np.asarray(jax.device_get(last))[:, None]]
+      done = np.isin(out[0][:, 0], self.stop_ids).copy()
+      new = 1
+      lengths_d = self._put(lengths)
+      while new < max_new_tokens and not done.all():
+        if stop is not None:
+          ids = np.concatenate(out, axis=1)
+          done |= np.asarray([not d and stop(r, _until_ids(ids[r], self.stop_ids))
+                              for r, d in enumerate(done)])
+          if done.all():
+            break
+        step_out, last, cache, done_d = self._decode(
+            self._state, cache, last, lengths_d, np.int32(new), self._put(done),
+            self.stop_ids)
+        out.append(np.asarray(jax.device_get(step_out)))
+        done = np.array(jax.device_get(done_d))
+        new += self.steps
+    ids = np.concatenate(out, axis=1)[:, :max_new_tokens]
+    return [_until_ids(row, self.stop_ids) for row in ids]
+
+
+def _until_ids(row: np.ndarray, stop_ids: np.ndarray) -> list[int]:
+  stops = np.flatnonzero(np.isin(row, stop_ids))
+  return row[:stops[0] if len(stops) else len(row)].tolist()

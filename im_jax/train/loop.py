@@ -26,7 +26,7 @@ import logging
 import signal
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
 import jax
@@ -63,6 +63,18 @@ class LoopConfig:
                       ("max_consecutive_skips", 1)):
       if getattr(self, name) < low:
         raise ValueError(f"{name} must be >= {low}, got {getattr(self, name)}")
+
+
+@dataclasses.dataclass(frozen=True)
+class StepHook:
+  """An evaluation of the current state that the loop runs and logs: every `every` steps
+  (0: only at the end) and at the end of the run, after its final checkpoint. `fn(state)`
+  returns metrics for metrics.jsonl / TensorBoard / W&B; every process calls it (it may be
+  collective), process 0 writes. The top-level wiring builds these (benchmark scores through
+  lm-eval: `im_jax.experiment`), so the loop knows nothing of what they compute."""
+
+  fn: Callable[[TrainState], dict[str, float]]
+  every: int = 0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -210,7 +222,7 @@ def run(*, workdir: str, state: TrainState, train_step: Callable, mesh: jax.shar
         eval_step: Callable | None = None,
         eval_batches: Callable[[], Iterable[Batch]] | None = None,
         eval_finalize: Callable[[Any], Any] = loss_lib.finalize,
-        logger: MetricsLogger | None = None) -> LoopResult:
+        logger: MetricsLogger | None = None, hooks: Sequence[StepHook] = ()) -> LoopResult:
   """Trains until `config.total_steps`, resuming from `workdir`'s checkpoints if any.
 
   Args:
@@ -222,6 +234,7 @@ def run(*, workdir: str, state: TrainState, train_step: Callable, mesh: jax.shar
     eval_batches: returns a fresh iterable of this process's held-out batches.
     eval_finalize: summed eval sums -> metrics (`eval.loss_eval.finalize` for the eval
       step built from `eval.loss_eval.make_eval_loss_fn`).
+    hooks: further evaluations to run and log (`StepHook`).
   """
   store = CheckpointStore(workdir, config.checkpoint)
   iterator = iter(train_batches)
@@ -257,6 +270,11 @@ def run(*, workdir: str, state: TrainState, train_step: Callable, mesh: jax.shar
       if last_eval:
         logger.write({"step": step, **last_eval})
 
+  def run_hook(hook: StepHook) -> None:
+    metrics = hook.fn(state)
+    if metrics:
+      logger.write({"step": step, **metrics})
+
   failed = True
   try:
     if own_logger:
@@ -284,6 +302,9 @@ def run(*, workdir: str, state: TrainState, train_step: Callable, mesh: jax.shar
           interval_tokens, interval_start = 0, now
         if config.eval_every and step % config.eval_every == 0 and step < config.total_steps:
           run_eval()
+        for hook in hooks:
+          if hook.every and step % hook.every == 0 and step < config.total_steps:
+            run_hook(hook)
         if (jax.process_count() == 1 or step % config.log_every == 0) and preemption.agreed():
           save(force=True)
           store.wait()
@@ -296,6 +317,8 @@ def run(*, workdir: str, state: TrainState, train_step: Callable, mesh: jax.shar
         run_eval()
         if saved != step:
           save(force=True)
+        for hook in hooks:
+          run_hook(hook)
       store.wait()  # inside the try: an asynchronous save's failure surfaces here
     failed = False
   except Exception as e:  # a full disk (or read-only, over quota): one line, what is safe
