@@ -248,7 +248,7 @@ def test_bad_cloud_input_is_one_line(gcs, tmp_path, monkeypatch, capsys):
   assert report(["--workdir", "gs://no-such-bucket/run", "--out", str(tmp_path / "r.png")]) == 2
   assert capsys.readouterr().err == (
       "error: --workdir=gs://no-such-bucket/run: bucket gs://no-such-bucket does not exist\n")
-  from configs import base  # pylint: disable=g-import-not-at-top
+  from im_jax.configs import base  # pylint: disable=g-import-not-at-top
   from im_jax import settings  # pylint: disable=g-import-not-at-top
 
   c = base.get_config()

@@ -21,6 +21,7 @@ from lm_eval.api.instance import Instance  # noqa: E402
 from im_jax.eval import __main__ as eval_main  # noqa: E402
 from im_jax.eval import harness, harness_lm  # noqa: E402
 from im_jax.train import sharding  # noqa: E402
+from tests import fixtures_lib  # noqa: E402
 
 REL = 1e-4  # the issue's tolerance, float32 against PyTorch
 
@@ -223,15 +224,9 @@ def _bad(capsys, args, out=None):
 
 @pytest.fixture
 def model_dir(tiny_tokenizer_dir, tmp_path):
-  """Just enough to pass as a model (config.json): the bad inputs stop before weights."""
-  from im_jax.models.llama import LlamaConfig  # pylint: disable=g-import-not-at-top
-
-  folder = tmp_path / "model"
-  folder.mkdir()
-  (folder / "config.json").write_text(json.dumps(LlamaConfig.preset("tiny").to_hf_dict()))
-  for f in tiny_tokenizer_dir.iterdir():
-    (folder / f.name).symlink_to(f)
-  return f"hf:{folder}"
+  """A tiny random model's Hugging Face folder: the bad inputs stop before its weights load
+  (the checked loader reads its headers, so the folder must be whole)."""
+  return f"hf:{fixtures_lib.tiny_hf_base(tiny_tokenizer_dir, tmp_path / 'model')}"
 
 
 def test_bad_inputs_are_one_line(capsys, tmp_path, model_dir):
@@ -271,7 +266,7 @@ def test_bad_inputs_are_one_line(capsys, tmp_path, model_dir):
 
 
 def test_training_logs_harness_scores_of_the_trained_state(tmp_path, tiny_tokenizer_dir):
-  from configs import base  # pylint: disable=g-import-not-at-top
+  from im_jax.configs import base  # pylint: disable=g-import-not-at-top
   from im_jax import experiment  # pylint: disable=g-import-not-at-top
   from im_jax.convert import load  # pylint: disable=g-import-not-at-top
   from im_jax.data.stats import load_tokenizer  # pylint: disable=g-import-not-at-top
@@ -298,7 +293,7 @@ def test_training_logs_harness_scores_of_the_trained_state(tmp_path, tiny_tokeni
 
 
 def test_bad_harness_config_stops_before_any_work(tmp_path, tiny_tokenizer_dir):
-  from configs import base  # pylint: disable=g-import-not-at-top
+  from im_jax.configs import base  # pylint: disable=g-import-not-at-top
   from im_jax import experiment  # pylint: disable=g-import-not-at-top
 
   c = base.get_config()
@@ -339,7 +334,6 @@ def test_worked_example_commands_run(tiny_tokenizer_dir, tmp_path, monkeypatch,
   model in place of the docs' model, 4 documents per task; `--tasks paper` needs the Hub's
   data; the generation task's command only parses, in test_docs_commands: generation has
   its own tests above)."""
-  from tests import fixtures_lib  # pylint: disable=g-import-not-at-top
   from tests.test_docs_commands import COMMANDS, ROOT, _clean  # pylint: disable=g-import-not-at-top
 
   model = fixtures_lib.tiny_hf_base(tiny_tokenizer_dir, tmp_path / "tiny_hf")
@@ -363,7 +357,6 @@ def test_bench_eval_script_runs(tiny_tokenizer_dir, tmp_path, compilation_cache)
   it checks itself that both backends' loglikelihoods agree."""
   import sys  # pylint: disable=g-import-not-at-top
 
-  from tests import fixtures_lib  # pylint: disable=g-import-not-at-top
 
   sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "scripts"))
   import bench_eval  # pylint: disable=g-import-not-at-top,import-outside-toplevel

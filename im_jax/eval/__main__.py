@@ -170,7 +170,8 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
   args = _parser().parse_args(argv)
   try:
-    args.given = (args.model, args.data)  # what reports name; gs:// ones become local copies
+    # what reports name; gs:// ones become local copies (harness has no --data)
+    args.given = (args.model, getattr(args, "data", None))
     return args.run(args)
   except OSError as e:  # a full disk: one line, exit 1 (write_faults); other OSErrors: below
     if failed := write_faults.failed_write(e, path=getattr(args, "out", None),

@@ -16,7 +16,7 @@ from typing import Any, Callable
 
 import jax
 
-from im_jax import output_guard
+from im_jax import output_guard, paths
 
 Loader = Callable[[argparse.Namespace, Any], tuple[Any, Any, str, bool | None]]
 
@@ -57,6 +57,7 @@ def _check_args(args: argparse.Namespace) -> None:
     output_guard.check_not_input(args.out, [output_guard.local_path(args.model),
                                             args.include_path])
     output_guard.check_writable_file(args.out)
+  args.model = paths.fetch(args.model, what="--model")  # a gs:// model: a local copy, cached
   # Reads configs only: a path that is no model fails here, before tasks and weights.
   config, tokenizer_dir = load.read_pretrained(args.model)
   if tokenizer_dir is None:
