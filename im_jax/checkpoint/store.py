@@ -2,7 +2,8 @@
 
 Each checkpoint `WORKDIR/checkpoints/<step>/` holds three items:
 - `state`: any pytree of (sharded) jax arrays: parameters, optimiser state, step, RNG key data;
-- `data`: the grain iterator position, one JSON file per JAX process;
+- `data`: the data iterator's position, one JSON file per JAX process (`process_i-of-N.json`);
+  read here, so an iterator whose positions do not depend on N restores on any process count;
 - `meta`: a JSON object (the run config, the model config, ...).
 
 Orbax writes each save into a temporary folder and renames it when complete, so an interrupted

@@ -72,9 +72,9 @@ class JsonlRecords(Records):
   def __len__(self) -> int:
     return len(self.starts)
 
-  def __del__(self):
+  def __del__(self, _close=os.close):  # bound now: at interpreter exit `os` may be gone
     if getattr(self, "_fd", None) is not None:
-      os.close(self._fd)
+      _close(self._fd)
 
   def __getstate__(self):  # grain's worker processes reopen the file
     state = dict(self.__dict__)
