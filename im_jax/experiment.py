@@ -7,12 +7,11 @@ with one line; config.json is written only after those checks.
 """
 
 import dataclasses
-import json
 import logging
 import math
 import os
 import pathlib
-from typing import Any, Callable, Sequence
+from typing import Any, Callable
 
 import jax
 import ml_collections
@@ -23,7 +22,6 @@ from im_jax import distributed, hub
 from im_jax.checkpoint.store import newest_meta, saved_data_state
 from im_jax.convert import hf_export
 from im_jax.convert.load import HF_PREFIX, LORA_BASE, load_pretrained
-
 from im_jax.data import packing
 from im_jax.data import pipeline as pipeline_lib
 from im_jax.data import plan as plan_lib
@@ -59,11 +57,6 @@ def open_train_records(c: ml_collections.ConfigDict) -> records_lib.Records:
         synthetic.make_conversations(int(spec.split(":", 1)[1]), seed=c.train.seed))
   return records_lib.open_records(spec, format=c.data.format or None,
                                   on_bad_record=c.data.on_bad_record)
-
-
-def is_held_out(conversation: Conversation, fraction: float) -> bool:
-  """Stable split by a hash of the example's id (or content): the same for every run."""
-  return fraction > 0 and plan_lib.split_value(conversation) / 2.0**64 < fraction
 
 
 def _good_conversations(records: records_lib.Records, limit: int) -> list[Conversation]:
@@ -192,7 +185,7 @@ def _example_plan(c: ml_collections.ConfigDict, records: records_lib.Records, to
   if c.data.train.startswith(SYNTHETIC + ":"):
     settings.update(synthetic=c.data.train, seed=c.train.seed)
   cacheable = bool(records.files) or "synthetic" in settings  # not tfds: no files to hash
-  key = plan_lib.plan_key(records.files, tokenizer_dir, settings)
+  key = plan_lib.plan_key(records.digests(), tokenizer_dir, settings)
   path = cache_dir / f"{key}.npz" if cache_dir is not None and cacheable else None
   plan = plan_lib.load_cached(path) if path is not None else None
   if jax.process_count() > 1:  # all processes plan together, or none does
@@ -206,7 +199,7 @@ def _example_plan(c: ml_collections.ConfigDict, records: records_lib.Records, to
     plan_lib.check_plan(plan, c.data.train, c.data.on_bad_record, records.skipped)
     if path is not None and write_cache and distributed.is_main_process():
       plan_lib.save_cached(path, plan)
-  else:
+  else:  # checked again for its log of skipped records
     plan_lib.check_plan(plan, c.data.train, c.data.on_bad_record, records.skipped)
   return plan, key
 

@@ -17,7 +17,6 @@ import json
 import os
 import pathlib
 import random
-import resource
 import shutil
 import socket
 import subprocess

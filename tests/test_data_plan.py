@@ -52,7 +52,9 @@ def config(tmp_path, tiny_tokenizer_dir):
   return c
 
 
-def test_jsonl_index_reads_what_the_whole_file_reader_reads(tmp_path):
+@pytest.mark.parametrize("chunk", [5, 7, 1 << 24], ids=["chunk5", "chunk7", "whole"])
+def test_jsonl_index_reads_what_the_whole_file_reader_reads(tmp_path, monkeypatch, chunk):
+  monkeypatch.setattr(records_lib, "_CHUNK", chunk)  # lines across the reads' boundaries
   good = [{"messages": [{"role": "user", "content": f"q{i}"},
                         {"role": "assistant", "content": f"a{i}"}]} for i in range(5)]
   lines = ["\ufeff" + json.dumps(good[0]), "", "   ", " " + json.dumps(good[1]),
@@ -68,6 +70,7 @@ def test_jsonl_index_reads_what_the_whole_file_reader_reads(tmp_path):
   assert [r for r in got if isinstance(r, Conversation)] == want
   assert [(r.where, r.reason) for r in got if isinstance(r, records_lib.BadRecord)] == skipped
   assert len(skipped) == 3 and "looks truncated" in skipped[-1][1]
+  assert records.digests() == [records_lib.file_digest(path)]
 
 
 def _make_plan_split(records, encoder, processes: int) -> plan_lib.ExamplePlan:

@@ -16,6 +16,7 @@ so those settings reuse the same cache. Per record: 4 + 1 + 4 + 8 bytes.
 """
 
 import dataclasses
+import fnmatch
 import hashlib
 import json
 import logging
@@ -34,8 +35,10 @@ log = logging.getLogger(__name__)
 VERSION = "im_jax.data_plan.v1"
 KEPT, BAD = 0, 1
 REASONS = ("kept", "bad_record", "too_long", "too_short", "no_output", "no_weight")
+# What a tokenizer folder's behaviour depends on (HF fast and slow tokenizers, chat templates).
+TOKENIZER_FILES = ("tokenizer*", "special_tokens_map.json", "added_tokens.json", "vocab*",
+                   "merges.txt", "*.jinja", "*.model", "*.tiktoken")
 _MESSAGE_BYTES = 1024  # the first bad record's message, as gathered between processes
-_HASH_CHUNK = 1 << 22
 
 
 @dataclasses.dataclass
@@ -83,25 +86,18 @@ def split_value(conversation: Conversation) -> int:
   return int.from_bytes(hashlib.sha256(key.encode()).digest()[:8], "big")
 
 
-def plan_key(files: Sequence[pathlib.Path], tokenizer_dir: pathlib.Path | None,
+def plan_key(file_digests: Sequence[bytes], tokenizer_dir: pathlib.Path | None,
              settings: dict) -> str:
-  """The cache key: file contents (not names or times), tokenizer files, settings."""
+  """The cache key: data file contents (`Records.digests`: not names or times), the
+  tokenizer's files, settings."""
   digest = hashlib.sha256(json.dumps([VERSION, settings], sort_keys=True).encode())
-  for path in files:
-    digest.update(_file_digest(path))
-  if tokenizer_dir is not None:
+  for file in file_digests:
+    digest.update(file)
+  if tokenizer_dir is not None:  # often a model folder: its tokenizer files, not its weights
     for path in sorted(pathlib.Path(tokenizer_dir).iterdir()):
-      if path.is_file():
-        digest.update(path.name.encode() + b"\0" + _file_digest(path))
+      if path.is_file() and any(fnmatch.fnmatch(path.name, p) for p in TOKENIZER_FILES):
+        digest.update(path.name.encode() + b"\0" + records_lib.file_digest(path))
   return digest.hexdigest()[:32]
-
-
-def _file_digest(path: pathlib.Path) -> bytes:
-  digest = hashlib.sha256()
-  with open(path, "rb") as f:
-    while chunk := f.read(_HASH_CHUNK):
-      digest.update(chunk)
-  return digest.digest()
 
 
 def gather_processes(values: np.ndarray) -> np.ndarray:

@@ -14,6 +14,7 @@ messages keep `sources`' numbering (the 1-based line of a JSONL file, else the i
 """
 
 import dataclasses
+import hashlib
 import json
 import os
 import pathlib
@@ -54,6 +55,10 @@ class Records:
   def read(self, index: int) -> Conversation | BadRecord:
     return self._conversations[index]
 
+  def digests(self) -> list[bytes]:
+    """SHA-256 of each of `files` (what the plan cache is keyed on)."""
+    return [file_digest(p) for p in self.files]
+
 
 class JsonlRecords(Records):
   """One JSONL file through a byte-offset index; records parsed when read."""
@@ -62,7 +67,7 @@ class JsonlRecords(Records):
     super().__init__((), [path])
     self.path = path
     self.source = str(path)
-    self.starts, self.ends, self.lines = _index_lines(path)
+    self.starts, self.ends, self.lines, self._digest = _index_lines(path)
     self._size = path.stat().st_size
     self._fd = os.open(path, os.O_RDONLY)
     if len(self.starts) == 0:
@@ -71,6 +76,9 @@ class JsonlRecords(Records):
 
   def __len__(self) -> int:
     return len(self.starts)
+
+  def digests(self) -> list[bytes]:
+    return [self._digest]  # computed while indexing: the file is read once
 
   def __del__(self, _close=os.close):  # bound now: at interpreter exit `os` may be gone
     if getattr(self, "_fd", None) is not None:
@@ -121,40 +129,55 @@ class JsonlRecords(Records):
       return BadRecord(f"{self.source}:{line}", str(bad))
 
 
-def _index_lines(path: pathlib.Path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-  """(start, end, 1-based line number) of every non-blank line, streaming the file twice
-  (chunks, never the whole file: memory stays flat in its size)."""
-  newlines = []
-  size = 0
+def file_digest(path: pathlib.Path) -> bytes:
+  """SHA-256 of a file's bytes, streamed."""
+  digest = hashlib.sha256()
   with open(path, "rb") as f:
     while chunk := f.read(_CHUNK):
-      newlines.append(np.flatnonzero(np.frombuffer(chunk, np.uint8) == 10) + size)
-      size += len(chunk)
-  ends = np.concatenate(newlines + [np.array([size], np.int64)]).astype(np.int64)
-  del newlines
-  starts = np.concatenate([[0], ends[:-1] + 1]).astype(np.int64)
+      digest.update(chunk)
+  return digest.digest()
+
+
+def _index_lines(path: pathlib.Path) -> tuple[np.ndarray, np.ndarray, np.ndarray, bytes]:
+  """(start, end, 1-based line number) of every non-blank line, and the file's SHA-256, in
+  one streaming pass (chunks, never the whole file: memory stays flat in its size)."""
+  digest = hashlib.sha256()
+  starts, firsts, ends = [], [], []
+  size, at_line_start, head = 0, True, b""
+  with open(path, "rb") as f:
+    while chunk := f.read(_CHUNK):
+      digest.update(chunk)
+      head = head or chunk[:4]
+      data = np.frombuffer(chunk, np.uint8)
+      newlines = np.flatnonzero(data == 10)
+      if at_line_start:  # a line starts at this chunk's first byte
+        starts.append(np.array([size]))
+        firsts.append(data[:1])
+      inner = newlines[newlines + 1 < len(data)] + 1
+      starts.append(inner + size)
+      firsts.append(data[inner])
+      ends.append(newlines + size)
+      at_line_start = len(newlines) > 0 and newlines[-1] == len(data) - 1
+      size += len(data)
+  if at_line_start:  # the (empty) line after a final newline, or an empty file
+    starts.append(np.array([size]))
+    firsts.append(np.frombuffer(b" ", np.uint8))
+  ends.append(np.array([size]))
+  starts, ends = np.concatenate(starts).astype(np.int64), np.concatenate(ends).astype(np.int64)
+  first = np.concatenate(firsts)
+  if head[:3] == _BOM:  # a UTF-8 byte-order mark is not content
+    starts[0] = 3
+    first[0] = head[3] if len(head) > 3 else 32
   numbers = np.arange(1, len(starts) + 1, dtype=np.int64)
   keep = ends > starts
   # A line is blank when all of it is whitespace; a line whose first byte is not whitespace
   # is not, so only the (rare) lines starting with whitespace are read one by one.
-  first = np.zeros(len(starts), np.uint8)
+  space = np.isin(first, np.frombuffer(_WHITESPACE, np.uint8)) & keep
   with open(path, "rb") as f:
-    offset = 0
-    while chunk := f.read(_CHUNK):
-      lo, hi = np.searchsorted(starts, [offset, offset + len(chunk)])
-      first[lo:hi] = np.frombuffer(chunk, np.uint8)[starts[lo:hi] - offset]
-      offset += len(chunk)
-    if size >= 3:
-      f.seek(0)
-      if f.read(3) == _BOM:  # a UTF-8 byte-order mark is not content
-        starts[0] = 3
-        first[0] = f.read(1)[:1][0] if size > 3 else 32
-        keep[0] = ends[0] > 3
-    space = np.isin(first, np.frombuffer(_WHITESPACE, np.uint8)) & keep
     for i in np.flatnonzero(space):
       f.seek(int(starts[i]))
       keep[i] = bool(f.read(int(ends[i] - starts[i])).strip())
-  return starts[keep], ends[keep], numbers[keep]
+  return starts[keep], ends[keep], numbers[keep], digest.digest()
 
 
 def _is_jsonl(path: pathlib.Path) -> bool:
