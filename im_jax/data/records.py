@@ -5,9 +5,9 @@
 cache hashes). Record indices are 0-based positions among the source's records; error
 messages keep `sources`' numbering (the 1-based line of a JSONL file, else the index).
 
-- JSONL: a byte-offset index (numpy: 8 bytes per record, plus 8 for its line number) built
-  in one streaming pass; each record is read with `os.pread` when asked for. Memory is flat
-  in the number of records but for those 16 bytes.
+- JSONL: a byte-offset index (numpy: start, end and line number, 24 bytes per record) built
+  in one streaming pass that also hashes the file; each record is read with `os.pread` when
+  asked for. Memory is flat in the number of records but for those 24 bytes.
 - every other container (a JSON array, Parquet, TFDS, `synthetic:N`): read whole by
   `sources.iter_conversations` (bad records under `on_bad_record="skip"` are left out there,
   as before), then served from the list: memory grows with the data (docs/benchmarks.md).
