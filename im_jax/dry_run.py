@@ -37,7 +37,9 @@ def data_plan(c: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dict
   reuse = (workdir / "tokenizer" / "tokenizer.json").exists()  # a synthetic one, kept on resume
   with tempfile.TemporaryDirectory(prefix="im_jax_dry_run_") as scratch:
     data = experiment.build_data(c, workdir if reuse else pathlib.Path(scratch),
-                                 pretrained_tokenizer)
+                                 pretrained_tokenizer, cache_dir=workdir / experiment.PLAN_DIR,
+                                 write_cache=False)  # reads the plan cache, writes nothing
+  experiment.check_data_position(workdir, data.train)
   tokenizer = str(data.tokenizer_dir)
   if c.data.tokenizer == SYNTHETIC and not reuse:
     tokenizer = "synthetic (a BPE trained on the data, written to the workdir by the run)"

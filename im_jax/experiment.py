@@ -7,8 +7,6 @@ with one line; config.json is written only after those checks.
 """
 
 import dataclasses
-import hashlib
-import json
 import logging
 import math
 import pathlib
@@ -17,16 +15,20 @@ from typing import Any, Callable, Sequence
 
 import jax
 import ml_collections
+import numpy as np
 from flax import nnx
 
 from im_jax import distributed, hub, paths
-from im_jax.checkpoint.store import newest_meta
+from im_jax.checkpoint.store import newest_meta, saved_data_state
 from im_jax.convert import hf_export
 from im_jax.convert.load import HF_PREFIX, LORA_BASE, load_pretrained
 from im_jax.data import packing
 from im_jax.data import pipeline as pipeline_lib
-from im_jax.data import sources, synthetic
+from im_jax.data import plan as plan_lib
+from im_jax.data import records as records_lib
+from im_jax.data import synthetic
 from im_jax.data.conversation import Conversation
+from im_jax.data.encode import Encoder
 from im_jax.data.stats import load_tokenizer
 from im_jax.eval import loss_eval
 from im_jax.models import lora as lora_lib
@@ -46,40 +48,33 @@ log = logging.getLogger(__name__)
 # Data.
 
 
-def load_train_conversations(c: ml_collections.ConfigDict) -> Sequence[Conversation]:
+def open_train_records(c: ml_collections.ConfigDict) -> records_lib.Records:
+  """The training source's records, random access (a JSONL file through a byte index)."""
   spec = c.data.train
   check(bool(spec), "data.train is empty: give a data file, tfds:NAME:SPLIT or synthetic:N")
   if spec.startswith(SYNTHETIC + ":"):
-    conversations = synthetic.make_conversations(int(spec.split(":", 1)[1]), seed=c.train.seed)
-  else:  # a gs:// file is read from a local copy
-    conversations = sources.load_conversations(paths.fetch(spec, what="data.train"),
-                                               format=c.data.format or None,
-                                               on_bad_record=c.data.on_bad_record)
-  limit = c.data.max_examples  # the split is per example: a subset keeps its held-out part
-  return list(conversations)[:limit] if limit > 0 else conversations
+    return records_lib.Records(
+        synthetic.make_conversations(int(spec.split(":", 1)[1]), seed=c.train.seed))
+  # a gs:// file is read from a local copy
+  return records_lib.open_records(paths.fetch(spec, what="data.train"),
+                                  format=c.data.format or None,
+                                  on_bad_record=c.data.on_bad_record)
 
 
-def is_held_out(conversation: Conversation, fraction: float) -> bool:
-  """Stable split by a hash of the example's id (or content): the same for every run."""
-  if fraction <= 0:
-    return False
-  key = conversation.id
-  if key is None:
-    key = json.dumps([[m.role, m.content] for m in conversation.messages])
-  value = int.from_bytes(hashlib.sha256(key.encode()).digest()[:8], "big") / 2.0**64
-  return value < fraction
-
-
-def split_held_out(conversations: Sequence[Conversation], fraction: float
-                   ) -> tuple[list[Conversation], list[Conversation]]:
-  train, held = [], []
-  for conv in conversations:
-    (held if is_held_out(conv, fraction) else train).append(conv)
-  return train, held
+def _good_conversations(records: records_lib.Records, limit: int) -> list[Conversation]:
+  """The first `limit` (0: all) readable conversations (a synthetic tokenizer's texts)."""
+  out = []
+  for i in range(len(records)):
+    record = records.read(i)
+    if isinstance(record, Conversation):
+      out.append(record)
+      if len(out) == limit:
+        break
+  return out
 
 
 def resolve_tokenizer_dir(c: ml_collections.ConfigDict, workdir: pathlib.Path,
-                          conversations: Sequence[Conversation],
+                          records: records_lib.Records,
                           pretrained_tokenizer_dir: pathlib.Path | None) -> pathlib.Path:
   if c.data.tokenizer == SYNTHETIC and paths.is_remote(workdir):
     return _remote_synthetic_tokenizer(workdir / "tokenizer", conversations)
@@ -87,7 +82,8 @@ def resolve_tokenizer_dir(c: ml_collections.ConfigDict, workdir: pathlib.Path,
     out = workdir / "tokenizer"
     # A resumed run must reuse the same one; process 0 writes it, the others wait to read it.
     if not (out / "tokenizer.json").exists() and distributed.is_main_process():
-      synthetic.train_tokenizer(synthetic.tokenizer_texts(list(conversations)), out)
+      texts = synthetic.tokenizer_texts(_good_conversations(records, c.data.max_examples))
+      synthetic.train_tokenizer(texts, out)
     distributed.sync("synthetic_tokenizer")
     return out
   if c.data.tokenizer:
@@ -193,34 +189,73 @@ class RunData:
   held_out_examples: int
 
 
-def build_data(c: ml_collections.ConfigDict, tokenizer_home: pathlib.Path,
-               pretrained_tokenizer_dir: pathlib.Path | None) -> RunData:
-  """Reads, splits and encodes the data and plans its batches (a synthetic tokenizer is
-  trained into `tokenizer_home`/tokenizer unless one is there)."""
-  processes = jax.process_count()
-  conversations = load_train_conversations(c)
-  train_convs, held_convs = split_held_out(conversations, c.data.eval_fraction)
-  check(len(train_convs) > 0, f"no training examples left in {c.data.train}")
-  tokenizer_dir = resolve_tokenizer_dir(c, tokenizer_home, conversations,
-                                        pretrained_tokenizer_dir)
-  tokenizer = load_tokenizer(str(tokenizer_dir))
-  enc = encode_config(c)
+PLAN_DIR = "data_plan"  # WORKDIR/data_plan: the cached data plan (im_jax.data.plan)
 
-  def make_pipeline(convs, rows, epochs, shuffle):
-    return pipeline_lib.build_pipeline(convs, tokenizer, enc,
-                                       pipeline_config(c, rows, epochs, shuffle))
+
+def _example_plan(c: ml_collections.ConfigDict, records: records_lib.Records, tokenizer,
+                  tokenizer_dir: pathlib.Path, cache_dir: pathlib.Path | None,
+                  write_cache: bool) -> tuple[plan_lib.ExamplePlan, str]:
+  """The plan of every record, read from the cache or made (each process its share)."""
+  enc = encode_config(c)
+  settings = {"encode": repr(enc), "format": c.data.format, "on_bad_record": c.data.on_bad_record}
+  if c.data.train.startswith(SYNTHETIC + ":"):
+    settings.update(synthetic=c.data.train, seed=c.train.seed)
+  cacheable = bool(records.files) or "synthetic" in settings  # not tfds: no files to hash
+  key = plan_lib.plan_key(records.digests(), tokenizer_dir, settings)
+  path = cache_dir / f"{key}.npz" if cache_dir is not None and cacheable else None
+  plan = plan_lib.load_cached(path) if path is not None else None
+  if jax.process_count() > 1:  # all processes plan together, or none does
+    hits = plan_lib.gather_processes(np.asarray([plan is not None], np.int32))
+    plan = plan if hits.all() else None
+  if plan is None:
+    plan = plan_lib.make_plan(records, Encoder(tokenizer, enc),
+                              on_bad_record=c.data.on_bad_record,
+                              process_index=jax.process_index(),
+                              process_count=jax.process_count())
+    plan_lib.check_plan(plan, c.data.train, c.data.on_bad_record, records.skipped)
+    if path is not None and write_cache and distributed.is_main_process():
+      plan_lib.save_cached(path, plan)
+  else:  # checked again for its log of skipped records
+    plan_lib.check_plan(plan, c.data.train, c.data.on_bad_record, records.skipped)
+  return plan, key
+
+
+def build_data(c: ml_collections.ConfigDict, tokenizer_home: pathlib.Path,
+               pretrained_tokenizer_dir: pathlib.Path | None, *,
+               cache_dir: pathlib.Path | None = None, write_cache: bool = True) -> RunData:
+  """Reads and plans the data (from `cache_dir`'s plan when its inputs are unchanged; see
+  `im_jax.data.plan`), splits it and plans its batches. A synthetic tokenizer is trained into
+  `tokenizer_home`/tokenizer unless one is there."""
+  processes = jax.process_count()
+  records = open_train_records(c)
+  tokenizer_dir = resolve_tokenizer_dir(c, tokenizer_home, records, pretrained_tokenizer_dir)
+  tokenizer = load_tokenizer(str(tokenizer_dir))
+  plan, key = _example_plan(c, records, tokenizer, tokenizer_dir, cache_dir, write_cache)
+  train, held = plan.select(c.data.eval_fraction, c.data.max_examples)
+  check(bool(train.any()), f"no training examples left in {c.data.train}")
+  encoder = Encoder(tokenizer, encode_config(c))
+
+  def get_example(i: int):
+    return encoder.encode(records.read(i))
+
+  def make_pipeline(mask, rows, epochs, shuffle, micro_batches=1):
+    config = dataclasses.replace(pipeline_config(c, rows, epochs, shuffle),
+                                 micro_batches=micro_batches)
+    return pipeline_lib.DataPipeline(
+        get_example, np.where(mask, plan.lengths, 0), c.data.max_seq_len, config,
+        stats=plan.stats(mask), identity=key, cache_dir=cache_dir, write_cache=write_cache)
 
   rows = c.train.batch_size // processes
-  train_data = make_pipeline(train_convs, rows, max(c.train.epochs, 1), True)
+  train_data = make_pipeline(train, rows, max(c.train.epochs, 1), True, c.train.grad_accum)
   total_steps = c.train.max_steps or train_data.total_steps
   if total_steps > train_data.total_steps:  # more steps than the epochs hold: add epochs
     epochs = math.ceil(total_steps / train_data.steps_per_epoch)
     train_data = train_data.with_epochs(epochs)
   eval_data = None
-  if held_convs:
-    eval_data = make_pipeline(held_convs, c.eval.batch_size // processes, 1, False)
+  if held.any():
+    eval_data = make_pipeline(held, c.eval.batch_size // processes, 1, False)
   return RunData(tokenizer_dir, len(tokenizer), train_data, eval_data, total_steps,
-                 train_data.updates(total_steps), len(held_convs))
+                 train_data.updates(total_steps), int(held.sum()))
 
 
 @dataclasses.dataclass
@@ -303,8 +338,10 @@ def build(c: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> Experime
     check(not pretrained.config.lora.enabled,
           f"model.init_from={c.model.init_from} is a LoRA run: export it merged "
           "(python -m im_jax.convert to-hf) and start from that folder")
-  data = build_data(c, workdir, pretrained.tokenizer_dir if pretrained else None)
+  data = build_data(c, workdir, pretrained.tokenizer_dir if pretrained else None,
+                    cache_dir=workdir / PLAN_DIR)
   train_data, eval_data, total_steps = data.train, data.eval, data.total_steps
+  check_data_position(workdir, train_data)
   log.info("data: %s; %d batches per epoch, %d batches, %d updates", train_data.stats.as_dict(),
            train_data.steps_per_epoch, total_steps, data.updates)
   tokenizer_dir = data.tokenizer_dir
@@ -388,6 +425,30 @@ def check_resumable(c: ml_collections.ConfigDict, workdir: pathlib.Path) -> None
   if newest is not None:
     loop_lib.check_same_run(newest[1], {loop_lib.RESUME_KEY: resume_key(c)},
                             workdir / "checkpoints")
+
+
+def check_data_position(workdir: pathlib.Path, train_data: pipeline_lib.DataPipeline) -> None:
+  """Refuses, in one line and before any model work, a newest checkpoint whose data position
+  this run cannot continue (another data plan, or an earlier im_jax's per-process layout).
+  A position of this layout continues on any number of processes."""
+  newest = newest_meta(workdir)
+  if newest is None:
+    return
+  try:
+    saved = saved_data_state(workdir / "checkpoints" / str(newest[0]))
+  except (OSError, ValueError):
+    return  # damaged: the restore falls back to an older checkpoint and says so
+  if saved is None:
+    return
+  count, state = saved
+  problem = train_data.state_problem(state)
+  if problem is None:
+    return
+  where = f"checkpoint {newest[0]} in {workdir / 'checkpoints'}"
+  if count != jax.process_count():
+    where += (f" was written by {count} process(es) and this run has {jax.process_count()} "
+              f"(rerun with {count} processes)")
+  raise ConfigError(f"{where}: {problem}")
 
 
 def resume_key(c: ml_collections.ConfigDict) -> dict[str, Any]:

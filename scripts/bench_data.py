@@ -1,6 +1,8 @@
-"""Data pipeline benchmark: encode+mask+pack throughput and padding, on the real files.
+"""Data pipeline benchmark: encode+mask+pack throughput and padding, on the real files; or,
+with `--scale`, a training start's data cost against the number of examples.
 
     python scripts/bench_data.py --tokenizer DIR [--data-dir ../shared/data] [--max-seq-len 2048]
+    python scripts/bench_data.py --scale --tokenizer DIR [--sizes 5000,50000,500000] [--repo DIR]
 
 Prints, per file: the fraction of non-padding tokens for (a) im_jax packing (first and best
 fit), (b) dynamic padding to the longest example in batches of 8 (in the same shuffled order),
@@ -15,7 +17,6 @@ import sys
 import time
 
 import numpy as np
-import transformers
 
 from im_jax.data import encode as encode_lib
 from im_jax.data import pipeline as pipeline_lib
@@ -29,7 +30,7 @@ DYNAMIC_BATCH = 8
 
 def _fill_packed(pipe: pipeline_lib.DataPipeline, whole_batches: bool) -> float:
   """Non-padding fraction of the packed rows, or of whole batches (rows rounded up)."""
-  rows = pipe.total_steps * pipe.config.batch_size if whole_batches else int(pipe.rows.sum())
+  rows = pipe.total_steps * pipe.config.batch_size if whole_batches else int(pipe.epoch_rows.sum())
   return pipe.stats.kept_tokens / (rows * pipe.row_length)
 
 
@@ -61,7 +62,20 @@ def main() -> None:
   parser.add_argument("--template", default="tulu")
   parser.add_argument("--loss-mode", default="im")
   parser.add_argument("--read-threads", type=int, default=2)
+  parser.add_argument("--scale", action="store_true", help="the start-up cost against N")
+  parser.add_argument("--sizes", default="5000,50000,500000", help="--scale: example counts")
+  parser.add_argument("--processes", default="1,2", help="--scale: process counts")
+  parser.add_argument("--repo", default=str(pathlib.Path(__file__).resolve().parents[1]),
+                      help="--scale: the checkout whose code runs (default: this one)")
+  parser.add_argument("--scratch", default=None, help="--scale: folder for data and workdirs "
+                      "(default: a temporary one, removed)")
   args = parser.parse_args()
+  if args.scale:
+    import bench_data_scale  # pylint: disable=g-import-not-at-top  (beside this file)
+
+    bench_data_scale.main(args)
+    return
+  import transformers  # pylint: disable=g-import-not-at-top
   tokenizer = transformers.AutoTokenizer.from_pretrained(args.tokenizer)
   data = {f: sources.load_conversations(pathlib.Path(args.data_dir) / f).conversations
           for f in FILES}
@@ -76,13 +90,13 @@ def main() -> None:
     first = _pipeline(conversations, tokenizer, args, "first_fit")
     best = _pipeline(conversations, tokenizer, args, "best_fit")
     # the shuffled order of epoch 0 for dynamic padding
-    order = np.asarray(list(first._shard_indices(0, 0)), np.int64)  # pylint: disable=protected-access
+    order = np.concatenate([first.row_examples(0, r) for r in range(first.epoch_rows[0])])
     lengths = first.example_lengths[order]
     one_per_row = lengths.sum() / (len(lengths) * args.max_seq_len)
     packed = [f"{_fill_packed(p, False):>8.2%} [{_fill_packed(p, True):.2%}]" for p in (first, best)]
     print(f"{name:<27}{first.stats.kept:>5}{first.stats.kept_tokens:>10,}{packed[0]:>18}"
           f"{packed[1]:>18}{_fill_dynamic(lengths):>9.2%}{one_per_row:>8.2%}"
-          f"{int(first.rows.sum()):>8}/{int(best.rows.sum())}/{len(lengths)}")
+          f"{int(first.epoch_rows.sum()):>8}/{int(best.epoch_rows.sum())}/{len(lengths)}")
 
   everything = [c for conversations in data.values() for c in conversations]
   start = time.perf_counter()

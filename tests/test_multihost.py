@@ -1,17 +1,20 @@
 """Multi-process training on one machine: 2 JAX processes (CPU, localhost coordinator, gloo).
 
-Each process has 2 CPU devices, so the global mesh has 4, as in a 2-host pod slice.
+Each process has 4 CPU devices, so the global mesh has 8 (`data=2 x fsdp=4`), as in a 2-host
+pod slice; the reference is one process with 8 devices on the same mesh shape.
 
-What "the same losses as the 1-process run" can honestly mean: each process packs and batches
-only its own shard of the examples (`grain.sharding.ShardByJaxProcess`), so the global batch of
-a 2-process run (process 0's rows, then process 1's) is not the batch a plain 1-process run
-packs from all examples; their losses differ by design, not by a bug. The reference is
-therefore one process on the same 4-device mesh that feeds exactly those global batches
-(`tests/multihost_reference.py` builds the two shard pipelines as the two processes do and
-concatenates their batches). Same global batch, same model, same step function: the losses
-agree to float tolerance. They are not bit-identical: the cross-device sums run over gloo
+The data order is a function of the global plan, the seed and the step alone (every process
+takes its block of each global batch: `im_jax.data.pipeline`), so the reference is simply
+the same command on one process: same global batches, same model, same step function. The
+losses agree to float tolerance, not bit for bit: the cross-device sums run over gloo
 between processes instead of inside one process, a different summation order (measured: at
-most one float32 ulp per step).
+most one float32 ulp per step). (Before the global plan each process packed its own shard,
+and the reference had to be a special driver feeding the two shards' batches side by side.)
+
+Elastic resume: a checkpoint written by one process is finished by two, and one written by
+two is finished by one; both give the uninterrupted run's losses and weights. A checkpoint
+whose data position is tied to its process count (an earlier im_jax's per-process layout) is
+refused in one line, exit status 2, nothing moved.
 
 Exact resume is bit-exact: a 2-process run that gets a preemption notice (SIGTERM) on one
 host only (both processes must agree, save together and exit), is restarted, then loses a peer
@@ -25,6 +28,7 @@ persistent cache shared by the runs (the same programs, so numerics are unchange
 
 import os
 import pathlib
+import shutil
 import signal
 import socket
 import subprocess
@@ -43,7 +47,7 @@ from im_jax.train.metrics_log import read_metrics
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 PROCESSES = 2
-LOCAL_DEVICES = 2
+LOCAL_DEVICES = 4
 STEPS = 12
 EVERY = 3  # checkpoint interval
 RUN_TIMEOUT = 180  # seconds for one whole run (all processes)
@@ -141,10 +145,11 @@ def _start_multi(workdir, tokenizer_dir, cache, log_dir, name, *extra) -> _Proce
   return _Processes([command] * PROCESSES, envs, log_dir, name)
 
 
-def _start_reference(workdir, tokenizer_dir, cache, log_dir, *extra) -> _Processes:
-  command = [sys.executable, "-m", "tests.multihost_reference", f"--shards={PROCESSES}",
-             *_flags(workdir, tokenizer_dir), *extra]
-  return _Processes([command], [_env(cache, PROCESSES * LOCAL_DEVICES)], log_dir, "reference")
+def _start_single(workdir, tokenizer_dir, cache, log_dir, *extra,
+                  name: str = "reference") -> _Processes:
+  """The same command on one process with all the devices (the same mesh shape)."""
+  command = [sys.executable, "-m", "im_jax.train", *_flags(workdir, tokenizer_dir), *extra]
+  return _Processes([command], [_env(cache, PROCESSES * LOCAL_DEVICES)], log_dir, name)
 
 
 def _check_finished(procs: _Processes) -> None:
@@ -194,7 +199,7 @@ def runs(tmp_path_factory, tokenizer_dir, compile_cache):
   multi, reference = base / "multi", base / "reference"
   export = "--config.export_hf=True"
   procs = [_start_multi(multi, tokenizer_dir, compile_cache, base, "multi", export),
-           _start_reference(reference, tokenizer_dir, compile_cache, base, export)]
+           _start_single(reference, tokenizer_dir, compile_cache, base, export)]
   try:
     for p in procs:
       _check_finished(p)
@@ -215,8 +220,7 @@ def test_two_processes_match_one_process_on_the_same_global_batches(runs):
   assert a.keys() == b.keys() and a
   for name in a:
     np.testing.assert_allclose(a[name], b[name], rtol=1e-4, atol=1e-5, err_msg=name)
-  # Held-out loss: each process evaluates its own shard (packed differently from the
-  # reference's single shard); per-example sums make the totals agree all the same.
+  # Held-out loss: each process evaluates its block of each global eval batch.
   got, want = _losses(multi, "eval_loss"), _losses(reference, "eval_loss")
   assert sorted(got) == sorted(want) == [STEPS // 2, STEPS]
   np.testing.assert_allclose([got[s] for s in sorted(got)], [want[s] for s in sorted(want)],
@@ -298,6 +302,69 @@ def test_interrupted_two_process_run_resumes_exactly(tmp_path, tokenizer_dir, co
   assert want.keys() == got.keys() and want
   for name in want:
     np.testing.assert_array_equal(got[name], want[name], err_msg=name)
+
+
+def _checkpointed_copy(workdir: pathlib.Path, out: pathlib.Path, step: int) -> pathlib.Path:
+  """`workdir` as if its run had stopped after checkpoint `step` (later ones and the export
+  removed; the resumed run truncates metrics.jsonl after `step` itself)."""
+  shutil.copytree(workdir, out, ignore=shutil.ignore_patterns("hf", ".lock"))
+  for later in _finished_steps(out):
+    if later > step:
+      shutil.rmtree(out / "checkpoints" / str(later))
+  return out
+
+
+def _close_to(got: dict[str, np.ndarray], want: dict[str, np.ndarray]) -> None:
+  """Each tensor within 1e-4 of its largest magnitude."""
+  assert got.keys() == want.keys() and want
+  for name in want:
+    scale = float(np.abs(want[name]).max())
+    np.testing.assert_allclose(got[name], want[name], rtol=0, atol=1e-4 * scale, err_msg=name)
+
+
+def test_a_run_resumes_on_another_number_of_processes(tmp_path, tokenizer_dir, compile_cache,
+                                                      runs):
+  """Checkpointed on 1 process x 8 devices, finished on 2 x 4 (the same mesh shape), and the
+  other way round: the uninterrupted runs' losses (1e-5 relative) and exported weights. And a
+  checkpoint whose data position is tied to its 2 processes (an earlier im_jax's layout) is
+  refused on 1 in one line, exit 2, with nothing moved."""
+  multi, reference = runs
+  middle = STEPS // 2
+  export = "--config.export_hf=True"
+  one_to_two = _checkpointed_copy(reference, tmp_path / "one_to_two", middle)
+  two_to_one = _checkpointed_copy(multi, tmp_path / "two_to_one", middle)
+  inelastic = _checkpointed_copy(multi, tmp_path / "inelastic", middle)
+  data = inelastic / "checkpoints" / str(middle) / "data"
+  for i in range(PROCESSES):  # grain's own per-process state, as im_jax wrote it before
+    (data / f"process_{i}-of-{PROCESSES}.json").write_text('{"next_index": 24}')
+  before = sorted(p.name for p in (inelastic / "checkpoints").iterdir())
+  procs = [_start_multi(one_to_two, tokenizer_dir, compile_cache, tmp_path, "one_to_two",
+                        export),
+           _start_single(two_to_one, tokenizer_dir, compile_cache, tmp_path, export,
+                         name="two_to_one"),
+           _start_single(inelastic, tokenizer_dir, compile_cache, tmp_path, name="inelastic")]
+  try:
+    for p in procs[:2]:
+      _check_finished(p)
+    assert procs[2].wait(RUN_TIMEOUT) == [2], procs[2].tails()
+  finally:
+    for p in procs:
+      p.kill()
+  for p in procs[:2]:
+    for i in range(len(p.procs)):
+      assert f"resumed from checkpoint {middle}" in p.stderr(i), p.tails()
+  for resumed, uninterrupted in ((one_to_two, reference), (two_to_one, multi)):
+    got, want = _losses(resumed), _losses(uninterrupted)
+    assert sorted(got) == sorted(want) == list(range(1, STEPS + 1))
+    np.testing.assert_allclose([got[s] for s in sorted(got)], [want[s] for s in sorted(want)],
+                               rtol=1e-5, atol=0)
+    _close_to(safetensors.numpy.load_file(resumed / "hf" / "model.safetensors"),
+              safetensors.numpy.load_file(uninterrupted / "hf" / "model.safetensors"))
+  error = procs[2].stderr(0).strip().splitlines()[-1]
+  assert error.startswith(f"error: checkpoint {middle} in ") and "written by 2 process(es) " \
+      "and this run has 1 (rerun with 2 processes)" in error, procs[2].tails()
+  assert sorted(p.name for p in (inelastic / "checkpoints").iterdir()) == before
+  assert not (inelastic / "damaged_checkpoints").exists()
 
 
 def test_settings_from_flags_then_environment():

@@ -150,13 +150,17 @@ def test_steps_per_epoch_is_known_before_iterating_with_drops():
   examples[5] = examples[77] = None  # dropped by encoding
   config = pipeline_lib.PipelineConfig(batch_size=2, packing="best_fit", num_packing_bins=3,
                                        num_epochs=3, max_segments_per_row=3)
-  pipe = pipeline_lib.from_examples(examples, 80, config, 1, 3)
-  steps = pipe.total_steps  # before iterating
-  batches = list(pipe)
-  assert len(batches) == steps and pipe.rows.shape == (3, 3)
-  # the all-padding rows the iterator yields are the ones planned for this shard
-  empty_rows = sum(int((b["segment_ids"] == 0).all(axis=1).sum()) for b in batches)
-  assert empty_rows == int(pipe.padding_rows()[1].sum())
+  pipes = [pipeline_lib.from_examples(examples, 80, config, shard, 3) for shard in range(3)]
+  steps = pipes[0].total_steps  # before iterating
+  assert pipes[0].epoch_rows.shape == (3,)
+  empty_rows = 0
+  for pipe in pipes:
+    batches = list(pipe)
+    assert len(batches) == steps == pipe.total_steps
+    empty_rows += sum(int((b["segment_ids"] == 0).all(axis=1).sum()) for b in batches)
+  # the all-padding rows, over all processes, are the ones planned to close each epoch
+  planned = pipes[0].steps_per_epoch * pipes[0].global_batch_size * 3 - pipes[0].epoch_rows.sum()
+  assert empty_rows == planned > 0
 
 
 def test_resume_yields_identical_batches():
@@ -182,16 +186,8 @@ def test_resume_yields_identical_batches():
 def test_with_epochs_equals_a_pipeline_built_for_those_epochs():
   examples = _synthetic(90, seed=3)
   config = pipeline_lib.PipelineConfig(batch_size=4, num_packing_bins=4, num_epochs=1, seed=5)
-  calls = collections.Counter()
-
-  def get_example(i):
-    calls[i] += 1
-    return examples[i]
-
-  one = pipeline_lib.DataPipeline(get_example, len(examples), 64, config, 0, 2)
-  planned = sum(calls.values())
+  one = pipeline_lib.from_examples(examples, 64, config, 0, 2)
   three = one.with_epochs(3)
-  assert sum(calls.values()) == planned  # no re-encoding for the plan
   direct = pipeline_lib.from_examples(
       examples, 64, pipeline_lib.PipelineConfig(batch_size=4, num_packing_bins=4, num_epochs=3,
                                                 seed=5), 0, 2)

@@ -2,7 +2,8 @@
 
 Each checkpoint `WORKDIR/checkpoints/<step>/` holds three items:
 - `state`: any pytree of (sharded) jax arrays: parameters, optimiser state, step, RNG key data;
-- `data`: the grain iterator position, one JSON file per JAX process;
+- `data`: the data iterator's position, one JSON file per JAX process (`process_i-of-N.json`);
+  read here, so an iterator whose positions do not depend on N restores on any process count;
 - `meta`: a JSON object (the run config, the model config, ...).
 
 Orbax writes each save into a temporary folder and renames it when complete, so an interrupted
@@ -41,6 +42,22 @@ class UnreadableCheckpoints(RuntimeError):
   """Every checkpoint of a workdir is damaged; one line for the user."""
 
 
+class ProcessCountChanged(ValueError):
+  """A healthy checkpoint whose data position is tied to another process count (not damage:
+  nothing is moved); one line for the user."""
+
+
+def saved_data_state(step_dir: pathlib.Path) -> tuple[int, Any] | None:
+  """(processes that wrote it, process 0's data position) of a step folder; None if it has
+  no data positions. Raises OSError/ValueError when they do not read."""
+  files = sorted((step_dir / DATA).glob("process_*-of-*.json")) if (step_dir / DATA).is_dir() \
+      else []
+  if not files:
+    return None
+  count = int(files[0].stem.rsplit("-of-", 1)[1])
+  return count, json.loads((step_dir / DATA / f"process_0-of-{count}.json").read_text())
+
+
 @dataclasses.dataclass(frozen=True)
 class CheckpointConfig:
   every_steps: int = 500
@@ -60,6 +77,7 @@ class Restored:
   meta: dict
   skipped: tuple[tuple[int, str], ...] = ()  # (step, reason) of damaged newer checkpoints
   moved: tuple[str, ...] = ()  # where those were moved (by process 0)
+  data_state: Any = None  # the saved iterator position, set on the iterator by restore_latest
 
 
 class _IteratorSnapshot:
@@ -141,7 +159,10 @@ class CheckpointStore:
     longer restores; a checkpoint holding them (and otherwise the fields asked for) restores
     without reading them.
     Returns None when there is no checkpoint at all. Raises if every one is damaged, and
-    then moves nothing: starting over is the user's decision.
+    then moves nothing: starting over is the user's decision. A checkpoint written by another
+    number of processes is restored when the iterator says its positions do not depend on it
+    (`data_iterator.elastic`), else refused with `ProcessCountChanged`; a position the
+    iterator refuses (`set_state` raises) is refused as it says: neither is damage.
     """
     complete = set(self.steps())
     skipped = []
@@ -149,8 +170,11 @@ class CheckpointStore:
       if step not in complete:
         reason = "not a complete checkpoint (files missing)"
       else:
+        self._check_process_count(step, data_iterator)
         reason = self._try_restore(step, abstract_state, data_iterator, ignored_fields)
         if isinstance(reason, Restored):
+          if data_iterator is not None:
+            data_iterator.set_state(reason.data_state)
           moved = self._move_aside(skipped)
           return dataclasses.replace(reason, skipped=tuple(skipped), moved=tuple(moved))
       skipped.append((step, reason))
@@ -160,6 +184,19 @@ class CheckpointStore:
           + "; ".join(f"step {s}: {r}" for s, r in skipped)
           + "): move the folder away to start over")
     return None
+
+  def _check_process_count(self, step: int, data_iterator) -> None:
+    if data_iterator is None or getattr(data_iterator, "elastic", False):
+      return
+    try:
+      saved = saved_data_state(self.directory / str(step))
+    except (OSError, ValueError):
+      return  # unreadable: the restore reports it as damage
+    if saved is not None and saved[0] != jax.process_count():
+      raise ProcessCountChanged(
+          f"checkpoint {step} in {self.directory} was written by {saved[0]} process(es) and "
+          f"this run has {jax.process_count()}: its data position is tied to the process "
+          f"count; rerun with {saved[0]} processes (nothing was moved)")
 
   def _try_restore(self, step: int, abstract_state: Any, data_iterator,
                    ignored_fields: tuple[str, ...]) -> Restored | str:
@@ -204,10 +241,16 @@ class CheckpointStore:
     partial = self._holds_only_extra(step, abstract_state, ignored_fields)
     if not partial:
       items[STATE] = ocp.args.StandardRestore(abstract_state)
+    data_state = None
     if data_iterator is not None:
-      if not (step_dir / DATA).is_dir():
+      # Read here rather than by grain's handler, which reads only this process count's file.
+      saved = saved_data_state(step_dir)
+      if saved is None:
         raise FileNotFoundError(f"{step_dir / DATA} is missing")
-      items[DATA] = grain.checkpoint.CheckpointRestore(data_iterator)
+      count, data_state = saved
+      if count == jax.process_count():
+        data_state = json.loads(
+            (step_dir / DATA / f"process_{jax.process_index()}-of-{count}.json").read_text())
     out = self._manager.restore(step, args=ocp.args.Composite(**items))
     if partial:
       # The standard handler restores whole trees only; the pytree handler underneath it
@@ -221,7 +264,7 @@ class CheckpointStore:
       state = out[STATE]
     # Orbax restores lazily in places; touch every array so damage surfaces here.
     jax.block_until_ready(state)
-    return Restored(step=step, state=state, meta=dict(out[META]))
+    return Restored(step=step, state=state, meta=dict(out[META]), data_state=data_state)
 
   def _holds_only_extra(self, step: int, abstract_state: Any,
                         ignored_fields: tuple[str, ...]) -> bool:

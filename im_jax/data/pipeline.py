@@ -1,23 +1,32 @@
-"""The grain input pipeline: conversations -> packed, sharded, resumable batches.
+"""The input pipeline: planned examples -> global rows -> this process's resumable batches.
 
-Per process and epoch:
+The order of the data is a function of the plan, the seed and the global step alone, never
+of the number of processes that read it (so a run resumes on another slice size with the
+batches it would have seen; docs/multihost.md):
 
-    kept example indices -> this process's shard -> shuffle(seed, epoch) -> encode (map)
-      -> pack (grain first/best fit, or one example per row) -> all-padding rows up to the
-      common row count -> batch
+    epoch e: the kept examples, permuted by (seed, e) -> rows by `packing.plan_rows` over
+      their lengths -> all-padding rows up to whole global batches of G rows
+    global batch b of the run: rows [bG, (b+1)G) of its epoch; with k micro-batches, each
+      micro-batch's G/k rows are split into P equal blocks and process p takes block p.
 
-and the epochs are chained (`InterleaveIterDataset` with `cycle_length=1`), so packing never
-mixes epochs and the whole run is one grain iterator with `get_state()/set_state()`.
+Every epoch has the same `steps_per_epoch` (the largest epoch's; a shorter one ends in
+all-padding batches, which do not update: `updates`). Rows are decided from lengths only
+(the data plan, `im_jax.data.plan`); a row's examples are encoded when grain reads it, by a
+`grain.MapDataset` over this process's row ids. The iterator's state is
+`{"layout": LAYOUT, "batches": n, "data": identity}`: the same on every process and for any
+process count; `identity` names the examples' plan, so a position taken over other data is
+refused (`state_problem`).
 
-Exact, equal batch counts: before training, `DataPipeline` encodes every example once (the
-plan) to learn its length and whether it is dropped, then runs the same grain packer over
-length-only stand-ins for every process's shard and epoch. Every process pads each epoch to
-the largest row count over processes and epochs, rounded up to a whole batch, so all
-processes yield `steps_per_epoch` batches in every epoch, known before iterating.
+The rows of each epoch are cached next to the plan (`cache_dir`): packing 500k examples
+takes seconds, reading them back milliseconds.
 """
 
 import copy
 import dataclasses
+import hashlib
+import logging
+import os
+import pathlib
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -26,26 +35,27 @@ import numpy as np
 
 from im_jax.data import encode as encode_lib
 from im_jax.data import packing as packing_lib
+from im_jax.data import plan as plan_lib
+from im_jax.data import records as records_lib
 from im_jax.data.conversation import Conversation
+
+LAYOUT = "im_jax.global_rows.v1"  # the iterator state's layout (see the module docstring)
+log = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass(frozen=True)
 class PipelineConfig:
-  batch_size: int = 8  # rows per batch on each process
+  batch_size: int = 8  # rows per batch on each process (the global batch: x processes)
   packing: str = "best_fit"  # best_fit | first_fit | none (one example per row)
-  # Bins grain's packer fills before emitting them: more bins, less padding (LIMA at 2048:
-  # 97.3% with 64, 98.4% with 256), at the cost of a slower first batch.
+  # Rows open at once while packing: more rows, less padding (LIMA at 2048: 97.3% with 64,
+  # 98.4% with 256), at the cost of a slower plan.
   num_packing_bins: int = 256
   max_segments_per_row: int | None = 64
   seed: int = 0
   shuffle: bool = True
   num_epochs: int = 1
-  read_threads: int = 2  # grain ReadOptions threads for the encode map (0: inline)
-  # Worker processes encoding examples (grain mp_prefetch; 0: none). They encode only: packing
-  # stays in this process and sees the same example order, so batches and counts are the same.
-  # Outside absl.app.run call absl.flags.FLAGS.mark_as_parsed() first, under __main__ guard.
-  num_workers: int = 0
-  cache_examples: bool = False  # keep the plan's encoded examples instead of re-encoding
+  read_threads: int = 2  # grain ReadOptions threads encoding rows (0: inline)
+  micro_batches: int = 1  # gradient accumulation steps: each process's rows per micro-batch
 
   def __post_init__(self):
     if self.packing not in packing_lib.PACKING:
@@ -54,25 +64,30 @@ class PipelineConfig:
       raise ValueError("batch_size, num_epochs and num_packing_bins must be >= 1")
     if self.max_segments_per_row is not None and self.max_segments_per_row < 1:
       raise ValueError(f"max_segments_per_row must be >= 1, got {self.max_segments_per_row}")
-    for name in ("read_threads", "num_workers"):
-      if getattr(self, name) < 0:
-        raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+    if self.read_threads < 0:
+      raise ValueError(f"read_threads must be >= 0, got {self.read_threads}")
+    if self.micro_batches < 1 or self.batch_size % self.micro_batches:
+      raise ValueError(f"batch_size {self.batch_size} does not split into {self.micro_batches} "
+                       "micro-batches")
 
 
-def _epoch_seed(seed: int, epoch: int) -> int:
-  return (seed * 1_000_003 + epoch) % (2**31)
+class DataStateRefused(ValueError):
+  """A saved data position this pipeline cannot continue; one line for the user."""
 
 
 class DataPipeline:
-  """Batches for one process (shard) of a data-parallel run.
+  """The batches of one process of a run (any process count reads the same global rows).
 
-  Build with `build_pipeline` (from conversations) or `from_examples` (already encoded).
+  `lengths[i]`: the shifted length of example i, 0 when it is not in this pipeline (dropped,
+  held out); `get_example(i)` encodes it. Build with `build_pipeline` (conversations) or
+  `from_examples` (already encoded); `experiment.build_data` uses the cached plan.
   """
 
   def __init__(self, get_example: Callable[[int], dict[str, np.ndarray] | None],
-               num_source_examples: int, row_length: int, config: PipelineConfig,
+               lengths: np.ndarray, row_length: int, config: PipelineConfig,
                shard_index: int | None = None, shard_count: int | None = None,
-               stats: encode_lib.EncodeStats | None = None):
+               stats: encode_lib.EncodeStats | None = None, identity: str = "",
+               cache_dir: pathlib.Path | None = None, write_cache: bool = False):
     if (shard_index is None) != (shard_count is None):
       raise ValueError("give both shard_index and shard_count, or neither")
     if shard_index is None:
@@ -83,76 +98,104 @@ class DataPipeline:
     self.config = config
     self.row_length = row_length
     self.shard_index, self.shard_count = shard_index, shard_count
+    self.global_batch_size = config.batch_size * shard_count
+    self.example_lengths = np.asarray(lengths, np.int32)
+    self.kept_indices = np.flatnonzero(self.example_lengths > 0)
     self.stats = stats or encode_lib.EncodeStats()
-    # The plan: encode everything once for lengths and drops.
-    lengths = np.zeros(num_source_examples, np.int64)
-    cache: dict[int, dict[str, np.ndarray]] = {}
-    for i in range(num_source_examples):
-      example = get_example(i)
-      if example is not None:
-        lengths[i] = len(example["tokens"])
-        if config.cache_examples:
-          cache[i] = example
-    self._get_example = cache.__getitem__ if config.cache_examples else get_example
-    self.kept_indices = np.flatnonzero(lengths > 0)
-    self.example_lengths = lengths
-    self._count_all_rows()
+    digest = hashlib.sha256(identity.encode() + self.example_lengths.tobytes())
+    self.identity = digest.hexdigest()[:32]  # what the saved positions are positions in
+    self._get_example = get_example
+    self._cache_dir, self._write_cache = cache_dir, write_cache
+    self._layouts: list[tuple[np.ndarray, np.ndarray]] = []
+    self._plan_epochs(config.num_epochs)
 
-  def _count_all_rows(self) -> None:
-    # rows[s, e]: packed rows of shard s in epoch e, counted with grain's own packer.
-    config = self.config
-    self.rows = np.array([[self._count_rows(s, e) for e in range(config.num_epochs)]
-                          for s in range(self.shard_count)], np.int64)
-    batch = config.batch_size
-    self.rows_per_epoch = max(1, -(-int(self.rows.max()) // batch)) * batch
-    self.steps_per_epoch = self.rows_per_epoch // batch
+  # ----------------------------------------------------------------- the plan of rows
+
+  def _plan_epochs(self, num_epochs: int) -> None:
+    while len(self._layouts) < num_epochs:
+      self._layouts.append(self._epoch_layout(len(self._layouts)))
+    del self._layouts[num_epochs:]
+    self.epoch_rows = np.array([len(s) - 1 for _, s in self._layouts], np.int64)
+    g = self.global_batch_size
+    self.steps_per_epoch = max(1, -(-int(self.epoch_rows.max()) // g))
+    self.rows_per_epoch = self.steps_per_epoch * self.config.batch_size  # this process's
+
+  def _epoch_layout(self, epoch: int) -> tuple[np.ndarray, np.ndarray]:
+    """(example ids in row order, row starts) of one epoch, from the cache when there."""
+    cfg = self.config
+    settings = [plan_lib.VERSION, cfg.packing, cfg.num_packing_bins, cfg.max_segments_per_row,
+                cfg.shuffle, cfg.seed, epoch, self.row_length, self.identity]
+    key = hashlib.sha256(repr(settings).encode()).hexdigest()[:32]
+    path = self._cache_dir / f"rows-{key}.npz" if self._cache_dir is not None else None
+    if path is not None and path.exists():
+      try:
+        with np.load(path, allow_pickle=False) as f:
+          return f["ids"], f["starts"]
+      except (OSError, ValueError, KeyError) as e:
+        log.warning("row plan cache %s unreadable (%s): planning again", path, e)
+    ids = self.kept_indices
+    if cfg.shuffle:
+      ids = ids[np.random.default_rng([cfg.seed, epoch]).permutation(len(ids))]
+    order, starts = packing_lib.plan_rows(
+        self.example_lengths[ids], packing=cfg.packing, row_length=self.row_length,
+        num_packing_bins=cfg.num_packing_bins, max_segments_per_row=cfg.max_segments_per_row)
+    ids = ids[order].astype(np.int32 if len(self.example_lengths) < 2**31 else np.int64)
+    if path is not None and self._write_cache:
+      path.parent.mkdir(parents=True, exist_ok=True)
+      tmp = path.with_name(f".{path.name}.{os.getpid()}.partial")
+      with open(tmp, "wb") as f:
+        np.savez(f, ids=ids, starts=starts)
+      os.replace(tmp, path)
+    return ids, starts
 
   def with_epochs(self, num_epochs: int) -> "DataPipeline":
-    """The same pipeline over `num_epochs`, reusing the encoding plan (no re-encoding)."""
+    """The same pipeline over `num_epochs`, reusing the planned epochs."""
     other = copy.copy(self)
     other.config = dataclasses.replace(self.config, num_epochs=num_epochs)
-    other._count_all_rows()
+    other._layouts = list(self._layouts)
+    other._plan_epochs(num_epochs)
     return other
 
   @property
   def total_steps(self) -> int:
-    """Batches each process yields over all epochs."""
+    """Batches each process yields over all epochs (the same on every process)."""
     return self.steps_per_epoch * self.config.num_epochs
 
   def updates(self, batches: int | None = None) -> int:
     """Optimizer updates in the first `batches` batches (default: all of them).
 
-    A global batch updates when some process has a real row in it; the all-padding batches
-    closing an epoch that packs into fewer rows do not (every kept example carries loss
-    weight, by the drop rules). So a learning-rate schedule spans these, not the batches.
+    A global batch updates when it has a real row; the all-padding batches closing an epoch
+    that packs into fewer rows do not (every kept example carries loss weight, by the drop
+    rules). So a learning-rate schedule spans these, not the batches.
     """
     batches = self.total_steps if batches is None else batches
     if not 0 <= batches <= self.total_steps:
       raise ValueError(f"batches must be in [0, {self.total_steps}], got {batches}")
-    real = -(-self.rows.max(axis=0) // self.config.batch_size)  # per epoch, over processes
+    real = -(-self.epoch_rows // self.global_batch_size)
     full, rest = divmod(batches, self.steps_per_epoch)
     return int(real[:full].sum() + (min(rest, real[full]) if rest else 0))
 
-  def padding_rows(self) -> np.ndarray:
-    """All-padding rows added per (shard, epoch) to equalise batch counts."""
-    return self.rows_per_epoch - self.rows
+  def global_row(self, batch: int, local_row: int) -> tuple[int, int]:
+    """(epoch, row of that epoch) of this process's `local_row` of global batch `batch`."""
+    epoch, within = divmod(batch, self.steps_per_epoch)
+    per = self.config.batch_size // self.config.micro_batches  # per process and micro-batch
+    micro, r = divmod(local_row, per)
+    g = self.global_batch_size // self.config.micro_batches
+    return epoch, within * self.global_batch_size + micro * g + self.shard_index * per + r
 
-  def _shard_indices(self, shard_index: int, epoch: int) -> grain.MapDataset:
-    ds = grain.MapDataset.source(self.kept_indices)[shard_index::self.shard_count]
-    if self.config.shuffle:
-      ds = ds.shuffle(seed=_epoch_seed(self.config.seed, epoch))
-    return ds
+  def row_examples(self, epoch: int, row: int) -> np.ndarray:
+    """The example ids of one planned row (empty for the padding rows)."""
+    ids, starts = self._layouts[epoch]
+    if row >= len(starts) - 1:
+      return ids[:0]
+    return ids[starts[row]:starts[row + 1]]
 
-  def _pack_kwargs(self, epoch: int) -> dict[str, Any]:
-    cfg = self.config
-    return dict(packing=cfg.packing, row_length=self.row_length,
-                num_packing_bins=cfg.num_packing_bins,
-                max_segments_per_row=cfg.max_segments_per_row,
-                seed=_epoch_seed(cfg.seed, epoch))
+  # ------------------------------------------------------------------------- reading
 
-  def _count_rows(self, shard_index: int, epoch: int) -> int:
-    order = np.asarray(list(self._shard_indices(shard_index, epoch)), np.int64)
-    return packing_lib.count_rows(self.example_lengths[order], **self._pack_kwargs(epoch))
+  def _read_row(self, index: int) -> dict[str, np.ndarray]:
+    batch, local = divmod(int(index), self.config.batch_size)
+    examples = [self._encode(i) for i in self.row_examples(*self.global_row(batch, local))]
+    return packing_lib.pack_row(examples, self.row_length)
 
   def _encode(self, index) -> dict[str, np.ndarray]:
     example = self._get_example(int(index))
@@ -160,52 +203,102 @@ class DataPipeline:
       raise RuntimeError(f"example {index} was kept by the plan but dropped when re-encoded")
     return example
 
-  def epoch_dataset(self, epoch: int) -> grain.IterDataset:
-    """This process's batches for one epoch: exactly `steps_per_epoch` of them."""
-    read = grain.ReadOptions(num_threads=self.config.read_threads)
-    examples = self._shard_indices(self.shard_index, epoch).map(self._encode)
-    examples = examples.to_iter_dataset(read)
-    if self.config.num_workers:
-      examples = examples.mp_prefetch(grain.MultiprocessingOptions(self.config.num_workers))
-    rows = packing_lib.pack(examples, **self._pack_kwargs(epoch))
-    row_length = self.row_length
-    padding = grain.MapDataset.range(int(self.padding_rows()[self.shard_index, epoch])).map(
-        lambda _: packing_lib.empty_row(row_length))
-    rows = grain.experimental.InterleaveIterDataset(
-        [rows, padding.to_iter_dataset()], cycle_length=1)
-    return rows.batch(self.config.batch_size, drop_remainder=False)
+  def batches_from(self, start: int) -> grain.IterDataset:
+    """This process's batches from global batch `start` on."""
+    rows = grain.MapDataset.range(self.total_steps * self.config.batch_size).map(self._read_row)
+    batches = rows.batch(self.config.batch_size)[start:]
+    return batches.to_iter_dataset(grain.ReadOptions(num_threads=self.config.read_threads))
 
-  def dataset(self) -> grain.IterDataset:
-    """All epochs chained; `iter(...)` gives a checkpointable grain iterator."""
-    epochs = grain.MapDataset.range(self.config.num_epochs).map(self.epoch_dataset)
-    return grain.experimental.InterleaveIterDataset(epochs, cycle_length=1)
+  def dataset(self) -> "Batches":
+    """All epochs; `iter(...)` gives a checkpointable iterator (`get_state/set_state`)."""
+    return Batches(self)
 
   def __iter__(self):
     return iter(self.dataset())
+
+  def state_problem(self, state: Any) -> str | None:
+    """Why this pipeline cannot continue from a saved iterator `state` (None: it can)."""
+    if not isinstance(state, dict) or state.get("layout") != LAYOUT:
+      return ("its data position is in the per-process layout of an earlier im_jax (each "
+              "process packed its own shard), which this version does not read: finish that run "
+              "with the version that started it, or start a new workdir")
+    batches = state.get("batches")
+    if not isinstance(batches, int) or not 0 <= batches <= self.total_steps:
+      return f"its data position {batches!r} is not a batch of this run (0..{self.total_steps})"
+    if batches and state.get("data") != self.identity:
+      return ("the training data, the tokenizer or a setting that changes the examples differs "
+              "from the run that wrote it (another data plan): restore them to resume, or "
+              "start a new workdir")
+    return None
+
+
+class Batches:
+  """`iter()` -> a `BatchIterator` from the start (what the training loop iterates)."""
+
+  def __init__(self, pipeline: DataPipeline):
+    self.pipeline = pipeline
+
+  def __iter__(self) -> "BatchIterator":
+    return BatchIterator(self.pipeline)
+
+
+class BatchIterator:
+  """This process's batches, resumable at any global batch on any process count."""
+
+  elastic = True  # its state does not depend on the process count (checkpoint store)
+
+  def __init__(self, pipeline: DataPipeline, start: int = 0):
+    self._pipeline = pipeline
+    self._start(start)
+
+  def _start(self, batches: int) -> None:
+    self.batches = batches
+    self._it = iter(self._pipeline.batches_from(batches))
+
+  def __iter__(self):
+    return self
+
+  def __next__(self) -> dict[str, np.ndarray]:
+    batch = next(self._it)
+    self.batches += 1
+    return batch
+
+  def get_state(self) -> dict[str, Any]:
+    return {"layout": LAYOUT, "batches": self.batches, "data": self._pipeline.identity}
+
+  def set_state(self, state: dict[str, Any]) -> None:
+    problem = self._pipeline.state_problem(state)
+    if problem is not None:
+      raise DataStateRefused(problem)
+    close = getattr(self._it, "close", None)
+    if close is not None:
+      close()
+    self._start(state["batches"])
+
+  def close(self) -> None:
+    close = getattr(self._it, "close", None)
+    if close is not None:
+      close()
 
 
 def build_pipeline(conversations: Sequence[Conversation], tokenizer: Any,
                    encode_config: encode_lib.EncodeConfig, config: PipelineConfig,
                    shard_index: int | None = None,
                    shard_count: int | None = None) -> DataPipeline:
-  """The training pipeline for this process (sharded by JAX process unless told)."""
+  """A pipeline over conversations in memory, planned here (no cache, no collective)."""
   encoder = encode_lib.Encoder(tokenizer, encode_config)
-  stats = encode_lib.EncodeStats()
-  counting = {"on": True}
-
-  def get_example(i: int):
-    # Count during the plan only (one pass over every example), not on re-encodes.
-    return encoder.encode(conversations[i], stats if counting["on"] else None)
-
-  pipeline = DataPipeline(get_example, len(conversations), encode_config.max_seq_len, config,
-                          shard_index, shard_count, stats)
-  counting["on"] = False
-  return pipeline
+  records = records_lib.Records(conversations)
+  plan = plan_lib.make_plan(records, encoder, gather=lambda x: x[None])
+  everything = np.ones(len(plan), bool)
+  return DataPipeline(lambda i: encoder.encode(conversations[i]), plan.lengths,
+                      encode_config.max_seq_len, config, shard_index, shard_count,
+                      plan.stats(everything))
 
 
 def from_examples(examples: Sequence[dict[str, np.ndarray] | None], row_length: int,
                   config: PipelineConfig, shard_index: int | None = None,
                   shard_count: int | None = None) -> DataPipeline:
   """A pipeline over already encoded (shifted) examples; None entries count as dropped."""
-  return DataPipeline(examples.__getitem__, len(examples), row_length, config,
-                      shard_index, shard_count)
+  lengths = np.array([0 if e is None else len(e["tokens"]) for e in examples], np.int32)
+  return DataPipeline(examples.__getitem__, lengths, row_length, config, shard_index,
+                      shard_count)
