@@ -47,7 +47,10 @@ def data_plan(c: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dict
   train = data.train
   stats = train.stats
   rows = train.rows_per_epoch * jax.process_count()  # every process pads to the same count
-  real_tokens = int(train.example_lengths.sum())  # one epoch, every process's shard
+  # One epoch's real tokens, every process's shard (a mixture's epochs differ: their mean).
+  epochs = train.config.num_epochs
+  real_tokens = sum(int(train.example_lengths[train.epoch_ids(e)].sum())
+                    for e in range(epochs)) / epochs
   newest = newest_meta(workdir)
   outputs = {name: str(workdir / name) for name in (
       "config.json", "metrics.jsonl", "tensorboard", "checkpoints")}

@@ -397,7 +397,8 @@ def build(c: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> Experime
   meta = {"config": c.to_dict(), "model_config": mcfg.to_dict(),
           "tokenizer_dir": str(tokenizer_dir.absolute()), "template": c.data.template,
           "strip_content": c.data.strip_content,
-          "data_stats": train_data.stats.as_dict(), loop_lib.RESUME_KEY: resume_key(c)}
+          "data_stats": train_data.stats.as_dict(), loop_lib.RESUME_KEY: resume_key(c),
+          "export_metadata": export_metadata(c)}  # for `im_jax.convert to-hf` too
   if mcfg.lora.enabled:  # checkpoints hold adapters only: where their base weights are
     meta[LORA_BASE] = absolute_spec(c.model.init_from)
   return Experiment(c, workdir, mesh, tokenizer_dir, mcfg, train_data, eval_data, graphdef,
