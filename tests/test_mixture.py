@@ -24,6 +24,7 @@ from im_jax.convert.hf_export import EXPORT_METADATA
 from im_jax.data import mixture
 from im_jax.data import packing
 from im_jax.data import pipeline as pipeline_lib
+from im_jax.data import plan as plan_lib
 from im_jax.data.stats import load_tokenizer
 from im_jax.eval import loss_eval
 from im_jax.settings import ConfigError, loss_config, validate
@@ -242,7 +243,7 @@ def test_per_source_metrics_equal_each_source_evaluated_alone(files, tiny_tokeni
   for source in mixture.parse(spec):
     part = records(c, source)
     held = [part.read(i) for i in range(len(part))
-            if experiment.is_held_out(part.read(i), c.data.eval_fraction)]
+            if plan_lib.split_value(part.read(i)) < c.data.eval_fraction * 2.0**64]
     alone = loss_eval.evaluate_loss(
         model, tokenizer, held, loss_eval.LossEvalConfig(
             template=source.template or "tulu", loss_mode=c.loss.mode, max_seq_len=64),
