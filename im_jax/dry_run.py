@@ -47,7 +47,10 @@ def data_plan(c: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dict
   train = data.train
   stats = train.stats
   rows = train.rows_per_epoch * jax.process_count()  # every process pads to the same count
-  real_tokens = int(train.example_lengths.sum())  # one epoch, every process's shard
+  # One epoch's real tokens, every process's shard (a mixture's epochs differ: their mean).
+  epochs = train.config.num_epochs
+  real_tokens = sum(int(train.example_lengths[train.epoch_ids(e)].sum())
+                    for e in range(epochs)) / epochs
   newest = newest_meta(workdir)
   outputs = {name: str(workdir / name) for name in (
       "config.json", "metrics.jsonl", "tensorboard", "checkpoints")}
@@ -78,6 +81,8 @@ def data_plan(c: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dict
       "workdir": str(workdir),
       "resumes_from_step": newest[0] if newest is not None else None,
       "outputs": outputs,
+      "sources": data.sources,  # a mixture: per source (mixture.source_table), else None
+      "mixture": data.mixture.describe() if data.mixture is not None else None,
   }
 
 
@@ -90,6 +95,8 @@ def format_plan(plan: dict[str, Any]) -> str:
       f"data: {plan['data']}: {plan['examples']} examples, {plan['held_out']} held out for "
       f"eval; {plan['kept']} kept for training, dropped: {dropped}; {plan['truncated']} "
       f"truncated ({plan['truncated_tokens']} tokens cut)",
+      *[_source_line(s) for s in plan["sources"] or ()],
+      *([plan["mixture"]] if plan["mixture"] else []),
       f"rows: {plan['rows_per_epoch']} per epoch of {plan['row_length']} tokens, "
       f"{plan['non_padding_fraction']:.1%} not padding",
       f"steps: {plan['steps_per_epoch']} per epoch, {plan['total_steps']} in all "
@@ -101,3 +108,14 @@ def format_plan(plan: dict[str, Any]) -> str:
       "dry run: nothing compiled or written; the memory plan is python -m im_jax.plan",
   ]
   return "\n".join(lines)
+
+
+def _source_line(s: dict[str, Any]) -> str:
+  """One source of a mixture: what it holds and its realised share of the run's epochs."""
+  dropped = ", ".join(f"{n} {why}" for why, n in s["dropped"].items()) or "none"
+  overrides = "".join(f", {k} {s[k]}" for k in ("format", "template") if s[k])
+  return (f"  source {s['name']} ({s['source']}, weight {s['weight']:g}{overrides}): "
+          f"{s['examples'] + s['held_out']} examples, {s['held_out']} held out; {s['kept']} "
+          f"kept ({s['kept_tokens']:,} tokens), dropped: {dropped}; "
+          f"{s['truncated_examples']} truncated ({s['truncated_tokens']} tokens cut); share of "
+          f"the run's examples {s['example_share']:.1%}, of its tokens {s['token_share']:.1%}")

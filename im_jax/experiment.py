@@ -22,6 +22,7 @@ from im_jax import distributed, hub, paths
 from im_jax.checkpoint.store import newest_meta, saved_data_state
 from im_jax.convert import hf_export
 from im_jax.convert.load import HF_PREFIX, LORA_BASE, load_pretrained
+from im_jax.data import mixture
 from im_jax.data import packing
 from im_jax.data import pipeline as pipeline_lib
 from im_jax.data import plan as plan_lib
@@ -35,7 +36,7 @@ from im_jax.models import lora as lora_lib
 from im_jax.models.llama import Llama, LlamaConfig
 from im_jax.settings import (SYNTHETIC, ConfigError, check, check_inputs,  # noqa: F401
                              encode_config, lora_config, loop_config, loss_config,
-                             model_options,
+                             model_options, train_sources,
                              optim_config, pipeline_config, validate)
 from im_jax.train import loop as loop_lib
 from im_jax.train import memory as memory_lib
@@ -48,16 +49,17 @@ log = logging.getLogger(__name__)
 # Data.
 
 
-def open_train_records(c: ml_collections.ConfigDict) -> records_lib.Records:
-  """The training source's records, random access (a JSONL file through a byte index)."""
-  spec = c.data.train
+def open_source_records(c: ml_collections.ConfigDict,
+                        source: mixture.Source) -> records_lib.Records:
+  """A training source's records, random access (a JSONL file through a byte index)."""
+  spec = source.spec
   check(bool(spec), "data.train is empty: give a data file, tfds:NAME:SPLIT or synthetic:N")
   if spec.startswith(SYNTHETIC + ":"):
     return records_lib.Records(
         synthetic.make_conversations(int(spec.split(":", 1)[1]), seed=c.train.seed))
   # a gs:// file is read from a local copy
   return records_lib.open_records(paths.fetch(spec, what="data.train"),
-                                  format=c.data.format or None,
+                                  format=source.format or c.data.format or None,
                                   on_bad_record=c.data.on_bad_record)
 
 
@@ -163,8 +165,11 @@ def train_batch_shapes(c: ml_collections.ConfigDict, mesh: jax.sharding.Mesh
   k = c.train.grad_accum
   shape = (k, c.train.batch_size // k, c.data.max_seq_len)
   batch_sharding = sharding.batch_sharding(mesh, micro_batched=True)
+  dtypes = dict(packing.ROW_DTYPES)
+  if loss_config(c).sources:  # a mixture of several sources: rows say whose each token is
+    dtypes[packing.SOURCE_IDS] = np.int32
   return {name: jax.ShapeDtypeStruct(shape, dtype, sharding=batch_sharding)
-          for name, dtype in packing.ROW_DTYPES.items()}
+          for name, dtype in dtypes.items()}
 
 
 def optimizer_for(c: ml_collections.ConfigDict, updates: int) -> tuple[Any, Any]:
@@ -187,19 +192,24 @@ class RunData:
   total_steps: int  # batches
   updates: int  # optimizer updates: batches less the all-padding ones closing short epochs
   held_out_examples: int
+  mixture: "mixture.Mixture | None" = None  # data.train in the mixture syntax
+  sources: list[dict] | None = None  # a mixture's per-source table (`mixture.source_table`)
 
 
 PLAN_DIR = "data_plan"  # WORKDIR/data_plan: the cached data plan (im_jax.data.plan)
 
 
-def _example_plan(c: ml_collections.ConfigDict, records: records_lib.Records, tokenizer,
-                  tokenizer_dir: pathlib.Path, cache_dir: pathlib.Path | None,
+def _example_plan(c: ml_collections.ConfigDict, source: mixture.Source,
+                  records: records_lib.Records, tokenizer, tokenizer_dir: pathlib.Path,
+                  cache_dir: pathlib.Path | None,
                   write_cache: bool) -> tuple[plan_lib.ExamplePlan, str]:
-  """The plan of every record, read from the cache or made (each process its share)."""
-  enc = encode_config(c)
-  settings = {"encode": repr(enc), "format": c.data.format, "on_bad_record": c.data.on_bad_record}
-  if c.data.train.startswith(SYNTHETIC + ":"):
-    settings.update(synthetic=c.data.train, seed=c.train.seed)
+  """The plan of every record of one source, read from the cache or made (each process its
+  share). A mixture plans each source on its own (its own format and template)."""
+  enc = encode_config(c, source.template)
+  settings = {"encode": repr(enc), "format": source.format or c.data.format,
+              "on_bad_record": c.data.on_bad_record}
+  if source.spec.startswith(SYNTHETIC + ":"):
+    settings.update(synthetic=source.spec, seed=c.train.seed)
   cacheable = bool(records.files) or "synthetic" in settings  # not tfds: no files to hash
   key = plan_lib.plan_key(records.digests(), tokenizer_dir, settings)
   path = cache_dir / f"{key}.npz" if cache_dir is not None and cacheable else None
@@ -212,11 +222,11 @@ def _example_plan(c: ml_collections.ConfigDict, records: records_lib.Records, to
                               on_bad_record=c.data.on_bad_record,
                               process_index=jax.process_index(),
                               process_count=jax.process_count())
-    plan_lib.check_plan(plan, c.data.train, c.data.on_bad_record, records.skipped)
+    plan_lib.check_plan(plan, source.spec, c.data.on_bad_record, records.skipped)
     if path is not None and write_cache and distributed.is_main_process():
       plan_lib.save_cached(path, plan)
   else:  # checked again for its log of skipped records
-    plan_lib.check_plan(plan, c.data.train, c.data.on_bad_record, records.skipped)
+    plan_lib.check_plan(plan, source.spec, c.data.on_bad_record, records.skipped)
   return plan, key
 
 
@@ -225,28 +235,61 @@ def build_data(c: ml_collections.ConfigDict, tokenizer_home: pathlib.Path,
                cache_dir: pathlib.Path | None = None, write_cache: bool = True) -> RunData:
   """Reads and plans the data (from `cache_dir`'s plan when its inputs are unchanged; see
   `im_jax.data.plan`), splits it and plans its batches. A synthetic tokenizer is trained into
-  `tokenizer_home`/tokenizer unless one is there."""
+  `tokenizer_home`/tokenizer unless one is there. A mixture (`im_jax.data.mixture`) lays its
+  sources end to end, each planned, split and checked on its own."""
   processes = jax.process_count()
-  records = open_train_records(c)
+  sources = train_sources(c)
+  parts = [open_source_records(c, source) for source in sources]
+  records = records_lib.Concatenated(parts)
   tokenizer_dir = resolve_tokenizer_dir(c, tokenizer_home, records, pretrained_tokenizer_dir)
   tokenizer = load_tokenizer(str(tokenizer_dir))
-  plan, key = _example_plan(c, records, tokenizer, tokenizer_dir, cache_dir, write_cache)
-  train, held = plan.select(c.data.eval_fraction, c.data.max_examples)
-  check(bool(train.any()), f"no training examples left in {c.data.train}")
-  encoder = Encoder(tokenizer, encode_config(c))
+  plans, keys, trains, helds = [], [], [], []
+  for source, part in zip(sources, parts):
+    plan, key = _example_plan(c, source, part, tokenizer, tokenizer_dir, cache_dir, write_cache)
+    train, held = plan.select(c.data.eval_fraction, c.data.max_examples)
+    if len(sources) == 1:
+      check(bool(train.any()), f"no training examples left in {source.spec}")
+    else:
+      dropped = plan.stats(train).dropped
+      check(bool((train & (plan.lengths > 0)).any()),
+            f"data.train: source {source.name} ({source.spec}) has no training example left: "
+            f"{int(train.sum())} after the held-out split and data.max_examples, dropped: "
+            + (", ".join(f"{n} {why}" for why, n in dropped.items()) or "none"))
+    plans.append(plan)
+    keys.append(key)
+    trains.append(train)
+    helds.append(held)
+  plan = plan_lib.ExamplePlan.concatenate(plans)
+  train, held = np.concatenate(trains), np.concatenate(helds)
+  encoders = [Encoder(tokenizer, encode_config(c, source.template)) for source in sources]
+  offsets = records.offsets
 
   def get_example(i: int):
-    return encoder.encode(records.read(i))
+    return encoders[int(np.searchsorted(offsets, i, side="right")) - 1].encode(records.read(i))
 
-  def make_pipeline(mask, rows, epochs, shuffle, micro_batches=1):
+  mix = None
+  identity = keys[0]  # a plain spec: the single source's plan (positions saved before resume)
+  if mixture.is_mixture(c.data.train):
+    kept = [np.flatnonzero(m & (p.lengths > 0)) + offsets[s]
+            for s, (m, p) in enumerate(zip(trains, plans))]
+    mix = mixture.Mixture(sources, offsets, kept, c.train.seed)
+    identity = ",".join(keys) + ":" + mix.identity()
+  example_sources = None
+  if len(sources) > 1:  # rows say whose each example is; one source adds nothing
+    example_sources = (np.searchsorted(offsets, np.arange(len(plan)), side="right")
+                       ).astype(np.int32)
+
+  def make_pipeline(mask, rows, epochs, shuffle, micro_batches=1, epoch_examples=None):
     config = dataclasses.replace(pipeline_config(c, rows, epochs, shuffle),
                                  micro_batches=micro_batches)
     return pipeline_lib.DataPipeline(
         get_example, np.where(mask, plan.lengths, 0), c.data.max_seq_len, config,
-        stats=plan.stats(mask), identity=key, cache_dir=cache_dir, write_cache=write_cache)
+        stats=plan.stats(mask), identity=identity, cache_dir=cache_dir, write_cache=write_cache,
+        epoch_examples=epoch_examples, example_sources=example_sources)
 
   rows = c.train.batch_size // processes
-  train_data = make_pipeline(train, rows, max(c.train.epochs, 1), True, c.train.grad_accum)
+  train_data = make_pipeline(train, rows, max(c.train.epochs, 1), True, c.train.grad_accum,
+                             mix.epoch_examples if mix is not None else None)
   total_steps = c.train.max_steps or train_data.total_steps
   if total_steps > train_data.total_steps:  # more steps than the epochs hold: add epochs
     epochs = math.ceil(total_steps / train_data.steps_per_epoch)
@@ -254,8 +297,15 @@ def build_data(c: ml_collections.ConfigDict, tokenizer_home: pathlib.Path,
   eval_data = None
   if held.any():
     eval_data = make_pipeline(held, c.eval.batch_size // processes, 1, False)
+  table = None
+  if mix is not None:
+    picks = np.concatenate([train_data.epoch_ids(e)
+                            for e in range(train_data.config.num_epochs)])
+    table = mixture.source_table(sources, offsets, plan.lengths,
+                                 [p.stats(m).as_dict() for p, m in zip(plans, trains)],
+                                 [int(h.sum()) for h in helds], picks)
   return RunData(tokenizer_dir, len(tokenizer), train_data, eval_data, total_steps,
-                 train_data.updates(total_steps), int(held.sum()))
+                 train_data.updates(total_steps), int(held.sum()), mix, table)
 
 
 @dataclasses.dataclass
@@ -292,7 +342,8 @@ class Experiment:
         local = pathlib.Path(tmp) / "hf" if paths.is_remote(out) else out
         hf_export.export_hf(local, params, self.model_config, str(self.tokenizer_dir),
                             template=self.config.data.template,
-                            strip_content=self.config.data.strip_content, overwrite=True)
+                            strip_content=self.config.data.strip_content, overwrite=True,
+                            metadata=export_metadata(self.config))
         if local != out:  # config.json last: an upload cut short is no loadable folder
           paths.remove_tree(out)
           paths.upload_tree(local, out, last="config.json")
@@ -344,6 +395,13 @@ def build(c: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> Experime
   check_data_position(workdir, train_data)
   log.info("data: %s; %d batches per epoch, %d batches, %d updates", train_data.stats.as_dict(),
            train_data.steps_per_epoch, total_steps, data.updates)
+  if data.mixture is not None:
+    log.info("%s", data.mixture.describe())
+    for source in data.mixture.sources:
+      if source.template not in (None, c.data.template):
+        log.warning("source %s trains with template %s; the exported model carries "
+                    "data.template=%s (im_jax_export.json says so)", source.name,
+                    source.template, c.data.template)
   tokenizer_dir = data.tokenizer_dir
 
   mcfg = model_config(c, data.vocab_size, pretrained.config if pretrained else None)
@@ -367,7 +425,8 @@ def build(c: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> Experime
   meta = {"config": c.to_dict(), "model_config": mcfg.to_dict(),
           "tokenizer_dir": str(tokenizer_dir.absolute()), "template": c.data.template,
           "strip_content": c.data.strip_content,
-          "data_stats": train_data.stats.as_dict(), loop_lib.RESUME_KEY: resume_key(c)}
+          "data_stats": train_data.stats.as_dict(), loop_lib.RESUME_KEY: resume_key(c),
+          "export_metadata": export_metadata(c)}  # for `im_jax.convert to-hf` too
   if mcfg.lora.enabled:  # checkpoints hold adapters only: where their base weights are
     meta[LORA_BASE] = absolute_spec(c.model.init_from)
   hooks = () if harness_tasks is None else (
@@ -404,6 +463,17 @@ def harness_hook(c: ml_collections.ConfigDict, tasks: Any, mesh: jax.sharding.Me
   return loop_lib.StepHook(
       lambda state: evaluate(nnx.merge(graphdef, state.params, *state.fixed())),
       c.eval.harness_every_steps)
+
+
+def export_metadata(c: ml_collections.ConfigDict) -> dict[str, Any]:
+  """What `im_jax_export.json` says of the training data: the template the export's chat
+  template renders (data.template's), and each source with any override it trained under."""
+  return {"template": c.data.template, "strip_content": c.data.strip_content,
+          "data": c.data.train,
+          "sources": [{"name": s.name, "source": s.spec, "weight": s.weight,
+                       "format": s.format or c.data.format or "detected",
+                       "template": s.template or c.data.template}
+                      for s in train_sources(c)]}
 
 
 def absolute_spec(spec: str) -> str:

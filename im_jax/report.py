@@ -155,13 +155,16 @@ _COLUMNS = (
 )
 
 
+def _cell(value: float | None, fmt: str = "{:.4f}") -> str:
+  if value is None or (isinstance(value, float) and math.isnan(value)):
+    return "n/a"
+  return fmt.format(value).replace("|", "\\|")
+
+
 def markdown_table(summaries: Sequence[Summary]) -> str:
   """One row per run; "n/a" where a run has no such metric (e.g. no held-out split)."""
   def cell(summary: Summary, field: str, fmt: str) -> str:
-    value = getattr(summary, field)
-    if value is None or (isinstance(value, float) and math.isnan(value)):
-      return "n/a"
-    return fmt.format(value).replace("|", "\\|")
+    return _cell(getattr(summary, field), fmt)
 
   lines = ["| " + " | ".join(name for name, _, _ in _COLUMNS) + " |",
            "| " + " | ".join("---" if f == "label" else "---:" for _, f, _ in _COLUMNS) + " |"]
@@ -189,6 +192,48 @@ def harness_table(runs: Sequence[Run]) -> str:
     name = key.removeprefix(HARNESS_PREFIX).replace("|", "\\|")
     lines.append(f"| {name} | " + " | ".join(cell(run, key) for run in runs) + " |")
   return "\n".join(lines) + "\n"
+
+
+SOURCE_KEY = "output_loss_per_example/"  # a mixture's per-source metrics (train.loss)
+
+
+def source_names(run: Run) -> list[str]:
+  """The sources of a mixture run, in the order its records name them."""
+  names: dict[str, None] = {}
+  for record in run.train + run.eval:
+    for key in record:
+      if key.removeprefix(EVAL_PREFIX).startswith(SOURCE_KEY):
+        names[key.removeprefix(EVAL_PREFIX)[len(SOURCE_KEY):]] = None
+  return list(names)
+
+
+def _last_of_source(records: Sequence[Record], prefix: str, group: str,
+                    name: str) -> float | None:
+  """The latest value of a source's group loss, from a record that saw its examples (a
+  training batch may hold none of a source: it then logs 0 over 0 examples)."""
+  for record in reversed(records):
+    if record.get(f"{prefix}{group}_examples/{name}", 0) > 0:
+      return float(record[f"{prefix}{group}_loss_per_example/{name}"])
+  return None
+
+
+def source_table(runs: Sequence[Run]) -> str:
+  """Per run and source of a mixture, the final per-example output and instruction losses
+  (train: the last logged batch holding the source; eval: the held-out split); "" when no
+  run is a mixture of several sources."""
+  lines = []
+  for run in runs:
+    for name in source_names(run):
+      values = [_last_of_source(run.train, "", g, name) for g in ("output", "instruction")]
+      values += [_last_of_source(run.eval, EVAL_PREFIX, g, name)
+                 for g in ("output", "instruction")]
+      lines.append(f"| {_cell(run.label, '{}')} | {_cell(name, '{}')} | "
+                   + " | ".join(_cell(v) for v in values) + " |")
+  if not lines:
+    return ""
+  return ("| run | source | train output loss | train instruction loss | eval output loss | "
+          "eval instruction loss |\n| --- | --- | ---: | ---: | ---: | ---: |\n"
+          + "\n".join(lines) + "\n")
 
 
 # (row, column) of each panel: output loss on top, instruction loss below; train | eval.
@@ -289,6 +334,9 @@ def report(workdirs: Sequence[str | pathlib.Path], out: str | pathlib.Path,
   table = markdown_table([summarize(run) for run in runs])
   benchmarks = harness_table(runs)
   table += "\n" + benchmarks if benchmarks else ""
+  per_source = source_table(runs)
+  if per_source:
+    table += "\nPer source (per-example losses):\n\n" + per_source
   if not remote:
     png = plot(runs, out)
     md.write_text(table, encoding="utf-8")

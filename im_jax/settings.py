@@ -22,6 +22,7 @@ from im_jax import hub, model_files, output_guard, paths
 from im_jax.checkpoint import CheckpointConfig
 from im_jax.convert.load import read_pretrained
 from im_jax.data import encode as encode_lib
+from im_jax.data import mixture
 from im_jax.data import pipeline as pipeline_lib
 from im_jax.data import sources, templates
 from im_jax.data import weights as weights_lib
@@ -46,9 +47,20 @@ def check(ok: bool, message: str) -> None:
     raise ConfigError(message)
 
 
-def encode_config(c: ml_collections.ConfigDict) -> encode_lib.EncodeConfig:
+def train_sources(c: ml_collections.ConfigDict) -> list[mixture.Source]:
+  """`data.train`'s sources (one for a plain spec; see `im_jax.data.mixture`)."""
+  try:
+    return mixture.parse(c.data.train)
+  except mixture.MixtureError as e:
+    raise ConfigError(str(e)) from None
+
+
+def encode_config(c: ml_collections.ConfigDict,
+                  template: str | None = None) -> encode_lib.EncodeConfig:
+  """The run's encoding; `template` (a mixture source's override) replaces data.template."""
   return encode_lib.EncodeConfig(
-      template=templates.TemplateConfig(c.data.template, strip_content=c.data.strip_content),
+      template=templates.TemplateConfig(template or c.data.template,
+                                        strip_content=c.data.strip_content),
       loss=weights_lib.LossMaskConfig(c.loss.mode, c.loss.instruction_weight,
                                       c.loss.assistant_turns),
       max_seq_len=c.data.max_seq_len, truncation=c.data.truncation,
@@ -146,13 +158,15 @@ def _flat(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 
 
 def _check_data_settings(c: ml_collections.ConfigDict) -> None:
-  spec = c.data.train
-  if spec.startswith(SYNTHETIC + ":"):
-    count = spec.split(":", 1)[1]
-    check(count.isdigit() and int(count) > 0,
-           f"data.train={spec}: synthetic:N needs a positive whole number N")
-    check(c.data.format == "", f"data.format={c.data.format} does not apply to synthetic data "
-           "(leave it empty)")
+  for source in train_sources(c):
+    spec = source.spec
+    if spec.startswith(SYNTHETIC + ":"):
+      count = spec.split(":", 1)[1]
+      check(count.isdigit() and int(count) > 0,
+             f"data.train={spec}: synthetic:N needs a positive whole number N")
+      check(c.data.format == "" and source.format is None,
+             f"data.format={c.data.format or source.format} does not apply to synthetic data "
+             "(leave it empty)")
   _typed(["data.format", "data.on_bad_record"],
          lambda: sources.check_options(c.data.format or None, c.data.on_bad_record))
   check(c.data.max_examples >= 0, f"data.max_examples must be >= 0, got {c.data.max_examples}")
@@ -204,17 +218,21 @@ def check_inputs(c: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> N
   `hf:` names are resolved here (a local path, else the Hugging Face cache): see `hub`.
   Any of them, and the workdir, may be gs:// paths (`paths`): their buckets are checked.
   """
-  spec = c.data.train
-  check(bool(spec), "data.train is empty: give a data file, tfds:NAME:SPLIT or synthetic:N")
-  if paths.is_remote(spec):
-    data_path = _remote_input("data.train", spec)
-  elif spec.startswith(hub.PREFIX):
-    files = _hub_path("data.train", spec, hub.dataset_files)
-    data_path = pathlib.Path(os.path.commonpath(files))
-  else:
-    data_path = output_guard.local_path(spec)
-    if data_path is not None:
-      check(data_path.is_file(), f"data.train={spec}: no such file{_hub_hint(spec)}")
+  check(bool(c.data.train),
+         "data.train is empty: give a data file, tfds:NAME:SPLIT or synthetic:N")
+  inputs = {}
+  for source in train_sources(c):
+    spec = source.spec
+    if paths.is_remote(spec):
+      data_path = _remote_input("data.train", spec)
+    elif spec.startswith(hub.PREFIX):
+      files = _hub_path("data.train", spec, hub.dataset_files)
+      data_path = pathlib.Path(os.path.commonpath(files))
+    else:
+      data_path = output_guard.local_path(spec)
+      if data_path is not None:
+        check(data_path.is_file(), f"data.train={spec}: no such file{_hub_hint(spec)}")
+    inputs[f"data.train={spec}"] = data_path
   tokenizer, init_from = c.data.tokenizer, c.model.init_from
   tokenizer_path = None
   if paths.is_remote(tokenizer):
@@ -248,7 +266,7 @@ def check_inputs(c: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> N
     raise ConfigError(str(e)) from None
   try:
     output_guard.check_not_input(workdir, {
-        f"data.train={spec}": data_path, f"data.tokenizer={tokenizer}": tokenizer_path,
+        **inputs, f"data.tokenizer={tokenizer}": tokenizer_path,
         f"model.init_from={init_from}": init_path}, what="--workdir")
   except output_guard.UnsafeOutput as e:
     raise ConfigError(str(e)) from None
@@ -319,8 +337,9 @@ def validate(c: ml_collections.ConfigDict, num_devices: int, process_count: int)
 
 
 def loss_config(c: ml_collections.ConfigDict) -> LossConfig:
+  names = [source.name for source in train_sources(c)]
   return LossConfig(c.loss.normalization, c.loss.chunk_size, c.loss.kl_to_base,
-                    c.loss.kl_type)
+                    c.loss.kl_type, tuple(names) if len(names) > 1 else ())
 
 
 def pipeline_config(c: ml_collections.ConfigDict, rows: int, epochs: int,

@@ -12,7 +12,7 @@ import os
 import numpy as np
 import pytest
 
-from configs import base
+from im_jax.configs import base
 from im_jax import experiment
 from im_jax.checkpoint import store as store_lib
 from im_jax.data import encode as encode_lib

@@ -128,11 +128,14 @@ def _to_hf(args: argparse.Namespace) -> str:
   output_guard.check_not_input(args.out, [tokenizer])  # the recorded one may live elsewhere
   # a training workdir records its run's content rendering; it holds for its own template
   strip = loaded.info.get("strip_content") if template == loaded.info.get("template") else None
+  metadata = loaded.info.get("export_metadata")  # a training run's: its data and template
+  if metadata is not None:
+    metadata = {**metadata, "template": template, "strip_content": strip}
   with _writable_out(args, "config.json") as local:
     out = hf_export.export_hf(local, model, config, tokenizer,
                               template=template, strip_content=strip, dtype=args.dtype,
                               max_shard_bytes=int(args.max_shard_gb * 2**30),
-                              overwrite=args.overwrite)
+                              overwrite=args.overwrite, metadata=metadata)
   out = args.out if paths.is_remote(args.out) else out
   return f"wrote {out} ({args.dtype}, template {template}{merged})"
 

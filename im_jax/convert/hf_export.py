@@ -75,10 +75,13 @@ def generation_config(config: LlamaConfig, tokenizer: Any, template: str) -> dic
   return out
 
 
+EXPORT_METADATA = "im_jax_export.json"
+
+
 def export_hf(out_dir: PathLike, model_or_state: Any, config: LlamaConfig, tokenizer: Any, *,
               template: str, strip_content: bool | None = None, dtype: str = "float32",
               max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
-              overwrite: bool = False) -> pathlib.Path:
+              overwrite: bool = False, metadata: dict | None = None) -> pathlib.Path:
   """Writes a HF folder for a trained model; returns its path.
 
   Args:
@@ -92,6 +95,8 @@ def export_hf(out_dir: PathLike, model_or_state: Any, config: LlamaConfig, token
     strip_content: the training run's `data.strip_content` (None: the template's default).
     dtype: "float32" or "bfloat16" for the safetensors and config.json's `dtype`.
     max_shard_bytes: above this the weights are split into shards with an index file.
+    metadata: written as `EXPORT_METADATA` (the trainer's: the template exported and the
+      training sources with their format and template overrides).
   """
   if dtype not in DTYPES:
     raise ValueError(f"dtype {dtype!r} not in {DTYPES}")
@@ -110,6 +115,8 @@ def export_hf(out_dir: PathLike, model_or_state: Any, config: LlamaConfig, token
       f.chmod(0o644 & ~_umask())
     (tmp / "generation_config.json").write_text(json.dumps(gen, indent=2) + "\n")
     tok.save_pretrained(str(tmp))
+    if metadata is not None:
+      (tmp / EXPORT_METADATA).write_text(json.dumps(metadata, indent=2) + "\n")
   return pathlib.Path(out_dir).absolute()
 
 

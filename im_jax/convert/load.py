@@ -183,7 +183,7 @@ def load_train_checkpoint(path: PathLike, *, shardings: Any = None,
   info = {"format": "train", "template": meta.get("template"),
           "strip_content": meta.get("strip_content"), "source": str(step_dir),
           "step": int(step_dir.name) if step_dir.name.isdigit() else None,
-          LORA_BASE: base_spec}
+          LORA_BASE: base_spec, "export_metadata": meta.get("export_metadata")}
   states = [nnx.from_flat_state(flat)] + ([] if base_state is None else [base_state])
   return ckpt.LoadedCkpt(nnx.merge(graphdef, *states), config,
                          _recorded_tokenizer(meta, step_dir), info)

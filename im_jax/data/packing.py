@@ -21,6 +21,7 @@ from im_jax.data import encode as encode_lib
 PACKING = ("first_fit", "best_fit", "none")
 ROW_FIELDS = encode_lib.FIELDS + ("segment_ids", "positions")
 ROW_DTYPES = {**encode_lib.FIELD_DTYPES, "segment_ids": np.int32, "positions": np.int32}
+SOURCE_IDS = "source_ids"  # int32, only in rows of a mixture of several sources (pack_row)
 
 
 def plan_rows(lengths: np.ndarray, *, packing: str, row_length: int, num_packing_bins: int,
@@ -63,9 +64,16 @@ def plan_rows(lengths: np.ndarray, *, packing: str, row_length: int, num_packing
   return order, starts
 
 
-def pack_row(examples: list[dict[str, np.ndarray]], row_length: int) -> dict[str, np.ndarray]:
-  """Shifted examples side by side in one row of `row_length` (the row contract)."""
+def pack_row(examples: list[dict[str, np.ndarray]], row_length: int,
+             sources: list[int] | None = None) -> dict[str, np.ndarray]:
+  """Shifted examples side by side in one row of `row_length` (the row contract).
+
+  `sources` (a mixture of several sources): each example's 1-based source, written to every
+  position of it as the optional `source_ids` field (0 on padding) for per-source metrics.
+  """
   row = empty_row(row_length)
+  if sources is not None:
+    row[SOURCE_IDS] = np.zeros(row_length, np.int32)
   at = 0
   for segment, example in enumerate(examples, start=1):
     n = len(example["tokens"])
@@ -75,6 +83,8 @@ def pack_row(examples: list[dict[str, np.ndarray]], row_length: int) -> dict[str
       row[f][at:at + n] = example[f]
     row["segment_ids"][at:at + n] = segment
     row["positions"][at:at + n] = np.arange(n)
+    if sources is not None:
+      row[SOURCE_IDS][at:at + n] = sources[segment - 1]
     at += n
   return row
 

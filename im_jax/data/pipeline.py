@@ -4,7 +4,8 @@ The order of the data is a function of the plan, the seed and the global step al
 of the number of processes that read it (so a run resumes on another slice size with the
 batches it would have seen; docs/multihost.md):
 
-    epoch e: the kept examples, permuted by (seed, e) -> rows by `packing.plan_rows` over
+    epoch e: the kept examples (a mixture: epoch e's picks, `im_jax.data.mixture`),
+      permuted by (seed, e) -> rows by `packing.plan_rows` over
       their lengths -> all-padding rows up to whole global batches of G rows
     global batch b of the run: rows [bG, (b+1)G) of its epoch; with k micro-batches, each
       micro-batch's G/k rows are split into P equal blocks and process p takes block p.
@@ -87,7 +88,9 @@ class DataPipeline:
                lengths: np.ndarray, row_length: int, config: PipelineConfig,
                shard_index: int | None = None, shard_count: int | None = None,
                stats: encode_lib.EncodeStats | None = None, identity: str = "",
-               cache_dir: pathlib.Path | None = None, write_cache: bool = False):
+               cache_dir: pathlib.Path | None = None, write_cache: bool = False,
+               epoch_examples: Callable[[int], np.ndarray] | None = None,
+               example_sources: np.ndarray | None = None):
     if (shard_index is None) != (shard_count is None):
       raise ValueError("give both shard_index and shard_count, or neither")
     if shard_index is None:
@@ -105,6 +108,10 @@ class DataPipeline:
     digest = hashlib.sha256(identity.encode() + self.example_lengths.tobytes())
     self.identity = digest.hexdigest()[:32]  # what the saved positions are positions in
     self._get_example = get_example
+    # A mixture (`im_jax.data.mixture`): each epoch's example ids (repeats allowed, ascending),
+    # and each example's 1-based source for the rows' `source_ids` (several sources only).
+    self._epoch_examples = epoch_examples
+    self.example_sources = example_sources
     self._cache_dir, self._write_cache = cache_dir, write_cache
     self._layouts: list[tuple[np.ndarray, np.ndarray]] = []
     self._plan_epochs(config.num_epochs)
@@ -133,7 +140,7 @@ class DataPipeline:
           return f["ids"], f["starts"]
       except (OSError, ValueError, KeyError) as e:
         log.warning("row plan cache %s unreadable (%s): planning again", path, e)
-    ids = self.kept_indices
+    ids = self.kept_indices if self._epoch_examples is None else self._epoch_examples(epoch)
     if cfg.shuffle:
       ids = ids[np.random.default_rng([cfg.seed, epoch]).permutation(len(ids))]
     order, starts = packing_lib.plan_rows(
@@ -183,6 +190,10 @@ class DataPipeline:
     g = self.global_batch_size // self.config.micro_batches
     return epoch, within * self.global_batch_size + micro * g + self.shard_index * per + r
 
+  def epoch_ids(self, epoch: int) -> np.ndarray:
+    """The example ids of one epoch, in row order (repeats for an upsampled source)."""
+    return self._layouts[epoch][0]
+
   def row_examples(self, epoch: int, row: int) -> np.ndarray:
     """The example ids of one planned row (empty for the padding rows)."""
     ids, starts = self._layouts[epoch]
@@ -194,8 +205,9 @@ class DataPipeline:
 
   def _read_row(self, index: int) -> dict[str, np.ndarray]:
     batch, local = divmod(int(index), self.config.batch_size)
-    examples = [self._encode(i) for i in self.row_examples(*self.global_row(batch, local))]
-    return packing_lib.pack_row(examples, self.row_length)
+    ids = self.row_examples(*self.global_row(batch, local))
+    sources = None if self.example_sources is None else self.example_sources[ids].tolist()
+    return packing_lib.pack_row([self._encode(i) for i in ids], self.row_length, sources)
 
   def _encode(self, index) -> dict[str, np.ndarray]:
     example = self._get_example(int(index))

@@ -53,6 +53,14 @@ class ExamplePlan:
   def __len__(self) -> int:
     return len(self.lengths)
 
+  @classmethod
+  def concatenate(cls, plans: Sequence["ExamplePlan"]) -> "ExamplePlan":
+    """Several sources' plans end to end (as `records.Concatenated` lays their records)."""
+    firsts = [p.first_bad for p in plans if p.first_bad is not None]
+    return cls(*(np.concatenate([getattr(p, f) for p in plans])
+                 for f in ("lengths", "reasons", "cut", "split")),
+               bad_count=sum(p.bad_count for p in plans), first_bad=firsts[0] if firsts else None)
+
   def select(self, eval_fraction: float, max_examples: int) -> tuple[np.ndarray, np.ndarray]:
     """(train, held-out) masks over records: good records, the first `max_examples` of them
     (0: all), split by the hash (`is_held_out`)."""

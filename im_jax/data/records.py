@@ -60,6 +60,26 @@ class Records:
     return [file_digest(p) for p in self.files]
 
 
+class Concatenated(Records):
+  """Several sources' records end to end: record i of source s is `offsets[s] + i`."""
+
+  def __init__(self, parts: Sequence[Records]):
+    super().__init__((), [f for p in parts for f in p.files],
+                     [skip for p in parts for skip in p.skipped])
+    self.parts = list(parts)
+    self.offsets = np.concatenate([[0], np.cumsum([len(p) for p in parts])]).astype(np.int64)
+
+  def __len__(self) -> int:
+    return int(self.offsets[-1])
+
+  def digests(self) -> list[bytes]:
+    return [d for p in self.parts for d in p.digests()]
+
+  def read(self, index: int) -> Conversation | BadRecord:
+    part = int(np.searchsorted(self.offsets, index, side="right")) - 1
+    return self.parts[part].read(index - int(self.offsets[part]))
+
+
 class JsonlRecords(Records):
   """One JSONL file through a byte-offset index; records parsed when read."""
 

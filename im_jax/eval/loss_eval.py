@@ -13,7 +13,9 @@ this module only adds the reductions an evaluation reports:
 - `loss_<kind>` / `tokens_<kind>`: unweighted mean CE and count per target kind present
   (bos, template, system, user, assistant, eos), independent of the loss mode;
 - `output_loss`, `instruction_loss` and their token counts: `train.loss.finalize`, as train
-  metrics report them (in training also `loss`, under the run's normalisation).
+  metrics report them (in training also `loss`, under the run's normalisation); for a mixture
+  of several sources also `output_loss_per_example/NAME`, `instruction_loss_per_example/NAME`
+  and their example counts, per source (`config.sources`).
 
 In training the loss mode is the run's, so there `loss_token_mean` weighs instructions too
 under `im`; `output_loss` is the paper's measure whatever the mode.
@@ -66,11 +68,12 @@ def make_eval_loss_fn(config: loss_lib.LossConfig = loss_lib.LossConfig()) -> st
                                  batch["segment_ids"])
     if config.kl_to_base > 0:
       ce, kl = kl_lib.ce_and_kl(model, hidden, reference, batch, config)
-      sums = loss_lib.loss_sums(ce, batch, config.normalization, kl, config.kl_to_base)
+      sums = loss_lib.loss_sums(ce, batch, config.normalization, kl, config.kl_to_base,
+                                sources=config.sources)
     else:
       ce = loss_lib.chunked_cross_entropy(hidden, model.output_embedding(), batch["targets"],
                                           config.chunk_size)
-      sums = loss_lib.loss_sums(ce, batch, config.normalization)
+      sums = loss_lib.loss_sums(ce, batch, config.normalization, sources=config.sources)
     for norm in ("token", "sequence"):
       other = loss_lib.loss_sums(ce, batch, norm)
       sums[f"{norm}_numerator"] = other[loss_lib.NUMERATOR]

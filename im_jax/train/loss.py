@@ -62,6 +62,9 @@ class LossConfig:
   # and normalised as the CE alone is; 0 = off (no reference model at all).
   kl_to_base: float = 0.0
   kl_type: KLType = "full"  # full: KL over the vocabulary | target_token: log p - log p_base
+  # The names of a mixture's sources (several only): rows carry 1-based `source_ids` and the
+  # per-example group losses are also reported per source (`source_sums`).
+  sources: tuple[str, ...] = ()
 
   def __post_init__(self):
     if self.normalization not in ("token", "sequence"):
@@ -263,13 +266,14 @@ def _loss_weights(batch: Batch) -> jax.Array:
 
 def loss_sums(ce: jax.Array, batch: Batch, normalization: Normalization,
               kl: jax.Array | None = None, kl_to_base: float = 0.0,
-              numerator: jax.Array | None = None) -> LossSums:
+              numerator: jax.Array | None = None, sources: tuple[str, ...] = ()) -> LossSums:
   """Reduces per-token CE [B, T] to the numerator, denominator and metric sums.
 
   With a per-token `kl` [B, T] (train/kl.py) the numerator is that of CE + kl_to_base * KL:
   the KL weighted and normalised as the CE (the same denominator); KL_NUMERATOR holds its
   own numerator for the `kl` metric. `numerator`: the CE's numerator as `ce_and_numerator`
   formed it (differentiable; its `ce` then serves the metrics and denominator only).
+  `sources`: a mixture's source names, whose per-example sums join (`source_sums`).
   """
   ce = ce.astype(jnp.float32)
   weights, segments = _loss_weights(batch), batch["segment_ids"]
@@ -288,7 +292,24 @@ def loss_sums(ce: jax.Array, batch: Batch, normalization: Normalization,
     sums[f"{group}_tokens"] = jnp.sum(mask.astype(jnp.float32))
     means, examples = per_example_means(ce, mask.astype(jnp.float32), segments)
     sums[f"{group}_example_mean_sum"], sums[f"{group}_examples"] = means, examples
+  if sources:
+    sums.update(source_sums(ce, batch, sources))
   return sums
+
+
+def source_sums(ce: jax.Array, batch: Batch, sources: tuple[str, ...]) -> LossSums:
+  """`{group}_example_mean_sum/NAME` and `{group}_examples/NAME` of each source's examples
+  (rows carry its 1-based id in `source_ids`): the group sums restricted to one source, so
+  they add up over micro-batches, devices and eval batches as the totals do."""
+  real = batch["segment_ids"] > 0
+  out = {}
+  for group, kinds_of_group in (("output", OUTPUT_KINDS), ("instruction", INSTRUCTION_KINDS)):
+    mask = _kind_mask(batch["target_kinds"], kinds_of_group) & real
+    for index, name in enumerate(sources, start=1):
+      mine = (mask & (batch["source_ids"] == index)).astype(jnp.float32)
+      means, examples = per_example_means(ce, mine, batch["segment_ids"])
+      out[f"{group}_example_mean_sum/{name}"], out[f"{group}_examples/{name}"] = means, examples
+  return out
 
 
 def _normalized(values: jax.Array, weights: jax.Array, segments: jax.Array,
@@ -337,4 +358,9 @@ def finalize(sums: Mapping[str, jax.Array]) -> dict[str, jax.Array]:
   }
   if KL_NUMERATOR in sums:  # `loss` is then CE + beta * KL; `kl` the KL alone, same weights
     out["kl"] = ratio(sums[KL_NUMERATOR], sums[DENOMINATOR])
+  for key in sums:  # a mixture's sources (`source_sums`)
+    group, slash, name = key.partition("_example_mean_sum/")
+    if slash:
+      out[f"{group}_loss_per_example/{name}"] = ratio(sums[key], sums[f"{group}_examples/{name}"])
+      out[f"{group}_examples/{name}"] = sums[f"{group}_examples/{name}"]
   return out

@@ -103,11 +103,13 @@ def make_loss_fn(config: LossConfig = LossConfig(), neftune_alpha: float = 0.0) 
       hidden = model.hidden_states(embeddings, batch["positions"], batch["segment_ids"])
     if config.kl_to_base > 0:
       ce, kl = kl_lib.ce_and_kl(model, hidden, reference, batch, config)
-      return loss_sums(ce, batch, config.normalization, kl, config.kl_to_base)
+      return loss_sums(ce, batch, config.normalization, kl, config.kl_to_base,
+                       sources=config.sources)
     ce, numerator = ce_and_numerator(hidden, model.output_embedding(), batch["targets"],
                                      numerator_token_grads(batch, config.normalization),
                                      config.chunk_size)
-    return loss_sums(ce, batch, config.normalization, numerator=numerator)
+    return loss_sums(ce, batch, config.normalization, numerator=numerator,
+                     sources=config.sources)
 
   return loss_fn
 
