@@ -27,6 +27,8 @@ pytestmark = pytest.mark.usefixtures("subprocess_compilation_cache")
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 STEPS = 24
 KL = ("--config.loss.kl_to_base=0.5",)
+# A weighted mixture of two sources (issue 28): its picks must resume as one source's do.
+MIXTURE = ("--config.data.train=synthetic:200@0.7,synthetic:120@0.3",)
 
 
 @pytest.fixture(scope="module")
@@ -114,8 +116,8 @@ def uninterrupted(tmp_path_factory, tokenizer_dir):
 
 
 @pytest.mark.parametrize("sig, extra", [(signal.SIGKILL, ()), (signal.SIGTERM, ()),
-                                        (signal.SIGKILL, KL)],
-                         ids=["sigkill", "sigterm", "sigkill_kl"])
+                                        (signal.SIGKILL, KL), (signal.SIGKILL, MIXTURE)],
+                         ids=["sigkill", "sigterm", "sigkill_kl", "sigkill_mixture"])
 def test_interrupted_run_resumes_exactly(tmp_path, tokenizer_dir, uninterrupted, sig, extra):
   uninterrupted = uninterrupted(extra)
   code, err = _start_and_signal(tmp_path, tokenizer_dir, sig, *extra)
@@ -134,7 +136,10 @@ def test_interrupted_run_resumes_exactly(tmp_path, tokenizer_dir, uninterrupted,
   assert sorted(expected) == list(range(1, STEPS + 1))
   assert _losses(tmp_path) == expected  # exact float equality, every step
   kl = _losses(uninterrupted, "kl")
-  assert bool(kl) == bool(extra) and (not kl or max(kl.values()) > 1e-3)  # really on
+  assert bool(kl) == (extra == KL) and (not kl or max(kl.values()) > 1e-3)  # really on
+  per_source = _losses(uninterrupted, "output_loss_per_example/synthetic_120")
+  assert bool(per_source) == (extra == MIXTURE)  # the mixture really trained
+  assert _losses(tmp_path, "output_loss_per_example/synthetic_120") == per_source
   assert _losses(tmp_path, "kl") == kl
   want, got = _final_params(uninterrupted), _final_params(tmp_path)
   assert want.keys() == got.keys() and want
