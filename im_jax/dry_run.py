@@ -37,7 +37,7 @@ def data_plan(c: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dict
   reuse = (workdir / "tokenizer" / "tokenizer.json").exists()  # a synthetic one, kept on resume
   with tempfile.TemporaryDirectory(prefix="im_jax_dry_run_") as scratch:
     data = experiment.build_data(c, workdir if reuse else pathlib.Path(scratch),
-                                 pretrained_tokenizer, cache_dir=workdir / experiment.PLAN_DIR,
+                                 pretrained_tokenizer, cache_dir=experiment.plan_cache_dir(workdir),
                                  write_cache=False)  # reads the plan cache, writes nothing
   experiment.check_data_position(workdir, data.train)
   tokenizer = str(data.tokenizer_dir)

@@ -7,6 +7,7 @@ with one line; config.json is written only after those checks.
 """
 
 import dataclasses
+import hashlib
 import logging
 import math
 import pathlib
@@ -79,7 +80,8 @@ def resolve_tokenizer_dir(c: ml_collections.ConfigDict, workdir: pathlib.Path,
                           records: records_lib.Records,
                           pretrained_tokenizer_dir: pathlib.Path | None) -> pathlib.Path:
   if c.data.tokenizer == SYNTHETIC and paths.is_remote(workdir):
-    return _remote_synthetic_tokenizer(workdir / "tokenizer", conversations)
+    return _remote_synthetic_tokenizer(workdir / "tokenizer",
+                                       _good_conversations(records, c.data.max_examples))
   if c.data.tokenizer == SYNTHETIC:
     out = workdir / "tokenizer"
     # A resumed run must reuse the same one; process 0 writes it, the others wait to read it.
@@ -390,7 +392,7 @@ def build(c: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> Experime
           f"model.init_from={c.model.init_from} is a LoRA run: export it merged "
           "(python -m im_jax.convert to-hf) and start from that folder")
   data = build_data(c, workdir, pretrained.tokenizer_dir if pretrained else None,
-                    cache_dir=workdir / PLAN_DIR)
+                    cache_dir=plan_cache_dir(workdir))
   train_data, eval_data, total_steps = data.train, data.eval, data.total_steps
   check_data_position(workdir, train_data)
   log.info("data: %s; %d batches per epoch, %d batches, %d updates", train_data.stats.as_dict(),
@@ -487,6 +489,15 @@ def absolute_spec(spec: str) -> str:
   except hub.HubError:  # nowhere to be found: settings.check_inputs says so before any run
     folder = pathlib.Path(spec.removeprefix(prefix))
   return prefix + str(folder.absolute())
+
+
+def plan_cache_dir(workdir) -> pathlib.Path:
+  """Where the run's data plan is cached: WORKDIR/data_plan, or for a gs:// workdir a local
+  folder named after it (numpy reads and writes local files; each host plans once)."""
+  if not paths.is_remote(workdir):
+    return pathlib.Path(workdir) / PLAN_DIR
+  digest = hashlib.blake2b(str(workdir).encode(), digest_size=8).hexdigest()
+  return paths.cache_root() / PLAN_DIR / digest
 
 
 def check_resumable(c: ml_collections.ConfigDict, workdir: pathlib.Path) -> None:

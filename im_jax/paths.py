@@ -39,7 +39,7 @@ CACHE_ENV = "IM_JAX_GCS_CACHE"  # where `fetch` keeps local copies (default ~/.c
 _EMULATOR_ENV = "STORAGE_EMULATOR_HOST"
 _INSTALL = "pip install 'im-jax[gcs]' (gcsfs)"
 # In a training workdir these are outputs, never what a loader reads.
-_WORKDIR_SKIP = ("damaged_checkpoints/", "hf/", "tensorboard/", "wandb/")
+_WORKDIR_SKIP = ("damaged_checkpoints/", "hf/", "tensorboard/", "wandb/", "data_plan/")
 
 log = logging.getLogger(__name__)
 PathLike = str | os.PathLike

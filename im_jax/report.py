@@ -298,7 +298,7 @@ def harness_scores(path: str | pathlib.Path) -> dict[str, float]:
   from im_jax.eval.harness import flat_metrics  # pylint: disable=g-import-not-at-top
 
   try:
-    results = json.loads(pathlib.Path(path).read_text(encoding="utf-8"))
+    results = json.loads(paths.path(path).read_text(encoding="utf-8"))
   except (OSError, json.JSONDecodeError) as e:
     raise ReportError(f"{path}: not a readable JSON file ({e})") from None
   if not isinstance(results, dict) or not isinstance(results.get("results"), dict):

@@ -26,7 +26,6 @@ import copy
 import dataclasses
 import hashlib
 import logging
-import os
 import pathlib
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -148,11 +147,7 @@ class DataPipeline:
         num_packing_bins=cfg.num_packing_bins, max_segments_per_row=cfg.max_segments_per_row)
     ids = ids[order].astype(np.int32 if len(self.example_lengths) < 2**31 else np.int64)
     if path is not None and self._write_cache:
-      path.parent.mkdir(parents=True, exist_ok=True)
-      tmp = path.with_name(f".{path.name}.{os.getpid()}.partial")
-      with open(tmp, "wb") as f:
-        np.savez(f, ids=ids, starts=starts)
-      os.replace(tmp, path)
+      plan_lib.write_npz(path, ids=ids, starts=starts)
     return ids, starts
 
   def with_epochs(self, num_epochs: int) -> "DataPipeline":

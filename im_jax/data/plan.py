@@ -199,11 +199,18 @@ def load_cached(path: pathlib.Path) -> ExamplePlan | None:
 
 
 def save_cached(path: pathlib.Path, plan: ExamplePlan) -> None:
+  write_npz(path, version=np.array(VERSION), lengths=plan.lengths, reasons=plan.reasons,
+            cut=plan.cut, split=plan.split, bad_count=np.array(plan.bad_count),
+            first_bad=np.array(plan.first_bad or (), dtype=str))
+
+
+def write_npz(path: pathlib.Path, **arrays: np.ndarray) -> None:
   """Writes atomically: a reader sees the old file, none, or the whole new one."""
   path.parent.mkdir(parents=True, exist_ok=True)
   tmp = path.with_name(f".{path.name}.{os.getpid()}.partial")
-  with open(tmp, "wb") as f:
-    np.savez(f, version=np.array(VERSION), lengths=plan.lengths, reasons=plan.reasons,
-             cut=plan.cut, split=plan.split, bad_count=np.array(plan.bad_count),
-             first_bad=np.array(plan.first_bad or (), dtype=str))
-  os.replace(tmp, path)
+  try:
+    with open(tmp, "wb") as f:
+      np.savez(f, **arrays)
+    os.replace(tmp, path)
+  finally:
+    tmp.unlink(missing_ok=True)

@@ -10,7 +10,8 @@
 The template defaults to the one the checkpoint records, else `hf` when the tokenizer has a
 chat template, else `tulu`. Bad data, a bad model path or an --out that is not writable (or
 is, holds or lies inside an input) prints one line on stderr and exits with status 2, before
-any model is loaded.
+any model is loaded; a write that fails for lack of space or permission is one line and
+status 1, with nothing half-written.
 """
 
 import argparse

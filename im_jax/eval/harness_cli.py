@@ -11,7 +11,6 @@ written. Rows are sharded over all devices (data x fsdp), parameters in their FS
 
 import argparse
 import json
-import pathlib
 from typing import Any, Callable
 
 import jax
@@ -56,7 +55,10 @@ def _check_args(args: argparse.Namespace) -> None:
   if args.out:
     output_guard.check_not_input(args.out, [output_guard.local_path(args.model),
                                             args.include_path])
-    output_guard.check_writable_file(args.out)
+    if paths.is_remote(args.out):
+      paths.check_ready(args.out, what="--out", write=True)
+    else:
+      output_guard.check_writable_file(args.out)
   args.model = paths.fetch(args.model, what="--model")  # a gs:// model: a local copy, cached
   # Reads configs only: a path that is no model fails here, before tasks and weights.
   config, tokenizer_dir = load.read_pretrained(args.model)
@@ -84,15 +86,18 @@ def run(args: argparse.Namespace, load: Loader) -> int:
   if jax.process_index() != 0:  # every process computed; one reports
     return 0
   metrics = harness.flat_metrics(results)
+  given = getattr(args, "given", (args.model,))[0]  # the --model given, not its local copy
   if args.out:
-    out = pathlib.Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    record = {"model": args.model, "template": template if args.apply_chat_template else None,
+    out = paths.path(args.out)
+    if not paths.is_remote(out):
+      out.parent.mkdir(parents=True, exist_ok=True)
+    record = {"model": given, "template": template if args.apply_chat_template else None,
               **{k: results.get(k) for k in ("results", "groups", "n-shot", "versions",
                                              "higher_is_better", "n-samples")}}
-    out.write_text(json.dumps(record, indent=2, default=str) + "\n")
+    # whole or not at all (a full disk leaves no half-written file)
+    paths.write_text(out, json.dumps(record, indent=2, default=str) + "\n")
   if args.json:
-    print(json.dumps({"model": args.model, "tasks": tasks.names, "metrics": metrics}))
+    print(json.dumps({"model": given, "tasks": tasks.names, "metrics": metrics}))
   else:
     from lm_eval.utils import make_table  # pylint: disable=g-import-not-at-top
 

@@ -1,7 +1,7 @@
 """The training loop: steps, periodic evaluation, checkpoints, exact resume, preemption.
 
 A run in a workdir that already has checkpoints continues from the newest readable one: the
-train state (parameters, optimiser state, step, RNG) and the grain iterator position are
+train state (parameters, optimiser state, step, RNG) and the data position (global batches read) are
 restored, so the resumed run sees the same batches and produces the same losses and
 parameters as an uninterrupted one. Per-step randomness is `fold_in(rng, step)`, a pure
 function of the restored state.
