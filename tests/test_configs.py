@@ -26,6 +26,8 @@ from im_jax.data.kinds import INSTRUCTION_KINDS, TokenKind
 from im_jax import experiment
 from im_jax.train.metrics_log import read_metrics
 
+pytestmark = [pytest.mark.slow]  # trains every paper recipe
+
 REPO = pathlib.Path(__file__).resolve().parents[1]
 DEVICES = 8  # conftest's simulated CPU devices
 DATASETS = tuple(paper.DATASETS)

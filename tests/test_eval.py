@@ -22,7 +22,8 @@ from im_jax.models.llama import Llama, LlamaConfig
 from im_jax.models.llama import params
 
 # The training/eval commands this module starts share compiled steps (tests/conftest.py).
-pytestmark = pytest.mark.usefixtures("subprocess_compilation_cache")
+# slow: the real SmolLM2, command subprocesses
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("subprocess_compilation_cache")]
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 MAX_LEN = 96

@@ -244,6 +244,7 @@ def _fill(disk: pathlib.Path) -> None:
       f.write(b"\0" * 65536)
 
 
+@pytest.mark.slow  # trains through a subprocess, twice
 @pytest.mark.usefixtures("subprocess_compilation_cache")
 def test_full_disk_in_training_names_the_intact_checkpoint_and_resumes(tmp_path):
   tokenizer = synthetic.train_tokenizer(

@@ -26,7 +26,9 @@ from im_jax.train.metrics_log import read_metrics
 from tests import fixtures_lib
 from tests.gcs_emulator import Emulator
 
-pytestmark = pytest.mark.usefixtures("subprocess_compilation_cache", "compilation_cache")
+# slow: trains through a subprocess against a Cloud Storage emulator
+pytestmark = [pytest.mark.slow,
+              pytest.mark.usefixtures("subprocess_compilation_cache", "compilation_cache")]
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 BUCKET = "gs://bkt"

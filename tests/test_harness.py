@@ -23,6 +23,8 @@ from im_jax.eval import harness, harness_lm  # noqa: E402
 from im_jax.train import sharding  # noqa: E402
 from tests import fixtures_lib  # noqa: E402
 
+pytestmark = [pytest.mark.slow]  # the real SmolLM2 against lm-eval's hf backend, training runs
+
 REL = 1e-4  # the tolerance, float32 against PyTorch
 
 LL_REQUESTS = [

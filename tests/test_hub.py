@@ -26,7 +26,8 @@ from im_jax.data.conversation import DataError
 from im_jax.data.stats import load_tokenizer
 
 # The training/eval commands this module starts share compiled steps (tests/conftest.py).
-pytestmark = pytest.mark.usefixtures("subprocess_compilation_cache")
+# slow: trains through a subprocess
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("subprocess_compilation_cache")]
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 MODEL, DATASET = "testorg/tiny-llama", "testorg/chat"

@@ -25,7 +25,8 @@ from im_jax.train import loss as loss_lib
 from tests import fixtures_lib, train_rows
 
 # The training/eval commands this module starts share compiled steps (tests/conftest.py).
-pytestmark = pytest.mark.usefixtures("subprocess_compilation_cache")
+# slow: the real SmolLM2, training subprocesses
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("subprocess_compilation_cache")]
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 

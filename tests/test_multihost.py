@@ -53,7 +53,7 @@ EVERY = 3  # checkpoint interval
 RUN_TIMEOUT = 180  # seconds for one whole run (all processes)
 PEER_EXIT_TIMEOUT = 60  # seconds the survivor of a killed peer gets to stop by itself
 
-pytestmark = pytest.mark.timeout(600)  # a last resort: every run has its own timeout
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]  # a last resort: every run has its own timeout; slow: trains with two processes
 
 
 @pytest.fixture(scope="module")

@@ -16,6 +16,8 @@ from im_jax.train import loop, loss, optim, sharding, step
 from im_jax.train.metrics_log import read_metrics
 from tests import train_rows
 
+pytestmark = [pytest.mark.slow]  # trains through subprocesses
+
 CONFIG = LlamaConfig.preset("tiny", vocab_size=128, num_heads=4, num_kv_heads=2, head_dim=8,
                             num_layers=1)
 STEPS = 6

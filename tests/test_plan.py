@@ -17,6 +17,8 @@ from im_jax.plan import analysis
 from im_jax.plan import topology as topo_lib
 from im_jax.train import sharding
 
+pytestmark = [pytest.mark.slow]  # compiles for virtual TPU topologies
+
 GiB = 2**30
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 

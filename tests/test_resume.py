@@ -22,7 +22,7 @@ from im_jax.train.metrics_log import read_metrics
 from tests import fixtures_lib
 
 # The training/eval commands this module starts share compiled steps (tests/conftest.py).
-pytestmark = pytest.mark.usefixtures("subprocess_compilation_cache")
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("subprocess_compilation_cache")]  # slow: kills and resumes training subprocesses
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 STEPS = 24

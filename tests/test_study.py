@@ -15,6 +15,8 @@ from im_jax.study import plan as plan_lib
 from im_jax.study import claims as claims_lib
 from im_jax.study import scales, sizing, statistics, subsets
 
+pytestmark = [pytest.mark.slow]  # runs the study's smoke scale
+
 FILES = ("results.json", "results.md", "curves_lima.png", "curves_alpaca5k.png",
          "gain_vs_size.png", "gain_vs_ratio.png")
 

@@ -25,7 +25,7 @@ from im_jax.train.metrics_log import read_metrics
 from tests import wandb_runs
 
 # The training/eval commands this module starts share compiled steps (tests/conftest.py).
-pytestmark = pytest.mark.usefixtures("subprocess_compilation_cache")
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("subprocess_compilation_cache")]  # slow: trains through a subprocess
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
