@@ -245,6 +245,12 @@ def _fill(disk: pathlib.Path) -> None:
 
 
 @pytest.mark.slow  # trains through a subprocess, twice
+# Known, open (issue 30): which write meets the full disk first depends on timing. Mostly the
+# checkpoint's (the line below); sometimes metrics or TensorBoard's, whose line says "no
+# training step ran" and leaves tensorboardX's atexit traceback on the console; twice in ~10
+# runs the process did not exit within 300 s. Kept running so CI shows when it passes.
+@pytest.mark.xfail(strict=False, reason="issue 30: the full-disk line depends on which write "
+                   "fails first, and the run has hung; see the comment above")
 @pytest.mark.usefixtures("subprocess_compilation_cache")
 def test_full_disk_in_training_names_the_intact_checkpoint_and_resumes(tmp_path):
   tokenizer = synthetic.train_tokenizer(
