@@ -22,7 +22,7 @@ def parse_flags(argv: list[str]) -> list[str]:
 
 def _unknown_override(argv: list[str]) -> str:
   """The first `--config.KEY=...` naming no key of configs/base.py, with a suggestion."""
-  from im_jax import settings  # pylint: disable=g-import-not-at-top  (jax: slow)
+  from im_jax.run import settings  # pylint: disable=g-import-not-at-top  (jax: slow)
 
   for arg in argv[1:]:
     if arg.startswith("--config."):

@@ -123,7 +123,8 @@ def _child(repo: str, flags: list[str]) -> None:
   host_memory.reexec_with_tuned_malloc()  # as the train entry point does
   import jax  # pylint: disable=g-import-not-at-top
   from absl import app  # pylint: disable=g-import-not-at-top
-  from im_jax import cli, experiment  # pylint: disable=g-import-not-at-top
+  from im_jax import cli  # pylint: disable=g-import-not-at-top
+  from im_jax.run import experiment  # pylint: disable=g-import-not-at-top
   from im_jax.train import __main__ as train_main  # pylint: disable=g-import-not-at-top
 
   timings = {}

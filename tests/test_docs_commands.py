@@ -32,7 +32,7 @@ import sys
 import pytest
 
 from im_jax import __main__ as dispatcher
-from im_jax import settings
+from im_jax.run import settings
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]

@@ -78,7 +78,7 @@ def test_a_run_w_and_b_refuses_is_one_line(tmp_path, monkeypatch):
 
 def test_an_online_run_without_an_api_key_stops_before_any_work(tmp_path, monkeypatch):
   from im_jax.configs import base  # pylint: disable=g-import-not-at-top
-  from im_jax import settings  # pylint: disable=g-import-not-at-top
+  from im_jax.run import settings  # pylint: disable=g-import-not-at-top
 
   c = base.get_config()
   c.data.train, c.data.tokenizer, c.log.wandb_project = "synthetic:10", "synthetic", "im-jax"

@@ -97,7 +97,7 @@ def main(argv) -> int:
                                f" --xla_force_host_platform_device_count={topology.num_devices}")
   import jax  # pylint: disable=g-import-not-at-top
   jax.config.update("jax_platforms", "cpu")  # compile only: never probe or use an accelerator
-  from im_jax import experiment  # pylint: disable=g-import-not-at-top
+  from im_jax.run import experiment  # pylint: disable=g-import-not-at-top
   from im_jax.plan import analysis  # pylint: disable=g-import-not-at-top
 
   try:

@@ -62,7 +62,8 @@ def main(argv) -> int:
 def _train(config) -> int:
   """Build, run and export; a write failure raises WriteFailed (one line, exit 1)."""
   from im_jax.data.conversation import DataError  # pylint: disable=g-import-not-at-top
-  from im_jax import checkpoint, experiment  # pylint: disable=g-import-not-at-top
+  from im_jax import checkpoint  # pylint: disable=g-import-not-at-top
+  from im_jax.run import experiment  # pylint: disable=g-import-not-at-top
   from im_jax.train import loop, workdir_lock  # pylint: disable=g-import-not-at-top
 
   try:
@@ -104,7 +105,7 @@ def _train(config) -> int:
 def _inspect(config) -> int:
   """--print-config and --dry-run: report, write nothing."""
   import jax  # pylint: disable=g-import-not-at-top
-  from im_jax import dry_run, settings  # pylint: disable=g-import-not-at-top
+  from im_jax.run import dry_run, settings  # pylint: disable=g-import-not-at-top
   from im_jax.data.conversation import DataError  # pylint: disable=g-import-not-at-top
   from im_jax.train import loop  # pylint: disable=g-import-not-at-top
 

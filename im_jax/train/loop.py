@@ -71,7 +71,7 @@ class StepHook:
   (0: only at the end) and at the end of the run, after its final checkpoint. `fn(state)`
   returns metrics for metrics.jsonl / TensorBoard / W&B; every process calls it (it may be
   collective), process 0 writes. The top-level wiring builds these (benchmark scores through
-  lm-eval: `im_jax.experiment`), so the loop knows nothing of what they compute."""
+  lm-eval: `im_jax.run.experiment`), so the loop knows nothing of what they compute."""
 
   fn: Callable[[TrainState], dict[str, float]]
   every: int = 0

@@ -35,7 +35,7 @@ from im_jax.data.stats import load_tokenizer
 from im_jax.eval import loss_eval
 from im_jax.models import lora as lora_lib
 from im_jax.models.llama import Llama, LlamaConfig
-from im_jax.settings import (SYNTHETIC, ConfigError, check, check_inputs,  # noqa: F401
+from im_jax.run.settings import (SYNTHETIC, ConfigError, check, check_inputs,  # noqa: F401
                              encode_config, lora_config, loop_config, loss_config,
                              model_options, train_sources,
                              optim_config, pipeline_config, validate)
