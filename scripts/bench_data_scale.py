@@ -124,8 +124,11 @@ def _child(repo: str, flags: list[str]) -> None:
   import jax  # pylint: disable=g-import-not-at-top
   from absl import app  # pylint: disable=g-import-not-at-top
   from im_jax import cli  # pylint: disable=g-import-not-at-top
-  from im_jax.run import experiment  # pylint: disable=g-import-not-at-top
-  from im_jax.train import __main__ as train_main  # pylint: disable=g-import-not-at-top
+  try:  # the wiring in im_jax.run (since issue 25)
+    from im_jax.run import experiment, train as train_main  # pylint: disable=g-import-not-at-top
+  except ImportError:  # an older checkout
+    from im_jax import experiment  # pylint: disable=g-import-not-at-top
+    from im_jax.train import __main__ as train_main  # pylint: disable=g-import-not-at-top
 
   timings = {}
   real_build_data, real_build = experiment.build_data, experiment.build
