@@ -11,55 +11,50 @@ truncated, rows, padding, steps, tokens per step, parameters, outputs), then exi
 compiling or touching the workdir. The memory plan is `python -m im_jax.plan`.
 """
 
-import logging
 import pathlib
 import sys
 
-from absl import app, flags
-from ml_collections import config_flags
-
-# distributed defines --coordinator_address --num_processes --process_id
 from im_jax import cli, distributed, host_memory, write_faults
-
-_CONFIG = config_flags.DEFINE_config_file("config", None, "experiment config file")
-_WORKDIR = flags.DEFINE_string("workdir", None, "run folder: config, metrics, checkpoints")
-_DRY_RUN = flags.DEFINE_bool("dry-run", False, "print the data plan and exit: no compiling, "
-                             "nothing written (the memory plan is python -m im_jax.plan)")
-_PRINT_CONFIG = flags.DEFINE_bool("print-config", False,
-                                  "print the resolved config as JSON and exit")
-flags.mark_flags_as_required(["config", "workdir"])
+from im_jax.run import config_args
 
 
-def main(argv) -> int:
-  del argv
-  # Orbax and grain log every file operation at INFO through absl: keep theirs to warnings.
-  logging.getLogger("absl").setLevel(logging.WARNING)
-  logging.getLogger("im_jax").setLevel(logging.INFO)
+def _parser() -> config_args.ConfigArgumentParser:
+  parser = config_args.ConfigArgumentParser(prog="python -m im_jax.train", description=__doc__)
+  parser.add_argument("--workdir", required=True,
+                      help="run folder: config, metrics, checkpoints (a local folder or gs://)")
+  parser.add_argument("--dry-run", action="store_true",
+                      help="print the data plan and exit: no compiling, nothing written (the "
+                           "memory plan is python -m im_jax.plan)")
+  parser.add_argument("--print-config", action="store_true",
+                      help="print the resolved config as JSON and exit")
+  distributed.add_arguments(parser)
+  return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+  args = _parser().parse_args(argv)
+  cli.log_to_stderr()
   try:
-    distributed.initialize()  # before any other JAX use; single process when nothing is set
-  except ValueError as e:  # incomplete or malformed IM_JAX_* / --coordinator settings
-    cli.fail(str(e))
-  try:
-    config = _CONFIG.value
-    config.keys()  # the file's load error, if any, is raised on first use
-  except OSError as e:
-    cli.fail(" ".join(str(e).split()))
-  if _PRINT_CONFIG.value or _DRY_RUN.value:
-    return _inspect(config)
+    config = config_args.load(args)
+    # before any other JAX use; a single process when nothing is set
+    distributed.initialize(distributed.explicit_settings(vars(args)))
+  except ValueError as e:  # the config file or an override; incomplete multi-process settings
+    return cli.report(e)
+  if args.print_config or args.dry_run:
+    return _inspect(config, args)
   # A full disk: library tracebacks (Orbax's threads log theirs) go to WORKDIR/errors.log,
   # the console gets one line (write_faults).
-  with write_faults.TracebackLog(pathlib.Path(_WORKDIR.value) / "errors.log") as tracebacks:
+  with write_faults.TracebackLog(pathlib.Path(args.workdir) / "errors.log") as tracebacks:
     try:
-      code = _train(config)
+      code = _train(config, args.workdir)
     except write_faults.WriteFailed as e:
-      print(f"error: {e}{tracebacks.note(e)}", file=sys.stderr)
-      return 1
+      return cli.report(f"{e}{tracebacks.note(e)}", cli.EXIT_FAILED)
   if tracebacks.path is not None:  # a library logged a traceback, yet the run went on
     print(f"warning: library tracebacks were written to {tracebacks.path}", file=sys.stderr)
   return code
 
 
-def _train(config) -> int:
+def _train(config, workdir: str) -> int:
   """Build, run and export; a write failure raises WriteFailed (one line, exit 1)."""
   from im_jax.data.conversation import DataError  # pylint: disable=g-import-not-at-top
   from im_jax import checkpoint  # pylint: disable=g-import-not-at-top
@@ -67,20 +62,19 @@ def _train(config) -> int:
   from im_jax.train import loop, workdir_lock  # pylint: disable=g-import-not-at-top
 
   try:
-    exp = experiment.build(config, _WORKDIR.value)
+    exp = experiment.build(config, workdir)
     result = exp.run()
-  except (experiment.ConfigError, DataError, loop.ResumeMismatch, workdir_lock.WorkdirBusy) as e:
-    print(f"error: {e}", file=sys.stderr)
-    return 2
+  except loop.ResumeMismatch as e:  # its `key: saved -> now` lines are the message
+    return cli.report_lines(e)
+  except (experiment.ConfigError, DataError, workdir_lock.WorkdirBusy) as e:
+    return cli.report(e)
   except (ValueError, OSError) as e:  # anything else about the inputs (a tokenizer folder, ...)
     if failed := write_faults.failed_write(e, safe="no training step ran",
                                            rerun="the same command"):  # e.g. config.json
       raise failed from e
-    print(f"error: {' '.join(str(e).split()) or type(e).__name__}", file=sys.stderr)
-    return 2
+    return cli.report(e)
   except (loop.TrainingStopped, checkpoint.UnreadableCheckpoints) as e:
-    print(f"error: {e}", file=sys.stderr)
-    return 1
+    return cli.report(e, cli.EXIT_FAILED)
   if result.preempted:
     print(f"preempted at step {result.step}; rerun the same command to resume", file=sys.stderr)
     return 0
@@ -102,7 +96,7 @@ def _train(config) -> int:
   return 0
 
 
-def _inspect(config) -> int:
+def _inspect(config, args) -> int:
   """--print-config and --dry-run: report, write nothing."""
   import jax  # pylint: disable=g-import-not-at-top
   from im_jax.run import dry_run, settings  # pylint: disable=g-import-not-at-top
@@ -110,20 +104,19 @@ def _inspect(config) -> int:
   from im_jax.train import loop  # pylint: disable=g-import-not-at-top
 
   try:
-    if _PRINT_CONFIG.value:
+    if args.print_config:
       settings.validate(config, jax.device_count(), jax.process_count())
       print(config.to_json(indent=2))
-    if _DRY_RUN.value:
-      print(dry_run.format_plan(dry_run.data_plan(config, _WORKDIR.value)))
-  except (settings.ConfigError, DataError, loop.ResumeMismatch) as e:
-    print(f"error: {e}", file=sys.stderr)
-    return 2
-  except (ValueError, OSError) as e:
-    print(f"error: {' '.join(str(e).split()) or type(e).__name__}", file=sys.stderr)
-    return 2
+    if args.dry_run:
+      print(dry_run.format_plan(dry_run.data_plan(config, args.workdir)))
+  except loop.ResumeMismatch as e:  # its `key: saved -> now` lines are the message
+    return cli.report_lines(e)
+  except (settings.ConfigError, DataError, ValueError, OSError) as e:
+    return cli.report(e)
   return 0
 
 
 def run_from_command_line() -> None:
+  """`python -m im_jax.train`: main() in a process with the tuned allocator (host_memory)."""
   host_memory.reexec_with_tuned_malloc()
-  app.run(main, flags_parser=cli.parse_flags)
+  sys.exit(main())

@@ -4,7 +4,7 @@
 name: they may import `im_jax.run`; the library modules beside them may not.
 """
 
-from im_jax.run import train
+from im_jax.run.train import main, run_from_command_line  # noqa: F401  (main: in-process use)
 
 if __name__ == "__main__":
-  train.run_from_command_line()
+  run_from_command_line()
