@@ -5,6 +5,8 @@ import difflib
 import runpy
 import sys
 
+from im_jax import cli
+
 # command -> the module `python -m` runs (each has its own --help)
 COMMANDS = {
     "train": ("im_jax.train", "train from a config file, resuming in its workdir"),
@@ -31,8 +33,7 @@ def main(argv: list[str] | None = None) -> int:
   if name not in COMMANDS:
     close = difflib.get_close_matches(name, COMMANDS, n=1)
     hint = f" (did you mean {close[0]}?)" if close else f" (one of {', '.join(COMMANDS)})"
-    print(f"error: unknown command {name!r}{hint}", file=sys.stderr)
-    return 2
+    return cli.report(f"unknown command {name!r}{hint}")
   # The command's own parser reads sys.argv, as under `python -m im_jax.COMMAND`.
   sys.argv = [f"im-jax {name}", *argv[1:]]
   runpy.run_module(COMMANDS[name][0], run_name="__main__", alter_sys=True)

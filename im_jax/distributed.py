@@ -3,9 +3,9 @@
 Every host (process) runs the same command. `initialize()` connects the processes through
 `jax.distributed.initialize`, from the first of these that is set:
 
-1. explicit settings: the absl flags `--coordinator_address --num_processes --process_id`
-   (when the entry point defines and parsed them), else the environment variables
-   `IM_JAX_COORDINATOR`, `IM_JAX_NUM_PROCESSES`, `IM_JAX_PROCESS_ID`;
+1. explicit settings: the options `--coordinator_address --num_processes --process_id` of
+   the commands that take them (`add_arguments`: `python -m im_jax.train`), else the
+   environment variables `IM_JAX_COORDINATOR`, `IM_JAX_NUM_PROCESSES`, `IM_JAX_PROCESS_ID`;
 2. a cluster JAX detects by itself: Cloud TPU VMs and pod slices (metadata server), SLURM
    (`srun`), Open MPI, Kubernetes JobSets;
 3. nothing: a single process, no coordinator.
@@ -27,7 +27,6 @@ from typing import Any
 
 import jax
 import numpy as np
-from absl import flags
 
 log = logging.getLogger(__name__)
 
@@ -38,12 +37,19 @@ ENV_DISTRIBUTED = "IM_JAX_DISTRIBUTED"  # "off": no cluster auto-detection
 ENV_HEARTBEAT = "IM_JAX_HEARTBEAT_TIMEOUT"  # seconds before a silent peer fails the job
 ENV_INIT_TIMEOUT = "IM_JAX_INIT_TIMEOUT"  # seconds to wait for all processes to connect
 
-_COORDINATOR = flags.DEFINE_string(
-    "coordinator_address", None, f"host:port of process 0 (or ${ENV_COORDINATOR})")
-_NUM_PROCESSES = flags.DEFINE_integer(
-    "num_processes", None, f"number of processes (or ${ENV_NUM_PROCESSES})")
-_PROCESS_ID = flags.DEFINE_integer(
-    "process_id", None, f"this process's index in [0, num_processes) (or ${ENV_PROCESS_ID})")
+
+
+def add_arguments(parser: Any) -> None:
+  """The multi-process options, on an argparse parser of a command that starts JAX."""
+  group = parser.add_argument_group(
+      "multi-process runs", "Every host runs the same command. Unset: the environment, else "
+      "the cluster's own\ndetection (docs/multihost.md).")
+  group.add_argument("--coordinator_address", metavar="HOST:PORT",
+                     help=f"process 0's address (or ${ENV_COORDINATOR})")
+  group.add_argument("--num_processes", type=int, metavar="N",
+                     help=f"number of processes (or ${ENV_NUM_PROCESSES})")
+  group.add_argument("--process_id", type=int, metavar="I",
+                     help=f"this process's index in [0, N) (or ${ENV_PROCESS_ID})")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -61,21 +67,15 @@ class Settings:
       raise ValueError(f"coordinator address {self.coordinator_address!r} is not host:port")
 
 
-def _flag_values() -> dict[str, Any]:
-  if not flags.FLAGS.is_parsed():  # imported by a program that did not parse absl flags
-    return {}
-  return {"coordinator_address": _COORDINATOR.value, "num_processes": _NUM_PROCESSES.value,
-          "process_id": _PROCESS_ID.value}
-
-
 def explicit_settings(flag_values: Mapping[str, Any] | None = None,
                       environ: Mapping[str, str] | None = None) -> Settings | None:
-  """Settings from flags, else environment variables; None when neither sets any.
+  """Settings from the options (`add_arguments`; `vars(args)` will do), else environment
+  variables; None when neither sets any.
 
-  Each of the three values is taken from its flag if given, else its variable; a partial set
-  is an error (a process that silently ran alone would train on one shard of the data).
+  Each of the three values is taken from its option if given, else its variable; a partial
+  set is an error (a process that silently ran alone would train on one shard of the data).
   """
-  flag_values = _flag_values() if flag_values is None else flag_values
+  flag_values = {} if flag_values is None else flag_values
   environ = os.environ if environ is None else environ
   raw = {
       "coordinator_address": flag_values.get("coordinator_address") or environ.get(
@@ -95,7 +95,7 @@ def explicit_settings(flag_values: Mapping[str, Any] | None = None,
   if len(given) < len(raw):
     missing = sorted(set(raw) - set(given))
     raise ValueError(f"multi-process settings are incomplete: {given} given, {missing} missing "
-                     f"(flags --{' --'.join(raw)}, or ${ENV_COORDINATOR}, "
+                     f"(options --{' --'.join(raw)}, or ${ENV_COORDINATOR}, "
                      f"${ENV_NUM_PROCESSES}, ${ENV_PROCESS_ID})")
   return Settings(**raw)
 

@@ -27,10 +27,9 @@ import sys
 import tempfile
 from typing import Any, Sequence
 
-from im_jax import output_guard, paths
+from im_jax import cli, output_guard, paths
 from im_jax.train.metrics_log import METRICS_FILE
 
-EXIT_BAD_INPUT = 2
 EVAL_PREFIX = "eval_"
 HARNESS_PREFIX = "harness/"  # lm-eval scores logged in training (im_jax.eval.harness)
 STDERR = "_stderr"
@@ -349,8 +348,8 @@ def report(workdirs: Sequence[str | pathlib.Path], out: str | pathlib.Path,
 
 
 def _parser() -> argparse.ArgumentParser:
-  parser = argparse.ArgumentParser(
-      prog="python -m im_jax.report", description=__doc__.split("\n\n")[0])
+  parser = cli.ArgumentParser(prog="python -m im_jax.report",
+                              description=__doc__.split("\n\n")[0])
   parser.add_argument("--workdir", nargs="+", action="extend", required=True,
                       help="training run folders (one flag with several, or repeated)")
   parser.add_argument("--out", required=True, help="the PNG to write (the table goes to .md)")
@@ -368,8 +367,7 @@ def main(argv: Sequence[str] | None = None) -> int:
   try:
     png, md, table = report(args.workdir, args.out, args.label, args.harness)
   except (ReportError, ValueError, OSError) as e:  # e.g. an image format matplotlib lacks
-    print(f"error: {' '.join(str(e).split()) or type(e).__name__}", file=sys.stderr)
-    return EXIT_BAD_INPUT
+    return cli.report(e)
   print(table, end="")
   print(f"wrote {png} and {md}", file=sys.stderr)
   return 0

@@ -122,9 +122,11 @@ def _child(repo: str, flags: list[str]) -> None:
 
   host_memory.reexec_with_tuned_malloc()  # as the train entry point does
   import jax  # pylint: disable=g-import-not-at-top
-  from absl import app  # pylint: disable=g-import-not-at-top
-  from im_jax import cli, experiment  # pylint: disable=g-import-not-at-top
-  from im_jax.train import __main__ as train_main  # pylint: disable=g-import-not-at-top
+  try:  # the wiring in im_jax.run, argparse (since issue 25)
+    from im_jax.run import experiment, train as train_main  # pylint: disable=g-import-not-at-top
+  except ImportError:  # an older checkout: absl flags
+    from im_jax import experiment  # pylint: disable=g-import-not-at-top
+    from im_jax.train import __main__ as train_main  # pylint: disable=g-import-not-at-top
 
   timings = {}
   real_build_data, real_build = experiment.build_data, experiment.build
@@ -153,6 +155,10 @@ def _child(repo: str, flags: list[str]) -> None:
 
   experiment.build_data, experiment.build = build_data, build
   sys.argv = ["im_jax.train", *flags]
+  if hasattr(train_main, "run_from_command_line"):
+    sys.exit(train_main.main(flags))
+  from absl import app  # pylint: disable=g-import-not-at-top
+  from im_jax import cli  # pylint: disable=g-import-not-at-top
   app.run(train_main.main, flags_parser=cli.parse_flags)
 
 

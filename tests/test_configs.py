@@ -23,7 +23,7 @@ import pytest
 
 from im_jax.configs import base, paper
 from im_jax.data.kinds import INSTRUCTION_KINDS, TokenKind
-from im_jax import experiment
+from im_jax.run import experiment
 from im_jax.train.metrics_log import read_metrics
 
 pytestmark = [pytest.mark.slow]  # trains every paper recipe

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from im_jax.configs import base
-from im_jax import experiment
+from im_jax.run import experiment
 from im_jax.checkpoint import store as store_lib
 from im_jax.data import encode as encode_lib
 from im_jax.data import packing
@@ -23,7 +23,7 @@ from im_jax.data import records as records_lib
 from im_jax.data import sources
 from im_jax.data.conversation import Conversation
 from im_jax.data.stats import load_tokenizer
-from im_jax.settings import ConfigError, encode_config
+from im_jax.run.settings import ConfigError, encode_config
 
 
 def _alpaca_like(n: int, seed: int = 0) -> list[dict]:

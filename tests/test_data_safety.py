@@ -24,7 +24,8 @@ import orbax.checkpoint as ocp
 import pytest
 
 from im_jax.configs import base
-from im_jax import experiment, output_guard, report
+from im_jax import output_guard, report
+from im_jax.run import experiment
 from im_jax.convert.__main__ import main as convert_main
 from im_jax.eval.__main__ import main as eval_main
 from im_jax.train import loop, workdir_lock

@@ -32,7 +32,7 @@ import sys
 import pytest
 
 from im_jax import __main__ as dispatcher
-from im_jax import settings
+from im_jax.run import settings
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
@@ -42,7 +42,7 @@ DEVICES = 8  # conftest's simulated CPU devices
 HELP_ONLY: set[str] = set()
 # Entry points whose parser is imported into this process and parsed in full.
 IN_PROCESS = ("im_jax.data", "im_jax.convert", "im_jax.eval", "im_jax.report",
-              "im_jax.study")
+              "im_jax.study", "im_jax.plan")
 _COMMAND = re.compile(r"(python -m im_jax\S*|python scripts/\S+|bash scripts/\S+|"
                       r"(?<![\w/.])scripts/\S+|(?<![\w/.-])im-jax \S+)(.*)")
 _PLACEHOLDER = re.compile(r"^[A-Z][A-Z0-9_]*$|\.\.\.")
@@ -141,6 +141,9 @@ def _check_help(module: str, args: list[str]) -> None:
 
 
 def _check_train(args: list[str]) -> None:
+  from im_jax.run import train  # pylint: disable=g-import-not-at-top
+
+  train._parser().parse_args(args)  # pylint: disable=protected-access  (exit 2: a stale option)
   flags, overrides, i = {}, {}, 0
   while i < len(args):
     assert args[i].startswith("--"), f"stray argument {args[i]!r}"

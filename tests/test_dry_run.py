@@ -7,7 +7,7 @@ import sys
 import pytest
 
 from im_jax.configs import base
-from im_jax import dry_run, settings
+from im_jax.run import dry_run, settings
 from im_jax.models.llama import LlamaConfig
 from im_jax.models.llama.config import num_params
 from im_jax.train import workdir_lock

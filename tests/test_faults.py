@@ -23,7 +23,8 @@ import sys
 import pytest
 
 from im_jax.configs import base
-from im_jax import experiment, model_files, write_faults
+from im_jax import model_files, write_faults
+from im_jax.run import experiment
 from im_jax.convert.__main__ import main as convert_main
 from im_jax.data import synthetic
 from im_jax.eval.__main__ import main as eval_main

@@ -251,7 +251,7 @@ def test_bad_cloud_input_is_one_line(gcs, tmp_path, monkeypatch, capsys):
   assert capsys.readouterr().err == (
       "error: --workdir=gs://no-such-bucket/run: bucket gs://no-such-bucket does not exist\n")
   from im_jax.configs import base  # pylint: disable=g-import-not-at-top
-  from im_jax import settings  # pylint: disable=g-import-not-at-top
+  from im_jax.run import settings  # pylint: disable=g-import-not-at-top
 
   c = base.get_config()
   c.data.train, c.data.tokenizer = "synthetic:8", "synthetic"

@@ -269,7 +269,7 @@ def test_bad_inputs_are_one_line(capsys, tmp_path, model_dir):
 
 def test_training_logs_harness_scores_of_the_trained_state(tmp_path, tiny_tokenizer_dir):
   from im_jax.configs import base  # pylint: disable=g-import-not-at-top
-  from im_jax import experiment  # pylint: disable=g-import-not-at-top
+  from im_jax.run import experiment  # pylint: disable=g-import-not-at-top
   from im_jax.convert import load  # pylint: disable=g-import-not-at-top
   from im_jax.data.stats import load_tokenizer  # pylint: disable=g-import-not-at-top
   from im_jax.train.metrics_log import read_metrics  # pylint: disable=g-import-not-at-top
@@ -296,7 +296,7 @@ def test_training_logs_harness_scores_of_the_trained_state(tmp_path, tiny_tokeni
 
 def test_bad_harness_config_stops_before_any_work(tmp_path, tiny_tokenizer_dir):
   from im_jax.configs import base  # pylint: disable=g-import-not-at-top
-  from im_jax import experiment  # pylint: disable=g-import-not-at-top
+  from im_jax.run import experiment  # pylint: disable=g-import-not-at-top
 
   c = base.get_config()
   c.data.train, c.data.tokenizer, c.train.max_steps = "synthetic:8", str(tiny_tokenizer_dir), 1

@@ -174,7 +174,7 @@ def test_model_not_found_is_one_line(cache):
 
 def test_a_run_reads_a_hub_tokenizer_and_a_hub_split(cache, tmp_path):
   from im_jax.configs import base  # pylint: disable=g-import-not-at-top
-  from im_jax import dry_run  # pylint: disable=g-import-not-at-top
+  from im_jax.run import dry_run  # pylint: disable=g-import-not-at-top
 
   c = base.get_config()
   c.data.train, c.data.tokenizer = f"hf:{DATASET}:test", f"hf:{MODEL}"

@@ -14,7 +14,7 @@ import transformers
 from flax import nnx
 
 from im_jax.configs import base
-from im_jax import experiment
+from im_jax.run import experiment
 from im_jax.data.kinds import TokenKind
 from im_jax.models.llama import Llama, LlamaConfig, params
 from im_jax.plan import analysis

@@ -15,7 +15,7 @@ import pytest
 from flax import nnx
 
 from im_jax.configs import base as configs_base
-from im_jax import experiment
+from im_jax.run import experiment
 from im_jax.convert import hf_export, peft_export
 from im_jax.models import lora
 from im_jax.models.llama import Llama, LlamaConfig

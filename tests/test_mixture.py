@@ -17,7 +17,8 @@ import numpy as np
 import pytest
 
 from im_jax.configs import base
-from im_jax import dry_run, experiment, report
+from im_jax import report
+from im_jax.run import dry_run, experiment
 from im_jax.checkpoint import store as store_lib
 from im_jax.convert.__main__ import main as convert_main
 from im_jax.convert.hf_export import EXPORT_METADATA
@@ -27,7 +28,7 @@ from im_jax.data import pipeline as pipeline_lib
 from im_jax.data import plan as plan_lib
 from im_jax.data.stats import load_tokenizer
 from im_jax.eval import loss_eval
-from im_jax.settings import ConfigError, loss_config, validate
+from im_jax.run.settings import ConfigError, loss_config, validate
 from im_jax.train import loop as loop_lib
 from im_jax.train import loss as loss_lib
 from im_jax.train import step as step_lib

@@ -12,7 +12,7 @@ import jax
 import pytest
 
 from im_jax.configs import base
-from im_jax import experiment
+from im_jax.run import experiment
 from im_jax.plan import analysis
 from im_jax.plan import topology as topo_lib
 from im_jax.train import sharding

@@ -14,7 +14,7 @@ import transformers
 from tokenizers.processors import TemplateProcessing
 
 from im_jax.configs import paper
-from im_jax import experiment
+from im_jax.run import experiment
 from im_jax.data import encode as encode_lib
 from im_jax.data import preview
 from im_jax.data import sources

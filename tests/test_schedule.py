@@ -13,7 +13,7 @@ import numpy as np
 from flax import nnx
 
 from im_jax.configs import base
-from im_jax import experiment
+from im_jax.run import experiment
 from im_jax.data import pipeline as pipeline_lib
 from im_jax.data.kinds import TokenKind
 from im_jax.train import loss as loss_lib

@@ -14,7 +14,7 @@ import ml_collections
 import pytest
 
 from im_jax.configs import base
-from im_jax import settings
+from im_jax.run import settings
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 DEVICES = 8  # conftest's simulated CPU devices

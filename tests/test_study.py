@@ -144,7 +144,7 @@ def test_baseline_scored_on_other_examples_is_not_reused(smoke, shared_data_dir,
 
 @pytest.mark.parametrize("scale", list(scales.SCALES.values()), ids=list(scales.SCALES))
 def test_every_planned_run_has_a_valid_config(scale, tmp_path):
-  from im_jax import settings  # pylint: disable=g-import-not-at-top
+  from im_jax.run import settings  # pylint: disable=g-import-not-at-top
 
   runs = plan_lib.make_plan(scale)
   assert {r.method for r in runs} == set(plan_lib.methods(scale))

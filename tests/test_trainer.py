@@ -19,7 +19,7 @@ from safetensors.numpy import load_file
 from im_jax.configs import base
 from im_jax.convert import load
 from im_jax.models.llama import params as llama_params
-from im_jax import experiment
+from im_jax.run import experiment
 from im_jax.train import sharding
 from im_jax.train.metrics_log import read_metrics
 from tests import wandb_runs

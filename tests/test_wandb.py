@@ -7,7 +7,7 @@ The offline run files are read back with wandb's own record reader and compared 
 import pytest
 
 from im_jax.train.metrics_log import MetricsLogger, read_metrics
-from im_jax.train.wandb_log import RUN_ID_FILE, WandbConfig, WandbUnavailable
+from im_jax.run.wandb_log import RUN_ID_FILE, WandbConfig, WandbUnavailable
 from tests.wandb_runs import by_step, offline_runs
 
 wandb = pytest.importorskip("wandb", reason="wandb is a pinned test dependency (requirements.txt)")
@@ -28,7 +28,7 @@ def test_records_mirror_to_one_run_resumed_after_a_restart(tmp_path):
            {"step": 2, "eval_output_loss": 2.125},
            {"step": 3, "loss": 9.0, "output_loss": 9.0, "tokens": 1}]  # lost: no checkpoint
   logger = MetricsLogger(tmp_path, total_steps=4, tensorboard=False, progress=False,
-                         wandb=config, run_config={"loss": {"mode": "im"}})
+                         sinks=(config,), run_config={"loss": {"mode": "im"}})
   for record in first:
     logger.write(record)
   logger.close()
@@ -36,7 +36,7 @@ def test_records_mirror_to_one_run_resumed_after_a_restart(tmp_path):
   run_id = (tmp_path / RUN_ID_FILE).read_text().strip()
   # The restart resumes from the checkpoint at step 2.
   logger = MetricsLogger(tmp_path, total_steps=4, start_step=2, tensorboard=False,
-                         progress=False, wandb=config)
+                         progress=False, sinks=(config,))
   for record in ({"step": 3, "loss": 2.0, "output_loss": 1.5, "tokens": 305},
                  {"step": 4, "loss": 1.875, "output_loss": 1.25, "tokens": 290}):
     logger.write(record)
@@ -54,10 +54,10 @@ def test_records_mirror_to_one_run_resumed_after_a_restart(tmp_path):
 
 def test_off_by_default_and_off_on_other_processes(tmp_path, monkeypatch):
   MetricsLogger(tmp_path / "a", total_steps=1, tensorboard=False, progress=False,
-                wandb=WandbConfig()).close()
+                sinks=(WandbConfig(),)).close()
   monkeypatch.setattr("jax.process_index", lambda: 1)
   MetricsLogger(tmp_path / "b", total_steps=1, tensorboard=False, progress=False,
-                wandb=WandbConfig("im-jax-test")).close()
+                sinks=(WandbConfig("im-jax-test"),)).close()
   assert not list(tmp_path.rglob("wandb*"))
 
 
@@ -69,7 +69,7 @@ def test_a_run_w_and_b_refuses_is_one_line(tmp_path, monkeypatch):
   monkeypatch.setattr(wandb, "init", refuse)
   with pytest.raises(WandbUnavailable) as info:
     MetricsLogger(tmp_path, total_steps=1, tensorboard=False, progress=False,
-                  wandb=WandbConfig("im-jax-test"))
+                  sinks=(WandbConfig("im-jax-test"),))
   assert str(info.value) == (
       "log.wandb_project=im-jax-test: W&B could not start the run: api_key not configured "
       "(no-tty). call wandb.login(key=...) (log in with `wandb login` or WANDB_API_KEY, or set "
@@ -78,7 +78,7 @@ def test_a_run_w_and_b_refuses_is_one_line(tmp_path, monkeypatch):
 
 def test_an_online_run_without_an_api_key_stops_before_any_work(tmp_path, monkeypatch):
   from im_jax.configs import base  # pylint: disable=g-import-not-at-top
-  from im_jax import settings  # pylint: disable=g-import-not-at-top
+  from im_jax.run import settings  # pylint: disable=g-import-not-at-top
 
   c = base.get_config()
   c.data.train, c.data.tokenizer, c.log.wandb_project = "synthetic:10", "synthetic", "im-jax"

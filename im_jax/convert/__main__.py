@@ -23,12 +23,10 @@ import tempfile
 import jax
 from safetensors import SafetensorError
 
-from im_jax import output_guard, paths, write_faults
+from im_jax import cli, output_guard, paths, write_faults
 from im_jax.convert import ckpt, hf_export, load, peft_export
 from im_jax.models import lora as lora_lib
 
-EXIT_BAD_INPUT = 2
-EXIT_WRITE_FAILED = 1  # the disk, not the input: rerun once it has room
 
 
 def _host(axes, shape) -> jax.sharding.Sharding:
@@ -141,8 +139,7 @@ def _to_hf(args: argparse.Namespace) -> str:
 
 
 def _parser() -> argparse.ArgumentParser:
-  parser = argparse.ArgumentParser(prog="python -m im_jax.convert", description=__doc__,
-                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser = cli.ArgumentParser(prog="python -m im_jax.convert", description=__doc__)
   sub = parser.add_subparsers(dest="command", required=True)
   p = sub.add_parser("from-hf", help="Hugging Face folder -> CKPT folder")
   p.add_argument("--hf", required=True, help="HF model folder (config.json, safetensors)")
@@ -182,13 +179,11 @@ def main(argv: list[str] | None = None) -> int:
           e, path=args.out, safe="the inputs are untouched and no half-written output is left",
           rerun="the same command")
       if failed is not None:
-        print(f"error: {failed}{tracebacks.note(e)}", file=sys.stderr)
-        return EXIT_WRITE_FAILED
+        # the disk, not the input: rerun once it has room
+        return cli.report(f"{failed}{tracebacks.note(e)}", cli.EXIT_FAILED)
       if not isinstance(e, (OSError, ValueError, KeyError, SafetensorError)):
         raise
-      message = str(e).splitlines()[0] if str(e) else type(e).__name__
-      print(f"error: {message}", file=sys.stderr)
-      return EXIT_BAD_INPUT
+      return cli.report(e)
   return 0
 
 

@@ -13,11 +13,10 @@ import os
 import sys
 from types import ModuleType
 
+from im_jax import cli
 from im_jax.data import sources
 from im_jax.data import stats as stats_lib
 from im_jax.data.conversation import DataError
-
-EXIT_DATA_ERROR = 2
 
 
 def _run_stats(args: argparse.Namespace) -> int:
@@ -62,8 +61,7 @@ def _format_report(r: dict) -> str:
 
 
 def build_parser(preview: ModuleType | None = None) -> argparse.ArgumentParser:
-  parser = argparse.ArgumentParser(prog="python -m im_jax.data", description=__doc__,
-                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser = cli.ArgumentParser(prog="python -m im_jax.data", description=__doc__)
   commands = parser.add_subparsers(dest="command", required=True)
   stats = commands.add_parser("stats", help="dataset statistics and an IT/IM recommendation")
   sources.add_source_arguments(stats)
@@ -95,8 +93,7 @@ def main(argv: list[str] | None = None) -> int:
     os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # quiet the exit flush
     return 0
   except (DataError, ValueError, OSError) as e:  # a bad file or option: one line, no traceback
-    print(f"error: {' '.join(str(e).split()) or type(e).__name__}", file=sys.stderr)
-    return EXIT_DATA_ERROR
+    return cli.report(e)
 
 
 if __name__ == "__main__":

@@ -99,8 +99,7 @@ def run(args: argparse.Namespace) -> int:
   config = encode_config_from_args(args)
   dataset = sources.load_from_args(args)
   if not 0 <= args.index < len(dataset):
-    print(f"error: --index {args.index} is outside 0..{len(dataset) - 1}", file=sys.stderr)
-    return 2
+    raise ValueError(f"--index {args.index} is outside 0..{len(dataset) - 1}")
   encoder = encode_lib.Encoder(stats_lib.load_tokenizer(args.tokenizer), config)
   colour = not args.json and sys.stdout.isatty()
   for index in range(args.index, min(len(dataset), args.index + max(args.limit, 0))):

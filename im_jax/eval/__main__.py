@@ -22,13 +22,12 @@ from typing import Any
 
 from safetensors import SafetensorError
 
-from im_jax import output_guard, paths, write_faults
+from im_jax import cli, output_guard, paths, write_faults
 from im_jax.data import sources
 from im_jax.data.conversation import DataError
 from im_jax.data.stats import load_tokenizer
 from im_jax.eval import harness_cli
 
-EXIT_BAD_INPUT = 2
 _DTYPES = ("float32", "bfloat16")
 
 
@@ -142,8 +141,7 @@ def _common(p: argparse.ArgumentParser) -> None:
 
 
 def _parser() -> argparse.ArgumentParser:
-  parser = argparse.ArgumentParser(prog="python -m im_jax.eval", description=__doc__,
-                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser = cli.ArgumentParser(prog="python -m im_jax.eval", description=__doc__)
   sub = parser.add_subparsers(dest="command", required=True)
   p = sub.add_parser("loss", help="held-out loss on output tokens (and per token kind)")
   _common(p)
@@ -177,14 +175,10 @@ def main(argv: list[str] | None = None) -> int:
   except OSError as e:  # a full disk: one line, exit 1 (write_faults); other OSErrors: below
     if failed := write_faults.failed_write(e, path=getattr(args, "out", None),
                                            safe="nothing was written", rerun="the same command"):
-      print(f"error: {failed}", file=sys.stderr)
-      return 1
-    print(f"error: {str(e).splitlines()[0] if str(e) else type(e).__name__}", file=sys.stderr)
-    return EXIT_BAD_INPUT
+      return cli.report(failed, cli.EXIT_FAILED)
+    return cli.report(e)
   except (DataError, ValueError, KeyError, SafetensorError) as e:
-    message = str(e).splitlines()[0] if str(e) else type(e).__name__
-    print(f"error: {message}", file=sys.stderr)
-    return EXIT_BAD_INPUT
+    return cli.report(e)
 
 
 if __name__ == "__main__":

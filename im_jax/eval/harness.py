@@ -1,7 +1,7 @@
 """Benchmark tasks through lm-evaluation-harness: which tasks, run them, flatten the scores.
 
 Shared by `python -m im_jax.eval harness` and training's `eval.harness_tasks` hook
-(`im_jax.experiment` builds the hook; `train/` only calls it):
+(`im_jax.run.experiment` builds the hook; `train/` only calls it):
 
 - `prepare_tasks(...)`: the task names (`paper` is the paper's group, `eval.harness_paper`),
   checked and built before any model loads: an unknown name (with close names), a task file

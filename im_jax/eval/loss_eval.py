@@ -2,7 +2,7 @@
 
 One loss function (`make_eval_loss_fn`) and one reduction (`finalize`) serve both
 `python -m im_jax.eval loss` and the trainer's periodic eval on the held-out split
-(`im_jax.experiment` builds its eval step from them; `train.loop.evaluate` sums the sums over
+(`im_jax.run.experiment` builds its eval step from them; `train.loop.evaluate` sums the sums over
 batches and calls `finalize` once). The cross-entropy and its reductions are `train.loss`'s;
 this module only adds the reductions an evaluation reports:
 

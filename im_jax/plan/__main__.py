@@ -12,28 +12,21 @@ import json
 import os
 import sys
 
-from absl import app, flags
-from ml_collections import config_flags
-
 from im_jax import cli
-
-_CONFIG = config_flags.DEFINE_config_file("config", None, "experiment config file")
-_TOPOLOGY = flags.DEFINE_string("topology", None, "v5e:8x8 | v5litepod-64 | v4-32 | cpu:N ...")
-_SWEEP = flags.DEFINE_enum("sweep", None, ["remat"], "compile once per value of this setting")
-_JSON = flags.DEFINE_bool("json", False, "print JSON instead of tables")
-flags.mark_flags_as_required(["config", "topology"])
+from im_jax.run import config_args
 
 GiB = 2**30
 REMAT_POLICIES = ("none", "minimal", "full")
 
 
-def _config_label() -> str:
-  for i, arg in enumerate(sys.argv):
-    if arg.startswith("--config="):
-      return arg.split("=", 1)[1]
-    if arg == "--config" and i + 1 < len(sys.argv):
-      return sys.argv[i + 1]
-  return "?"
+def _parser() -> config_args.ConfigArgumentParser:
+  parser = config_args.ConfigArgumentParser(prog="python -m im_jax.plan", description=__doc__)
+  parser.add_argument("--topology", required=True,
+                      help="v5e:8x8 | v5litepod-64 | v4-32 | v5p-16 | v6e-16 | cpu:N ...")
+  parser.add_argument("--sweep", choices=("remat",),
+                      help="compile once per value of this setting")
+  parser.add_argument("--json", action="store_true", help="print JSON instead of tables")
+  return parser
 
 
 def _gib(n: int | None) -> str:
@@ -85,27 +78,26 @@ def _print_sweep(plans, label: str) -> None:
           f"{p.verdict()}")
 
 
-def main(argv) -> int:
-  del argv
+def main(argv: list[str] | None = None) -> int:
+  args = _parser().parse_args(argv)
   from im_jax.plan import topology as topo_lib  # pylint: disable=g-import-not-at-top
   try:
-    topology = topo_lib.parse(_TOPOLOGY.value)
+    topology = topo_lib.parse(args.topology)
   except topo_lib.TopologyError as e:
-    cli.fail(str(e))
+    return cli.report(e)
   if topology.chip is None:  # cpu:N: N host devices, before JAX starts its CPU backend
     os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
                                f" --xla_force_host_platform_device_count={topology.num_devices}")
   import jax  # pylint: disable=g-import-not-at-top
   jax.config.update("jax_platforms", "cpu")  # compile only: never probe or use an accelerator
-  from im_jax import experiment  # pylint: disable=g-import-not-at-top
+  from im_jax.run import experiment  # pylint: disable=g-import-not-at-top
   from im_jax.plan import analysis  # pylint: disable=g-import-not-at-top
 
   try:
-    config = _CONFIG.value
-    config.keys()
-  except OSError as e:
-    cli.fail(" ".join(str(e).split()))
-  policies = REMAT_POLICIES if _SWEEP.value == "remat" else (config.model.remat_policy,)
+    config = config_args.load(args)
+  except experiment.ConfigError as e:
+    return cli.report(e)
+  policies = REMAT_POLICIES if args.sweep == "remat" else (config.model.remat_policy,)
   plans = []
   try:
     for policy in policies:
@@ -113,12 +105,12 @@ def main(argv) -> int:
       c.model.remat_policy = policy
       plans.append(analysis.plan(c, topology))
   except (experiment.ConfigError, topo_lib.TopologyError) as e:
-    cli.fail(str(e))
-  label = _config_label()
-  if _JSON.value:
+    return cli.report(e)
+  label = args.config
+  if args.json:
     out = [p.as_dict() for p in plans]
-    print(json.dumps(out if _SWEEP.value else out[0], indent=2))
-  elif _SWEEP.value:
+    print(json.dumps(out if args.sweep else out[0], indent=2))
+  elif args.sweep:
     _print_sweep(plans, label)
   else:
     _print_plan(plans[0], label)
@@ -126,4 +118,4 @@ def main(argv) -> int:
 
 
 if __name__ == "__main__":
-  app.run(main, flags_parser=cli.parse_flags)
+  sys.exit(main())

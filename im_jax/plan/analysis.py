@@ -11,7 +11,7 @@ from typing import Any
 import jax
 import ml_collections
 
-from im_jax import experiment
+from im_jax.run import experiment
 from im_jax.convert.load import read_model_config
 from im_jax.model_files import ModelFileError
 from im_jax.models.llama import LlamaConfig, num_params

@@ -22,14 +22,14 @@ import pathlib
 import sys
 import time
 
-EXIT_BAD_INPUT = 2
+from im_jax import cli
+
 # plan.EXPERIMENTS, repeated so that --help imports nothing heavy (tested equal).
 EXPERIMENTS = ("overfitting", "memorisation", "data_size", "length_ratio", "second_seed")
 
 
 def _parser() -> argparse.ArgumentParser:
-  parser = argparse.ArgumentParser(prog="python -m im_jax.study", description=__doc__,
-                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser = cli.ArgumentParser(prog="python -m im_jax.study", description=__doc__)
   parser.add_argument("--out", required=True,
                       help="study folder: data subsets, run workdirs, the report")
   parser.add_argument("--scale", choices=("smoke", "cpu", "accelerator"), default="smoke")
@@ -55,24 +55,20 @@ def main(argv: list[str] | None = None) -> int:
   from im_jax.study import runner  # pylint: disable=g-import-not-at-top
 
   if args.out.startswith("gs://"):  # its subsets, results and plots are local files
-    print(f"error: --out {args.out}: the study writes a local folder; give a local --out and "
-          "copy it to the bucket afterwards (gcloud storage cp -r)", file=sys.stderr)
-    return EXIT_BAD_INPUT
+    return cli.report(f"--out {args.out}: the study writes a local folder; give a local --out "
+                      "and copy it to the bucket afterwards (gcloud storage cp -r)")
   # A full disk: library tracebacks go to OUT/errors.log (or a temporary file), one line here.
   tracebacks = write_faults.TracebackLog(pathlib.Path(args.out) / "errors.log")
   try:
     with tracebacks:
       written = _run(args, argv, started)
   except write_faults.WriteFailed as e:  # a run's training: it names its intact checkpoint
-    print(f"error: {e}{tracebacks.note(e)}", file=sys.stderr)
-    return 1
+    return cli.report(f"{e}{tracebacks.note(e)}", cli.EXIT_FAILED)
   except (DataError, OSError, ValueError, KeyError) as e:
     if failed := write_faults.failed_write(  # a result, a data subset, the report
         e, safe="the results already written are whole", rerun="the same command to go on"):
-      print(f"error: {failed}{tracebacks.note(e)}", file=sys.stderr)
-      return 1
-    print(f"error: {' '.join(str(e).split()) or type(e).__name__}", file=sys.stderr)
-    return EXIT_BAD_INPUT
+      return cli.report(f"{failed}{tracebacks.note(e)}", cli.EXIT_FAILED)
+    return cli.report(e)
   except runner.StudyStopped as e:
     print(f"stopped: {e}", file=sys.stderr)
     return 1

@@ -17,12 +17,13 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
-from im_jax import experiment, report
+from im_jax import report
+from im_jax.run import experiment
 from im_jax.convert.load import load_pretrained
 from im_jax.data import pipeline as pipeline_lib
 from im_jax.data.conversation import Conversation
 from im_jax.data.stats import load_tokenizer
-from im_jax.settings import encode_config, model_options, pipeline_config
+from im_jax.run.settings import encode_config, model_options, pipeline_config
 from im_jax.study import evaluation, models, plan as plan_lib, results, scales, subsets
 
 

@@ -38,9 +38,8 @@ from im_jax import write_faults
 from im_jax.checkpoint import CheckpointConfig, CheckpointStore
 from im_jax.train import loss as loss_lib
 from im_jax.train import sharding
-from im_jax.train.metrics_log import MetricsLogger
+from im_jax.train.metrics_log import MetricsLogger, SinkFactory
 from im_jax.train.step import LEGACY_FIELDS, TrainState, checkpointed, host_metrics
-from im_jax.train.wandb_log import WandbConfig
 
 log = logging.getLogger(__name__)
 
@@ -56,7 +55,6 @@ class LoopConfig:
   checkpoint: CheckpointConfig = CheckpointConfig()
   # Updates skipped in a row for non-finite gradients before the run stops (see the step).
   max_consecutive_skips: int = 10
-  wandb: WandbConfig | None = None  # mirror the metrics to Weights & Biases (process 0)
 
   def __post_init__(self):
     for name, low in (("total_steps", 1), ("grad_accum", 1), ("log_every", 1), ("eval_every", 0),
@@ -71,7 +69,7 @@ class StepHook:
   (0: only at the end) and at the end of the run, after its final checkpoint. `fn(state)`
   returns metrics for metrics.jsonl / TensorBoard / W&B; every process calls it (it may be
   collective), process 0 writes. The top-level wiring builds these (benchmark scores through
-  lm-eval: `im_jax.experiment`), so the loop knows nothing of what they compute."""
+  lm-eval: `im_jax.run.experiment`), so the loop knows nothing of what they compute."""
 
   fn: Callable[[TrainState], dict[str, float]]
   every: int = 0
@@ -222,7 +220,8 @@ def run(*, workdir: str, state: TrainState, train_step: Callable, mesh: jax.shar
         eval_step: Callable | None = None,
         eval_batches: Callable[[], Iterable[Batch]] | None = None,
         eval_finalize: Callable[[Any], Any] = loss_lib.finalize,
-        logger: MetricsLogger | None = None, hooks: Sequence[StepHook] = ()) -> LoopResult:
+        logger: MetricsLogger | None = None, hooks: Sequence[StepHook] = (),
+        sinks: Sequence[SinkFactory] = ()) -> LoopResult:
   """Trains until `config.total_steps`, resuming from `workdir`'s checkpoints if any.
 
   Args:
@@ -235,6 +234,8 @@ def run(*, workdir: str, state: TrainState, train_step: Callable, mesh: jax.shar
     eval_finalize: summed eval sums -> metrics (`eval.loss_eval.finalize` for the eval
       step built from `eval.loss_eval.make_eval_loss_fn`).
     hooks: further evaluations to run and log (`StepHook`).
+    sinks: further destinations of the metrics (`metrics_log.SinkFactory`: W&B), built by the
+      top of the program.
   """
   store = CheckpointStore(workdir, config.checkpoint)
   iterator = iter(train_batches)
@@ -279,7 +280,7 @@ def run(*, workdir: str, state: TrainState, train_step: Callable, mesh: jax.shar
   try:
     if own_logger:
       logger = MetricsLogger(workdir, total_steps=config.total_steps, start_step=start,
-                             wandb=config.wandb, run_config=meta.get("config"))
+                             sinks=sinks, run_config=meta.get("config"))
     with _Preemption() as preemption:
       # Throughput over each logging interval: steps are dispatched asynchronously, so
       # only the wall time between two synchronising log points is honest.

@@ -1,5 +1,5 @@
-"""Where training metrics go: `metrics.jsonl`, TensorBoard event files, a progress bar and,
-when configured, Weights & Biases (`wandb_log`).
+"""Where training metrics go: `metrics.jsonl`, TensorBoard event files, a progress bar and
+the further sinks the top of the program passes in (Weights & Biases: `im_jax.run.wandb_log`).
 
 Only JAX process 0 writes. On resume, records past the restored step (written by the
 interrupted run after its last checkpoint) are dropped, so `metrics.jsonl` reads as one run.
@@ -13,14 +13,36 @@ logs again anyway (it restarts from the last checkpoint).
 
 import json
 import pathlib
-from typing import Any
+from collections.abc import Sequence
+from typing import Any, Protocol
 
 import jax
 
 from im_jax import paths, write_faults
-from im_jax.train.wandb_log import RUN_ID_FILE, WandbConfig, WandbSink
 
 METRICS_FILE = "metrics.jsonl"
+
+
+class MetricSink(Protocol):
+  """A further destination of every record `MetricsLogger` writes."""
+
+  def write(self, record: dict[str, Any]) -> None: ...
+
+  def close(self) -> None: ...
+
+
+class SinkFactory(Protocol):
+  """Opens a `MetricSink` on process 0, in the (local staging copy of the) workdir; None: off.
+
+  Built by the top of the program (`im_jax.run`), so training knows no logging service."""
+
+  # workdir files the sink keeps across restarts (copied from a gs:// workdir first)
+  state_files: tuple[str, ...]
+  # the folder it writes itself (synced by its service, not uploaded with the workdir)
+  own_folder: str
+
+  def open(self, workdir: pathlib.Path,
+           run_config: dict[str, Any] | None) -> MetricSink | None: ...
 
 
 def _records(path: pathlib.Path) -> list[tuple[str, dict[str, Any]]]:
@@ -49,24 +71,26 @@ def _truncate_after(path: pathlib.Path, step: int) -> None:
 
 
 class MetricsLogger:
-  """Appends one JSON object per record; mirrors scalars to TensorBoard (and W&B when
-  configured); drives a bar."""
+  """Appends one JSON object per record; mirrors scalars to TensorBoard and to the `sinks`
+  given (W&B when configured); drives a bar."""
 
   def __init__(self, workdir: str | pathlib.Path, *, total_steps: int, start_step: int = 0,
                tensorboard: bool = True, progress: bool = True,
-               wandb: WandbConfig | None = None, run_config: dict[str, Any] | None = None):
+               sinks: Sequence[SinkFactory] = (), run_config: dict[str, Any] | None = None):
     self.enabled = jax.process_index() == 0
-    self._file = self._tb = self._bar = self._wandb = self._staging = None
+    self._file = self._tb = self._bar = self._staging = None
+    self._sinks: list[MetricSink] = []
     if not self.enabled:
       return
-    # A local workdir is written in place; W&B's own files stay local (W&B syncs them).
-    self._staging = paths.Staging(workdir, skip=("wandb/",))
-    for name in (METRICS_FILE, RUN_ID_FILE):
+    # A local workdir is written in place; the sinks' own files stay local (they sync them).
+    self._staging = paths.Staging(workdir, skip=tuple(f"{s.own_folder}/" for s in sinks))
+    for name in (METRICS_FILE, *(f for s in sinks for f in s.state_files)):
       self._staging.pull(name)
     workdir = self._staging.local
     workdir.mkdir(parents=True, exist_ok=True)
-    if wandb is not None and wandb.project:  # first: when W&B refuses, nothing is left open
-      self._wandb = WandbSink(wandb, workdir, run_config)
+    for factory in sinks:  # first: when a service refuses, nothing is left open
+      if (sink := factory.open(workdir, run_config)) is not None:
+        self._sinks.append(sink)
     path = workdir / METRICS_FILE
     _truncate_after(path, start_step)
     self._file = path.open("ab", buffering=0)  # each record reaches the file whole or not at all
@@ -89,8 +113,8 @@ class MetricsLogger:
       for key, value in record.items():
         if key != "step" and isinstance(value, (int, float)):
           self._tb.add_scalar(key, value, step)
-    if self._wandb is not None:
-      self._wandb.write(record)
+    for sink in self._sinks:
+      sink.write(record)
     if self._staging.remote is not None:
       if self._tb is not None:
         self._tb.flush()
@@ -110,8 +134,8 @@ class MetricsLogger:
       self._tb.close()
     if self._bar is not None:
       self._bar.close()
-    if self._wandb is not None:
-      self._wandb.close()
+    for sink in self._sinks:
+      sink.close()
     if self._staging is not None:
       self._staging.close()
 

@@ -32,8 +32,8 @@ from im_jax.train import loop as loop_lib
 from im_jax.train import optim as optim_lib
 from im_jax.train import sharding
 from im_jax.train.loss import LossConfig
-from im_jax.train import wandb_log
-from im_jax.train.wandb_log import WandbConfig
+from im_jax.run import wandb_log
+from im_jax.run.wandb_log import WandbConfig
 
 SYNTHETIC = "synthetic"
 
@@ -357,7 +357,7 @@ def loop_config(c: ml_collections.ConfigDict, total_steps: int) -> loop_lib.Loop
   return loop_lib.LoopConfig(
       total_steps=total_steps, grad_accum=c.train.grad_accum, log_every=c.train.log_every,
       eval_every=c.eval.every_steps, checkpoint=checkpoint_config(c),
-      max_consecutive_skips=c.train.max_consecutive_skips, wandb=wandb_config(c))
+      max_consecutive_skips=c.train.max_consecutive_skips)
 
 
 def wandb_config(c: ml_collections.ConfigDict) -> WandbConfig:

@@ -14,11 +14,12 @@ from typing import Any
 import jax
 import ml_collections
 
-from im_jax import experiment, paths
+from im_jax import paths
+from im_jax.run import experiment
 from im_jax.checkpoint.store import newest_meta
 from im_jax.convert.load import read_pretrained
 from im_jax.models.llama import config as llama_config
-from im_jax.settings import SYNTHETIC, ConfigError, check_inputs, model_options, validate
+from im_jax.run.settings import SYNTHETIC, ConfigError, check_inputs, model_options, validate
 
 
 def data_plan(c: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dict[str, Any]:

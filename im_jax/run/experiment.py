@@ -35,10 +35,10 @@ from im_jax.data.stats import load_tokenizer
 from im_jax.eval import loss_eval
 from im_jax.models import lora as lora_lib
 from im_jax.models.llama import Llama, LlamaConfig
-from im_jax.settings import (SYNTHETIC, ConfigError, check, check_inputs,  # noqa: F401
+from im_jax.run.settings import (SYNTHETIC, ConfigError, check, check_inputs,  # noqa: F401
                              encode_config, lora_config, loop_config, loss_config,
                              model_options, train_sources,
-                             optim_config, pipeline_config, validate)
+                             optim_config, pipeline_config, validate, wandb_config)
 from im_jax.train import loop as loop_lib
 from im_jax.train import memory as memory_lib
 from im_jax.train import optim as optim_lib
@@ -361,7 +361,7 @@ class Experiment:
                         mesh=self.mesh, train_batches=self.train_data.dataset(),
                         config=self.loop_config, meta=self.meta, eval_step=self.eval_step,
                         eval_batches=eval_batches, eval_finalize=loss_eval.finalize,
-                        hooks=self.hooks)
+                        hooks=self.hooks, sinks=(wandb_config(self.config),))
 
 
 def build(c: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> Experiment:

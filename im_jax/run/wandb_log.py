@@ -1,7 +1,8 @@
 """Weights & Biases: an optional mirror of what `metrics.jsonl` gets (log.wandb_* keys).
 
 Off unless `log.wandb_project` is set; `wandb` is then needed (an optional dependency:
-`pip install wandb`). Only JAX process 0 logs (it is `MetricsLogger`'s sink). The run id is
+`pip install wandb`). Only JAX process 0 logs: `WandbConfig` is a `SinkFactory` that
+`im_jax.run.experiment` hands to the training loop's `MetricsLogger`. The run id is
 kept in `WORKDIR/wandb_run_id`, so a restarted run resumes the same W&B run; W&B's own files
 go to `WORKDIR/wandb/` (with `WANDB_MODE=offline` they are the whole record, for `wandb sync`).
 W&B keeps one value per step: records a resumed run writes again for steps the interrupted run
@@ -25,6 +26,9 @@ class WandbConfig:
   entity: str = ""  # "" = the user's default entity
   run_name: str = ""  # "" = the workdir's name
   tags: tuple[str, ...] = ()
+  # SinkFactory (train/metrics_log.py): what a gs:// workdir keeps for W&B, what W&B writes
+  state_files = (RUN_ID_FILE,)
+  own_folder = "wandb"
 
   def __post_init__(self):
     for name in ("project", "entity"):
@@ -51,6 +55,11 @@ class WandbConfig:
     """From the config keys; `tags` is comma-separated."""
     return cls(project, entity, run_name,
                tuple(t.strip() for t in tags.split(",")) if tags.strip() else ())
+
+  def open(self, workdir: pathlib.Path,
+           run_config: dict[str, Any] | None) -> "WandbSink | None":
+    """The W&B run of this workdir (created or resumed); None when W&B is off."""
+    return WandbSink(self, workdir, run_config) if self.project else None
 
 
 class WandbUnavailable(ValueError):
