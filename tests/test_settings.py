@@ -120,8 +120,8 @@ def _with(key: str, value) -> ml_collections.ConfigDict:
 
 
 def _check_all(c: ml_collections.ConfigDict, workdir: pathlib.Path) -> None:
-  settings.validate(c, num_devices=DEVICES, process_count=1)
-  settings.check_inputs(c, workdir)
+  run = settings.validate(c, num_devices=DEVICES, process_count=1)
+  settings.check_inputs(run, workdir)
 
 
 def test_every_key_has_wrong_values():

@@ -97,7 +97,7 @@ def main(argv) -> int:
                                f" --xla_force_host_platform_device_count={topology.num_devices}")
   import jax  # pylint: disable=g-import-not-at-top
   jax.config.update("jax_platforms", "cpu")  # compile only: never probe or use an accelerator
-  from im_jax import experiment  # pylint: disable=g-import-not-at-top
+  from im_jax import settings  # pylint: disable=g-import-not-at-top
   from im_jax.plan import analysis  # pylint: disable=g-import-not-at-top
 
   try:
@@ -111,8 +111,8 @@ def main(argv) -> int:
     for policy in policies:
       c = config.copy_and_resolve_references()
       c.model.remat_policy = policy
-      plans.append(analysis.plan(c, topology))
-  except (experiment.ConfigError, topo_lib.TopologyError) as e:
+      plans.append(analysis.plan(settings.load(c), topology))
+  except (settings.ConfigError, topo_lib.TopologyError) as e:
     cli.fail(str(e))
   label = _config_label()
   if _JSON.value:

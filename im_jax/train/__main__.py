@@ -61,12 +61,14 @@ def main(argv) -> int:
 
 def _train(config) -> int:
   """Build, run and export; a write failure raises WriteFailed (one line, exit 1)."""
+  import jax  # pylint: disable=g-import-not-at-top
   from im_jax.data.conversation import DataError  # pylint: disable=g-import-not-at-top
-  from im_jax import checkpoint, experiment  # pylint: disable=g-import-not-at-top
+  from im_jax import checkpoint, experiment, settings  # pylint: disable=g-import-not-at-top
   from im_jax.train import loop, workdir_lock  # pylint: disable=g-import-not-at-top
 
   try:
-    exp = experiment.build(config, _WORKDIR.value)
+    run = settings.validate(config, jax.device_count(), jax.process_count())  # the typed config
+    exp = experiment.build(run, _WORKDIR.value)
     result = exp.run()
   except (experiment.ConfigError, DataError, loop.ResumeMismatch, workdir_lock.WorkdirBusy) as e:
     print(f"error: {e}", file=sys.stderr)
@@ -109,11 +111,11 @@ def _inspect(config) -> int:
   from im_jax.train import loop  # pylint: disable=g-import-not-at-top
 
   try:
+    run = settings.validate(config, jax.device_count(), jax.process_count())  # the typed config
     if _PRINT_CONFIG.value:
-      settings.validate(config, jax.device_count(), jax.process_count())
-      print(config.to_json(indent=2))
+      print(run.to_json(indent=2))
     if _DRY_RUN.value:
-      print(dry_run.format_plan(dry_run.data_plan(config, _WORKDIR.value)))
+      print(dry_run.format_plan(dry_run.data_plan(run, _WORKDIR.value)))
   except (settings.ConfigError, DataError, loop.ResumeMismatch) as e:
     print(f"error: {e}", file=sys.stderr)
     return 2

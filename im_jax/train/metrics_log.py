@@ -65,7 +65,7 @@ class MetricsLogger:
       self._staging.pull(name)
     workdir = self._staging.local
     workdir.mkdir(parents=True, exist_ok=True)
-    if wandb is not None and wandb.project:  # first: when W&B refuses, nothing is left open
+    if wandb is not None and wandb.wandb_project:  # first: when W&B refuses, nothing is left open
       self._wandb = WandbSink(wandb, workdir, run_config)
     path = workdir / METRICS_FILE
     _truncate_after(path, start_step)
