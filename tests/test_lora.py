@@ -104,6 +104,7 @@ def test_kl_reference_is_the_base_under_the_adapters(kl_type):
                                atol=1e-6, err_msg=key)
   c = configs_base.get_config()  # and the train state holds no copy of the base
   c.model.lora.rank, c.loss.kl_to_base = 4, 0.5
+  c.model.init_from = "hf:/models/base"  # a valid config (never read: TINY is the model)
   mesh = sharding.make_mesh(sharding.MeshConfig(1, 1, 1), jax.devices()[:1])
   steps = experiment.build_steps(settings.load(c), TINY.replace(lora=LORA), mesh, 10)
   assert steps.shardings.reference is None and steps.shardings.frozen is not None

@@ -32,7 +32,7 @@ class LossMaskConfig:
 
   def __post_init__(self):
     if self.mode not in LOSS_MODES:
-      raise ValueError(f"mode must be one of {LOSS_MODES}, got {self.mode!r}")
+      raise ValueError(f"mode: loss mode must be one of {LOSS_MODES}, got {self.mode!r}")
     if self.assistant_turns not in ASSISTANT_TURNS:
       raise ValueError(f"assistant_turns must be one of {ASSISTANT_TURNS}, "
                        f"got {self.assistant_turns!r}")
