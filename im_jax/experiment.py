@@ -2,9 +2,9 @@
 
 Everything a run needs is built here from the typed config (`settings.RunConfig`, built and
 validated once by the entry point), through the typed configs of each layer, so the entry
-point stays thin. Impossible settings, bad
-paths, a busy workdir or one holding another run's checkpoints fail before any heavy work
-with one line; config.json is written only after those checks.
+point stays thin. Impossible settings, bad paths, a busy workdir or one holding another run's
+checkpoints fail before any heavy work with one line; config.json is written only after
+those checks.
 """
 
 import dataclasses

@@ -184,9 +184,8 @@ def _config_error(sections: Sequence[str], error: ValueError) -> ConfigError:
   message = " ".join(str(error).split())
   field = re.match(r"\w*", message).group()
   for section in sections:
-    key = f"{section}.{field}" if section else field
-    if field and key in _BASE_KEYS:
-      return ConfigError(key + message[len(field):])
+    if field and f"{section}.{field}" in _BASE_KEYS:
+      return ConfigError(f"{section}.{message}")
   return ConfigError(f"{'/'.join(sections)}: {message}")
 
 
