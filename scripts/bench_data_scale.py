@@ -125,7 +125,7 @@ def _child(repo: str, flags: list[str]) -> None:
   try:  # the wiring in im_jax.run, argparse (since issue 25)
     from im_jax.run import experiment, train as train_main  # pylint: disable=g-import-not-at-top
   except ImportError:  # an older checkout: absl flags
-    from im_jax import experiment  # pylint: disable=g-import-not-at-top
+    from im_jax.run import experiment  # pylint: disable=g-import-not-at-top
     from im_jax.train import __main__ as train_main  # pylint: disable=g-import-not-at-top
 
   timings = {}

@@ -104,7 +104,7 @@ class JaxRunner:
   def __init__(self, config: LlamaConfig, batch, chunk: int, total_steps: int):
     mesh = sharding.make_mesh(sharding.MeshConfig(1, 1, 1), jax.devices()[:1])
     self.tx, _ = optim.make_optimizer(optim.OptimConfig(
-        learning_rate=LR, b1=BETAS[0], b2=BETAS[1], eps=EPS, weight_decay=0.0,
+        lr=LR, b1=BETAS[0], b2=BETAS[1], eps=EPS, weight_decay=0.0,
         max_grad_norm=None, warmup_ratio=0.0, decay="constant"), total_steps)
     self.graphdef, self.state, shardings = step.create_train_state(
         lambda: Llama(config, rngs=nnx.Rngs(0)), self.tx, mesh)

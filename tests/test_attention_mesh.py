@@ -21,7 +21,7 @@ def _three_steps(impl: str):
   batches = [train_rows.pack(train_rows.make_examples(seed, 12, 512, 5, 40), 4, 128)
              for seed in range(3)]
   config = LlamaConfig.preset("tiny", scan_layers=True, attention_impl=impl)
-  tx, _ = optim.make_optimizer(optim.OptimConfig(learning_rate=1e-3), 3)
+  tx, _ = optim.make_optimizer(optim.OptimConfig(lr=1e-3), 3)
   graphdef, state, shardings = step_lib.create_train_state(
       lambda: Llama(config, rngs=nnx.Rngs(0)), tx, mesh, seed=0)
   train_step = step_lib.make_train_step(graphdef, tx, shardings, mesh,

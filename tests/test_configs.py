@@ -23,7 +23,7 @@ import pytest
 
 from im_jax.configs import base, paper
 from im_jax.data.kinds import INSTRUCTION_KINDS, TokenKind
-from im_jax.run import experiment
+from im_jax.run import experiment, settings
 from im_jax.train.metrics_log import read_metrics
 
 pytestmark = [pytest.mark.slow]  # trains every paper recipe
@@ -77,8 +77,8 @@ def test_config_file_defines_every_base_key(path):
 def test_every_paper_combination_validates(model):
   for dataset, method in itertools.product(DATASETS, METHODS):
     c = paper.get_config(f"{dataset},{method},{model}")
-    experiment.validate(c, num_devices=DEVICES, process_count=1)
-    experiment.validate(c, num_devices=1, process_count=1)
+    settings.validate(c, num_devices=DEVICES, process_count=1)
+    settings.validate(c, num_devices=1, process_count=1)
     mode, alpha, beta = {"it": ("it", 0, 0), "im": ("im", 0, 0), "neftune": ("it", 5, 0),
                          "im_neftune": ("im", 5, 0), "im_release": ("im_release", 0, 0),
                          "it_kl": ("it", 0, 1), "im_kl": ("im", 0, 1)}[method]
@@ -106,9 +106,9 @@ def test_paper_lora_argument_switches_to_adapters_on_a_bf16_base():
   assert c.optim.lr == 10 * full.optim.lr and c.model.param_dtype == "bfloat16"
   assert full.model.lora.rank == 0
   with pytest.raises(experiment.ConfigError, match="model.lora.rank=16 needs model.init_from"):
-    experiment.validate(c, num_devices=DEVICES, process_count=1)
+    settings.validate(c, num_devices=DEVICES, process_count=1)
   c.model.init_from = "hf:/models/Llama-2-7b-hf"
-  experiment.validate(c, num_devices=DEVICES, process_count=1)
+  settings.validate(c, num_devices=DEVICES, process_count=1)
 
 
 def test_paper_dataset_names_resolve_next_to_the_repository():
@@ -160,7 +160,7 @@ def _tiny(**overrides) -> ml_collections.ConfigDict:
 ])
 def test_impossible_settings_fail_with_one_line(overrides, match):
   with pytest.raises(experiment.ConfigError) as info:
-    experiment.validate(_tiny(**overrides), num_devices=DEVICES, process_count=1)
+    settings.validate(_tiny(**overrides), num_devices=DEVICES, process_count=1)
   assert match in str(info.value) and "\n" not in str(info.value)
 
 
@@ -208,7 +208,7 @@ def test_every_tiny_combination_trains_two_steps(shared_data_dir, tmp_path):
     first, weights = {}, {}
     for method in METHODS:
       workdir = tmp_path / f"{dataset}_{method}"
-      exp = experiment.build(_tiny_run_config(dataset, method, tokenizer), workdir)
+      exp = experiment.build(settings.load(_tiny_run_config(dataset, method, tokenizer)), workdir)
       tokenizer = tokenizer or str(exp.tokenizer_dir)
       weights[method] = _weight_by_kind(next(iter(exp.train_data.dataset())))
       result = exp.run()

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from im_jax.configs import base
-from im_jax.run import experiment
+from im_jax.run import experiment, settings
 from im_jax.checkpoint import store as store_lib
 from im_jax.data import encode as encode_lib
 from im_jax.data import packing
@@ -95,7 +95,8 @@ def test_a_plan_split_over_processes_is_the_one_process_plan(config, tmp_path):
   _write_jsonl(path, records_in)
   records = records_lib.open_records(str(path), on_bad_record="skip")
   config.data.max_seq_len = 200  # some examples truncated
-  encoder = encode_lib.Encoder(load_tokenizer(config.data.tokenizer), encode_config(config))
+  encoder = encode_lib.Encoder(load_tokenizer(config.data.tokenizer),
+                               encode_config(settings.load(config)))
   one = plan_lib.make_plan(records, encoder, on_bad_record="skip")
   assert one.bad_count == 2 and one.first_bad[0] == f"{path}:5"
   assert (one.cut > 0).any() and (one.lengths > 0).sum() > 20
@@ -162,7 +163,7 @@ def _all_batches(iterator):
 
 def test_a_cached_plan_resumes_with_the_uninterrupted_batches(config, tmp_path, monkeypatch):
   cache = tmp_path / "run" / experiment.PLAN_DIR
-  first = experiment.build_data(config, tmp_path / "run", None, cache_dir=cache)
+  first = experiment.build_data(settings.load(config), tmp_path / "run", None, cache_dir=cache)
   uninterrupted = _all_batches(iter(first.train.dataset()))
   assert len(uninterrupted) == first.total_steps >= 4 and first.eval is not None
   # the plan, the rows of 2 training epochs and of the held-out epoch
@@ -173,7 +174,7 @@ def test_a_cached_plan_resumes_with_the_uninterrupted_batches(config, tmp_path, 
 
   monkeypatch.setattr(plan_lib, "make_plan", no)
   monkeypatch.setattr(packing, "plan_rows", no)
-  again = experiment.build_data(config, tmp_path / "run", None, cache_dir=cache)
+  again = experiment.build_data(settings.load(config), tmp_path / "run", None, cache_dir=cache)
   assert again.train.stats.as_dict() == first.train.stats.as_dict()
   it = iter(first.train.dataset())
   for _ in range(3):
@@ -201,7 +202,7 @@ def _fake_checkpoint(workdir, step: int, states: list) -> None:
 def test_a_data_file_changed_in_place_is_detected(config, tmp_path):
   workdir = tmp_path / "run"
   cache = workdir / experiment.PLAN_DIR
-  first = experiment.build_data(config, workdir, None, cache_dir=cache)
+  first = experiment.build_data(settings.load(config), workdir, None, cache_dir=cache)
   it = iter(first.train.dataset())
   next(it)
   _fake_checkpoint(workdir, 1, [it.get_state()])
@@ -216,7 +217,7 @@ def test_a_data_file_changed_in_place_is_detected(config, tmp_path):
   os.utime(data, ns=(stat.st_atime_ns, stat.st_mtime_ns))
   assert os.stat(data).st_size == stat.st_size
   plans = len(list(cache.glob("*.npz")))
-  second = experiment.build_data(config, workdir, None, cache_dir=cache)
+  second = experiment.build_data(settings.load(config), workdir, None, cache_dir=cache)
   assert len(list(cache.glob("[0-9a-f]*.npz"))) == 2, "the changed file was not planned again"
   assert len(list(cache.glob("*.npz"))) > plans
   with pytest.raises(ConfigError) as e:
@@ -227,7 +228,8 @@ def test_a_data_file_changed_in_place_is_detected(config, tmp_path):
 
 def test_a_position_tied_to_another_process_count_is_refused_in_one_line(config, tmp_path):
   workdir = tmp_path / "run"
-  data = experiment.build_data(config, workdir, None, cache_dir=workdir / experiment.PLAN_DIR)
+  data = experiment.build_data(settings.load(config), workdir, None,
+                               cache_dir=workdir / experiment.PLAN_DIR)
   old = {"next_index": 5}  # grain's per-process iterator state, before the global plan
   _fake_checkpoint(workdir, 20, [old, old])
   with pytest.raises(ConfigError) as e:

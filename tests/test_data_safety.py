@@ -25,7 +25,7 @@ import pytest
 
 from im_jax.configs import base
 from im_jax import output_guard, report
-from im_jax.run import experiment
+from im_jax.run import experiment, settings
 from im_jax.convert.__main__ import main as convert_main
 from im_jax.eval.__main__ import main as eval_main
 from im_jax.train import loop, workdir_lock
@@ -59,7 +59,7 @@ def world(tmp_path_factory):
   """A real trained workdir (checkpoints, metrics, tokenizer, hf/), a CKPT and a data file."""
   root = tmp_path_factory.mktemp("world")
   workdir = root / "run"
-  exp = experiment.build(_tiny_config(), workdir)
+  exp = experiment.build(settings.load(_tiny_config()), workdir)
   exp.export_hf(exp.run().state)
   assert convert_main(["from-hf", "--hf", str(workdir / "hf"), "--out", str(root / "ckpt")]) == 0
   data = root / "prompts.jsonl"
@@ -145,7 +145,7 @@ def test_train_never_writes_over_its_inputs(world, changes, workdir, match):
            "root": world}
   c = _tiny_config(**{k: v.format(**names) for k, v in changes.items()})
   with pytest.raises(experiment.ConfigError, match=match) as info:
-    experiment.build(c, workdir.format(**names))
+    experiment.build(settings.load(c), workdir.format(**names))
   assert "\n" not in str(info.value)
   assert _snapshot(world) == before
 
@@ -196,7 +196,7 @@ def test_damaged_newest_checkpoint_is_moved_aside_and_training_goes_on(
   shutil.copytree(world / "run", workdir, ignore=shutil.ignore_patterns("hf"))
   damage(workdir / "checkpoints" / str(STEPS))
   with caplog.at_level(logging.WARNING, logger="im_jax"):
-    result = experiment.build(_tiny_config(**{"export_hf": False}), workdir).run()
+    result = experiment.build(settings.load(_tiny_config(**{"export_hf": False})), workdir).run()
   assert result.resumed_from == 4 and result.step == STEPS
   moved = [r.getMessage() for r in caplog.records if "is damaged" in r.getMessage()]
   assert len(moved) == 1 and "\n" not in moved[0], moved
@@ -222,7 +222,7 @@ def test_a_second_run_on_a_workdir_is_refused_until_the_first_dies(tmp_path):
   try:
     assert holder.stdout.readline().strip() == "locked"
     with pytest.raises(workdir_lock.WorkdirBusy) as info:
-      experiment.build(_tiny_config(), tmp_path)
+      experiment.build(settings.load(_tiny_config()), tmp_path)
     message = str(info.value)
     assert "\n" not in message and f"pid {holder.pid}" in message
     assert f"host {socket.gethostname()}" in message and "started 20" in message
@@ -260,7 +260,7 @@ def test_refused_resume_keeps_config_json_and_names_each_change(world, tmp_path)
   before = _snapshot(workdir)
   c = _tiny_config(**{"optim.lr": 1e-4, "data.max_seq_len": 128, "train.log_every": 5})
   with pytest.raises(loop.ResumeMismatch) as info:
-    experiment.build(c, workdir)
+    experiment.build(settings.load(c), workdir)
   assert str(info.value).splitlines()[1:] == ["  data.max_seq_len: 64 -> 128",
                                               "  optim.lr: 2e-05 -> 0.0001"]
   assert _snapshot(workdir) == before  # config.json still describes the checkpoints

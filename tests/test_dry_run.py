@@ -50,7 +50,7 @@ def test_plan_counts_and_leaves_a_busy_workdir_alone(config, tmp_path):
   try:
     assert holder.stdout.readline().strip() == "locked"
     before = {p.name: p.stat().st_mtime_ns for p in workdir.iterdir()}
-    plan = dry_run.data_plan(config, workdir)
+    plan = dry_run.data_plan(settings.load(config), workdir)
     assert {p.name: p.stat().st_mtime_ns for p in workdir.iterdir()} == before
   finally:
     holder.communicate("", timeout=30)
@@ -72,5 +72,5 @@ def test_plan_counts_and_leaves_a_busy_workdir_alone(config, tmp_path):
 def test_bad_settings_stop_before_reading(config, tmp_path):
   config.data.train = str(tmp_path / "missing.jsonl")
   with pytest.raises(settings.ConfigError, match="data.train=.*missing.jsonl: no such file"):
-    dry_run.data_plan(config, tmp_path / "run")
+    dry_run.data_plan(settings.load(config), tmp_path / "run")
   assert not (tmp_path / "run").exists()

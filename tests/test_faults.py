@@ -24,7 +24,7 @@ import pytest
 
 from im_jax.configs import base
 from im_jax import model_files, write_faults
-from im_jax.run import experiment
+from im_jax.run import experiment, settings
 from im_jax.convert.__main__ import main as convert_main
 from im_jax.data import synthetic
 from im_jax.eval.__main__ import main as eval_main
@@ -163,7 +163,7 @@ def test_damaged_init_from_stops_training_before_the_workdir(models, tmp_path, f
   c.data.train, c.model.init_from = str(models["data"]), f"hf:{model}"
   c.train.max_steps, c.train.batch_size = 1, 8
   with pytest.raises(experiment.ConfigError) as info:  # python -m im_jax.train: exit 2
-    experiment.build(c, tmp_path / "run")
+    experiment.build(settings.load(c), tmp_path / "run")
   assert _names(str(info.value), path, problem), info.value
   assert not (tmp_path / "run").exists()
 
@@ -173,7 +173,7 @@ def test_damaged_model_in_the_plan_and_the_study(models, tmp_path, capsys):
   c = base.get_config()
   c.model.init_from = f"hf:{model}"
   with pytest.raises(experiment.ConfigError) as info:  # python -m im_jax.plan: exit 2
-    analysis.model_config(c)
+    analysis.model_config(settings.load(c))
   assert _names(str(info.value), path, problem), info.value
   out = tmp_path / "study"
   assert study_main.main(["--out", str(out), "--scale", "accelerator",

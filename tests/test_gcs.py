@@ -257,11 +257,11 @@ def test_bad_cloud_input_is_one_line(gcs, tmp_path, monkeypatch, capsys):
   c.data.train, c.data.tokenizer = "synthetic:8", "synthetic"
   with pytest.raises(settings.ConfigError, match=r"^--workdir=gs://no-such-bucket/run: bucket "
                      r"gs://no-such-bucket does not exist$"):
-    settings.check_inputs(c, "gs://no-such-bucket/run")
+    settings.check_inputs(settings.load(c), "gs://no-such-bucket/run")
   c.data.train = f"{BUCKET}/inputs/missing.jsonl"
   with pytest.raises(settings.ConfigError, match=r"^data.train=gs://bkt/inputs/missing.jsonl: "
                      "no such object or folder$"):
-    settings.check_inputs(c, tmp_path / "run")
+    settings.check_inputs(settings.load(c), tmp_path / "run")
   with pytest.raises(paths.CloudError, match="no permission to write to gs://bkt"):
     from google.api_core import exceptions  # pylint: disable=g-import-not-at-top
     from google.cloud import storage  # pylint: disable=g-import-not-at-top

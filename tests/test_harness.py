@@ -18,6 +18,7 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
 from lm_eval.api.instance import Instance  # noqa: E402
 
+from im_jax.run import settings
 from im_jax.eval import __main__ as eval_main  # noqa: E402
 from im_jax.eval import harness, harness_lm  # noqa: E402
 from im_jax.train import sharding  # noqa: E402
@@ -280,7 +281,7 @@ def test_training_logs_harness_scores_of_the_trained_state(tmp_path, tiny_tokeni
   c.eval.harness_tasks = "im_jax_mc"
   c.eval.harness_include_path = str(write_mc_task(tmp_path / "tasks"))
   c.eval.harness_every_steps, c.eval.harness_limit = 1, 3
-  result = experiment.build(c, tmp_path / "run").run()
+  result = experiment.build(settings.load(c), tmp_path / "run").run()
   assert result.step == 2
   logged = [r for r in read_metrics(tmp_path / "run") if "harness/im_jax_mc/acc" in r]
   assert [r["step"] for r in logged] == [1, 2]  # every step; the end is step 2
@@ -304,11 +305,11 @@ def test_bad_harness_config_stops_before_any_work(tmp_path, tiny_tokenizer_dir):
   c.eval.harness_include_path = str(tmp_path / "no_tasks_here")
   with pytest.raises(experiment.ConfigError,
                      match="eval.harness_include_path=.*no_tasks_here: no such folder"):
-    experiment.build(c, tmp_path / "run")
+    experiment.build(settings.load(c), tmp_path / "run")
   assert not (tmp_path / "run").exists()
   c.eval.harness_tasks, c.eval.harness_limit = "im_jax_mc", -1
   with pytest.raises(experiment.ConfigError, match="eval.harness_limit must be >= 0"):
-    experiment.build(c, tmp_path / "run")
+    experiment.build(settings.load(c), tmp_path / "run")
 
 
 def test_training_code_imports_no_evaluation():

@@ -21,6 +21,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from im_jax import hub
+from im_jax.run import settings
 from im_jax.data import sources
 from im_jax.data.conversation import DataError
 from im_jax.data.stats import load_tokenizer
@@ -179,7 +180,7 @@ def test_a_run_reads_a_hub_tokenizer_and_a_hub_split(cache, tmp_path):
   c = base.get_config()
   c.data.train, c.data.tokenizer = f"hf:{DATASET}:test", f"hf:{MODEL}"
   c.data.max_seq_len, c.train.batch_size, c.eval.batch_size = 64, 8, 8
-  plan = dry_run.data_plan(c, tmp_path / "run")
+  plan = dry_run.data_plan(settings.load(c), tmp_path / "run")
   assert plan["tokenizer"] == str(hub.folder(f"hf:{MODEL}")) and plan["examples"] == 5
   assert not (tmp_path / "run").exists()
 

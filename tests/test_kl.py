@@ -14,7 +14,7 @@ import transformers
 from flax import nnx
 
 from im_jax.configs import base
-from im_jax.run import experiment
+from im_jax.run import experiment, settings
 from im_jax.data.kinds import TokenKind
 from im_jax.models.llama import Llama, LlamaConfig, params
 from im_jax.plan import analysis
@@ -279,7 +279,7 @@ def _train(mesh_shape, micro_batches, steps=2):
                             jax.devices()[:int(np.prod(mesh_shape))])
   # The project's AdamW (eps 1e-6): optax's eps 1e-8 blows rounding noise in near-zero
   # gradients up to whole updates, which no two meshes agree on.
-  tx = optim.make_optimizer(optim.OptimConfig(learning_rate=1e-3, warmup_ratio=0.0), 10)[0]
+  tx = optim.make_optimizer(optim.OptimConfig(lr=1e-3, warmup_ratio=0.0), 10)[0]
   graphdef, state, shardings = step.create_train_state(_model_fn(), tx, mesh, reference=True)
   assert state.reference is not None and jax.tree.structure(state.reference) == \
       jax.tree.structure(state.params)
@@ -312,15 +312,15 @@ def test_sharded_kl_steps_equal_single_device():
 
 def test_kl_settings_and_the_reference_model_enter_the_resume_key():
   c = base.get_config()
-  off = experiment.resume_key(c)
+  off = experiment.resume_key(settings.load(c))
   assert "kl_to_base" not in off["loss"]  # off: the key of runs from before the KL term
   c.loss.kl_type = "target_token"  # means nothing while off
-  assert experiment.resume_key(c) == off
+  assert experiment.resume_key(settings.load(c)) == off
   c.loss.kl_to_base, c.loss.kl_type = 0.5, "full"
-  on = experiment.resume_key(c)
+  on = experiment.resume_key(settings.load(c))
   c.model.init_from = "hf:/models/other"
   changed = loop.resume_mismatch({loop.RESUME_KEY: on},
-                                 {loop.RESUME_KEY: experiment.resume_key(c)})
+                                 {loop.RESUME_KEY: experiment.resume_key(settings.load(c))})
   assert changed == ["model.init_from: '' -> 'hf:/models/other'"]
   assert "loss.kl_to_base: '(absent)' -> 0.5" in loop.resume_mismatch(
       {loop.RESUME_KEY: off}, {loop.RESUME_KEY: on})
@@ -335,9 +335,9 @@ def test_plan_compiles_the_reference_into_the_step_with_rows_split():
   c.loss.chunk_size, c.loss.kl_to_base = 16, 0.5
   c.mesh.data, c.mesh.fsdp, c.mesh.tensor = 2, 2, 2
   mesh = sharding.make_mesh(sharding.MeshConfig(2, 2, 2), jax.devices()[:8])
-  mcfg = analysis.model_config(c)
-  steps = experiment.build_steps(c, mcfg, mesh, updates=10)
-  batch = experiment.train_batch_shapes(c, mesh)
+  mcfg = analysis.model_config(settings.load(c))
+  steps = experiment.build_steps(settings.load(c), mcfg, mesh, updates=10)
+  batch = experiment.train_batch_shapes(settings.load(c), mesh)
   with jax.set_mesh(mesh):
     compiled = steps.train_step.jitted.lower(steps.abstract_state, batch).compile()
   memory = memory_lib.step_memory(compiled, steps.abstract_state, batch)

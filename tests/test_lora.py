@@ -15,7 +15,7 @@ import pytest
 from flax import nnx
 
 from im_jax.configs import base as configs_base
-from im_jax.run import experiment
+from im_jax.run import experiment, settings
 from im_jax.convert import hf_export, peft_export
 from im_jax.models import lora
 from im_jax.models.llama import Llama, LlamaConfig
@@ -60,11 +60,12 @@ def _with_random_b(model: nnx.Module, seed: int = 1, scale: float = 0.05) -> nnx
 
 def test_resume_check_covers_the_lora_keys_only_when_on():
   c = configs_base.get_config()
-  assert "lora" not in experiment.resume_key(c)["model"]  # full fine-tuning keys unchanged
+  # full fine-tuning keys unchanged
+  assert "lora" not in experiment.resume_key(settings.load(c))["model"]
   c.model.init_from, c.model.lora.rank = "hf:/models/base", 8
-  saved = {loop.RESUME_KEY: experiment.resume_key(c)}
+  saved = {loop.RESUME_KEY: experiment.resume_key(settings.load(c))}
   c.model.lora.targets, c.model.init_from = "q,v", "hf:/models/other"
-  changed = loop.resume_mismatch(saved, {loop.RESUME_KEY: experiment.resume_key(c)})
+  changed = loop.resume_mismatch(saved, {loop.RESUME_KEY: experiment.resume_key(settings.load(c))})
   assert changed == ["model.init_from: 'hf:/models/base' -> 'hf:/models/other'",
                      "model.lora.targets: 'q,k,v,o,gate,up,down' -> 'q,v'"], changed
 
@@ -103,8 +104,9 @@ def test_kl_reference_is_the_base_under_the_adapters(kl_type):
                                atol=1e-6, err_msg=key)
   c = configs_base.get_config()  # and the train state holds no copy of the base
   c.model.lora.rank, c.loss.kl_to_base = 4, 0.5
+  c.model.init_from = "hf:/models/base"  # a valid config (never read: TINY is the model)
   mesh = sharding.make_mesh(sharding.MeshConfig(1, 1, 1), jax.devices()[:1])
-  steps = experiment.build_steps(c, TINY.replace(lora=LORA), mesh, 10)
+  steps = experiment.build_steps(settings.load(c), TINY.replace(lora=LORA), mesh, 10)
   assert steps.shardings.reference is None and steps.shardings.frozen is not None
 
 
@@ -121,7 +123,7 @@ def test_merged_kernels_give_the_adapted_logits():
 def _train(mesh_shape, config, steps=3):
   mesh = sharding.make_mesh(sharding.MeshConfig(*mesh_shape),
                             jax.devices()[:int(np.prod(mesh_shape))])
-  tx = optim.make_optimizer(optim.OptimConfig(learning_rate=1e-2, warmup_ratio=0.0), 10)[0]
+  tx = optim.make_optimizer(optim.OptimConfig(lr=1e-2, warmup_ratio=0.0), 10)[0]
   graphdef, state, shardings = step.create_train_state(
       lambda: Llama(config, rngs=nnx.Rngs(0)), tx, mesh)
   initial = tuple(dict(nnx.to_flat_state(jax.device_get(x))) for x in (state.params, state.frozen))

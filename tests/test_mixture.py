@@ -18,7 +18,7 @@ import pytest
 
 from im_jax.configs import base
 from im_jax import report
-from im_jax.run import dry_run, experiment
+from im_jax.run import dry_run, experiment, settings
 from im_jax.checkpoint import store as store_lib
 from im_jax.convert.__main__ import main as convert_main
 from im_jax.convert.hf_export import EXPORT_METADATA
@@ -141,8 +141,8 @@ def test_a_one_source_mixture_is_the_single_source_run(files, tiny_tokenizer_dir
   plain.train.max_steps = 40  # past the 2 epochs: epochs are added as for one source
   one = _config(f"{files['lima']}@0.7@format=alpaca", tiny_tokenizer_dir, eval_fraction=0.1)
   one.train.max_steps = 40
-  want = experiment.build_data(plain, tmp_path / "a", None)
-  got = experiment.build_data(one, tmp_path / "b", None)
+  want = experiment.build_data(settings.load(plain), tmp_path / "a", None)
+  got = experiment.build_data(settings.load(one), tmp_path / "b", None)
   assert got.mixture is not None and want.mixture is None
   assert got.total_steps == want.total_steps == 40 and got.updates == want.updates
   assert got.train.config.num_epochs == want.train.config.num_epochs > 2
@@ -159,7 +159,7 @@ def test_a_mixture_resumes_exactly_from_a_saved_position(files, tiny_tokenizer_d
               eval_fraction=0.1)
   c.train.epochs = 3
   cache = tmp_path / "run" / experiment.PLAN_DIR
-  first = experiment.build_data(c, tmp_path / "run", None, cache_dir=cache)
+  first = experiment.build_data(settings.load(c), tmp_path / "run", None, cache_dir=cache)
   uninterrupted = _batches(first.train)
   assert packing.SOURCE_IDS in uninterrupted[0]
   stop = first.train.steps_per_epoch + 3  # inside the second epoch
@@ -167,12 +167,12 @@ def test_a_mixture_resumes_exactly_from_a_saved_position(files, tiny_tokenizer_d
   for _ in range(stop):
     next(it)
   state = json.loads(json.dumps(it.get_state()))  # as a checkpoint stores it
-  rebuilt = experiment.build_data(c, tmp_path / "run", None, cache_dir=cache)
+  rebuilt = experiment.build_data(settings.load(c), tmp_path / "run", None, cache_dir=cache)
   resumed = iter(rebuilt.train.dataset())
   resumed.set_state(state)
   _assert_same([dict(b) for b in resumed], uninterrupted[stop:])
   c.data.train = f"{files['lima']}@1,{files['dolly']}@2@template=hf"  # another weight
-  other = experiment.build_data(c, tmp_path / "run", None, cache_dir=cache)
+  other = experiment.build_data(settings.load(c), tmp_path / "run", None, cache_dir=cache)
   assert "training data" in other.train.state_problem(state)
 
 
@@ -204,7 +204,7 @@ def test_a_source_with_no_example_left_stops_before_training(files, tiny_tokeniz
   c = _config(f"{files['lima']}@1,{long}@1", tiny_tokenizer_dir)
   workdir = tmp_path / "run"
   with pytest.raises(ConfigError) as e:  # --dry-run's plan: the run's own checks, no writes
-    dry_run.data_plan(c, workdir)
+    dry_run.data_plan(settings.load(c), workdir)
   assert str(e.value) == (f"data.train: source long ({long}) has no training example left: 1 "
                           "after the held-out split and data.max_examples, dropped: 1 no_output")
   assert not workdir.exists()
@@ -231,10 +231,10 @@ def test_per_source_metrics_equal_each_source_evaluated_alone(files, tiny_tokeni
   spec = f"{files['lima']}@1,{files['dolly']}@1@template=hf"
   c = _config(spec, tiny_tokenizer_dir, eval_fraction=0.3)
   c.model.preset, c.train.max_steps, c.mesh.fsdp = "tiny", 2, 8
-  plan = dry_run.format_plan(dry_run.data_plan(c, tmp_path / "run"))
+  plan = dry_run.format_plan(dry_run.data_plan(settings.load(c), tmp_path / "run"))
   assert "source lima (" in plan and "source dolly (" in plan and "template hf" in plan
   assert "data mixture: an epoch is" in plan
-  exp = experiment.build(c, tmp_path / "run")
+  exp = experiment.build(settings.load(c), tmp_path / "run")
   mixed = loop_lib.evaluate(exp.state, exp.eval_step, iter(exp.eval_data.dataset()), exp.mesh,
                             loss_eval.finalize)
   from flax import nnx  # pylint: disable=g-import-not-at-top
@@ -256,7 +256,7 @@ def test_per_source_metrics_equal_each_source_evaluated_alone(files, tiny_tokeni
   # Training reports them too: the train step's loss function (its sums are summed over
   # micro-batches and devices as the totals are); one batch's counts match its rows.
   batch = next(iter(exp.train_data.dataset()))
-  sums = jax.jit(step_lib.make_loss_fn(loss_config(c)))(model, batch, None)
+  sums = jax.jit(step_lib.make_loss_fn(loss_config(settings.load(c))))(model, batch, None)
   metrics = loss_lib.finalize(sums)
   for index, name in enumerate(("lima", "dolly"), start=1):
     has_output = [len(np.unique(batch["segment_ids"][r][(batch[packing.SOURCE_IDS][r] == index)

@@ -51,7 +51,7 @@ class _Batches:
 @pytest.fixture(scope="module")
 def setup():
   mesh = sharding.make_mesh(sharding.MeshConfig(1, 1, 1), jax.devices()[:1])
-  tx, _ = optim.make_optimizer(optim.OptimConfig(learning_rate=1e-3, warmup_ratio=0.0), STEPS)
+  tx, _ = optim.make_optimizer(optim.OptimConfig(lr=1e-3, warmup_ratio=0.0), STEPS)
   graphdef, state, shardings = step.create_train_state(
       lambda: Llama(CONFIG, rngs=nnx.Rngs(0)), tx, mesh)
   train_step = step.make_train_step(graphdef, tx, shardings, mesh,

@@ -12,7 +12,7 @@ import jax
 import pytest
 
 from im_jax.configs import base
-from im_jax.run import experiment
+from im_jax.run import experiment, settings
 from im_jax.plan import analysis
 from im_jax.plan import topology as topo_lib
 from im_jax.train import sharding
@@ -37,10 +37,10 @@ def _config(preset="tiny", rows=16, seq_len=40, mesh=(1, -1, 1), remat="none", d
 
 
 def _compile(c, devices):
-  mesh = sharding.make_mesh(sharding.MeshConfig(c.mesh.data, c.mesh.fsdp, c.mesh.tensor),
-                            devices)
-  steps = experiment.build_steps(c, analysis.model_config(c), mesh, updates=10)
-  batch = experiment.train_batch_shapes(c, mesh)
+  run = settings.load(c)
+  mesh = sharding.make_mesh(run.mesh, devices)
+  steps = experiment.build_steps(run, analysis.model_config(run), mesh, updates=10)
+  batch = experiment.train_batch_shapes(run, mesh)
   with jax.set_mesh(mesh):
     return steps.train_step.jitted.lower(steps.abstract_state, batch).compile()
 
@@ -80,7 +80,7 @@ def test_smollm2_temporaries_scale_with_rows_per_chip():
   temps = {}
   for rows in (4, 16):
     c = _config("smollm2_135m", rows=rows, seq_len=2048, remat="full", dtype="bfloat16")
-    p = analysis.plan(c, topology)
+    p = analysis.plan(settings.load(c), topology)
     assert p.fits, p.verdict()
     temps[rows] = p.memory["temporaries"]
   assert temps[4] <= 2 * GiB, temps
@@ -181,7 +181,7 @@ def test_cpu_runs_do_not_probe_libtpu_noisily(tmp_path):
 
 def test_plan_on_cpu_devices():
   """`cpu:N`: the same plan over N host devices; no HBM limit to judge against."""
-  p = analysis.plan(_config(rows=16, seq_len=64), topo_lib.parse("cpu:8"))
+  p = analysis.plan(settings.load(_config(rows=16, seq_len=64)), topo_lib.parse("cpu:8"))
   assert p.devices == 8 and p.mesh == {"data": 1, "fsdp": 8, "tensor": 1}
   assert p.attention_impl == "xla" and p.fits is None and p.usable_hbm is None
   assert 0 < p.memory["params"] < p.memory["total"]

@@ -14,7 +14,7 @@ import transformers
 from tokenizers.processors import TemplateProcessing
 
 from im_jax.configs import paper
-from im_jax.run import experiment
+from im_jax.run import experiment, settings
 from im_jax.data import encode as encode_lib
 from im_jax.data import preview
 from im_jax.data import sources
@@ -195,7 +195,7 @@ def test_drop_rule_follows_the_loss_mode():
         "no_output"
   for method in paper.METHODS:
     c = paper.get_config(f"lima,{method},tiny")
-    rule = experiment.encode_config(c).drop_rule
+    rule = experiment.encode_config(settings.load(c)).drop_rule
     assert rule == ("no_weight" if method == "im_release" else "no_output"), method
 
 
@@ -221,12 +221,12 @@ def test_rendering_settings_are_checked_up_front_and_enter_the_resume_key():
     for key, value in overrides.items():
       (c.loss if key == "mode" else c.data)[key] = value
     with pytest.raises(experiment.ConfigError, match=match):
-      experiment.validate(c, num_devices=8, process_count=1)
+      settings.validate(c, num_devices=8, process_count=1)
   c = paper.get_config("lima,im,tiny")
-  before = experiment.resume_key(c)
+  before = experiment.resume_key(settings.load(c))
   assert before["data"]["strip_content"] is None  # unset: the template's default (tulu strips)
   c.data.strip_content = False
-  assert experiment.resume_key(c)["data"] != before["data"]
+  assert experiment.resume_key(settings.load(c))["data"] != before["data"]
 
 
 @pytest.mark.parametrize("kind", ["smollm2", "smollm2_bos"])

@@ -13,7 +13,7 @@ import numpy as np
 from flax import nnx
 
 from im_jax.configs import base
-from im_jax.run import experiment
+from im_jax.run import experiment, settings
 from im_jax.data import pipeline as pipeline_lib
 from im_jax.data.kinds import TokenKind
 from im_jax.train import loss as loss_lib
@@ -66,9 +66,9 @@ def test_logged_lr_is_applied_and_the_last_update_ends_the_schedule():
   c.optim.lr, c.optim.eps, c.optim.warmup_ratio = 1e-3, EPS, 0.1
   # what experiment.build does for a run of every batch of the pipeline
   updates = pipe.updates(pipe.total_steps)
-  tx, schedule = experiment.optimizer_for(c, updates)
+  tx, schedule = experiment.optimizer_for(settings.load(c), updates)
   assert 0 < updates < pipe.total_steps  # some batches are all padding
-  warmup = optim.warmup_steps(experiment.optim_config(c), updates)
+  warmup = optim.warmup_steps(settings.load(c).optim, updates)
   assert warmup == int(0.1 * updates) > 0  # the release's rounding (down)
   mesh = sharding.make_mesh(sharding.MeshConfig(1, 1, 1), jax.devices()[:1])
   graphdef, state, shardings = step_lib.create_train_state(Scalar, tx, mesh)
@@ -104,7 +104,7 @@ def test_updates_count_real_batches_of_truncated_runs():
 
 
 def test_warmup_rounds_down_like_the_release():
-  config = optim.OptimConfig(learning_rate=2e-5, warmup_ratio=0.03)
+  config = optim.OptimConfig(lr=2e-5, warmup_ratio=0.03)
   for total in range(1, 400):
     # the release: int(num_training_steps * warmup_ratio) with HF's linear schedule
     assert optim.warmup_steps(config, total) == int(total * 0.03), total

@@ -5,6 +5,7 @@ what `python -m im_jax.train` runs before any work; a handful go through the com
 which must exit 2 with one `error:` line and leave no workdir behind.
 """
 
+import json
 import os
 import pathlib
 import subprocess
@@ -120,8 +121,8 @@ def _with(key: str, value) -> ml_collections.ConfigDict:
 
 
 def _check_all(c: ml_collections.ConfigDict, workdir: pathlib.Path) -> None:
-  settings.validate(c, num_devices=DEVICES, process_count=1)
-  settings.check_inputs(c, workdir)
+  run = settings.validate(c, num_devices=DEVICES, process_count=1)
+  settings.check_inputs(run, workdir)
 
 
 def test_every_key_has_wrong_values():
@@ -211,3 +212,23 @@ def test_cli_bad_setting_is_one_line_exit_2_before_any_work(tmp_path, override, 
   assert len(lines) == 1 and lines[0].startswith(expected), proc.stderr
   assert "batch_size" in lines[0] or override != "--config.train.batch_size=abc"
   assert not workdir.exists()  # no tokenizer trained, nothing written
+
+
+@pytest.mark.parametrize("config", ["base", "paper_lora"])
+def test_the_typed_config_saves_what_the_config_dict_did(config):
+  """config.json, the checkpoints' meta and the resume check are written from the typed
+  config: byte for byte what the ConfigDict wrote, so workdirs from before still resume."""
+  from im_jax.configs import paper  # pylint: disable=g-import-not-at-top
+
+  c = _good() if config == "base" else paper.get_config("lima,im_release,llama2_7b,lora")
+  c.model.init_from = c.model.init_from or "hf:/models/base"
+  c.optim.max_grad_norm = 0.0  # off: kept as written (the optimizer reads <= 0 as off)
+  run = settings.load(c)
+  assert run.to_json(indent=2) == c.to_json(indent=2)
+  assert json.dumps(run.to_dict()) == json.dumps(c.to_dict())
+  assert run.optim.lr == c.optim.lr and run.log.wandb_project == c.log.wandb_project
+
+
+@pytest.mark.parametrize("value", [True, False])
+def test_a_placeholder_key_takes_its_declared_type(tmp_path, value):
+  _check_all(_with("data.strip_content", value), tmp_path / "run")

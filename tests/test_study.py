@@ -153,7 +153,7 @@ def test_every_planned_run_has_a_valid_config(scale, tmp_path):
                             "" if scale.model == "tiny" else "hf:/models/m",
                             str(tmp_path / "tok") if scale.model == "tiny" else "")
     # cpu runs on one CPU device; the smoke study runs here on the tests' 8.
-    settings.validate(c, num_devices=1 if scale.name == "cpu" else 8, process_count=1)
+    settings.check_mesh(c, num_devices=1 if scale.name == "cpu" else 8, process_count=1)
     assert c.data.eval_fraction == 0 and c.train.seed == run.seed
     assert c.loss.mode == ("im" if run.method.startswith("im") else "it")
 

@@ -37,7 +37,7 @@ def _setup(mesh_shape, config=TINY, *, tx=None, loss_fn=None, on_indivisible="re
   mesh = sharding.make_mesh(sharding.MeshConfig(*mesh_shape, on_indivisible=on_indivisible),
                             jax.devices()[:int(np.prod(mesh_shape))])
   tx = tx or optim.make_optimizer(
-      optim.OptimConfig(learning_rate=1e-3, warmup_ratio=0.0, weight_decay=0.01), 10)[0]
+      optim.OptimConfig(lr=1e-3, warmup_ratio=0.0, weight_decay=0.01), 10)[0]
   graphdef, state, shardings = step.create_train_state(
       _model_fn(config), tx, mesh, on_indivisible=on_indivisible)
   loss_fn = loss_fn or step.make_loss_fn(loss.LossConfig("sequence"), neftune_alpha=5.0)
@@ -191,7 +191,7 @@ def test_decay_mask_excludes_norms_and_biases():
       assert decays == expect, name
     assert any("bias" in n for n in flat) == config.qkv_bias
   # Effect: with zero gradients, only decayed parameters shrink.
-  tx = optim.make_optimizer(optim.OptimConfig(learning_rate=0.1, weight_decay=0.5,
+  tx = optim.make_optimizer(optim.OptimConfig(lr=0.1, weight_decay=0.5,
                                               warmup_ratio=0.0, decay="constant",
                                               max_grad_norm=None), 10)[0]
   _, params, _ = nnx.split(_model_fn(TINY)(), nnx.Param, ...)
@@ -205,7 +205,7 @@ def test_decay_mask_excludes_norms_and_biases():
 
 @pytest.mark.parametrize("decay", ["linear", "cosine"])
 def test_schedule_warmup_then_decay_to_zero(decay):
-  config = optim.OptimConfig(learning_rate=2e-5, warmup_ratio=0.03, decay=decay)
+  config = optim.OptimConfig(lr=2e-5, warmup_ratio=0.03, decay=decay)
   total = 200
   warm = optim.warmup_steps(config, total)
   assert warm == 6
@@ -220,7 +220,7 @@ def test_schedule_warmup_then_decay_to_zero(decay):
 
 def test_paper_defaults():
   config = optim.OptimConfig()
-  assert (config.learning_rate, config.b1, config.b2, config.eps, config.weight_decay,
+  assert (config.lr, config.b1, config.b2, config.eps, config.weight_decay,
           config.warmup_ratio, config.decay) == (2e-5, 0.9, 0.98, 1e-6, 0.0, 0.03, "linear")
 
 

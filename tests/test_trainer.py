@@ -19,7 +19,7 @@ from safetensors.numpy import load_file
 from im_jax.configs import base
 from im_jax.convert import load
 from im_jax.models.llama import params as llama_params
-from im_jax.run import experiment
+from im_jax.run import experiment, settings
 from im_jax.train import sharding
 from im_jax.train.metrics_log import read_metrics
 from tests import wandb_runs
@@ -75,7 +75,7 @@ def test_first_step_loss_from_hf_equals_pytorch(tmp_path, tiny_tokenizer_dir):
   c.train.batch_size = 8
   c.train.max_steps = 1
   c.mesh.fsdp, c.mesh.tensor = 4, 2
-  exp = experiment.build(c, tmp_path / "run")
+  exp = experiment.build(settings.load(c), tmp_path / "run")
   it = iter(exp.train_data.dataset())
   batch = next(it)
   _, metrics = exp.train_step(exp.state, sharding.global_batch(batch, exp.mesh, micro_batches=1))
@@ -131,14 +131,14 @@ def test_resume_with_other_settings_is_refused():
   from im_jax.train import loop  # pylint: disable=import-outside-toplevel
 
   c = base.get_config()
-  key = experiment.resume_key(c)
+  key = experiment.resume_key(settings.load(c))
   loop.check_same_run({loop.RESUME_KEY: key}, {loop.RESUME_KEY: key}, "w")
   c.train.log_every, c.eval.every_steps, c.mesh.fsdp = 7, 3, 2  # free to change
-  loop.check_same_run({loop.RESUME_KEY: key}, {loop.RESUME_KEY: experiment.resume_key(c)}, "w")
+  now = lambda: {loop.RESUME_KEY: experiment.resume_key(settings.load(c))}
+  loop.check_same_run({loop.RESUME_KEY: key}, now(), "w")
   c.loss.mode, c.optim.lr = "it", 1e-4
   with pytest.raises(loop.ResumeMismatch) as info:
-    loop.check_same_run({loop.RESUME_KEY: key}, {loop.RESUME_KEY: experiment.resume_key(c)},
-                        "w")
+    loop.check_same_run({loop.RESUME_KEY: key}, now(), "w")
   # One `key: saved -> now` line per changed setting, nothing else of the sections.
   assert str(info.value).splitlines()[1:] == ["  loss.mode: 'im' -> 'it'",
                                               "  optim.lr: 2e-05 -> 0.0001"]

@@ -22,7 +22,7 @@ def offline(tmp_path, monkeypatch):
 
 
 def test_records_mirror_to_one_run_resumed_after_a_restart(tmp_path):
-  config = WandbConfig("im-jax-test", run_name="lima-im", tags=("im", "lima"))
+  config = WandbConfig("im-jax-test", wandb_run_name="lima-im", wandb_tags="im,lima")
   first = [{"step": 1, "loss": 2.5, "output_loss": 2.0, "tokens": 300},
            {"step": 2, "loss": 2.25, "output_loss": 1.75, "tokens": 310},
            {"step": 2, "eval_output_loss": 2.125},
@@ -83,8 +83,9 @@ def test_an_online_run_without_an_api_key_stops_before_any_work(tmp_path, monkey
   c = base.get_config()
   c.data.train, c.data.tokenizer, c.log.wandb_project = "synthetic:10", "synthetic", "im-jax"
   monkeypatch.setattr(type(wandb.api), "api_key", property(lambda self: None))  # logged out
-  settings.check_inputs(c, tmp_path / "run")  # WANDB_MODE=offline (the fixture): no key needed
+  # WANDB_MODE=offline (the fixture): no key needed
+  settings.check_inputs(settings.load(c), tmp_path / "run")
   monkeypatch.setenv("WANDB_MODE", "online")
   with pytest.raises(settings.ConfigError, match=r"^log\.wandb_project=im-jax: no W&B API key"):
-    settings.check_inputs(c, tmp_path / "run")
+    settings.check_inputs(settings.load(c), tmp_path / "run")
   assert not (tmp_path / "run").exists()

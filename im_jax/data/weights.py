@@ -32,7 +32,7 @@ class LossMaskConfig:
 
   def __post_init__(self):
     if self.mode not in LOSS_MODES:
-      raise ValueError(f"loss mode must be one of {LOSS_MODES}, got {self.mode!r}")
+      raise ValueError(f"mode: loss mode must be one of {LOSS_MODES}, got {self.mode!r}")
     if self.assistant_turns not in ASSISTANT_TURNS:
       raise ValueError(f"assistant_turns must be one of {ASSISTANT_TURNS}, "
                        f"got {self.assistant_turns!r}")
@@ -41,14 +41,14 @@ class LossMaskConfig:
     if not math.isfinite(self.instruction_weight) or self.instruction_weight < 0:
       raise ValueError(f"instruction_weight must be finite and >= 0, got {self.instruction_weight}")
     if self.mode == "im_release" and self.assistant_turns != "all":
-      raise ValueError("im_release weights every turn; assistant_turns must be 'all'")
+      raise ValueError("assistant_turns must be 'all' under im_release, which weights every turn")
 
   def check_template(self, template_name: str, strips_content: bool) -> None:
     if self.mode == "im_release" and template_name != "tulu":
-      raise ValueError("the im_release loss mode reproduces the authors' tulu code; "
+      raise ValueError("mode im_release reproduces the authors' tulu code; "
                        f"it needs the tulu template, not {template_name!r}")
     if self.mode == "im_release" and not strips_content:
-      raise ValueError("the im_release loss mode reproduces the authors' code, which strips "
+      raise ValueError("mode im_release reproduces the authors' code, which strips "
                        "message content: it needs strip_content")
 
 

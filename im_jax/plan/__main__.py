@@ -90,12 +90,12 @@ def main(argv: list[str] | None = None) -> int:
                                f" --xla_force_host_platform_device_count={topology.num_devices}")
   import jax  # pylint: disable=g-import-not-at-top
   jax.config.update("jax_platforms", "cpu")  # compile only: never probe or use an accelerator
-  from im_jax.run import experiment  # pylint: disable=g-import-not-at-top
+  from im_jax.run import settings  # pylint: disable=g-import-not-at-top
   from im_jax.plan import analysis  # pylint: disable=g-import-not-at-top
 
   try:
     config = config_args.load(args)
-  except experiment.ConfigError as e:
+  except settings.ConfigError as e:
     return cli.report(e)
   policies = REMAT_POLICIES if args.sweep == "remat" else (config.model.remat_policy,)
   plans = []
@@ -103,8 +103,8 @@ def main(argv: list[str] | None = None) -> int:
     for policy in policies:
       c = config.copy_and_resolve_references()
       c.model.remat_policy = policy
-      plans.append(analysis.plan(c, topology))
-  except (experiment.ConfigError, topo_lib.TopologyError) as e:
+      plans.append(analysis.plan(settings.load(c), topology))
+  except (settings.ConfigError, topo_lib.TopologyError) as e:
     return cli.report(e)
   label = args.config
   if args.json:

@@ -9,9 +9,8 @@ import re
 from typing import Any
 
 import jax
-import ml_collections
 
-from im_jax.run import experiment
+from im_jax.run import experiment, settings
 from im_jax.convert.load import read_model_config
 from im_jax.model_files import ModelFileError
 from im_jax.models.llama import LlamaConfig, num_params
@@ -108,7 +107,7 @@ def analytic_flops(config: LlamaConfig, tokens: int, seq_len: int,
   return float(tokens) * (6 * n + attention) * passes / 6
 
 
-def model_config(c: ml_collections.ConfigDict) -> LlamaConfig:
+def model_config(c: settings.RunConfig) -> LlamaConfig:
   """The run's model config, from `model.init_from`'s config (no weights) or the preset."""
   pretrained = None
   if c.model.init_from:
@@ -121,12 +120,11 @@ def model_config(c: ml_collections.ConfigDict) -> LlamaConfig:
   return experiment.model_config(c, 0, pretrained)
 
 
-def plan(c: ml_collections.ConfigDict, topology: topo_lib.Topology) -> Plan:
-  """Compiles the train step of config `c` for `topology` and measures it."""
+def plan(c: settings.RunConfig, topology: topo_lib.Topology) -> Plan:
+  """Compiles the train step of config `c` (`settings.load`) for `topology` and measures it."""
   devices = topo_lib.devices(topology)
-  experiment.validate(c, len(devices), 1)
-  mesh = sharding.make_mesh(sharding.MeshConfig(c.mesh.data, c.mesh.fsdp, c.mesh.tensor),
-                            devices)
+  settings.check_mesh(c, len(devices), 1)  # the topology's devices, not this machine's
+  mesh = sharding.make_mesh(c.mesh, devices)
   mcfg = model_config(c)
   steps = experiment.build_steps(c, mcfg, mesh, updates=1000)
   batch = experiment.train_batch_shapes(c, mesh)

@@ -12,20 +12,19 @@ import tempfile
 from typing import Any
 
 import jax
-import ml_collections
 
 from im_jax import paths
 from im_jax.run import experiment
 from im_jax.checkpoint.store import newest_meta
 from im_jax.convert.load import read_pretrained
 from im_jax.models.llama import config as llama_config
-from im_jax.run.settings import SYNTHETIC, ConfigError, check_inputs, model_options, validate
+from im_jax.run.settings import SYNTHETIC, ConfigError, RunConfig, check_inputs, model_options
 
 
-def data_plan(c: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dict[str, Any]:
-  """What a run with this config and workdir would train on, as one JSON-able dict."""
+def data_plan(c: RunConfig, workdir: str | pathlib.Path) -> dict[str, Any]:
+  """What a run with this config (validated: `settings.validate`) and workdir would train on,
+  as one JSON-able dict."""
   workdir = paths.path(workdir)  # a local folder or gs://BUCKET/...
-  validate(c, jax.device_count(), jax.process_count())
   check_inputs(c, workdir)
   experiment.check_resumable(c, workdir)  # reads only
   pretrained_config = pretrained_tokenizer = None

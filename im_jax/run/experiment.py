@@ -1,9 +1,10 @@
 """From a config (configs/*.py) to a running experiment: data, model, state, loop.
 
-Everything a run needs is built here from the ml-collections config, through the typed
-configs of each layer (`settings`), so the entry point stays thin. Impossible settings, bad
-paths, a busy workdir or one holding another run's checkpoints fail before any heavy work
-with one line; config.json is written only after those checks.
+Everything a run needs is built here from the typed config (`settings.RunConfig`, built and
+validated once by the entry point), through the typed configs of each layer, so the entry
+point stays thin. Impossible settings, bad paths, a busy workdir or one holding another run's
+checkpoints fail before any heavy work with one line; config.json is written only after
+those checks.
 """
 
 import dataclasses
@@ -15,7 +16,6 @@ import tempfile
 from typing import Any, Callable, Sequence
 
 import jax
-import ml_collections
 import numpy as np
 from flax import nnx
 
@@ -35,10 +35,9 @@ from im_jax.data.stats import load_tokenizer
 from im_jax.eval import loss_eval
 from im_jax.models import lora as lora_lib
 from im_jax.models.llama import Llama, LlamaConfig
-from im_jax.run.settings import (SYNTHETIC, ConfigError, check, check_inputs,  # noqa: F401
-                             encode_config, lora_config, loop_config, loss_config,
-                             model_options, train_sources,
-                             optim_config, pipeline_config, validate, wandb_config)
+from im_jax.run.settings import (SYNTHETIC, ConfigError, RunConfig, check, check_inputs,
+                                 encode_config, lora_config, loop_config, loss_config,
+                                 model_options, pipeline_config, train_sources)
 from im_jax.train import loop as loop_lib
 from im_jax.train import memory as memory_lib
 from im_jax.train import optim as optim_lib
@@ -50,7 +49,7 @@ log = logging.getLogger(__name__)
 # Data.
 
 
-def open_source_records(c: ml_collections.ConfigDict,
+def open_source_records(c: RunConfig,
                         source: mixture.Source) -> records_lib.Records:
   """A training source's records, random access (a JSONL file through a byte index)."""
   spec = source.spec
@@ -76,7 +75,7 @@ def _good_conversations(records: records_lib.Records, limit: int) -> list[Conver
   return out
 
 
-def resolve_tokenizer_dir(c: ml_collections.ConfigDict, workdir: pathlib.Path,
+def resolve_tokenizer_dir(c: RunConfig, workdir: pathlib.Path,
                           records: records_lib.Records,
                           pretrained_tokenizer_dir: pathlib.Path | None) -> pathlib.Path:
   if c.data.tokenizer == SYNTHETIC and paths.is_remote(workdir):
@@ -112,7 +111,7 @@ def _remote_synthetic_tokenizer(out, conversations: Sequence[Conversation]) -> p
 # Model.
 
 
-def model_config(c: ml_collections.ConfigDict, vocab_needed: int,
+def model_config(c: RunConfig, vocab_needed: int,
                  pretrained: LlamaConfig | None = None) -> LlamaConfig:
   if pretrained is not None:
     config = pretrained
@@ -140,7 +139,7 @@ class Steps:
   eval_step: Callable
 
 
-def build_steps(c: ml_collections.ConfigDict, mcfg: LlamaConfig, mesh: jax.sharding.Mesh,
+def build_steps(c: RunConfig, mcfg: LlamaConfig, mesh: jax.sharding.Mesh,
                 updates: int) -> Steps:
   """The train and eval steps of a run: what the trainer runs and `im_jax.plan` compiles.
 
@@ -161,7 +160,7 @@ def build_steps(c: ml_collections.ConfigDict, mcfg: LlamaConfig, mesh: jax.shard
   return Steps(model_fn, tx, graphdef, abstract_state, shardings, train_step, eval_step)
 
 
-def train_batch_shapes(c: ml_collections.ConfigDict, mesh: jax.sharding.Mesh
+def train_batch_shapes(c: RunConfig, mesh: jax.sharding.Mesh
                        ) -> dict[str, jax.ShapeDtypeStruct]:
   """The global train batch `[grad_accum, rows per micro-batch, max_seq_len]` per field."""
   k = c.train.grad_accum
@@ -174,13 +173,13 @@ def train_batch_shapes(c: ml_collections.ConfigDict, mesh: jax.sharding.Mesh
           for name, dtype in dtypes.items()}
 
 
-def optimizer_for(c: ml_collections.ConfigDict, updates: int) -> tuple[Any, Any]:
+def optimizer_for(c: RunConfig, updates: int) -> tuple[Any, Any]:
   """(AdamW, its schedule) spanning `updates` optimizer updates.
 
   A run's updates are its batches less the all-padding ones closing an epoch that packs into
   fewer rows (`DataPipeline.updates`): those do not update.
   """
-  return optim_lib.make_optimizer(optim_config(c), updates)
+  return optim_lib.make_optimizer(c.optim, updates)
 
 
 @dataclasses.dataclass
@@ -201,7 +200,7 @@ class RunData:
 PLAN_DIR = "data_plan"  # WORKDIR/data_plan: the cached data plan (im_jax.data.plan)
 
 
-def _example_plan(c: ml_collections.ConfigDict, source: mixture.Source,
+def _example_plan(c: RunConfig, source: mixture.Source,
                   records: records_lib.Records, tokenizer, tokenizer_dir: pathlib.Path,
                   cache_dir: pathlib.Path | None,
                   write_cache: bool) -> tuple[plan_lib.ExamplePlan, str]:
@@ -232,7 +231,7 @@ def _example_plan(c: ml_collections.ConfigDict, source: mixture.Source,
   return plan, key
 
 
-def build_data(c: ml_collections.ConfigDict, tokenizer_home: pathlib.Path,
+def build_data(c: RunConfig, tokenizer_home: pathlib.Path,
                pretrained_tokenizer_dir: pathlib.Path | None, *,
                cache_dir: pathlib.Path | None = None, write_cache: bool = True) -> RunData:
   """Reads and plans the data (from `cache_dir`'s plan when its inputs are unchanged; see
@@ -312,7 +311,7 @@ def build_data(c: ml_collections.ConfigDict, tokenizer_home: pathlib.Path,
 
 @dataclasses.dataclass
 class Experiment:
-  config: ml_collections.ConfigDict
+  config: RunConfig
   workdir: pathlib.Path
   mesh: jax.sharding.Mesh
   tokenizer_dir: pathlib.Path
@@ -361,14 +360,13 @@ class Experiment:
                         mesh=self.mesh, train_batches=self.train_data.dataset(),
                         config=self.loop_config, meta=self.meta, eval_step=self.eval_step,
                         eval_batches=eval_batches, eval_finalize=loss_eval.finalize,
-                        hooks=self.hooks, sinks=(wandb_config(self.config),))
+                        hooks=self.hooks, sinks=(self.config.log,))
 
 
-def build(c: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> Experiment:
+def build(c: RunConfig, workdir: str | pathlib.Path) -> Experiment:
+  """The run of `c` (validated for these devices by the entry point: `settings.validate`)."""
   remote = paths.is_remote(workdir)
   workdir = paths.path(workdir)  # a local folder or gs://BUCKET/...
-  processes = jax.process_count()
-  validate(c, jax.device_count(), processes)
   check_inputs(c, workdir)
   check_resumable(c, workdir)  # reads only: a refused run leaves every file as it was
   harness_tasks = prepare_harness_tasks(c)  # reads (task files, cached datasets) only
@@ -380,7 +378,7 @@ def build(c: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> Experime
     workdir_lock.acquire(workdir)
     paths.write_text(workdir / "config.json", c.to_json(indent=2) + "\n")  # whole or not at all
 
-  mesh = sharding.make_mesh(sharding.MeshConfig(c.mesh.data, c.mesh.fsdp, c.mesh.tensor))
+  mesh = sharding.make_mesh(c.mesh)
   pretrained = None
   if c.model.init_from:  # placed straight into the parameters' shardings
     try:  # a gs:// model is read from a local copy (made once, kept in a cache)
@@ -437,7 +435,7 @@ def build(c: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> Experime
                     state, train_step, eval_step, loop_config(c, total_steps), meta, hooks)
 
 
-def prepare_harness_tasks(c: ml_collections.ConfigDict) -> Any:
+def prepare_harness_tasks(c: RunConfig) -> Any:
   """eval.harness_tasks checked and built (None when off): a bad name, task file or missing
   dataset stops the run before any work, naming the key."""
   if not c.eval.harness_tasks:
@@ -453,7 +451,7 @@ def prepare_harness_tasks(c: ml_collections.ConfigDict) -> Any:
     raise ConfigError(f"eval.harness_tasks={c.eval.harness_tasks}: {e}") from None
 
 
-def harness_hook(c: ml_collections.ConfigDict, tasks: Any, mesh: jax.sharding.Mesh,
+def harness_hook(c: RunConfig, tasks: Any, mesh: jax.sharding.Mesh,
                  graphdef: nnx.GraphDef, tokenizer_dir: pathlib.Path) -> loop_lib.StepHook:
   """lm-eval tasks on the training state (LoRA adapters applied), rows over the run's mesh,
   logged as harness/TASK/METRIC every eval.harness_every_steps and at the end."""
@@ -467,7 +465,7 @@ def harness_hook(c: ml_collections.ConfigDict, tasks: Any, mesh: jax.sharding.Me
       c.eval.harness_every_steps)
 
 
-def export_metadata(c: ml_collections.ConfigDict) -> dict[str, Any]:
+def export_metadata(c: RunConfig) -> dict[str, Any]:
   """What `im_jax_export.json` says of the training data: the template the export's chat
   template renders (data.template's), and each source with any override it trained under."""
   return {"template": c.data.template, "strip_content": c.data.strip_content,
@@ -500,7 +498,7 @@ def plan_cache_dir(workdir) -> pathlib.Path:
   return paths.cache_root() / PLAN_DIR / digest
 
 
-def check_resumable(c: ml_collections.ConfigDict, workdir: pathlib.Path) -> None:
+def check_resumable(c: RunConfig, workdir: pathlib.Path) -> None:
   """Refuses, before any work, a workdir whose checkpoints belong to other settings."""
   newest = newest_meta(workdir)
   if newest is not None:
@@ -532,22 +530,23 @@ def check_data_position(workdir: pathlib.Path, train_data: pipeline_lib.DataPipe
   raise ConfigError(f"{where}: {problem}")
 
 
-def resume_key(c: ml_collections.ConfigDict) -> dict[str, Any]:
+def resume_key(c: RunConfig) -> dict[str, Any]:
   """The settings a resumed run must share with the run that wrote the checkpoints.
 
   Data, loss, optimiser, schedule and model numerics (and, with the KL term, the starting
   model it is measured against); logging, evaluation, checkpointing and the mesh shape
   (restores re-shard) may change between the two.
   """
-  data = {k: v for k, v in c.data.to_dict().items() if k != "read_threads"}
-  train = {k: v for k, v in c.train.to_dict().items() if k != "log_every"}
-  model = {k: c.model[k] for k in ("preset", "param_dtype", "compute_dtype", "scan_layers")}
+  keys = c.to_dict()  # the keys as written, as the ConfigDict's to_dict gave them
+  data = {k: v for k, v in keys["data"].items() if k != "read_threads"}
+  train = {k: v for k, v in keys["train"].items() if k != "log_every"}
+  model = {k: keys["model"][k] for k in ("preset", "param_dtype", "compute_dtype", "scan_layers")}
   if c.model.lora.rank > 0:  # only then: full fine-tuning runs keep the keys they had
-    model.update(lora=c.model.lora.to_dict(), init_from=absolute_spec(c.model.init_from))
-  loss = c.loss.to_dict()
+    model.update(lora=keys["model"]["lora"], init_from=absolute_spec(c.model.init_from))
+  loss = keys["loss"]
   if c.loss.kl_to_base > 0:  # the reference is re-read from init_from on resume
     model["init_from"] = c.model.init_from
   else:  # off, kl_type means nothing; absent, workdirs from before these keys still resume
     del loss["kl_to_base"], loss["kl_type"]
-  return {"data": data, "loss": loss, "optim": c.optim.to_dict(), "train": train,
+  return {"data": data, "loss": loss, "optim": keys["optim"], "train": train,
           "model": model, "neftune_alpha": c.neftune_alpha}

@@ -58,11 +58,13 @@ def _train(config, workdir: str) -> int:
   """Build, run and export; a write failure raises WriteFailed (one line, exit 1)."""
   from im_jax.data.conversation import DataError  # pylint: disable=g-import-not-at-top
   from im_jax import checkpoint  # pylint: disable=g-import-not-at-top
-  from im_jax.run import experiment  # pylint: disable=g-import-not-at-top
+  import jax  # pylint: disable=g-import-not-at-top
+  from im_jax.run import experiment, settings  # pylint: disable=g-import-not-at-top
   from im_jax.train import loop, workdir_lock  # pylint: disable=g-import-not-at-top
 
   try:
-    exp = experiment.build(config, workdir)
+    run = settings.validate(config, jax.device_count(), jax.process_count())  # the typed config
+    exp = experiment.build(run, workdir)
     result = exp.run()
   except loop.ResumeMismatch as e:  # its `key: saved -> now` lines are the message
     return cli.report_lines(e)
@@ -104,11 +106,11 @@ def _inspect(config, args) -> int:
   from im_jax.train import loop  # pylint: disable=g-import-not-at-top
 
   try:
+    run = settings.validate(config, jax.device_count(), jax.process_count())  # the typed config
     if args.print_config:
-      settings.validate(config, jax.device_count(), jax.process_count())
-      print(config.to_json(indent=2))
+      print(run.to_json(indent=2))
     if args.dry_run:
-      print(dry_run.format_plan(dry_run.data_plan(config, args.workdir)))
+      print(dry_run.format_plan(dry_run.data_plan(run, args.workdir)))
   except loop.ResumeMismatch as e:  # its `key: saved -> now` lines are the message
     return cli.report_lines(e)
   except (settings.ConfigError, DataError, ValueError, OSError) as e:

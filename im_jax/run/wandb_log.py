@@ -22,44 +22,45 @@ _MAX_NAME, _MAX_TAG = 128, 64  # W&B's limits
 
 @dataclasses.dataclass(frozen=True)
 class WandbConfig:
-  project: str = ""  # "" = off
-  entity: str = ""  # "" = the user's default entity
-  run_name: str = ""  # "" = the workdir's name
-  tags: tuple[str, ...] = ()
+  """The config's log section (its fields are the log.* keys, so errors name the key)."""
+
+  wandb_project: str = ""  # "" = off
+  wandb_entity: str = ""  # "" = the user's default entity
+  wandb_run_name: str = ""  # "" = the workdir's name
+  wandb_tags: str = ""  # comma-separated
   # SinkFactory (train/metrics_log.py): what a gs:// workdir keeps for W&B, what W&B writes
   state_files = (RUN_ID_FILE,)
   own_folder = "wandb"
 
+  @property
+  def tags(self) -> tuple[str, ...]:
+    return (tuple(t.strip() for t in self.wandb_tags.split(","))
+            if self.wandb_tags.strip() else ())
+
   def __post_init__(self):
-    for name in ("project", "entity"):
+    for name in ("wandb_project", "wandb_entity"):
       value = getattr(self, name)
       if _FORBIDDEN.search(value) or len(value) > _MAX_NAME or value != value.strip():
-        raise ValueError(f"wandb_{name} {value!r} is not a W&B name (at most {_MAX_NAME} "
+        raise ValueError(f"{name} {value!r} is not a W&B name (at most {_MAX_NAME} "
                          "characters, none of / \\ # ? % : and no surrounding spaces)")
     for tag in self.tags:
       if not tag or len(tag) > _MAX_TAG:
         raise ValueError(f"wandb_tags: each tag must have 1 to {_MAX_TAG} characters, got "
                          f"{tag!r}")
-    for name in ("entity", "run_name", "tags"):
-      if getattr(self, name) and not self.project:
-        raise ValueError(f"wandb_{name} is set but wandb_project is empty (W&B is off)")
-    if self.project:
+    for name in ("wandb_entity", "wandb_run_name", "wandb_tags"):
+      if getattr(self, name) and not self.wandb_project:
+        raise ValueError(f"{name} is set but wandb_project is empty (W&B is off)")
+    if self.wandb_project:
       try:
         import wandb  # noqa: F401  pylint: disable=g-import-not-at-top,unused-import
       except ImportError:
-        raise ValueError(f"wandb_project={self.project} needs the wandb package "
+        raise ValueError(f"wandb_project={self.wandb_project} needs the wandb package "
                          "(pip install wandb)") from None
-
-  @classmethod
-  def from_keys(cls, project: str, entity: str, run_name: str, tags: str) -> "WandbConfig":
-    """From the config keys; `tags` is comma-separated."""
-    return cls(project, entity, run_name,
-               tuple(t.strip() for t in tags.split(",")) if tags.strip() else ())
 
   def open(self, workdir: pathlib.Path,
            run_config: dict[str, Any] | None) -> "WandbSink | None":
     """The W&B run of this workdir (created or resumed); None when W&B is off."""
-    return WandbSink(self, workdir, run_config) if self.project else None
+    return WandbSink(self, workdir, run_config) if self.wandb_project else None
 
 
 class WandbUnavailable(ValueError):
@@ -68,7 +69,7 @@ class WandbUnavailable(ValueError):
 
 def check_logged_in(config: WandbConfig) -> None:
   """Before any work: an online W&B run needs an API key (`wandb login`, WANDB_API_KEY)."""
-  if not config.project:
+  if not config.wandb_project:
     return
   import wandb  # pylint: disable=g-import-not-at-top
 
@@ -76,8 +77,8 @@ def check_logged_in(config: WandbConfig) -> None:
   settings.update_from_env_vars(dict(os.environ))  # WANDB_MODE=offline|disabled need no key
   if settings.mode == "online" and wandb.api.api_key is None:
     raise WandbUnavailable(
-        f"log.wandb_project={config.project}: no W&B API key (log in with `wandb login` or "
-        "set WANDB_API_KEY), or set WANDB_MODE=offline to log locally and `wandb sync` later")
+        f"log.wandb_project={config.wandb_project}: no W&B API key (log in with `wandb login` "
+        "or set WANDB_API_KEY), or set WANDB_MODE=offline to log locally and `wandb sync` later")
 
 
 class WandbSink:
@@ -92,14 +93,14 @@ class WandbSink:
     run_id = id_file.read_text().strip() if id_file.exists() else None  # None: W&B picks one
     try:
       self.run = wandb.init(
-          project=config.project, entity=config.entity or None,
-          name=config.run_name or workdir.absolute().name, tags=list(config.tags) or None,
+          project=config.wandb_project, entity=config.wandb_entity or None,
+          name=config.wandb_run_name or workdir.absolute().name, tags=list(config.tags) or None,
           id=run_id, resume="allow", dir=str(workdir), config=run_config)
     except wandb.errors.Error as e:  # not logged in, no network, a project it may not write
       reason = " ".join(str(e).split()) or type(e).__name__
       raise WandbUnavailable(
-          f"log.wandb_project={config.project}: W&B could not start the run: {reason} (log in "
-          "with `wandb login` or WANDB_API_KEY, or set WANDB_MODE=offline)") from None
+          f"log.wandb_project={config.wandb_project}: W&B could not start the run: {reason} "
+          "(log in with `wandb login` or WANDB_API_KEY, or set WANDB_MODE=offline)") from None
     if run_id is None:
       tmp = id_file.with_name(f".{RUN_ID_FILE}.partial")
       tmp.write_text(self.run.id + "\n")

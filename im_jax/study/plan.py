@@ -4,16 +4,15 @@ A run is identified by its subset, method and seed; experiments that need the sa
 share the run (the largest Alpaca size is the overfitting experiment's Alpaca subset). Every
 run has the same seed, data order and hyperparameters as the others: only the data file and
 the method differ (the second_seed experiment repeats the LIMA pair, both with another seed).
-`config_for` builds its config from configs/paper.py plus the scale's overrides, so each run
-is an ordinary `python -m im_jax.train` workdir.
+`config_for` builds its config from configs/paper.py plus the scale's overrides (typed and
+validated: `settings.load`), so each run is an ordinary `python -m im_jax.train` workdir.
 """
 
 import dataclasses
 import pathlib
 from typing import Any
 
-import ml_collections
-
+from im_jax.run import settings
 from im_jax.configs import paper
 from im_jax.study import scales, subsets
 
@@ -105,8 +104,9 @@ def subset_conversations(subset: Subset, split: subsets.DatasetSplit, max_seq_le
 
 
 def config_for(run: Run, scale: scales.Scale, data_file: pathlib.Path, init_from: str,
-               tokenizer: str) -> ml_collections.ConfigDict:
-  """The paper recipe for this run's data and method, with the scale's overrides."""
+               tokenizer: str, overrides: dict[str, Any] | None = None) -> settings.RunConfig:
+  """The paper recipe for this run's data and method, with the scale's overrides (then
+  `overrides`), as the typed config."""
   c = paper.get_config(f"{data_file},{run.method},{scale.model}")
   c.data.eval_fraction = 0.0  # the study's own held-out set replaces the hashed split
   c.train.log_every = 1  # per-step train losses: the per-epoch train curve averages them
@@ -115,14 +115,10 @@ def config_for(run: Run, scale: scales.Scale, data_file: pathlib.Path, init_from
     c.model.init_from = init_from
   if tokenizer:
     c.data.tokenizer = tokenizer
-  apply_overrides(c, scale.overrides)
-  return c
-
-
-def apply_overrides(c: ml_collections.ConfigDict, overrides: dict[str, Any]) -> None:
-  for key, value in overrides.items():
+  for key, value in {**scale.overrides, **(overrides or {})}.items():
     *sections, name = key.split(".")
     target = c
     for section in sections:
       target = target[section]
     target[name] = value
+  return settings.load(c)

@@ -17,13 +17,15 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
+import jax
+
 from im_jax import report
 from im_jax.run import experiment
 from im_jax.convert.load import load_pretrained
 from im_jax.data import pipeline as pipeline_lib
 from im_jax.data.conversation import Conversation
 from im_jax.data.stats import load_tokenizer
-from im_jax.run.settings import encode_config, model_options, pipeline_config
+from im_jax.run.settings import check_mesh, encode_config, model_options, pipeline_config
 from im_jax.study import evaluation, models, plan as plan_lib, results, scales, subsets
 
 
@@ -175,6 +177,7 @@ def train(study: Study, run: plan_lib.Run) -> dict[str, Any]:
   """Trains (or resumes) the run's workdir; its curves and throughput."""
   c = study.config(run)
   workdir = study.out / "runs" / run.name
+  check_mesh(c, jax.device_count(), jax.process_count())
   exp = experiment.build(c, workdir)
   tokenizer = load_tokenizer(str(exp.tokenizer_dir))
   held = study.splits[run.subset.dataset].held_out
@@ -243,9 +246,10 @@ def measure_speed(study: Study) -> tuple[float, float]:
   pool = [c for s in study.splits.values() for c in s.pool[:16]]
   probe = plan_lib.Run(plan_lib.Subset("probe", "alpaca5k", len(pool)), "it", ())
   data = subsets.write_jsonl(study.out / "data" / "probe.jsonl", pool)
-  c = plan_lib.config_for(probe, study.scale, data, study.start.init_from, study.start.tokenizer)
-  c.train.max_steps = PROBE_STEPS
+  c = plan_lib.config_for(probe, study.scale, data, study.start.init_from, study.start.tokenizer,
+                          {"train.max_steps": PROBE_STEPS})
   workdir = study.out / "probe" / digest(study.base_key())
+  check_mesh(c, jax.device_count(), jax.process_count())
   exp = experiment.build(c, workdir)
   exp.run()
   summary = report.summarize(report.load_run(workdir))

@@ -68,10 +68,10 @@ class LossConfig:
 
   def __post_init__(self):
     if self.normalization not in ("token", "sequence"):
-      raise ValueError(f"loss normalization must be 'token' or 'sequence', got "
+      raise ValueError(f"normalization must be 'token' or 'sequence', got "
                        f"{self.normalization!r}")
     if self.chunk_size < 0:
-      raise ValueError(f"loss chunk_size must be >= 0, got {self.chunk_size}")
+      raise ValueError(f"chunk_size must be >= 0, got {self.chunk_size}")
     if not (math.isfinite(self.kl_to_base) and self.kl_to_base >= 0):
       raise ValueError(f"kl_to_base must be a finite number >= 0, got {self.kl_to_base}")
     if self.kl_type not in KL_TYPES:

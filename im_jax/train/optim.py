@@ -2,7 +2,7 @@
 
 Defaults follow docs/paper.md: learning rate 2e-5, betas (0.9, 0.98), eps 1e-6, weight decay 0,
 warmup ratio 0.03 then linear decay to 0. Gradient clipping by global norm (1.0 by default; the
-paper does not state one, None turns it off).
+paper does not state one; None or <= 0 turns it off, as the config key does).
 
 Weight decay (when non-zero) applies to weight matrices, *including* the token embeddings and
 the output projection, as the Hugging Face Trainer / open-instruct setup the paper used does;
@@ -26,18 +26,18 @@ NO_DECAY_NAMES = ("norm", "bias")
 
 @dataclasses.dataclass(frozen=True)
 class OptimConfig:
-  learning_rate: float = 2e-5
+  lr: float = 2e-5  # the config keys' names (optim.lr, ...): errors name the key
   b1: float = 0.9
   b2: float = 0.98
   eps: float = 1e-6
   weight_decay: float = 0.0
-  max_grad_norm: float | None = 1.0
+  max_grad_norm: float | None = 1.0  # None or <= 0: no clipping
   warmup_ratio: float = 0.03
   decay: Decay = "linear"  # after warmup, down to 0 at the last step
 
   def __post_init__(self):
-    if not (math.isfinite(self.learning_rate) and self.learning_rate >= 0):
-      raise ValueError(f"learning_rate must be finite and >= 0, got {self.learning_rate}")
+    if not (math.isfinite(self.lr) and self.lr >= 0):
+      raise ValueError(f"lr must be finite and >= 0, got {self.lr}")
     for name in ("b1", "b2"):  # AdamW's moment decay rates
       if not 0.0 <= getattr(self, name) < 1.0:
         raise ValueError(f"{name} must be in [0, 1), got {getattr(self, name)}")
@@ -67,7 +67,7 @@ def make_schedule(config: OptimConfig, total_steps: int) -> optax.Schedule:
   """
   if total_steps < 1:
     raise ValueError(f"total_steps must be >= 1, got {total_steps}")
-  peak = config.learning_rate
+  peak = config.lr
   warm = warmup_steps(config, total_steps)
   rest = max(total_steps - warm, 1)
   if config.decay == "linear":
@@ -128,6 +128,6 @@ def make_optimizer(config: OptimConfig,
   schedule = make_schedule(config, total_steps)
   adamw = optax.adamw(schedule, b1=config.b1, b2=config.b2, eps=config.eps,
                       weight_decay=config.weight_decay, mask=decay_mask)
-  if config.max_grad_norm is None:
+  if config.max_grad_norm is None or config.max_grad_norm <= 0:
     return adamw, schedule
   return optax.chain(optax.clip_by_global_norm(config.max_grad_norm), adamw), schedule

@@ -67,6 +67,11 @@ class MeshConfig:
   tensor: int = 1
   on_indivisible: OnIndivisible = "replicate"
 
+  def __post_init__(self):
+    for axis in MESH_AXES:  # the fields are the mesh.* config keys
+      if not (getattr(self, axis) >= 1 or getattr(self, axis) == -1):
+        raise ValueError(f"{axis} must be >= 1 or -1, got {getattr(self, axis)}")
+
   @property
   def shape(self) -> tuple[int, int, int]:
     return (self.data, self.fsdp, self.tensor)

@@ -98,7 +98,7 @@ class LlamaConfig:
   @classmethod
   def preset(cls, name: str, **overrides) -> "LlamaConfig":
     if name not in PRESETS:
-      raise ValueError(f"unknown preset {name!r}; choose from {sorted(PRESETS)}")
+      raise ValueError(f"preset {name!r} is unknown; choose from {sorted(PRESETS)}")
     return dataclasses.replace(PRESETS[name], **overrides)
 
   @classmethod
