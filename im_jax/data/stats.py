@@ -111,9 +111,13 @@ def recommend(examples: int, length_ratio: float | None) -> tuple[str, str]:
                 "from IM there, so plain IT is the safe default.")
 
 
+# The files a transformers tokenizer folder holds; a folder with none is not one.
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
+
+
 def load_tokenizer(path: str) -> Any:
-  """A HF tokenizer from a local folder or `hf:DIR|ORG/NAME` (see `im_jax.hub`); DataError when
-  there is none."""
+  """A HF tokenizer from a local folder or `hf:DIR|ORG/NAME` (see `im_jax.hub`): the one loader
+  of every command. DataError `PATH: cannot load a tokenizer: why` when there is none."""
   import transformers  # pylint: disable=g-import-not-at-top  (slow; only when tokens are asked for)
 
   if str(path).startswith(hub.PREFIX):
@@ -124,6 +128,9 @@ def load_tokenizer(path: str) -> Any:
 
   if not pathlib.Path(path).is_dir():  # else transformers reads it as a hub name: a confusing error
     raise DataError(str(path), None, "cannot load a tokenizer: no such folder")
+  if not any((pathlib.Path(path) / f).exists() for f in _TOKENIZER_FILES):
+    raise DataError(str(path), None, "cannot load a tokenizer: no tokenizer files "
+                    f"({', '.join(_TOKENIZER_FILES)}) in the folder")
   try:  # a cut or empty JSON file, named (the tokenizers library names no file)
     model_files.check_tokenizer_files(path)
   except model_files.ModelFileError as e:
