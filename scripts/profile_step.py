@@ -179,6 +179,7 @@ def profile(size: str, rows: int, length: int, chunk: int, steps: int, impl: str
   import bench_train  # pylint: disable=g-import-not-at-top  (sets thread counts, imports jax)
   import jax  # pylint: disable=g-import-not-at-top
   from im_jax import host_memory  # pylint: disable=g-import-not-at-top
+  from im_jax.models.llama import training_flops  # pylint: disable=g-import-not-at-top
 
   config = dataclasses.replace(bench_train.SIZES[size], attention_impl=impl)
   batch, lengths = bench_train.packed_batch(config, rows, length)
@@ -220,7 +221,7 @@ def profile(size: str, rows: int, length: int, chunk: int, steps: int, impl: str
     seconds[category] += e.get("dur", 0) / 1e6
     flops[category] += f
     count[category] += 1
-  total_flops = bench_train.model_flops(config, lengths)
+  total_flops = training_flops(config, lengths)
   return {"size": size, "batch": f"{rows}x{length}", "tokens": sum(lengths),
           "attention_impl": impl, "step_s_untraced_min": min(walls),
           "step_s_untraced": walls, "kernel_s_per_step": kernel, "page_faults_per_step": faults,

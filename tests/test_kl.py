@@ -16,7 +16,7 @@ from flax import nnx
 from im_jax.configs import base
 from im_jax import experiment
 from im_jax.data.kinds import TokenKind
-from im_jax.models.llama import Llama, LlamaConfig, params
+from im_jax.models.llama import Llama, LlamaConfig, params, training_flops
 from im_jax.plan import analysis
 from im_jax.train import kl as kl_lib
 from im_jax.train import loop, loss, optim, sharding, step
@@ -351,6 +351,6 @@ def test_plan_compiles_the_reference_into_the_step_with_rows_split():
   vocab = {mcfg.vocab_size, mcfg.vocab_size // 2}  # the tensor axis may split the vocabulary
   logits = [(t, v) for t, v in re.findall(r"\[6,(\d+),(\d+)\]", hlo) if int(v) in vocab]
   assert logits and {int(t) for t, _ in logits} == {16}, sorted(set(logits))
-  flops = [analysis.analytic_flops(mcfg, rows * seq_len, seq_len, reference=r)
+  flops = [training_flops(mcfg, [seq_len] * rows, reference=r)
            for r in (False, True)]
   assert flops[1] == pytest.approx(flops[0] * 8 / 6)
