@@ -16,6 +16,7 @@ import re
 from typing import Any, Callable, Sequence
 
 import ml_collections
+from flax import traverse_util
 
 from im_jax.configs import base as base_config
 from im_jax import hub, model_files, output_guard, paths
@@ -118,8 +119,8 @@ def _section_keys(c: ml_collections.ConfigDict, section: str) -> list[str]:
 
 def check_keys_and_types(c: ml_collections.ConfigDict) -> None:
   """Every key is one of configs/base.py's, with its type (a config file may build its own)."""
-  reference = _flat(base_config.get_config().to_dict())
-  given = _flat(c.to_dict())
+  reference = _base_keys()
+  given = traverse_util.flatten_dict(c.to_dict(), sep=".")
   for key in given:
     if key not in reference:
       raise ConfigError(unknown_key_message(key))
@@ -135,26 +136,21 @@ def check_keys_and_types(c: ml_collections.ConfigDict) -> None:
 
 def check_override_key(key: str) -> None:
   """Raises ConfigError for a `--config.KEY` override naming no key of configs/base.py."""
-  if key not in _flat(base_config.get_config().to_dict()):
+  if key not in _base_keys():
     raise ConfigError(unknown_key_message(key))
 
 
 def unknown_key_message(key: str) -> str:
   """`unknown config key data.formt (did you mean data.format?)`."""
-  keys = list(_flat(base_config.get_config().to_dict()))
+  keys = list(_base_keys())
   close = difflib.get_close_matches(key, keys, n=1, cutoff=0.6)
   hint = f" (did you mean {close[0]}?)" if close else " (every key is in im_jax/configs/base.py)"
   return f"unknown config key {key}{hint}"
 
 
-def _flat(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-  out = {}
-  for k, v in tree.items():
-    if isinstance(v, dict):
-      out.update(_flat(v, f"{prefix}{k}."))
-    else:
-      out[prefix + k] = v
-  return out
+def _base_keys() -> dict[str, Any]:
+  """`section.key` -> default of every key of configs/base.py."""
+  return traverse_util.flatten_dict(base_config.get_config().to_dict(), sep=".")
 
 
 def _check_data_settings(c: ml_collections.ConfigDict) -> None:
