@@ -40,7 +40,7 @@ from im_jax.settings import (SYNTHETIC, ConfigError, check, check_inputs,  # noq
                              model_options, train_sources,
                              optim_config, pipeline_config, validate)
 from im_jax.train import loop as loop_lib
-from im_jax.train import memory as memory_lib
+from im_jax.train import device_memory
 from im_jax.train import optim as optim_lib
 from im_jax.train import sharding, step as step_lib
 from im_jax.train import workdir_lock
@@ -354,7 +354,7 @@ class Experiment:
     return out
 
   def run(self) -> loop_lib.LoopResult:
-    memory_lib.log_step_memory(self.train_step, self.state,
+    device_memory.log_step_memory(self.train_step, self.state,
                                train_batch_shapes(self.config, self.mesh), self.mesh)
     eval_batches = None if self.eval_data is None else (lambda: iter(self.eval_data.dataset()))
     return loop_lib.run(workdir=str(self.workdir), state=self.state, train_step=self.train_step,

@@ -40,7 +40,7 @@ import jax.numpy as jnp  # noqa: E402
 import optax  # noqa: E402
 from flax import nnx  # noqa: E402
 
-from im_jax import host_memory  # noqa: E402
+from im_jax import malloc_tuning  # noqa: E402
 from im_jax.models.llama import Llama, LlamaConfig, num_params, training_flops  # noqa: E402
 from im_jax.models.llama import params as llama_params  # noqa: E402
 from im_jax.train import loss, optim, sharding, step  # noqa: E402
@@ -227,7 +227,7 @@ def run_batch(name: str, impls: list[str], steps: int, warmup: int, rows: int, l
     assert abs(value - first["torch"]) <= 1e-4 * abs(first["torch"]), first
   jax_times = {impl: [] for impl in impls}
   torch_times = {impl: [] for impl in impls}
-  faults = {"im_jax": [], "torch": []}  # minor page faults per step (host_memory.py)
+  faults = {"im_jax": [], "torch": []}  # minor page faults per step (malloc_tuning.py)
   for i in range(warmup + steps):
     for impl, runner in jax_runners.items():
       order = [("jax", runner.step), ("torch", torch_runner.step)]
@@ -293,7 +293,7 @@ def main() -> None:
                   "cpu_flags": _cpu_flags(), "transparent_hugepages": _transparent_hugepages(),
                   "xla_flags": os.environ.get("XLA_FLAGS", ""),
                   "python": platform.python_version(), "jax": jax.__version__,
-                  "load_avg_1m_at_start": os.getloadavg()[0], "malloc": host_memory.status()},
+                  "load_avg_1m_at_start": os.getloadavg()[0], "malloc": malloc_tuning.status()},
       "xla_matmul_gflops": peak / 1e9, "torch_matmul_gflops": torch_matmul_rate() / 1e9,
       "sizes": {}}
   impls = args.impls.split(",")
@@ -380,5 +380,5 @@ def _cpu_model() -> str:
 
 
 if __name__ == "__main__":
-  host_memory.reexec_with_tuned_malloc()
+  malloc_tuning.reexec_with_tuned_malloc()
   main()

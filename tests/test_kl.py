@@ -20,7 +20,7 @@ from im_jax.models.llama import Llama, LlamaConfig, params, training_flops
 from im_jax.plan import analysis
 from im_jax.train import kl as kl_lib
 from im_jax.train import loop, loss, optim, sharding, step
-from im_jax.train import memory as memory_lib
+from im_jax.train import device_memory
 from tests import train_rows
 
 VOCAB = 37
@@ -340,7 +340,7 @@ def test_plan_compiles_the_reference_into_the_step_with_rows_split():
   batch = experiment.train_batch_shapes(c, mesh)
   with jax.set_mesh(mesh):
     compiled = steps.train_step.jitted.lower(steps.abstract_state, batch).compile()
-  memory = memory_lib.step_memory(compiled, steps.abstract_state, batch)
+  memory = device_memory.step_memory(compiled, steps.abstract_state, batch)
   assert memory.reference == memory.params > 0
   assert memory.arguments >= memory.params + memory.optimizer + memory.reference
   # No activation of either forward holds every row (24 rows, 6 per device on data x fsdp).

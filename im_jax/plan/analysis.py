@@ -16,7 +16,7 @@ from im_jax.convert.load import read_model_config
 from im_jax.model_files import ModelFileError
 from im_jax.models.llama import LlamaConfig, num_params, training_flops
 from im_jax.plan import topology as topo_lib
-from im_jax.train import memory as memory_lib
+from im_jax.train import device_memory
 from im_jax.train import sharding
 
 GiB = 2**30
@@ -141,7 +141,7 @@ def plan(c: ml_collections.ConfigDict, topology: topo_lib.Topology) -> Plan:
       raise
     result.out_of_memory = " ".join(str(e).split())[:500]
     return result
-  result.memory = memory_lib.step_memory(compiled, steps.abstract_state, batch).as_dict()
+  result.memory = device_memory.step_memory(compiled, steps.abstract_state, batch).as_dict()
   cost = compiled.cost_analysis()
   cost = cost[0] if isinstance(cost, (list, tuple)) and cost else cost
   if cost and cost.get("flops"):

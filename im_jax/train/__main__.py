@@ -19,7 +19,7 @@ from absl import app, flags
 from ml_collections import config_flags
 
 # distributed defines --coordinator_address --num_processes --process_id
-from im_jax import cli, distributed, host_memory, write_faults
+from im_jax import cli, distributed, malloc_tuning, write_faults
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "experiment config file")
 _WORKDIR = flags.DEFINE_string("workdir", None, "run folder: config, metrics, checkpoints")
@@ -124,5 +124,5 @@ def _inspect(config) -> int:
 
 
 if __name__ == "__main__":
-  host_memory.reexec_with_tuned_malloc()
+  malloc_tuning.reexec_with_tuned_malloc()
   app.run(main, flags_parser=cli.parse_flags)

@@ -136,7 +136,7 @@ class _Reader:
 
   # Each read opens and closes its file: safe_open mmaps it, and pages of a mapping kept open
   # stay resident, which would add a full file's size to the peak (2.2x the model, measured on
-  # SmolLM2, instead of 1.2x; see im_jax/convert/memory.py).
+  # SmolLM2, instead of 1.2x; see im_jax/convert/import_memory.py).
 
   def get(self, name: str) -> np.ndarray:
     with safe_open(self.tensors[name].file, "np") as f:
