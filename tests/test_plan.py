@@ -192,8 +192,8 @@ def test_tpu_chips_are_found_on_the_pci_bus_or_as_device_files(tmp_path):
     (sys_root / "bus/pci/devices" / slot / "vendor").write_text(vendor + "\n")
     (sys_root / "bus/pci/devices" / slot / "device").write_text(device + "\n")
 
-  def found():
-    return im_jax._may_have_tpu_chips(str(sys_root), str(dev_root))  # pylint: disable=protected-access
+  def found():  # pylint: disable=protected-access
+    return im_jax._may_have_tpu_chips(str(sys_root), str(dev_root))
 
   pci("0000:00:04.0", "0x1ae0", "0x0042")  # Google's virtual NIC on a CPU VM: not a chip
   pci("0000:00:05.0", "0x10de", "0x2330")  # another vendor's accelerator
