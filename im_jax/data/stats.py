@@ -118,8 +118,6 @@ _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model"
 def load_tokenizer(path: str) -> Any:
   """A HF tokenizer from a local folder or `hf:DIR|ORG/NAME` (see `im_jax.hub`): the one loader
   of every command. DataError `PATH: cannot load a tokenizer: why` when there is none."""
-  import transformers  # pylint: disable=g-import-not-at-top  (slow; only when tokens are asked for)
-
   if str(path).startswith(hub.PREFIX):
     try:
       path = str(hub.folder(str(path)))
@@ -135,6 +133,8 @@ def load_tokenizer(path: str) -> Any:
     model_files.check_tokenizer_files(path)
   except model_files.ModelFileError as e:
     raise DataError(e.path, None, f"cannot load a tokenizer: {e.problem}") from None
+  # Imported after the checks: slow (~1 s), and a bad folder needs none of it.
+  import transformers  # pylint: disable=g-import-not-at-top
   try:
     return transformers.AutoTokenizer.from_pretrained(path, local_files_only=True)
   except Exception as e:  # noqa: BLE001 - tokenizers raises bare Exceptions on damaged files
