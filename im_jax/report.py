@@ -28,7 +28,7 @@ import tempfile
 from typing import Any, Sequence
 
 from im_jax import cli, output_guard, paths
-from im_jax.train.metrics_log import METRICS_FILE
+from im_jax.train import metrics_log
 
 EVAL_PREFIX = "eval_"
 HARNESS_PREFIX = "harness/"  # lm-eval scores logged in training (im_jax.eval.harness)
@@ -70,20 +70,13 @@ def load_run(workdir: str | pathlib.Path, label: str | None = None) -> Run:
     workdir = paths.path(workdir)  # a local folder or gs://BUCKET/...
   except paths.CloudError as e:
     raise ReportError(str(e)) from None
-  path = workdir / METRICS_FILE
+  path = workdir / metrics_log.METRICS_FILE
   if not path.is_file():
     raise ReportError(f"{path}: not found (is {workdir} a training workdir?)")
-  records = []
-  for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
-    if not line.strip():
-      continue
-    try:
-      record = json.loads(line)
-    except json.JSONDecodeError as e:
-      raise ReportError(f"{path}:{number}: not JSON ({e.msg})") from None
-    if not isinstance(record, dict) or "step" not in record:
-      raise ReportError(f"{path}:{number}: a metrics record must be an object with a 'step'")
-    records.append(record)
+  try:
+    records = [record for _, record in metrics_log.read_records(path)]
+  except metrics_log.MetricsFileError as e:
+    raise ReportError(str(e)) from None
   train = sorted((r for r in records if "loss" in r), key=lambda r: r["step"])
   evals = sorted((r for r in records if any(k.startswith(EVAL_PREFIX) for k in r)),
                  key=lambda r: r["step"])

@@ -21,6 +21,7 @@ import numpy as np
 from im_jax.data import encode as encode_lib
 from im_jax.data import pipeline as pipeline_lib
 from im_jax.data import sources
+from im_jax.data import stats as stats_lib
 from im_jax.data import templates
 from im_jax.data import weights as weights_lib
 
@@ -75,8 +76,7 @@ def main() -> None:
 
     bench_data_scale.main(args)
     return
-  import transformers  # pylint: disable=g-import-not-at-top
-  tokenizer = transformers.AutoTokenizer.from_pretrained(args.tokenizer)
+  tokenizer = stats_lib.load_tokenizer(args.tokenizer)
   data = {f: sources.load_conversations(pathlib.Path(args.data_dir) / f).conversations
           for f in FILES}
 

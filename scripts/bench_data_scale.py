@@ -118,9 +118,9 @@ def _child(repo: str, flags: list[str]) -> None:
   """One training start of `repo`'s code, timed (runs in the child process)."""
   started = time.time()
   sys.path.insert(0, repo)
-  from im_jax import host_memory  # pylint: disable=g-import-not-at-top
+  from im_jax import malloc_tuning  # pylint: disable=g-import-not-at-top
 
-  host_memory.reexec_with_tuned_malloc()  # as the train entry point does
+  malloc_tuning.reexec_with_tuned_malloc()  # as the train entry point does
   import jax  # pylint: disable=g-import-not-at-top
   try:  # the wiring in im_jax.run, argparse (since issue 25)
     from im_jax.run import experiment, train as train_main  # pylint: disable=g-import-not-at-top

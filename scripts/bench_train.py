@@ -11,7 +11,8 @@ the pairs' ratios, so one burst of outside load cannot decide it (min/min and me
 are reported beside it). Each batch shape holds the same tokens: 4x512 and
 1x2048 (longer segments, where attention's share grows). Prints tokens/s (non-padding
 tokens) and each one's model FLOP rate as a fraction of (1): 6 * N * tokens plus attention
-(6 * layers * heads * head_dim * sum of segment length^2: causal counted as half).
+(6 * layers * heads * head_dim * sum of segment length^2: causal counted as half;
+`im_jax.models.llama.training_flops`, the formula `python -m im_jax.plan` uses).
 
     python scripts/bench_train.py [--sizes tiny,smollm2_135m] [--batches 4x512,1x2048]
         [--impls xla,blocked] [--pieces] [--json]
@@ -39,8 +40,8 @@ import jax.numpy as jnp  # noqa: E402
 import optax  # noqa: E402
 from flax import nnx  # noqa: E402
 
-from im_jax import host_memory  # noqa: E402
-from im_jax.models.llama import Llama, LlamaConfig, num_params  # noqa: E402
+from im_jax import malloc_tuning  # noqa: E402
+from im_jax.models.llama import Llama, LlamaConfig, num_params, training_flops  # noqa: E402
 from im_jax.models.llama import params as llama_params  # noqa: E402
 from im_jax.train import loss, optim, sharding, step  # noqa: E402
 
@@ -205,16 +206,6 @@ def _timed(fn) -> float:
   return time.perf_counter() - t
 
 
-def model_flops(config: LlamaConfig, lengths: list[int]) -> float:
-  """Training FLOPs of one step: 6 N per token (N = matmul parameters: all but the input
-  embedding lookup, the output projection counted once) + causal attention."""
-  n = num_params(config) - (0 if config.tie_word_embeddings else
-                            config.vocab_size * config.hidden_size)
-  tokens = sum(lengths)
-  attn = 6 * config.num_layers * config.num_heads * config.head_dim * sum(x * x for x in lengths)
-  return 6 * n * tokens + attn
-
-
 def _summary(times: list[float], tokens: int, flops: float, peak: float) -> dict:
   median = statistics.median(times)
   return {"step_s": median, "step_s_min": min(times), "tokens_per_s": tokens / median,
@@ -236,7 +227,7 @@ def run_batch(name: str, impls: list[str], steps: int, warmup: int, rows: int, l
     assert abs(value - first["torch"]) <= 1e-4 * abs(first["torch"]), first
   jax_times = {impl: [] for impl in impls}
   torch_times = {impl: [] for impl in impls}
-  faults = {"im_jax": [], "torch": []}  # minor page faults per step (host_memory.py)
+  faults = {"im_jax": [], "torch": []}  # minor page faults per step (malloc_tuning.py)
   for i in range(warmup + steps):
     for impl, runner in jax_runners.items():
       order = [("jax", runner.step), ("torch", torch_runner.step)]
@@ -254,7 +245,7 @@ def run_batch(name: str, impls: list[str], steps: int, warmup: int, rows: int, l
       if i >= warmup:
         jax_times[impl].append(pair["jax"])
         torch_times[impl].append(pair["torch"])
-  flops = model_flops(SIZES[name], lengths)
+  flops = training_flops(SIZES[name], lengths)
   out = {"batch": f"{rows}x{length}", "tokens": tokens, "segments": len(lengths),
          "mean_segment_length": tokens / len(lengths), "steps": steps, "warmup": warmup,
          "first_loss": first, "model_flops_per_step": flops, "im_jax": {}, "torch": {},
@@ -302,7 +293,7 @@ def main() -> None:
                   "cpu_flags": _cpu_flags(), "transparent_hugepages": _transparent_hugepages(),
                   "xla_flags": os.environ.get("XLA_FLAGS", ""),
                   "python": platform.python_version(), "jax": jax.__version__,
-                  "load_avg_1m_at_start": os.getloadavg()[0], "malloc": host_memory.status()},
+                  "load_avg_1m_at_start": os.getloadavg()[0], "malloc": malloc_tuning.status()},
       "xla_matmul_gflops": peak / 1e9, "torch_matmul_gflops": torch_matmul_rate() / 1e9,
       "sizes": {}}
   impls = args.impls.split(",")
@@ -389,5 +380,5 @@ def _cpu_model() -> str:
 
 
 if __name__ == "__main__":
-  host_memory.reexec_with_tuned_malloc()
+  malloc_tuning.reexec_with_tuned_malloc()
   main()

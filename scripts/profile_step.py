@@ -11,7 +11,7 @@ also get their FLOP rate, which shows the ones XLA runs as slow loops.
         [--impl xla|blocked] [--json]
 
 Also reported: each untraced step's kernel (system) time and minor page faults, the cost
-that im_jax/host_memory.py removes (compare with IM_JAX_MALLOC=system).
+that im_jax/malloc_tuning.py removes (compare with IM_JAX_MALLOC=system).
 
 Thunks may overlap on the CPU runtime's thread pool, so the ops' sum can exceed the step's
 wall time; the table prints both.
@@ -178,7 +178,8 @@ def profile(size: str, rows: int, length: int, chunk: int, steps: int, impl: str
                              " --xla_dump_hlo_module_re=.*step.*")
   import bench_train  # pylint: disable=g-import-not-at-top  (sets thread counts, imports jax)
   import jax  # pylint: disable=g-import-not-at-top
-  from im_jax import host_memory  # pylint: disable=g-import-not-at-top
+  from im_jax import malloc_tuning  # pylint: disable=g-import-not-at-top
+  from im_jax.models.llama import training_flops  # pylint: disable=g-import-not-at-top
 
   config = dataclasses.replace(bench_train.SIZES[size], attention_impl=impl)
   batch, lengths = bench_train.packed_batch(config, rows, length)
@@ -220,13 +221,13 @@ def profile(size: str, rows: int, length: int, chunk: int, steps: int, impl: str
     seconds[category] += e.get("dur", 0) / 1e6
     flops[category] += f
     count[category] += 1
-  total_flops = bench_train.model_flops(config, lengths)
+  total_flops = training_flops(config, lengths)
   return {"size": size, "batch": f"{rows}x{length}", "tokens": sum(lengths),
           "attention_impl": impl, "step_s_untraced_min": min(walls),
           "step_s_untraced": walls, "kernel_s_per_step": kernel, "page_faults_per_step": faults,
           "step_s_traced": traced_wall,
           "model_flops_per_step": total_flops, "ops_seconds_sum": sum(seconds.values()),
-          "hlo": hlo_path, "load_avg_1m": os.getloadavg()[0], "malloc": host_memory.status(),
+          "hlo": hlo_path, "load_avg_1m": os.getloadavg()[0], "malloc": malloc_tuning.status(),
           "categories": {c: {"seconds": s, "ops": count[c],
                              "gflop_per_s": flops[c] / s / 1e9 if flops[c] and s else None}
                          for c, s in seconds.most_common()}}
@@ -260,6 +261,6 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-  from im_jax import host_memory  # pylint: disable=g-import-not-at-top
-  host_memory.reexec_with_tuned_malloc()
+  from im_jax import malloc_tuning  # pylint: disable=g-import-not-at-top
+  malloc_tuning.reexec_with_tuned_malloc()
   main()

@@ -25,10 +25,10 @@ def smollm2_tokenizer_dir(gguf: pathlib.Path, out: pathlib.Path) -> pathlib.Path
 
 
 def smollm2_hf_dir(gguf: pathlib.Path, out: pathlib.Path) -> pathlib.Path:
-  """The study's runtime conversion (im_jax/study/models.py), so the tests exercise it."""
-  from im_jax.study import models
+  """The study's runtime conversion (im_jax/study/start_models.py), so the tests exercise it."""
+  from im_jax.study import start_models
 
-  return models.smollm2_hf_folder(out, gguf)
+  return start_models.smollm2_hf_folder(out, gguf)
 
 
 TINY_CHAT_TEMPLATE = (

@@ -15,11 +15,11 @@ import os
 import pathlib
 import subprocess
 import sys
-from typing import Any
 
 import ml_collections
 import numpy as np
 import pytest
+from flax import traverse_util
 
 from im_jax.configs import base, paper
 from im_jax.data.kinds import INSTRUCTION_KINDS, TokenKind
@@ -37,17 +37,6 @@ MODELS = paper.MODELS
 CONFIG_ARGS = {"paper": ("lima,im,tiny", "alpaca5k,im_neftune,llama2_13b")}
 
 
-def _flat_keys(config: ml_collections.ConfigDict) -> set[str]:
-  def walk(d: dict[str, Any], prefix: str):
-    for k, v in d.items():
-      if isinstance(v, dict):
-        yield from walk(v, f"{prefix}{k}.")
-      else:
-        yield prefix + k
-
-  return set(walk(config.to_dict(), ""))
-
-
 def _config_files() -> list[pathlib.Path]:
   return sorted(p for p in (REPO / "configs").glob("*.py") if p.stem not in ("__init__", "base"))
 
@@ -61,10 +50,10 @@ def test_config_file_defines_every_base_key(path):
   takes_args = bool(inspect.signature(module.get_config).parameters)
   if takes_args:
     assert path.stem in CONFIG_ARGS, f"add example arguments for {path.name} to CONFIG_ARGS"
-  expected = _flat_keys(base.get_config())
+  expected = set(traverse_util.flatten_dict(base.get_config().to_dict(), sep="."))
   for args in CONFIG_ARGS.get(path.stem, (None,)):
     config = module.get_config(args) if takes_args else module.get_config()
-    keys = _flat_keys(config)
+    keys = set(traverse_util.flatten_dict(config.to_dict(), sep="."))
     assert not expected - keys, f"{path.name}:{args} lacks {sorted(expected - keys)}"
     assert not keys - expected, f"{path.name}:{args} adds keys base.py lacks: " \
                                 f"{sorted(keys - expected)}"

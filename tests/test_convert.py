@@ -272,7 +272,7 @@ def test_export_from_training_checkpoint(tmp_path, tiny_tokenizer_dir):
 def test_smollm2_import_peak_memory_under_1_5x(smollm2_hf_dir):
   env = {**os.environ, "PYTHONPATH": str(ROOT), "JAX_PLATFORMS": "cpu"}
   env.pop("XLA_FLAGS", None)  # one device: the whole model on the host, the worst case
-  run = subprocess.run([sys.executable, "-m", "im_jax.convert.memory", str(smollm2_hf_dir)],
+  run = subprocess.run([sys.executable, "-m", "im_jax.convert.import_memory", str(smollm2_hf_dir)],
                        capture_output=True, text=True, env=env, timeout=120)
   assert run.returncode == 0, run.stderr
   result = json.loads(run.stdout.strip().splitlines()[-1])

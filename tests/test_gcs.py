@@ -18,6 +18,7 @@ import time
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
+from flax import traverse_util
 
 from im_jax import paths
 from im_jax.data import synthetic
@@ -107,16 +108,7 @@ def _losses(workdir):
 
 def _params(workdir, step=STEPS):
   state = ocp.StandardCheckpointer().restore(f"{workdir}/checkpoints/{step}/state")
-  return {k: np.asarray(v) for k, v in _flatten(state["params"]).items()}
-
-
-def _flatten(tree, prefix=""):
-  if not isinstance(tree, dict):
-    return {prefix: tree}
-  out = {}
-  for k, v in tree.items():
-    out.update(_flatten(v, f"{prefix}/{k}"))
-  return out
+  return {k: np.asarray(v) for k, v in traverse_util.flatten_dict(state["params"], sep="/").items()}
 
 
 def _safetensors(folder) -> dict[str, np.ndarray]:

@@ -16,11 +16,11 @@ from flax import nnx
 from im_jax.configs import base
 from im_jax.run import experiment, settings
 from im_jax.data.kinds import TokenKind
-from im_jax.models.llama import Llama, LlamaConfig, params
+from im_jax.models.llama import Llama, LlamaConfig, params, training_flops
 from im_jax.plan import analysis
 from im_jax.train import kl as kl_lib
 from im_jax.train import loop, loss, optim, sharding, step
-from im_jax.train import memory as memory_lib
+from im_jax.train import device_memory
 from tests import train_rows
 
 VOCAB = 37
@@ -340,7 +340,7 @@ def test_plan_compiles_the_reference_into_the_step_with_rows_split():
   batch = experiment.train_batch_shapes(settings.load(c), mesh)
   with jax.set_mesh(mesh):
     compiled = steps.train_step.jitted.lower(steps.abstract_state, batch).compile()
-  memory = memory_lib.step_memory(compiled, steps.abstract_state, batch)
+  memory = device_memory.step_memory(compiled, steps.abstract_state, batch)
   assert memory.reference == memory.params > 0
   assert memory.arguments >= memory.params + memory.optimizer + memory.reference
   # No activation of either forward holds every row (24 rows, 6 per device on data x fsdp).
@@ -351,6 +351,6 @@ def test_plan_compiles_the_reference_into_the_step_with_rows_split():
   vocab = {mcfg.vocab_size, mcfg.vocab_size // 2}  # the tensor axis may split the vocabulary
   logits = [(t, v) for t, v in re.findall(r"\[6,(\d+),(\d+)\]", hlo) if int(v) in vocab]
   assert logits and {int(t) for t, _ in logits} == {16}, sorted(set(logits))
-  flops = [analysis.analytic_flops(mcfg, rows * seq_len, seq_len, reference=r)
+  flops = [training_flops(mcfg, [seq_len] * rows, reference=r)
            for r in (False, True)]
   assert flops[1] == pytest.approx(flops[0] * 8 / 6)

@@ -145,33 +145,3 @@ def test_config_files_load_from_any_folder(tmp_path, config):
   assert proc.returncode == 0, proc.stderr[-2000:]
   assert "model:" in proc.stdout
 
-
-# What each library part may not import (docs/design.md): the program's wiring and the commands
-# sit on top (`im_jax.run`, `study`, `plan`, `report` and every `__main__`, an entry point
-# wherever it sits for its `python -m` name); config files import the library, never the reverse.
-_ABOVE_EVERY_LIBRARY = ("im_jax.run", "im_jax.study", "im_jax.plan", "im_jax.report", "configs")
-_ALSO_NOT = {"im_jax.data": ("im_jax.models", "im_jax.train"),
-             "im_jax.models": ("im_jax.data", "im_jax.train")}
-_LIBRARIES = ("im_jax.train", "im_jax.data", "im_jax.models", "im_jax.checkpoint",
-              "im_jax.convert", "im_jax.eval")
-
-
-def _within(name: str, packages) -> bool:
-  return any(name == p or name.startswith(p + ".") for p in packages)
-
-
-def test_no_library_module_imports_the_parts_above_it():
-  problems = []
-  for path in sorted((ROOT / "im_jax").rglob("*.py")):
-    module = ".".join(path.relative_to(ROOT).with_suffix("").parts).removesuffix(".__init__")
-    eager, lazy = _imports(path, full=True)
-    if path.name == "__main__.py":
-      continue
-    for name in sorted(eager | lazy):
-      if name.endswith(".__main__") or name == "configs" or name.startswith("configs."):
-        problems.append(f"{module} imports {name}")
-      elif _within(module, _LIBRARIES):
-        package = ".".join(module.split(".")[:2])
-        if _within(name, _ABOVE_EVERY_LIBRARY + _ALSO_NOT.get(package, ())):
-          problems.append(f"{module} imports {name}")
-  assert not problems, "\n".join(problems)

@@ -179,6 +179,35 @@ def test_cpu_runs_do_not_probe_libtpu_noisily(tmp_path):
   assert "tpu" not in out.stderr.lower(), out.stderr
 
 
+def test_tpu_chips_are_found_on_the_pci_bus_or_as_device_files(tmp_path):
+  """What decides whether `import im_jax` quiets libtpu (no chip) or leaves the host alone."""
+  import im_jax  # pylint: disable=import-outside-toplevel
+
+  sys_root, dev_root = tmp_path / "sys", tmp_path / "dev"
+  (dev_root / "vfio").mkdir(parents=True)
+  (dev_root / "vfio" / "vfio").touch()  # the VFIO control node alone: no device group
+
+  def pci(slot, vendor, device):
+    (sys_root / "bus/pci/devices" / slot).mkdir(parents=True)
+    (sys_root / "bus/pci/devices" / slot / "vendor").write_text(vendor + "\n")
+    (sys_root / "bus/pci/devices" / slot / "device").write_text(device + "\n")
+
+  def found():  # pylint: disable=protected-access
+    return im_jax._may_have_tpu_chips(str(sys_root), str(dev_root))
+
+  pci("0000:00:04.0", "0x1ae0", "0x0042")  # Google's virtual NIC on a CPU VM: not a chip
+  pci("0000:00:05.0", "0x10de", "0x2330")  # another vendor's accelerator
+  assert not found()
+  (dev_root / "vfio" / "0").touch()  # a device group: chips of a generation not listed yet
+  assert found()
+  (dev_root / "vfio" / "0").unlink()
+  (dev_root / "accel0").touch()
+  assert found()
+  (dev_root / "accel0").unlink()
+  pci("0000:00:06.0", "0x1ae0", "0x0063")  # a v5e chip
+  assert found()
+
+
 def test_plan_on_cpu_devices():
   """`cpu:N`: the same plan over N host devices; no HBM limit to judge against."""
   p = analysis.plan(settings.load(_config(rows=16, seq_len=64)), topo_lib.parse("cpu:8"))

@@ -6,6 +6,7 @@ import pathlib
 import pytest
 
 from im_jax import report
+from im_jax.train import metrics_log
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -78,7 +79,8 @@ def test_the_paper_measure_per_example_is_reported_where_logged(tmp_path):
 @pytest.mark.parametrize("content, match", [
     (None, "metrics.jsonl: not found"),
     ("", "no metrics records yet"),
-    ('{"step": 1, "loss": 1.0}\n{"step": 2,\n', "metrics.jsonl:2: not JSON"),
+    ('{"step": 1, "loss": 1.0}\n{"step": 2,\n{"step": 3, "loss": 0.5}\n',
+     "metrics.jsonl:2: not JSON"),  # a damaged middle line; a cut-off last one is skipped
     ('[1, 2]\n', "metrics.jsonl:1: a metrics record must be an object"),
 ])
 def test_bad_workdir_is_one_error_line_exit_2(tmp_path, capsys, content, match):
@@ -93,6 +95,29 @@ def test_bad_workdir_is_one_error_line_exit_2(tmp_path, capsys, content, match):
   assert captured.out == "" and not out.exists()
   lines = captured.err.strip().splitlines()
   assert len(lines) == 1 and lines[0].startswith("error: ") and match in lines[0]
+
+
+def test_a_cut_off_last_line_is_skipped_as_training_resume_skips_it(tmp_path):
+  run = _write_run(tmp_path / "a", [_train(1, 1.0, 1.0, 2.0, 100, 50.0),
+                                    _train(2, 0.5, 0.5, 1.5, 100, 50.0)])
+  with (run / "metrics.jsonl").open("a") as f:
+    f.write('{"step": 3, "loss": 0.2')  # a training run killed mid-write
+  summary = report.summarize(report.load_run(run))
+  assert (summary.steps, summary.train_loss) == (2, 0.5)
+
+
+def test_resume_reads_metrics_jsonl_with_the_same_reader(tmp_path):
+  run = _write_run(tmp_path / "a", [_train(1, 1.0, 1.0, 2.0, 100, 50.0),
+                                    _train(2, 0.5, 0.5, 1.5, 100, 50.0)])
+  with (run / "metrics.jsonl").open("a") as f:
+    f.write('{"step": 3, "loss": 0.2')  # cut off: dropped with the steps past the checkpoint
+  metrics_log.MetricsLogger(run, total_steps=9, start_step=1, tensorboard=False,
+                            progress=False).close()
+  assert [r["step"] for r in metrics_log.read_metrics(run)] == [1]
+  (run / "metrics.jsonl").write_text('{"step": 1}\n{"step": 2\n{"step": 3}\n')
+  with pytest.raises(metrics_log.MetricsFileError, match=r"metrics.jsonl:2: not JSON"):
+    metrics_log.MetricsLogger(run, total_steps=9, start_step=1, tensorboard=False,
+                              progress=False)
 
 
 def test_label_count_must_match(two_runs, tmp_path, capsys):

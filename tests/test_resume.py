@@ -14,6 +14,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
+from flax import traverse_util
 import safetensors.numpy
 
 from im_jax.data import synthetic
@@ -87,18 +88,7 @@ def _losses(workdir, key="loss"):
 
 def _final_params(workdir):
   state = ocp.StandardCheckpointer().restore(workdir / "checkpoints" / str(STEPS) / "state")
-  flat, _ = _flatten(state["params"])
-  return flat
-
-
-def _flatten(tree, prefix=""):
-  out = {}
-  if isinstance(tree, dict):
-    for k, v in tree.items():
-      out.update(_flatten(v, f"{prefix}/{k}")[0])
-  else:
-    out[prefix] = np.asarray(tree)
-  return out, None
+  return {k: np.asarray(v) for k, v in traverse_util.flatten_dict(state["params"], sep="/").items()}
 
 
 @pytest.fixture(scope="module")

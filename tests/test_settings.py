@@ -13,6 +13,7 @@ import sys
 
 import ml_collections
 import pytest
+from flax import traverse_util
 
 from im_jax.configs import base
 from im_jax.run import settings
@@ -93,13 +94,6 @@ WRONG = {
 }
 
 
-def _flat_keys(tree: dict, prefix: str = "") -> list[str]:
-  out = []
-  for k, v in tree.items():
-    out += _flat_keys(v, f"{prefix}{k}.") if isinstance(v, dict) else [prefix + k]
-  return out
-
-
 def _good() -> ml_collections.ConfigDict:
   c = base.get_config()
   c.data.train = "synthetic:50"
@@ -126,7 +120,7 @@ def _check_all(c: ml_collections.ConfigDict, workdir: pathlib.Path) -> None:
 
 
 def test_every_key_has_wrong_values():
-  assert sorted(WRONG) == sorted(_flat_keys(base.get_config().to_dict()))
+  assert sorted(WRONG) == sorted(traverse_util.flatten_dict(base.get_config().to_dict(), sep="."))
 
 
 def test_the_good_config_passes(tmp_path):

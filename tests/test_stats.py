@@ -146,6 +146,13 @@ def test_cli_preview_is_wired_and_a_bad_tokenizer_is_one_line(tmp_path, small_fi
   assert f"{tmp_path / 'none'}: cannot load a tokenizer" in done.stderr
 
 
+def test_the_tokenizer_loader_names_a_folder_without_tokenizer_files(tmp_path):
+  (tmp_path / "config.json").write_text("{}")  # a folder, but no tokenizer in it
+  with pytest.raises(stats.DataError, match=f"^{tmp_path}: cannot load a tokenizer: no "
+                     "tokenizer files"):
+    stats.load_tokenizer(str(tmp_path))
+
+
 def test_cli_bad_option_value_is_one_line(small_file, tiny_tokenizer_dir, capsys):
   from im_jax.data.__main__ import main  # pylint: disable=import-outside-toplevel
 

@@ -11,7 +11,7 @@ import re
 import pytest
 
 from im_jax.study import __main__ as study_main
-from im_jax.study import plan as plan_lib
+from im_jax.study import runs as runs_lib
 from im_jax.study import claims as claims_lib
 from im_jax.study import scales, sizing, statistics, subsets
 
@@ -76,7 +76,7 @@ def test_smoke_writes_every_file_and_well_formed_tables(smoke):
   claims = json.loads((smoke / "results.json").read_text())["claims"]
   # 2 x overfitting (train, held-out), 2 for the second seed, 2 x memorisation, ratio, size
   assert len(claims) == 10
-  assert analysis["second_seed"]["seed"] == plan_lib.SECOND_SEED
+  assert analysis["second_seed"]["seed"] == runs_lib.SECOND_SEED
   assert {c["verdict"] for c in claims} <= set(claims_lib.VERDICTS)
 
 
@@ -114,7 +114,7 @@ def test_rerun_skips_finished_work(smoke, shared_data_dir, capsys):
   assert study_main.main(["--out", str(smoke), "--scale", "smoke",
                           "--data-dir", str(shared_data_dir)]) == 0
   err = capsys.readouterr().err
-  runs = plan_lib.make_plan(scales.SMOKE)
+  runs = runs_lib.make_plan(scales.SMOKE)
   assert err.count("done (from results)") == len(runs) + 1  # and the baseline
   # --only picks runs from the same plan: their results are reused, not stale.
   assert study_main.main(["--out", str(smoke), "--scale", "smoke", "--only", "length_ratio",
@@ -146,10 +146,10 @@ def test_baseline_scored_on_other_examples_is_not_reused(smoke, shared_data_dir,
 def test_every_planned_run_has_a_valid_config(scale, tmp_path):
   from im_jax.run import settings  # pylint: disable=g-import-not-at-top
 
-  runs = plan_lib.make_plan(scale)
-  assert {r.method for r in runs} == set(plan_lib.methods(scale))
+  runs = runs_lib.make_plan(scale)
+  assert {r.method for r in runs} == set(runs_lib.methods(scale))
   for run in runs:
-    c = plan_lib.config_for(run, scale, tmp_path / "data.jsonl",
+    c = runs_lib.config_for(run, scale, tmp_path / "data.jsonl",
                             "" if scale.model == "tiny" else "hf:/models/m",
                             str(tmp_path / "tok") if scale.model == "tiny" else "")
     # cpu runs on one CPU device; the smoke study runs here on the tests' 8.
@@ -164,33 +164,33 @@ def test_every_scale_finds_its_subsets_in_the_data(shared_data_dir):
     splits = {d: subsets.load_split(d, scale.held_out, shared_data_dir)
               for d in subsets.DATASETS}
     max_seq_len = scale.overrides.get("data.max_seq_len", 2048)
-    for run in plan_lib.make_plan(scale):
-      chosen = plan_lib.subset_conversations(run.subset, splits[run.subset.dataset],
+    for run in runs_lib.make_plan(scale):
+      chosen = runs_lib.subset_conversations(run.subset, splits[run.subset.dataset],
                                              max_seq_len)
       assert len(chosen) == run.subset.size, run.name
 
 
 def test_only_plans_the_chosen_experiments():
-  runs = plan_lib.make_plan(scales.SMOKE, ("length_ratio",))
+  runs = runs_lib.make_plan(scales.SMOKE, ("length_ratio",))
   assert {r.subset.band for r in runs} == {"low", "high"}
-  assert plan_lib.needed_datasets(runs) == ("dolly3k",)
-  sizes = plan_lib.make_plan(scales.SMOKE, ("data_size",))
-  assert plan_lib.needed_datasets(sizes) == subsets.DATASETS  # the largest is an overfit run
-  full = {r.name: r.experiments for r in plan_lib.make_plan(scales.SMOKE)}
+  assert runs_lib.needed_datasets(runs) == ("dolly3k",)
+  sizes = runs_lib.make_plan(scales.SMOKE, ("data_size",))
+  assert runs_lib.needed_datasets(sizes) == subsets.DATASETS  # the largest is an overfit run
+  full = {r.name: r.experiments for r in runs_lib.make_plan(scales.SMOKE)}
   assert all(full[r.name] == r.experiments for r in sizes)
-  assert study_main.EXPERIMENTS == plan_lib.EXPERIMENTS
+  assert study_main.EXPERIMENTS == runs_lib.EXPERIMENTS
   with pytest.raises(ValueError, match="unknown experiment"):
-    plan_lib.make_plan(scales.SMOKE, ("nonsense",))
+    runs_lib.make_plan(scales.SMOKE, ("nonsense",))
 
 
 def test_speed_probe_measures_tokens_per_second(smoke, shared_data_dir):
   """The cpu scale's sizing probe (run here on the tiny model the smoke study set up)."""
-  from im_jax.study import models, results, runner  # pylint: disable=g-import-not-at-top
+  from im_jax.study import results, runner, start_models  # pylint: disable=g-import-not-at-top
 
   scale = scales.SMOKE
   splits = {d: subsets.load_split(d, scale.held_out, shared_data_dir) for d in subsets.DATASETS}
   study = runner.Study(smoke, scale, results.ResultStore(smoke / "results" / "smoke"), splits,
-                       models.start("smoke", smoke, "", []))
+                       start_models.start("smoke", smoke, "", []))
   tokens_per_sec, tokens_per_example = runner.measure_speed(study)
   assert tokens_per_sec > 0
   assert 10 < tokens_per_example <= scale.overrides["data.max_seq_len"]

@@ -1,4 +1,4 @@
-"""Every key an im_jax training run reads, with the paper's defaults (docs: README).
+"""Every key an im_jax training run reads, with the paper's defaults (docs/configuration.md).
 
 Other config files start from `get_config()` here and change what they need, so every key
 exists in every config and any of them can be overridden on the command line:
@@ -24,7 +24,7 @@ def get_config() -> ml_collections.ConfigDict:
   # unverified) | blocked (plain XLA, skips blocks of the packed rows' masked scores; long
   # packed rows on CPU/GPU)
   c.model.attention_impl = "auto"
-  # LoRA (README: LoRA): rank 0 = full fine-tuning; > 0 trains only adapters of this rank on
+  # LoRA (docs/lora.md): rank 0 = full fine-tuning; > 0 trains only adapters of this rank on
   # the frozen model.init_from weights (W + alpha/rank * B A).
   c.model.lora = ml_collections.ConfigDict()
   c.model.lora.rank = 0

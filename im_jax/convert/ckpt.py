@@ -22,7 +22,7 @@ from typing import Any, Callable, NamedTuple
 import jax
 import jax.numpy as jnp
 import orbax.checkpoint as ocp
-from flax import nnx
+from flax import nnx, traverse_util
 
 from im_jax import model_files
 from im_jax.convert.files import PathLike, as_tokenizer, atomic_dir
@@ -122,7 +122,7 @@ def sharding_lookup(shardings: Any) -> Callable[[tuple, nnx.Variable], jax.shard
   if isinstance(shardings, nnx.State):
     items = nnx.to_flat_state(shardings)
   else:
-    items = flatten(shardings)
+    items = traverse_util.flatten_dict(shardings).items()
   table = {tuple(int(k) if isinstance(k, str) and k.isdigit() else k for k in p):
            s.get_value() if isinstance(s, nnx.Variable) else s for p, s in items}
   return lambda path, var: table[path]
@@ -153,8 +153,8 @@ def restore_params(params_dir: PathLike, config: LlamaConfig, shardings: Any = N
       abstract[("layers", *path[2:])] = jax.ShapeDtypeStruct(
           (config.num_layers, *var.shape), var.dtype, sharding=_stacked(lookup(path, var)))
   with ocp.StandardCheckpointer() as checkpointer:
-    restored = checkpointer.restore(pathlib.Path(params_dir).absolute(), unflatten(abstract))
-  flat = dict(flatten(restored))
+    restored = checkpointer.restore(pathlib.Path(params_dir).absolute(), traverse_util.unflatten_dict(abstract))
+  flat = traverse_util.flatten_dict(restored)
   for path, var in target.items():
     if config.scan_layers or path[0] != "layers":
       var.set_value(flat.pop(path))
@@ -187,21 +187,3 @@ def load_ckpt(path: PathLike, *, shardings: Any = None, **config_overrides) -> L
   config = config.replace(**config_overrides)
   model = restore_params(path / PARAMS_DIR, config, shardings)
   return LoadedCkpt(model, config, path / TOKENIZER_DIR, info)
-
-
-def flatten(tree: Any, prefix: tuple = ()):
-  if isinstance(tree, dict):
-    for k, v in tree.items():
-      yield from flatten(v, (*prefix, k))
-  else:
-    yield prefix, tree
-
-
-def unflatten(flat: dict[tuple, Any]) -> dict[str, Any]:
-  out: dict[str, Any] = {}
-  for path, value in flat.items():
-    node = out
-    for key in path[:-1]:
-      node = node.setdefault(key, {})
-    node[path[-1]] = value
-  return out

@@ -48,12 +48,7 @@ def atomic_dir(out: PathLike, *, overwrite: bool = False) -> Iterator[pathlib.Pa
 
 
 def as_tokenizer(tokenizer: Any) -> Any:
-  """A transformers tokenizer from a folder path, or the tokenizer object itself."""
-  if not isinstance(tokenizer, (str, os.PathLike)):
-    return tokenizer
-  path = pathlib.Path(tokenizer)
-  if not any((path / f).exists() for f in ("tokenizer.json", "tokenizer_config.json",
-                                           "tokenizer.model")):
-    raise FileNotFoundError(f"no tokenizer files (tokenizer.json, tokenizer_config.json) in "
-                            f"{path}")
-  return load_tokenizer(str(path))  # a damaged file: one line naming it
+  """A transformers tokenizer from a folder path (`load_tokenizer`), or the tokenizer object."""
+  if isinstance(tokenizer, (str, os.PathLike)):
+    return load_tokenizer(str(tokenizer))
+  return tokenizer

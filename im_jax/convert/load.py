@@ -21,7 +21,7 @@ from typing import Any
 
 import jax
 import orbax.checkpoint as ocp
-from flax import nnx
+from flax import nnx, traverse_util
 
 from im_jax import hub, model_files, paths
 from im_jax.convert import ckpt
@@ -168,7 +168,7 @@ def load_train_checkpoint(path: PathLike, *, shardings: Any = None,
     graphdef, state = nnx.split(hf_params.abstract_model(config))
   flat = dict(nnx.to_flat_state(state))
   # On disk an nnx.Param is a {"value": array} node; layer indices are string keys.
-  item = ckpt.unflatten({
+  item = traverse_util.unflatten_dict({
       ("params", *map(str, p), "value"): jax.ShapeDtypeStruct(
           v.shape, v.dtype, sharding=lookup(p, v))
       for p, v in flat.items()})
@@ -177,7 +177,7 @@ def load_train_checkpoint(path: PathLike, *, shardings: Any = None,
   with ocp.PyTreeCheckpointer() as checkpointer:
     restored = checkpointer.restore(step_dir / "state", args=ocp.args.PyTreeRestore(
         item=item, restore_args=restore_args, partial_restore=True))
-  values = dict(ckpt.flatten(restored))
+  values = traverse_util.flatten_dict(restored)
   for p, var in flat.items():
     var.set_value(values[("params", *map(str, p), "value")])
   info = {"format": "train", "template": meta.get("template"),

@@ -111,11 +111,13 @@ def recommend(examples: int, length_ratio: float | None) -> tuple[str, str]:
                 "from IM there, so plain IT is the safe default.")
 
 
-def load_tokenizer(path: str) -> Any:
-  """A HF tokenizer from a local folder or `hf:DIR|ORG/NAME` (see `im_jax.hub`); DataError when
-  there is none."""
-  import transformers  # pylint: disable=g-import-not-at-top  (slow; only when tokens are asked for)
+# The files a transformers tokenizer folder holds; a folder with none is not one.
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
 
+
+def load_tokenizer(path: str) -> Any:
+  """A HF tokenizer from a local folder or `hf:DIR|ORG/NAME` (see `im_jax.hub`): the one loader
+  of every command. DataError `PATH: cannot load a tokenizer: why` when there is none."""
   if str(path).startswith(hub.PREFIX):
     try:
       path = str(hub.folder(str(path)))
@@ -124,10 +126,15 @@ def load_tokenizer(path: str) -> Any:
 
   if not pathlib.Path(path).is_dir():  # else transformers reads it as a hub name: a confusing error
     raise DataError(str(path), None, "cannot load a tokenizer: no such folder")
+  if not any((pathlib.Path(path) / f).exists() for f in _TOKENIZER_FILES):
+    raise DataError(str(path), None, "cannot load a tokenizer: no tokenizer files "
+                    f"({', '.join(_TOKENIZER_FILES)}) in the folder")
   try:  # a cut or empty JSON file, named (the tokenizers library names no file)
     model_files.check_tokenizer_files(path)
   except model_files.ModelFileError as e:
     raise DataError(e.path, None, f"cannot load a tokenizer: {e.problem}") from None
+  # Imported after the checks: slow (~1 s), and a bad folder needs none of it.
+  import transformers  # pylint: disable=g-import-not-at-top
   try:
     return transformers.AutoTokenizer.from_pretrained(path, local_files_only=True)
   except Exception as e:  # noqa: BLE001 - tokenizers raises bare Exceptions on damaged files

@@ -182,6 +182,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-  from im_jax import host_memory  # pylint: disable=g-import-not-at-top
-  host_memory.reexec_with_tuned_malloc()
+  from im_jax import malloc_tuning  # pylint: disable=g-import-not-at-top
+  malloc_tuning.reexec_with_tuned_malloc()
   sys.exit(main())

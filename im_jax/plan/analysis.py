@@ -13,9 +13,9 @@ import jax
 from im_jax.run import experiment, settings
 from im_jax.convert.load import read_model_config
 from im_jax.model_files import ModelFileError
-from im_jax.models.llama import LlamaConfig, num_params
+from im_jax.models.llama import LlamaConfig, num_params, training_flops
 from im_jax.plan import topology as topo_lib
-from im_jax.train import memory as memory_lib
+from im_jax.train import device_memory
 from im_jax.train import sharding
 
 GiB = 2**30
@@ -93,20 +93,6 @@ class Plan:
     return d
 
 
-def analytic_flops(config: LlamaConfig, tokens: int, seq_len: int,
-                   reference: bool = False) -> float:
-  """6 N per token for the matmul weights (the input embedding is a lookup, not a matmul,
-  unless tied to the output) plus causal attention, 6 L H hd T per token (half the score
-  matrix; packed rows need less still). Remat's recomputation is not useful work: excluded.
-  `reference`: a KL reference model's forward pass adds a third (2 of the 6)."""
-  n = num_params(config)
-  if not config.tie_word_embeddings:
-    n -= config.vocab_size * config.hidden_size
-  attention = 6 * config.num_layers * config.num_heads * config.head_dim * seq_len
-  passes = 8 if reference else 6  # forward 2, backward 4; the reference forward 2 more
-  return float(tokens) * (6 * n + attention) * passes / 6
-
-
 def model_config(c: settings.RunConfig) -> LlamaConfig:
   """The run's model config, from `model.init_from`'s config (no weights) or the preset."""
   pretrained = None
@@ -141,7 +127,7 @@ def plan(c: settings.RunConfig, topology: topo_lib.Topology) -> Plan:
       grad_accum=c.train.grad_accum, tokens_per_step=tokens, memory=None,
       usable_hbm=int(chip.usable_hbm_gib * GiB) if chip else None,
       compiler_flops_per_device=None,
-      analytic_flops_per_step=analytic_flops(mcfg, tokens, c.data.max_seq_len,
+      analytic_flops_per_step=training_flops(mcfg, [c.data.max_seq_len] * c.train.batch_size,
                                              reference=c.loss.kl_to_base > 0),
       kl_reference=c.loss.kl_to_base > 0,
       peak_flops_per_device=chip.peak_bf16_tflops * 1e12 if chip else None)
@@ -153,7 +139,7 @@ def plan(c: settings.RunConfig, topology: topo_lib.Topology) -> Plan:
       raise
     result.out_of_memory = " ".join(str(e).split())[:500]
     return result
-  result.memory = memory_lib.step_memory(compiled, steps.abstract_state, batch).as_dict()
+  result.memory = device_memory.step_memory(compiled, steps.abstract_state, batch).as_dict()
   cost = compiled.cost_analysis()
   cost = cost[0] if isinstance(cost, (list, tuple)) and cost else cost
   if cost and cost.get("flops"):

@@ -39,7 +39,7 @@ from im_jax.run.settings import (SYNTHETIC, ConfigError, RunConfig, check, check
                                  encode_config, lora_config, loop_config, loss_config,
                                  model_options, pipeline_config, train_sources)
 from im_jax.train import loop as loop_lib
-from im_jax.train import memory as memory_lib
+from im_jax.train import device_memory
 from im_jax.train import optim as optim_lib
 from im_jax.train import sharding, step as step_lib
 from im_jax.train import workdir_lock
@@ -353,7 +353,7 @@ class Experiment:
     return out
 
   def run(self) -> loop_lib.LoopResult:
-    memory_lib.log_step_memory(self.train_step, self.state,
+    device_memory.log_step_memory(self.train_step, self.state,
                                train_batch_shapes(self.config, self.mesh), self.mesh)
     eval_batches = None if self.eval_data is None else (lambda: iter(self.eval_data.dataset()))
     return loop_lib.run(workdir=str(self.workdir), state=self.state, train_step=self.train_step,

@@ -22,6 +22,7 @@ import re
 from typing import Any, Callable, Sequence
 
 import ml_collections
+from flax import traverse_util
 
 from im_jax.configs import base as base_config
 from im_jax import hub, model_files, output_guard, paths
@@ -315,7 +316,7 @@ def loop_config(run: RunConfig, total_steps: int) -> loop_lib.LoopConfig:
 
 def check_keys_and_types(c: ml_collections.ConfigDict) -> None:
   """Every key is one of configs/base.py's, with its type (a config file may build its own)."""
-  given = _flat(c.to_dict())
+  given = traverse_util.flatten_dict(c.to_dict(), sep=".")
   for key in given:
     if key not in _BASE_KEYS:
       raise ConfigError(unknown_key_message(key))
@@ -344,16 +345,6 @@ def unknown_key_message(key: str) -> str:
   return f"unknown config key {key}{hint}"
 
 
-def _flat(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-  out = {}
-  for k, v in tree.items():
-    if isinstance(v, dict):
-      out.update(_flat(v, f"{prefix}{k}."))
-    else:
-      out[prefix + k] = v
-  return out
-
-
 def _key_types(c: ml_collections.ConfigDict, prefix: str = "") -> dict[str, type]:
   """Each key's type; a placeholder's is the type it was declared with."""
   out = {}
@@ -365,7 +356,7 @@ def _key_types(c: ml_collections.ConfigDict, prefix: str = "") -> dict[str, type
   return out
 
 
-_BASE_KEYS = _flat(_BASE_TREE)
+_BASE_KEYS = traverse_util.flatten_dict(_BASE_TREE, sep=".")  # `section.key` -> default
 _BASE_TYPES = _key_types(base_config.get_config())
 
 

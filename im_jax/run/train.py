@@ -14,7 +14,7 @@ compiling or touching the workdir. The memory plan is `python -m im_jax.plan`.
 import pathlib
 import sys
 
-from im_jax import cli, distributed, host_memory, write_faults
+from im_jax import cli, distributed, malloc_tuning, write_faults
 from im_jax.run import config_args
 
 
@@ -119,6 +119,6 @@ def _inspect(config, args) -> int:
 
 
 def run_from_command_line() -> None:
-  """`python -m im_jax.train`: main() in a process with the tuned allocator (host_memory)."""
-  host_memory.reexec_with_tuned_malloc()
+  """`python -m im_jax.train`: main() in a process with the tuned allocator (malloc_tuning)."""
+  malloc_tuning.reexec_with_tuned_malloc()
   sys.exit(main())

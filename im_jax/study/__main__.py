@@ -24,7 +24,7 @@ import time
 
 from im_jax import cli
 
-# plan.EXPERIMENTS, repeated so that --help imports nothing heavy (tested equal).
+# runs.EXPERIMENTS, repeated so that --help imports nothing heavy (tested equal).
 EXPERIMENTS = ("overfitting", "memorisation", "data_size", "length_ratio", "second_seed")
 
 
@@ -78,13 +78,13 @@ def main(argv: list[str] | None = None) -> int:
 
 def _run(args: argparse.Namespace, argv: list[str] | None, started: float) -> list[pathlib.Path]:
   from im_jax import output_guard  # pylint: disable=g-import-not-at-top  (jax: slow)
-  from im_jax.study import models, orchestrate  # pylint: disable=g-import-not-at-top
+  from im_jax.study import orchestrate, start_models  # pylint: disable=g-import-not-at-top
 
   out = pathlib.Path(args.out)
   inputs = [args.data_dir, output_guard.local_path(args.model) if args.model else None]
   output_guard.check_not_input(out, [p for p in inputs if p])
   if args.scale == "accelerator":  # a damaged model stops here, before anything is written
-    models.check_model(args.model)
+    start_models.check_model(args.model)
   kind = output_guard.protected_kind(out)
   if kind is not None and not kind.startswith("a folder holding"):  # its own runs/ hold some
     raise ValueError(f"--out {out} is {kind}: give the study a folder of its own")
@@ -97,6 +97,6 @@ def argv_text(argv: list[str] | None) -> str:
 
 
 if __name__ == "__main__":
-  from im_jax import host_memory  # pylint: disable=g-import-not-at-top
-  host_memory.reexec_with_tuned_malloc()
+  from im_jax import malloc_tuning  # pylint: disable=g-import-not-at-top
+  malloc_tuning.reexec_with_tuned_malloc()
   sys.exit(main())

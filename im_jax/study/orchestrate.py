@@ -9,7 +9,7 @@ import platform
 import time
 from typing import Any
 
-from im_jax.study import models, plan as plan_lib, results, runner, scales, sizing, subsets
+from im_jax.study import results, runner, runs as runs_lib, scales, sizing, start_models, subsets
 
 
 def _compilation_cache(out: pathlib.Path) -> None:
@@ -51,11 +51,11 @@ def run_study(out: pathlib.Path, scale_name: str, only: tuple[str, ...], results
   out.mkdir(parents=True, exist_ok=True)
   _compilation_cache(out)
   texts = [c for s in splits.values() for c in s.held_out + s.pool[:4 * scale.overfit_size]]
-  start = models.start(scale.name, out, model, texts)
+  start = start_models.start(scale.name, out, model, texts)
   study = runner.Study(out, scale, store, splits, start)
   study.scale, sized = _sized_scale(study)
-  runs = plan_lib.make_plan(study.scale, only)
-  datasets = plan_lib.needed_datasets(runs)
+  runs = runs_lib.make_plan(study.scale, only)
+  datasets = runs_lib.needed_datasets(runs)
   for dataset in datasets:
     study.held_out_file(dataset)  # on disk too: `python -m im_jax.eval` can reuse them
   runner.run_all(study, runs, datasets)
@@ -68,7 +68,7 @@ def run_study(out: pathlib.Path, scale_name: str, only: tuple[str, ...], results
       "wall time of this invocation (s)": round(time.perf_counter() - started, 1),
       "training and evaluation time of all runs (s)":
           round(sum(r.get("seconds", 0) for r in records.values()), 1),
-      "methods": ", ".join(plan_lib.methods(study.scale)),
+      "methods": ", ".join(runs_lib.methods(study.scale)),
       "held-out examples per dataset": scale.held_out,
       "subsets": ", ".join(sorted({r.subset.name for r in runs})),
       "results folder": str(store.folder),

@@ -26,7 +26,7 @@ from im_jax.data import pipeline as pipeline_lib
 from im_jax.data.conversation import Conversation
 from im_jax.data.stats import load_tokenizer
 from im_jax.run.settings import check_mesh, encode_config, model_options, pipeline_config
-from im_jax.study import evaluation, models, plan as plan_lib, results, scales, subsets
+from im_jax.study import evaluation, results, runs as runs_lib, scales, start_models, subsets
 
 
 class StudyStopped(RuntimeError):
@@ -52,14 +52,14 @@ class Study:
   scale: scales.Scale
   store: results.ResultStore
   splits: dict[str, subsets.DatasetSplit]
-  start: models.Start
+  start: start_models.Start
 
   def held_out_file(self, dataset: str) -> pathlib.Path:
     return subsets.write_jsonl(self.out / "data" / f"heldout_{dataset}.jsonl",
                                self.splits[dataset].held_out)
 
-  def subset(self, run: plan_lib.Run) -> list[Conversation]:
-    return plan_lib.subset_conversations(run.subset, self.splits[run.subset.dataset],
+  def subset(self, run: runs_lib.Run) -> list[Conversation]:
+    return runs_lib.subset_conversations(run.subset, self.splits[run.subset.dataset],
                                          self.max_seq_len())
 
   def max_seq_len(self) -> int:
@@ -70,14 +70,14 @@ class Study:
             "overrides": self.scale.overrides,
             "held_out": {d: ids_digest(s.held_out) for d, s in self.splits.items()}}
 
-  def run_key(self, run: plan_lib.Run) -> dict[str, Any]:
+  def run_key(self, run: runs_lib.Run) -> dict[str, Any]:
     return {**self.base_key(), "method": run.method, "subset": run.subset.name,
             "seed": run.seed,
             "examples": ids_digest(self.subset(run)), "experiments": list(run.experiments)}
 
-  def config(self, run: plan_lib.Run):
+  def config(self, run: runs_lib.Run):
     data = subsets.write_jsonl(self.out / "data" / f"{run.subset.name}.jsonl", self.subset(run))
-    return plan_lib.config_for(run, self.scale, data, self.start.init_from, self.start.tokenizer)
+    return runs_lib.config_for(run, self.scale, data, self.start.init_from, self.start.tokenizer)
 
 
 def eval_options(c) -> dict[str, Any]:
@@ -129,7 +129,7 @@ def baseline(study: Study, datasets: Sequence[str]) -> None:
     say("baseline: done (from results)")
     return
   say("baseline: evaluating the untrained model")
-  c = study.config(plan_lib.make_plan(study.scale)[0])
+  c = study.config(runs_lib.make_plan(study.scale)[0])
   if study.start.init_from:
     mut = _mut_from_loaded(load_pretrained(study.start.init_from, **eval_options(c)))
   else:  # the random init every tiny run starts from: the trainer's model with its seed
@@ -146,10 +146,10 @@ def baseline(study: Study, datasets: Sequence[str]) -> None:
 
 def _baseline_train(study: Study, dataset: str) -> list[Conversation]:
   """The training examples the baseline is scored on: the first of the overfitting subset."""
-  if dataset not in plan_lib.OVERFIT_DATASETS:
+  if dataset not in runs_lib.OVERFIT_DATASETS:
     return []
-  subset = plan_lib.overfit_subset(study.scale, dataset)
-  train = plan_lib.subset_conversations(subset, study.splits[dataset], study.max_seq_len())
+  subset = runs_lib.overfit_subset(study.scale, dataset)
+  train = runs_lib.subset_conversations(subset, study.splits[dataset], study.max_seq_len())
   return train[:study.scale.train_eval]
 
 
@@ -173,7 +173,7 @@ def epoch_curves(workdir: pathlib.Path, steps_per_epoch: int) -> list[dict[str, 
   return epochs
 
 
-def train(study: Study, run: plan_lib.Run) -> dict[str, Any]:
+def train(study: Study, run: runs_lib.Run) -> dict[str, Any]:
   """Trains (or resumes) the run's workdir; its curves and throughput."""
   c = study.config(run)
   workdir = study.out / "runs" / run.name
@@ -198,7 +198,7 @@ def train(study: Study, run: plan_lib.Run) -> dict[str, Any]:
           "data_stats": exp.train_data.stats.as_dict()}
 
 
-def run_one(study: Study, run: plan_lib.Run, datasets: Sequence[str]) -> dict[str, Any]:
+def run_one(study: Study, run: runs_lib.Run, datasets: Sequence[str]) -> dict[str, Any]:
   key = study.run_key(run)
   started = time.perf_counter()
   value = {"method": run.method, "seed": run.seed, "subset": dataclasses.asdict(run.subset),
@@ -216,7 +216,7 @@ def run_one(study: Study, run: plan_lib.Run, datasets: Sequence[str]) -> dict[st
   return study.store.put(run.name, key, value)
 
 
-def run_all(study: Study, runs: Sequence[plan_lib.Run], datasets: Sequence[str]) -> None:
+def run_all(study: Study, runs: Sequence[runs_lib.Run], datasets: Sequence[str]) -> None:
   """Every run in order, skipping finished ones; progress and time left on stderr."""
   baseline(study, datasets)
   spent: list[float] = []
@@ -244,9 +244,9 @@ def measure_speed(study: Study) -> tuple[float, float]:
   one); the first logged step holds the compilation and is left out.
   """
   pool = [c for s in study.splits.values() for c in s.pool[:16]]
-  probe = plan_lib.Run(plan_lib.Subset("probe", "alpaca5k", len(pool)), "it", ())
+  probe = runs_lib.Run(runs_lib.Subset("probe", "alpaca5k", len(pool)), "it", ())
   data = subsets.write_jsonl(study.out / "data" / "probe.jsonl", pool)
-  c = plan_lib.config_for(probe, study.scale, data, study.start.init_from, study.start.tokenizer,
+  c = runs_lib.config_for(probe, study.scale, data, study.start.init_from, study.start.tokenizer,
                           {"train.max_steps": PROBE_STEPS})
   workdir = study.out / "probe" / digest(study.base_key())
   check_mesh(c, jax.device_count(), jax.process_count())

@@ -14,7 +14,7 @@ held-out sets never change.
 import dataclasses
 from collections.abc import Sequence
 
-from im_jax.study import plan as plan_lib
+from im_jax.study import runs as runs_lib
 from im_jax.study import scales
 
 BUDGET_SECONDS = 2 * 3600
@@ -23,7 +23,7 @@ FORWARD_COST = 1 / 3  # an evaluation token vs a training token
 MIN_SIZE = 16
 
 
-def estimate_seconds(scale: scales.Scale, runs: Sequence[plan_lib.Run],
+def estimate_seconds(scale: scales.Scale, runs: Sequence[runs_lib.Run],
                      tokens_per_example: float, datasets: int, tokens_per_sec: float) -> float:
   """Estimated wall time of the study's training and evaluation."""
   epochs = scale.overrides.get("train.epochs", 2)
@@ -55,7 +55,7 @@ def fit(scale: scales.Scale, tokens_per_example: float, tokens_per_sec: float,
 
   def estimate(factor: float) -> float:
     fitted = _scaled(scale, factor)
-    return estimate_seconds(fitted, plan_lib.make_plan(fitted), tokens_per_example, 3,
+    return estimate_seconds(fitted, runs_lib.make_plan(fitted), tokens_per_example, 3,
                             tokens_per_sec)
 
   target = SAFETY * budget_seconds

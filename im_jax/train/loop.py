@@ -32,6 +32,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import traverse_util
 from jax.experimental import multihost_utils
 
 from im_jax import write_faults
@@ -134,21 +135,12 @@ def _all_finite(params: Any) -> bool:
 RESUME_KEY = "resume_key"
 
 
-def _flat(tree: Any, prefix: str = "") -> dict[str, Any]:
-  if not isinstance(tree, dict):
-    return {prefix: tree}
-  out = {}
-  for k, v in tree.items():
-    out.update(_flat(v, f"{prefix}.{k}" if prefix else str(k)))
-  return out
-
-
 def resume_mismatch(saved: dict[str, Any], now: dict[str, Any]) -> list[str]:
   """`key: saved -> now` for each resume setting that differs between two runs' metas."""
   before, after = saved.get(RESUME_KEY), now.get(RESUME_KEY)
   if before is None or after is None:
     return []
-  before, after = _flat(before), _flat(after)
+  before, after = (traverse_util.flatten_dict(t, sep=".") for t in (before, after))
   missing = "(absent)"
   return [f"{k}: {before.get(k, missing)!r} -> {after.get(k, missing)!r}"
           for k in sorted(set(before) | set(after)) if before.get(k) != after.get(k)]

@@ -9,7 +9,7 @@ Normalisations (`LossConfig.normalization`):
   sequence: numerator = sum over segments s of (sum_{t in s} w_t CE_t) / (sum_{t in s} w_t),
             denominator = number of segments with positive weight.
             Each example (segment of a packed row) counts equally: the paper's per-example
-            mean followed by the mean over examples (docs/paper.md).
+            mean followed by the mean over examples (docs/paper.md, Paper recipes).
 
 Metric sums are unweighted and independent of the loss mode, per target-kind group:
 output (assistant + eos) and instruction (system + user), so IT and IM runs compare on the

@@ -45,27 +45,46 @@ class SinkFactory(Protocol):
            run_config: dict[str, Any] | None) -> MetricSink | None: ...
 
 
-def _records(path: pathlib.Path) -> list[tuple[str, dict[str, Any]]]:
-  """(line, record) pairs; a line cut short by a killed process is left out."""
+class MetricsFileError(ValueError):
+  """An unreadable line of a `metrics.jsonl` other than a cut-off last one: `FILE:LINE: why`."""
+
+
+def read_records(path: str | pathlib.Path) -> list[tuple[str, dict[str, Any]]]:
+  """(line, record) of every record of a `metrics.jsonl` file: the one reader (resume, report).
+
+  Only the LAST line may be cut short (a process killed mid-write) and is then left out; any
+  other line that is not a JSON object with a "step" is a MetricsFileError naming the file and
+  line, since it means the file was damaged, not interrupted.
+  """
+  lines = path.read_text(encoding="utf-8").splitlines()
+  last = max((i for i, line in enumerate(lines) if line.strip()), default=-1)
   out = []
-  for line in path.read_text().splitlines():
-    try:
-      out.append((line, json.loads(line)))
-    except json.JSONDecodeError:
+  for i, line in enumerate(lines):
+    if not line.strip():
       continue
+    try:
+      record = json.loads(line)
+    except json.JSONDecodeError as e:
+      if i == last:
+        break
+      raise MetricsFileError(f"{path}:{i + 1}: not JSON ({e.msg})") from None
+    if not isinstance(record, dict) or "step" not in record:
+      raise MetricsFileError(f"{path}:{i + 1}: a metrics record must be an object with a 'step'")
+    out.append((line, record))
   return out
 
 
 def read_metrics(workdir: str | pathlib.Path) -> list[dict[str, Any]]:
+  """The records of `workdir/metrics.jsonl` (none when it is missing)."""
   path = paths.path(workdir) / METRICS_FILE
-  return [record for _, record in _records(path)] if path.exists() else []
+  return [record for _, record in read_records(path)] if path.exists() else []
 
 
 def _truncate_after(path: pathlib.Path, step: int) -> None:
   if not path.exists():
     return
   text = path.read_text()
-  kept = "".join(line + "\n" for line, record in _records(path) if record.get("step", 0) <= step)
+  kept = "".join(line + "\n" for line, record in read_records(path) if record["step"] <= step)
   if kept != text:  # replaced whole, so a failed write (a full disk) leaves the old file
     write_faults.replace_text(path, kept)
 
@@ -152,7 +171,7 @@ def _append_whole(file: Any, data: bytes) -> None:
     try:
       file.truncate(start)
     except OSError:
-      pass  # _records() skips a cut line on resume anyway
+      pass  # read_records() skips a cut last line on resume anyway
     e.filename = e.filename or file.name
     raise
 

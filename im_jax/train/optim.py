@@ -1,8 +1,9 @@
 """AdamW with the paper's defaults, a weight-decay mask, clipping and warmup schedules.
 
-Defaults follow docs/paper.md: learning rate 2e-5, betas (0.9, 0.98), eps 1e-6, weight decay 0,
-warmup ratio 0.03 then linear decay to 0. Gradient clipping by global norm (1.0 by default; the
-paper does not state one; None or <= 0 turns it off, as the config key does).
+Defaults follow the paper (docs/paper.md, Paper recipes): learning rate 2e-5, betas (0.9, 0.98),
+eps 1e-6, weight decay 0, warmup ratio 0.03 then linear decay to 0. Gradient clipping by global
+norm (1.0 by default; the paper does not state one; None or <= 0 turns it off, as the config key
+does).
 
 Weight decay (when non-zero) applies to weight matrices, *including* the token embeddings and
 the output projection, as the Hugging Face Trainer / open-instruct setup the paper used does;

@@ -9,6 +9,7 @@ import dataclasses
 import json
 import os
 import pathlib
+from collections.abc import Sequence
 from typing import Any
 
 from im_jax.models import attention
@@ -268,6 +269,21 @@ def num_params(config: LlamaConfig) -> int:
   layer = attn + 3 * d * f + 2 * d
   embed = config.vocab_size * d * (1 if config.tie_word_embeddings else 2)
   return embed + config.num_layers * layer + d
+
+
+def training_flops(config: LlamaConfig, lengths: Sequence[int], reference: bool = False) -> float:
+  """Useful FLOPs of one training step over causal-attention spans of `lengths` (full rows, or
+  the segments of packed rows): 6 N per token for the matmul weights (the input embedding is a
+  lookup, not a matmul, unless tied to the output) plus causal attention, 6 L H hd x per token
+  of a span of x (half the score matrix). Remat's recomputation is not useful work: excluded.
+  `reference`: a KL reference model's forward pass adds a third (2 of the 6)."""
+  n = num_params(config)
+  if not config.tie_word_embeddings:
+    n -= config.vocab_size * config.hidden_size
+  per_token_attention = 6 * config.num_layers * config.num_heads * config.head_dim
+  flops = 6 * n * sum(lengths) + per_token_attention * sum(x * x for x in lengths)
+  passes = 8 if reference else 6  # forward 2, backward 4; the reference forward 2 more
+  return float(flops) * passes / 6
 
 
 PRESETS: dict[str, LlamaConfig] = {

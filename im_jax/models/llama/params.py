@@ -23,7 +23,7 @@ from typing import Any
 
 import jax
 import numpy as np
-from flax import nnx
+from flax import nnx, traverse_util
 from safetensors import safe_open
 from safetensors.numpy import save_file
 
@@ -136,7 +136,7 @@ class _Reader:
 
   # Each read opens and closes its file: safe_open mmaps it, and pages of a mapping kept open
   # stay resident, which would add a full file's size to the peak (2.2x the model, measured on
-  # SmolLM2, instead of 1.2x; see im_jax/convert/memory.py).
+  # SmolLM2, instead of 1.2x; see im_jax/convert/import_memory.py).
 
   def get(self, name: str) -> np.ndarray:
     with safe_open(self.tensors[name].file, "np") as f:
@@ -190,16 +190,9 @@ def _flat_params(model_or_state: Any) -> dict[tuple, Any]:
       else model_or_state
   if isinstance(state, nnx.State):
     return {tuple(p): v for p, v in nnx.to_flat_state(state)}
-  return {tuple(p): v for p, v in _flatten_dict(state)}
-
-
-def _flatten_dict(d: Any, prefix: tuple = ()) -> Iterator[tuple[tuple, Any]]:
-  if isinstance(d, dict):
-    for k, v in d.items():
-      key = int(k) if isinstance(k, str) and k.isdigit() else k
-      yield from _flatten_dict(v, (*prefix, key))
-  else:
-    yield prefix, d
+  # On disk layer indices are string keys.
+  return {tuple(int(k) if isinstance(k, str) and k.isdigit() else k for k in p): v
+          for p, v in traverse_util.flatten_dict(state).items()}
 
 
 def _sharding_for(shardings: Any, path: tuple, var: nnx.Variable):

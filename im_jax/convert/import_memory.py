@@ -1,6 +1,6 @@
 """Peak host memory of a HF import, measured in a fresh process.
 
-`python -m im_jax.convert.memory HF_DIR` prints JSON: the peak resident set size (VmHWM)
+`python -m im_jax.convert.import_memory HF_DIR` prints JSON: the peak resident set size (VmHWM)
 after importing jax/flax/im_jax and starting the CPU backend (`baseline_bytes`), the peak after
 `load_hf` (`peak_bytes`), their difference (`growth_bytes`) and the parameter bytes
 (`model_bytes`). On the CPU backend the placed parameters themselves live in host memory, so

@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from im_jax import host_memory
+from im_jax import malloc_tuning
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -16,8 +16,8 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 # threshold, so mapped afresh each time): page faults counted over 8 calls.
 PROBE = """
 import os, resource
-from im_jax import host_memory
-host_memory.reexec_with_tuned_malloc()
+from im_jax import malloc_tuning
+malloc_tuning.reexec_with_tuned_malloc()
 import jax, jax.numpy as jnp
 f = jax.jit(lambda x: x * 2.0)
 x = jnp.ones((4096, 4096), jnp.float32)
@@ -26,27 +26,27 @@ for _ in range(20):
 before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 for _ in range(8):
   f(x).block_until_ready()
-print(os.environ.get(host_memory.ENV, "default"),
+print(os.environ.get(malloc_tuning.ENV, "default"),
       resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
 """
 
 
 def test_tuned_environ_only_for_cpu_on_glibc_and_never_twice():
   env, glibc = {"PATH": "/bin"}, ("glibc", "2.36")
-  tuned = host_memory.tuned_environ(env, "cpu", glibc)
-  assert tuned["GLIBC_TUNABLES"] == ":".join(host_memory.TUNABLES)
-  assert tuned[host_memory.ENV] == "tuned" and tuned["PATH"] == "/bin"
+  tuned = malloc_tuning.tuned_environ(env, "cpu", glibc)
+  assert tuned["GLIBC_TUNABLES"] == ":".join(malloc_tuning.TUNABLES)
+  assert tuned[malloc_tuning.ENV] == "tuned" and tuned["PATH"] == "/bin"
   assert tuned["JAX_PLATFORMS"] == "cpu"  # the child must not probe libtpu
-  assert host_memory.tuned_environ(tuned, "cpu", glibc) is None  # no loop
-  assert host_memory.tuned_environ(env, "tpu", glibc) is None
-  assert host_memory.tuned_environ(env, "cuda", glibc) is None
-  assert host_memory.tuned_environ(env, "cpu", ("", "")) is None  # musl, macOS
-  assert host_memory.tuned_environ(env, "cpu", ("glibc", "2.31")) is None  # no hugetlb yet
-  assert host_memory.tuned_environ({host_memory.ENV: "system"}, "cpu", glibc) is None
+  assert malloc_tuning.tuned_environ(tuned, "cpu", glibc) is None  # no loop
+  assert malloc_tuning.tuned_environ(env, "tpu", glibc) is None
+  assert malloc_tuning.tuned_environ(env, "cuda", glibc) is None
+  assert malloc_tuning.tuned_environ(env, "cpu", ("", "")) is None  # musl, macOS
+  assert malloc_tuning.tuned_environ(env, "cpu", ("glibc", "2.31")) is None  # no hugetlb yet
+  assert malloc_tuning.tuned_environ({malloc_tuning.ENV: "system"}, "cpu", glibc) is None
   # The caller's own malloc tunables win; other tunables are kept.
-  assert host_memory.tuned_environ({"GLIBC_TUNABLES": "glibc.malloc.arena_max=4"}, "cpu",
+  assert malloc_tuning.tuned_environ({"GLIBC_TUNABLES": "glibc.malloc.arena_max=4"}, "cpu",
                                    glibc) is None
-  kept = host_memory.tuned_environ({"GLIBC_TUNABLES": "glibc.rtld.nns=4"}, "cpu", glibc)
+  kept = malloc_tuning.tuned_environ({"GLIBC_TUNABLES": "glibc.rtld.nns=4"}, "cpu", glibc)
   assert kept["GLIBC_TUNABLES"].startswith("glibc.rtld.nns=4:glibc.malloc.")
 
 
@@ -62,7 +62,7 @@ def _huge_pages_available() -> bool:
 def test_reexecuted_process_faults_huge_pages_instead_of_small_ones():
   def run(**extra):
     env = {k: v for k, v in os.environ.items()
-           if k not in (host_memory.ENV, "GLIBC_TUNABLES")}
+           if k not in (malloc_tuning.ENV, "GLIBC_TUNABLES")}
     env.update(PYTHONPATH=str(ROOT), JAX_PLATFORMS="cpu", **extra)
     proc = subprocess.run([sys.executable, "-c", PROBE], cwd=ROOT, env=env, text=True,
                           capture_output=True, timeout=120, check=True)
@@ -70,7 +70,7 @@ def test_reexecuted_process_faults_huge_pages_instead_of_small_ones():
     return state, int(faults)
 
   tuned_state, tuned_faults = run()
-  system_state, system_faults = run(**{host_memory.ENV: "system"})
+  system_state, system_faults = run(**{malloc_tuning.ENV: "system"})
   assert (tuned_state, system_state) == ("tuned", "system")
   # 8 x 64 MiB of fresh pages is 131072 faults of 4 KiB, 256 of 2 MiB.
   assert system_faults > 50_000, system_faults
