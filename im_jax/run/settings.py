@@ -126,6 +126,15 @@ def check_keys_and_types(c: ml_collections.ConfigDict) -> None:
   for key, default in reference.items():
     check(key in given, f"config key {key} is missing (every key is in im_jax/configs/base.py)")
     value, want = given[key], type(default)
+    if default is None:  # a placeholder (data.strip_content): unset, or a value of its type
+      *sections, name = key.split(".")
+      section = base_config.get_config()
+      for part in sections:
+        section = section[part]
+      want = section.get_type(name)
+      check(value is None or isinstance(value, want),
+            f"{key} must be a {want.__name__} or unset, got {value!r}")
+      continue
     ok = isinstance(value, want) and not (want is int and isinstance(value, bool))
     if want is float:  # an int is a fine float; a bool is not
       ok = isinstance(value, (int, float)) and not isinstance(value, bool)
