@@ -2,7 +2,7 @@
 overrides read as base.py's types, one `error:` line and exit status 2 for a bad one, and
 `--help` on every command (all in-process: no subprocess, no JAX backend)."""
 
-import importlib
+import importlib.util
 import pathlib
 
 import pytest
@@ -10,6 +10,7 @@ import pytest
 from im_jax import __main__ as dispatcher
 from im_jax import cli
 from im_jax.run import config_args
+from im_jax.run import settings
 from im_jax.run.settings import ConfigError
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -28,6 +29,7 @@ def test_overrides_take_the_type_of_their_key_in_base():
   assert c.train.batch_size == 32 and c.optim.lr == 1e-3 and c.mesh.fsdp == -1
   assert c.export_hf is False and c.data.template == "hf" and c.model.scan_layers is True
   assert c.data.strip_content is False  # the placeholder bool, unset in base.py
+  settings.check_keys_and_types(c)  # and a run takes it
   assert c.optim.b1 == 1.0 and isinstance(c.optim.b1, float)
   assert c.model.lora.targets == "q,o,down"
   assert c.train.max_steps == 400  # the file's own value where nothing overrides it
@@ -82,14 +84,9 @@ def test_one_error_line_whatever_the_message(capsys):
 
 
 def _main(module: str):
-  for name in (f"{module}.__main__", module):
-    try:
-      found = importlib.import_module(name)
-    except ModuleNotFoundError:
-      continue
-    if hasattr(found, "main"):
-      return found
-  raise AssertionError(f"{module} has no main()")
+  """The module whose main() `python -m MODULE` runs."""
+  package = importlib.util.find_spec(module).submodule_search_locations is not None
+  return importlib.import_module(f"{module}.__main__" if package else module)
 
 
 @pytest.mark.parametrize("module", ["im_jax", *(m for m, _ in dispatcher.COMMANDS.values())])
