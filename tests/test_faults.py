@@ -2,14 +2,15 @@
 
 Each kind of damage to a Hugging Face model folder (a `.safetensors` file cut short, a header
 cut or garbled, a shard the index names missing, a tensor whose shape or dtype disagrees with
-config.json, a config.json cut short or lacking a key, a tokenizer file cut short) is made
-here and given to one command family (train, eval, convert both ways, plan, study): one
-`error: FILE: what is wrong` line naming the damaged file, exit status 2, nothing written.
+config.json, a config.json cut short or lacking a key, a tokenizer file cut short or missing)
+is made here and given to one command family (train, eval, convert both ways, plan, study):
+one `error: FILE: what is wrong` line naming the damaged file, exit status 2, nothing written.
 
 A full disk is a small tmpfs (mounting one needs root, as CI runs; skipped otherwise): during
-training (a checkpoint cannot be written: one line naming the intact checkpoint, exit 1, no
-traceback on the console, and a rerun once the disk grows resumes from it), and while
-exporting, writing a metrics record or a study result (one line, nothing half-written).
+training (one line naming what could not be written and the intact checkpoint, exit 1, no
+traceback on the console, whichever of the checkpoint, the metrics record and the
+TensorBoard event meets it first; a rerun once space is freed resumes), and while exporting,
+writing a metrics record or a study result (one line, nothing half-written).
 """
 
 import contextlib
@@ -100,6 +101,9 @@ FAULTS = {
     "tokenizer.json cut short": (
         "ckpt", lambda d: _cut(d / "tokenizer" / "tokenizer.json", 5000),
         "tokenizer/tokenizer.json", "invalid JSON at line"),
+    "tokenizer missing": (
+        "hf", lambda d: (d / "tokenizer.json").unlink(), "",
+        "no tokenizer file (tokenizer.json, tokenizer.model, vocab.json or vocab.txt)"),
     "tokenizer_config.json cut short": (
         "hf", lambda d: _cut(d / "tokenizer_config.json", 50), "tokenizer_config.json",
         "(the file looks cut short)"),
@@ -157,7 +161,8 @@ def test_damaged_model_file_commands_in_process(models, tmp_path, capsys, fault,
   assert _tree(tmp_path) == before  # nothing written
 
 
-@pytest.mark.parametrize("fault", ["config.json lacks a key", "shape disagrees"])
+@pytest.mark.parametrize("fault", ["config.json lacks a key", "shape disagrees",
+                                   "tokenizer missing"])
 def test_damaged_init_from_stops_training_before_the_workdir(models, tmp_path, fault):
   model, path, problem = _damaged(models, tmp_path, fault)
   c = base.get_config()
