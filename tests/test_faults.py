@@ -498,8 +498,8 @@ def test_full_disk_for_a_study_result_is_one_line(tmp_path, capsys, monkeypatch)
     store.put("done", {"k": 1}, {"loss": 1.0})
     _fill(disk)
 
-    def run_study(*args):  # the study's own runs, reduced to saving their next result
-      del args
+    def run_study(*args, **kwargs):  # the study's own runs, reduced to saving their next result
+      del args, kwargs
       store.put("next", {"k": 1}, {"losses": [1.0] * 5000})
 
     monkeypatch.setattr(orchestrate, "run_study", run_study)
