@@ -11,7 +11,7 @@ the file, the tokenizers library raises a bare `Exception`. Here every such faul
   size against the tensors' declared offsets (so a truncated file is caught from its header);
 - `tensor_index(folder)`: every tensor of a folder (one file or a sharded index) with its
   file, dtype and shape;
-- `check_tokenizer_files(folder)`: the tokenizer JSON files present parse.
+- `check_tokenizer_files(folder)`: a tokenizer file is there, and the JSON ones parse.
 
 What the tensors must be for a given model (names, shapes, dtypes) is the model's business:
 `im_jax.models.llama.params.check_hf_tensors`, from its one HF name table.
@@ -29,6 +29,8 @@ from typing import Any
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
 TOKENIZER_JSON_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
+# What a tokenizer loads from: the fast tokenizer's file, a sentencepiece model, a vocabulary.
+TOKENIZER_MODEL_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt")
 # safetensors dtype -> bytes per element (the format's own list).
 DTYPE_BYTES = {"BOOL": 1, "U8": 1, "I8": 1, "F8_E4M3": 1, "F8_E5M2": 1, "I16": 2, "U16": 2,
                "F16": 2, "BF16": 2, "I32": 4, "U32": 4, "F32": 4, "I64": 8, "U64": 8, "F64": 8}
@@ -165,9 +167,14 @@ def tensor_index(folder: str | os.PathLike) -> dict[str, TensorInfo]:
   raise FileNotFoundError(f"{folder}: no {SINGLE_FILE} or {INDEX_FILE} (no model weights here)")
 
 
-def check_tokenizer_files(folder: str | os.PathLike) -> None:
-  """The tokenizer JSON files present in `folder` parse (which ones are needed is the
-  tokenizer library's business; a damaged one is ours to name)."""
+def check_tokenizer_files(folder: str | os.PathLike, required: bool = True) -> None:
+  """The tokenizer JSON files present in `folder` parse, and (when `required`) the folder
+  has a file a tokenizer loads from. Which ones a tokenizer needs is the tokenizer
+  library's business; a missing or damaged one is ours to name."""
+  if required and not any((pathlib.Path(folder) / name).is_file()
+                          for name in TOKENIZER_MODEL_FILES):
+    raise ModelFileError(folder, f"no tokenizer file ({', '.join(TOKENIZER_MODEL_FILES[:-1])} "
+                         f"or {TOKENIZER_MODEL_FILES[-1]}): an incomplete download or copy?")
   for name in TOKENIZER_JSON_FILES:
     if (pathlib.Path(folder) / name).exists():
       read_json(pathlib.Path(folder) / name)

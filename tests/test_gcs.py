@@ -296,3 +296,88 @@ def test_fetch_copies_once_and_again_when_an_object_changes(gcs, tmp_path):
   second = pathlib.Path(paths.fetch(f"{BUCKET}/fetch/model", what="model.init_from"))
   assert second != local and (second / "weights.bin").read_bytes() == b"two"
   assert (local / "weights.bin").read_bytes() == b"one"  # the old copy is left as it was
+
+
+def test_study_out_in_the_bucket_keeps_every_result(gcs, tmp_path, monkeypatch, capsys):
+  """`--out gs://...`: the study works locally and uploads each result when it is put and
+  the report at the end; a study started on another machine (another cache) finds the
+  bucket's results and computes nothing again; a result whose upload failed is kept locally
+  and uploaded at the next start. The study's runs are reduced to saving their results."""
+  from im_jax.study import __main__ as study_main  # pylint: disable=g-import-not-at-top
+  from im_jax.study import orchestrate, results  # pylint: disable=g-import-not-at-top
+
+  computed = []
+
+  def run_study(out, scale, only, results_dir, model, data_dir, command, started,
+                results_mirror=None):
+    del only, model, data_dir, command, started
+    assert results_dir is None and results_mirror == f"{BUCKET}/study/results/smoke"
+    store = results.ResultStore(out / "results" / scale, mirror=results_mirror)
+    for name in ("run_a", "run_b"):
+      if store.get(name, {"k": 1}) is None:
+        computed.append(name)
+        store.put(name, {"k": 1}, {"loss": 1.0})
+    (out / "results.md").write_text("# report\n")
+    (out / "results.json").write_text(json.dumps(sorted(store.all())))
+    return [out / "results.json", out / "results.md"]
+
+  monkeypatch.setattr(orchestrate, "run_study", run_study)
+  put = paths.write_text
+
+  def run_b_fails(target, text):
+    if str(target).endswith("run_b.json"):
+      raise OSError("connection reset")
+    put(target, text)
+
+  with monkeypatch.context() as patch:
+    patch.setattr(paths, "write_text", run_b_fails)
+    assert study_main.main(["--out", f"{BUCKET}/study"]) == 2
+  assert capsys.readouterr().err.splitlines()[-1] == (
+      f"error: cannot upload {BUCKET}/study/results/smoke/run_b.json: connection reset; the "
+      "local copy is kept and the next start uploads it")
+  assert computed == ["run_a", "run_b"]
+  assert _study_objects() == ["results/smoke/run_a.json"]  # no report yet
+
+  assert study_main.main(["--out", f"{BUCKET}/study"]) == 0  # the same machine: resumes
+  assert computed == ["run_a", "run_b"]
+  assert capsys.readouterr().out.splitlines() == [f"wrote {BUCKET}/study/results.md",
+                                                  f"wrote {BUCKET}/study/results.json"]
+  assert _study_objects() == ["results.json", "results.md", "results/smoke/run_a.json",
+                              "results/smoke/run_b.json"]
+  record = json.loads(paths.path(f"{BUCKET}/study/results/smoke/run_b.json").read_text())
+  assert record == {"key": {"k": 1}, "loss": 1.0}
+
+  monkeypatch.setenv(paths.CACHE_ENV, str(tmp_path / "another_machine"))
+  assert study_main.main(["--out", f"{BUCKET}/study"]) == 0
+  assert computed == ["run_a", "run_b"]  # nothing computed again
+  assert json.loads(paths.path(f"{BUCKET}/study/results.json").read_text()) == ["run_a", "run_b"]
+
+  capsys.readouterr()
+  monkeypatch.setenv(paths.CACHE_ENV, str(tmp_path / "third_machine"))
+  assert study_main.main(["--out", "gs://no-such-bucket/study"]) == 2
+  assert capsys.readouterr().err == (
+      "error: --out=gs://no-such-bucket/study: bucket gs://no-such-bucket does not exist\n")
+  assert not (tmp_path / "third_machine").exists()  # nothing written
+
+
+def _study_objects() -> list[str]:
+  return sorted(n.removeprefix("study/") for n in _objects(f"{BUCKET}/study"))
+
+
+def test_synthetic_tokenizer_of_a_bucket_workdir_is_kept_there(gcs):
+  """data.tokenizer=synthetic with a gs:// workdir (a NameError lived here once): trained
+  once, uploaded to WORKDIR/tokenizer, and a resumed start reads that one back."""
+  from im_jax import experiment  # pylint: disable=g-import-not-at-top
+  from im_jax.configs import base  # pylint: disable=g-import-not-at-top
+
+  c = base.get_config()
+  c.data.train, c.data.tokenizer = "synthetic:40", "synthetic"
+  c.data.max_seq_len, c.train.batch_size, c.train.max_steps = 64, 8, 2
+  workdir = paths.path(f"{BUCKET}/synthetic_run")
+  first = experiment.build_data(c, workdir, None, cache_dir=experiment.plan_cache_dir(workdir))
+  uploaded = paths.path(f"{BUCKET}/synthetic_run/tokenizer/tokenizer.json").read_text()
+  assert uploaded == (first.tokenizer_dir / "tokenizer.json").read_text()
+  again = experiment.build_data(c, workdir, None, cache_dir=experiment.plan_cache_dir(workdir))
+  assert again.tokenizer_dir == first.tokenizer_dir  # the same objects' copy: not retrained
+  assert paths.path(f"{BUCKET}/synthetic_run/tokenizer/tokenizer.json").read_text() == uploaded
+  assert again.vocab_size == first.vocab_size > 0

@@ -84,7 +84,8 @@ def _from_hf(args: argparse.Namespace) -> str:
   if not hf_dir.is_dir():
     raise FileNotFoundError(f"--hf {hf_dir}: no such folder")
   # Scanned: the stored CKPT layout, so nothing is stacked a second time.
-  loaded = load.load_hf_folder(hf_dir, shardings=_host, scan_layers=True)
+  loaded = load.load_hf_folder(hf_dir, shardings=_host, scan_layers=True,
+                               tokenizer=not args.tokenizer)  # else the folder needs its own
   with _writable_out(args, ckpt.INFO_FILE) as local:
     out = ckpt.save_ckpt(local, loaded.model, loaded.config, args.tokenizer or hf_dir,
                          template=args.template, source=str(hf_dir.absolute()),

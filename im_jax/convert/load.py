@@ -92,12 +92,14 @@ def read_pretrained(spec: PathLike, **config_overrides) -> tuple[LlamaConfig,
                           f"({ckpt.INFO_FILE}) or a training workdir with checkpoints")
 
 
-def read_hf_folder(hf_dir: PathLike, **config_overrides) -> LlamaConfig:
+def read_hf_folder(hf_dir: PathLike, *, tokenizer: bool = True,
+                   **config_overrides) -> LlamaConfig:
   """The model config of a Hugging Face folder, after checking every file a load reads:
   config.json (present, parsable, with the keys a Llama-family config needs), the safetensors
   index and headers (every shard there, no file cut short, each tensor's shape from the one
-  HF name table and dtype as config.json declares), the tokenizer JSON files. Reads no tensor;
-  a fault is one `ModelFileError` line `FILE: what is wrong`."""
+  HF name table and dtype as config.json declares), the tokenizer files (present unless
+  `tokenizer=False`: one is given separately). Reads no tensor; a fault is one
+  `ModelFileError` line `FILE: what is wrong`."""
   hf_dir = pathlib.Path(hf_dir)
   path = hf_dir / "config.json"
   if not path.exists():
@@ -112,14 +114,14 @@ def read_hf_folder(hf_dir: PathLike, **config_overrides) -> LlamaConfig:
   declared = model_files.CONFIG_DTYPES.get(str(hf.get("dtype") or hf.get("torch_dtype")))
   hf_params.check_hf_tensors(model_files.tensor_index(hf_dir), config, dtype=declared,
                              where=hf_dir)
-  model_files.check_tokenizer_files(hf_dir)
+  model_files.check_tokenizer_files(hf_dir, required=tokenizer)
   return config.replace(**config_overrides)
 
 
-def load_hf_folder(hf_dir: PathLike, *, shardings: Any = None,
+def load_hf_folder(hf_dir: PathLike, *, shardings: Any = None, tokenizer: bool = True,
                    **config_overrides) -> ckpt.LoadedCkpt:
   hf_dir = pathlib.Path(hf_dir).absolute()
-  config = read_hf_folder(hf_dir, **config_overrides)
+  config = read_hf_folder(hf_dir, tokenizer=tokenizer, **config_overrides)
   model = hf_params.load_hf(hf_dir, config, shardings=shardings)
   info = {"format": "hf", "template": None, "source": str(hf_dir)}
   return ckpt.LoadedCkpt(model, config, hf_dir, info)

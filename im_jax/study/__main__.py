@@ -14,6 +14,10 @@ the results folder (default DIR/results/SCALE; give e.g. docs/study to commit th
 never recomputed; an interrupted run resumes from its checkpoint. The report is
 DIR/results.json, DIR/results.md and PNG plots in DIR. Bad settings print one line and exit
 with status 2; the study never writes over its inputs or results made with other settings.
+
+--out (and --results) may be gs://BUCKET/...: the study then works in a local folder named
+after it, uploads each result when it is finished and the report at the end, and copies the
+bucket's results first when it starts (im_jax/study/bucket.py).
 """
 
 import argparse
@@ -54,14 +58,20 @@ def main(argv: list[str] | None = None) -> int:
   from im_jax.data.conversation import DataError  # pylint: disable=g-import-not-at-top
   from im_jax.study import runner  # pylint: disable=g-import-not-at-top
 
-  if args.out.startswith("gs://"):  # its subsets, results and plots are local files
-    return cli.report(f"--out {args.out}: the study writes a local folder; give a local --out "
-                      "and copy it to the bucket afterwards (gcloud storage cp -r)")
+  remote = {}  # --out / --results in a bucket: worked on locally, uploaded (study.bucket)
+  try:
+    _localize(args, remote)
+  except ValueError as e:  # paths.CloudError: no bucket, credentials or permission
+    return cli.report(e)
   # A full disk: library tracebacks go to OUT/errors.log (or a temporary file), one line here.
   tracebacks = write_faults.TracebackLog(pathlib.Path(args.out) / "errors.log")
   try:
     with tracebacks:
-      written = _run(args, argv, started)
+      written = _run(args, argv, started, remote.get("results"))
+      if "out" in remote:
+        from im_jax.study import bucket  # pylint: disable=g-import-not-at-top
+
+        written = bucket.upload_report(written, pathlib.Path(args.out), remote["out"])
   except write_faults.WriteFailed as e:  # a run's training: it names its intact checkpoint
     return cli.report(f"{e}{tracebacks.note(e)}", cli.EXIT_FAILED)
   except (DataError, OSError, ValueError, KeyError) as e:
@@ -76,7 +86,27 @@ def main(argv: list[str] | None = None) -> int:
   return 0
 
 
-def _run(args: argparse.Namespace, argv: list[str] | None, started: float) -> list[pathlib.Path]:
+def _localize(args: argparse.Namespace, remote: dict[str, str]) -> None:
+  """A gs:// --out or --results, checked writable before any work, is replaced by a local
+  folder (`study.bucket.working_folder`); `remote` keeps the bucket paths."""
+  from im_jax import paths  # pylint: disable=g-import-not-at-top
+  from im_jax.study import bucket  # pylint: disable=g-import-not-at-top
+
+  for name in ("out", "results"):
+    value = getattr(args, name)
+    if value and paths.is_remote(value):
+      paths.check_ready(value, what=f"--{name}", write=True)
+      remote[name] = value.rstrip("/")
+      setattr(args, name, str(bucket.working_folder(value)))
+  if "out" in remote:
+    if "results" not in remote and not args.results:  # the default, OUT/results/SCALE
+      remote["results"] = f"{remote['out']}/results/{args.scale}"
+    print(f"working in {args.out}; results and the report go to {remote['out']}",
+          file=sys.stderr)
+
+
+def _run(args: argparse.Namespace, argv: list[str] | None, started: float,
+         results_mirror: str | None = None) -> list[pathlib.Path]:
   from im_jax import output_guard  # pylint: disable=g-import-not-at-top  (jax: slow)
   from im_jax.study import orchestrate, start_models  # pylint: disable=g-import-not-at-top
 
@@ -89,7 +119,8 @@ def _run(args: argparse.Namespace, argv: list[str] | None, started: float) -> li
   if kind is not None and not kind.startswith("a folder holding"):  # its own runs/ hold some
     raise ValueError(f"--out {out} is {kind}: give the study a folder of its own")
   return orchestrate.run_study(out, args.scale, tuple(args.only or ()), args.results,
-                               args.model, args.data_dir, argv_text(argv), started)
+                               args.model, args.data_dir, argv_text(argv), started,
+                               results_mirror=results_mirror)
 
 
 def argv_text(argv: list[str] | None) -> str:

@@ -41,11 +41,11 @@ def _sized_scale(study: runner.Study) -> tuple[scales.Scale, dict[str, Any] | No
 
 
 def run_study(out: pathlib.Path, scale_name: str, only: tuple[str, ...], results_dir: str | None,
-              model: str, data_dir: str | None, command: str, started: float
-              ) -> list[pathlib.Path]:
+              model: str, data_dir: str | None, command: str, started: float,
+              results_mirror: str | None = None) -> list[pathlib.Path]:
   scale = scales.SCALES[scale_name]
   store = results.ResultStore(pathlib.Path(results_dir) if results_dir
-                              else out / "results" / scale.name)
+                              else out / "results" / scale.name, mirror=results_mirror)
   data_path = pathlib.Path(data_dir) if data_dir else None
   splits = {d: subsets.load_split(d, scale.held_out, data_path) for d in subsets.DATASETS}
   out.mkdir(parents=True, exist_ok=True)

@@ -18,9 +18,16 @@ class StaleResult(ValueError):
 
 
 class ResultStore:
+  """`folder` holds the results; with `mirror` (a gs:// folder: `study.bucket`) each result
+  is also uploaded when it is put, and the two are synced when the store opens."""
 
-  def __init__(self, folder: pathlib.Path):
+  def __init__(self, folder: pathlib.Path, mirror: str | None = None):
     self.folder = pathlib.Path(folder)
+    self.mirror = mirror
+    if mirror:
+      from im_jax.study import bucket  # pylint: disable=g-import-not-at-top
+
+      bucket.sync(self.folder, mirror)
 
   def path(self, name: str) -> pathlib.Path:
     return self.folder / f"{name}.json"
@@ -40,8 +47,13 @@ class ResultStore:
     record = {"key": key, **value}
     path = self.path(name)
     path.parent.mkdir(parents=True, exist_ok=True)
+    text = json.dumps(record, indent=1, ensure_ascii=False) + "\n"
     # whole or not at all: a full disk leaves no half-written result (nor its .partial)
-    write_faults.replace_text(path, json.dumps(record, indent=1, ensure_ascii=False) + "\n")
+    write_faults.replace_text(path, text)
+    if self.mirror:  # one object, written whole
+      from im_jax.study import bucket  # pylint: disable=g-import-not-at-top
+
+      bucket.put(f"{self.mirror.rstrip('/')}/{path.name}", text)
     return json.loads(json.dumps(record))
 
   def all(self) -> dict[str, dict[str, Any]]:

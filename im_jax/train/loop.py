@@ -248,12 +248,16 @@ def run(*, workdir: str, state: TrainState, train_step: Callable, mesh: jax.shar
   saved = start if restored is not None else -1  # the newest step saved (or being saved)
   skips = _SkipCounter(config.max_consecutive_skips)
 
+  saving = None  # the newest step whose save was started: what a pathless write error names
+
   def save(force: bool = False) -> bool:
+    nonlocal saving
     if not force and step % config.checkpoint.every_steps:
       return False
     if not _all_finite(state.params):
       raise TrainingStopped(f"stopped at step {step}: the parameters are not finite; not saving "
                             f"them (the newest checkpoint is step {saved})")
+    saving = step
     return store.save(step, checkpointed(state), iterator.get_state(), meta, force=True)
 
   def run_eval() -> None:
@@ -268,7 +272,7 @@ def run(*, workdir: str, state: TrainState, train_step: Callable, mesh: jax.shar
     if metrics:
       logger.write({"step": step, **metrics})
 
-  failed = True
+  closed = False
   try:
     if own_logger:
       logger = MetricsLogger(workdir, total_steps=config.total_steps, start_step=start,
@@ -313,39 +317,58 @@ def run(*, workdir: str, state: TrainState, train_step: Callable, mesh: jax.shar
         for hook in hooks:
           run_hook(hook)
       store.wait()  # inside the try: an asynchronous save's failure surfaces here
-    failed = False
+    closed = True
+    _close(store, logger if own_logger else None)  # their failures are write failures too
   except Exception as e:  # a full disk (or read-only, over quota): one line, what is safe
-    failure = _write_failure(e, store)
+    if not closed:  # a failed save raises again on close: keep the first error
+      _close(store, logger if own_logger else None, quietly=True)
+    failure = _write_failure(e, store, saving)
     if failure is None:
       raise
     raise failure from e
-  finally:
-    try:
-      store.close()
-    except Exception:  # noqa: BLE001 - a failed save raises again here: keep the first error
-      if not failed:
-        raise
-    if own_logger and logger is not None:
-      logger.close()
+  except BaseException:  # KeyboardInterrupt
+    if not closed:
+      _close(store, logger if own_logger else None, quietly=True)
+    raise
   return LoopResult(state=state, step=step, preempted=preempted,
                     resumed_from=None if restored is None else restored.step,
                     last_metrics=last_metrics, last_eval=last_eval)
 
 
-def _write_failure(error: Exception, store: CheckpointStore) -> write_faults.WriteFailed | None:
+def _close(store: CheckpointStore, logger: MetricsLogger | None, quietly: bool = False) -> None:
+  """Closes the store (waiting for its saves), then the logger, even when the first fails;
+  raises the first failure unless `quietly` (after another error, which is the one to say)."""
+  first = None
+  for close in (store.close, logger.close if logger is not None else None):
+    try:
+      if close is not None:
+        close()
+    except Exception as e:  # noqa: BLE001
+      first = first or e
+  if first is not None and not quietly:
+    raise first
+
+
+def _write_failure(error: Exception, store: CheckpointStore,
+                   saving: int | None) -> write_faults.WriteFailed | None:
   """A write failure (checkpoint, metrics) as one line naming the newest intact checkpoint;
-  None for any other error."""
-  if write_faults.find(error) is None:
+  None for any other error. The metrics writers name their files; an error that names none
+  comes from a checkpoint's writers (grain's data position, say): it names step `saving`."""
+  failure = write_faults.find(error)
+  if failure is None:
     return None
   try:
     steps = store.steps()  # complete steps only: Orbax renames a step into place when whole
   except Exception:  # noqa: BLE001 - the store's own state may be broken by the failure
     steps = []
+  path = None
+  if not failure.path and saving is not None and saving not in steps:
+    path = f"{store.directory}/{saving}"
   if steps:
     return write_faults.failed_write(error, safe=f"checkpoint {steps[-1]} is intact",
-                                     rerun="the same command to resume")
+                                     rerun="the same command to resume", path=path)
   return write_faults.failed_write(error, safe="no checkpoint was complete yet",
-                                   rerun="the same command to start again")
+                                   rerun="the same command to start again", path=path)
 
 
 def _next_batch(iterator: Iterator[Batch], step: int) -> Batch:

@@ -9,10 +9,17 @@ staging folder and uploaded at every record written (each logging interval, each
 at the end: `metrics.jsonl` whole, each TensorBoard event file whole when it changed. A run
 killed mid-interval loses at most the records of its last interval, which the resumed run
 logs again anyway (it restarts from the last checkpoint).
+
+Every write happens in the calling thread, one record whole or not at all: a full disk
+raises an OSError naming the file in the training loop (which says what is safe), and
+leaves no thread blocked and nothing to flush at exit.
 """
 
 import json
 import pathlib
+import socket
+import struct
+import time
 from collections.abc import Sequence
 from typing import Any, Protocol
 
@@ -114,9 +121,7 @@ class MetricsLogger:
     _truncate_after(path, start_step)
     self._file = path.open("ab", buffering=0)  # each record reaches the file whole or not at all
     if tensorboard:
-      import tensorboardX  # no TensorFlow needed
-
-      self._tb = tensorboardX.SummaryWriter(str(workdir / "tensorboard"))
+      self._tb = EventFile(workdir / "tensorboard")
     if progress:
       import tqdm
 
@@ -129,14 +134,11 @@ class MetricsLogger:
     _append_whole(self._file, (json.dumps(record) + "\n").encode())
     step = int(record["step"])
     if self._tb is not None:
-      for key, value in record.items():
-        if key != "step" and isinstance(value, (int, float)):
-          self._tb.add_scalar(key, value, step)
+      self._tb.write(step, {k: v for k, v in record.items()
+                            if k != "step" and isinstance(v, (int, float))})
     for sink in self._sinks:
       sink.write(record)
     if self._staging.remote is not None:
-      if self._tb is not None:
-        self._tb.flush()
       self._staging.push()
     if self._bar is not None:
       if "loss" in record:
@@ -157,6 +159,44 @@ class MetricsLogger:
       sink.close()
     if self._staging is not None:
       self._staging.close()
+
+
+class EventFile:
+  """A TensorBoard event file (TFRecord-framed `Event` protos), one event per record.
+
+  Written synchronously rather than through tensorboardX's SummaryWriter, whose thread writes
+  through a 10-event queue and flushes at exit: on a full disk that thread dies, the next
+  records block on the full queue (the run hangs) and its exit flush prints a traceback."""
+
+  def __init__(self, folder: pathlib.Path):
+    from tensorboardX.proto import event_pb2, summary_pb2  # pylint: disable=g-import-not-at-top
+
+    self._event, self._summary = event_pb2.Event, summary_pb2.Summary  # no TensorFlow needed
+    folder.mkdir(parents=True, exist_ok=True)
+    name = f"events.out.tfevents.{int(time.time())}.{socket.gethostname()}"
+    self.path = folder / name
+    self._file = self.path.open("ab", buffering=0)
+    self._append(self._event(wall_time=time.time(), file_version="brain.Event:2"))
+
+  def write(self, step: int, scalars: dict[str, float]) -> None:
+    values = [self._summary.Value(tag=k, simple_value=float(v)) for k, v in scalars.items()]
+    self._append(self._event(wall_time=time.time(), step=step,
+                             summary=self._summary(value=values)))
+
+  def _append(self, event: Any) -> None:
+    _append_whole(self._file, tfrecord(event.SerializeToString()))
+
+  def close(self) -> None:
+    self._file.close()
+
+
+def tfrecord(data: bytes) -> bytes:
+  """One TFRecord: length, its masked CRC-32C, the data, its masked CRC-32C."""
+  from tensorboardX.record_writer import masked_crc32c  # pylint: disable=g-import-not-at-top
+
+  header = struct.pack("<Q", len(data))
+  return (header + struct.pack("<I", masked_crc32c(header)) + data
+          + struct.pack("<I", masked_crc32c(data)))
 
 
 def _append_whole(file: Any, data: bytes) -> None:
