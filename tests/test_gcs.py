@@ -367,12 +367,13 @@ def _study_objects() -> list[str]:
 def test_synthetic_tokenizer_of_a_bucket_workdir_is_kept_there(gcs):
   """data.tokenizer=synthetic with a gs:// workdir (a NameError lived here once): trained
   once, uploaded to WORKDIR/tokenizer, and a resumed start reads that one back."""
-  from im_jax import experiment  # pylint: disable=g-import-not-at-top
+  from im_jax.run import experiment, settings  # pylint: disable=g-import-not-at-top
   from im_jax.configs import base  # pylint: disable=g-import-not-at-top
 
-  c = base.get_config()
-  c.data.train, c.data.tokenizer = "synthetic:40", "synthetic"
-  c.data.max_seq_len, c.train.batch_size, c.train.max_steps = 64, 8, 2
+  config = base.get_config()
+  config.data.train, config.data.tokenizer = "synthetic:40", "synthetic"
+  config.data.max_seq_len, config.train.batch_size, config.train.max_steps = 64, 8, 2
+  c = settings.load(config)
   workdir = paths.path(f"{BUCKET}/synthetic_run")
   first = experiment.build_data(c, workdir, None, cache_dir=experiment.plan_cache_dir(workdir))
   uploaded = paths.path(f"{BUCKET}/synthetic_run/tokenizer/tokenizer.json").read_text()
