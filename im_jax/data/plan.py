@@ -18,6 +18,7 @@ so those settings reuse the same cache. Per record: 4 + 1 + 4 + 8 bytes.
 import dataclasses
 import fnmatch
 import hashlib
+import itertools
 import json
 import logging
 import os
@@ -39,6 +40,7 @@ REASONS = ("kept", "bad_record", "too_long", "too_short", "no_output", "no_weigh
 TOKENIZER_FILES = ("tokenizer*", "special_tokens_map.json", "added_tokens.json", "vocab*",
                    "merges.txt", "*.jinja", "*.model", "*.tiktoken")
 _MESSAGE_BYTES = 1024  # the first bad record's message, as gathered between processes
+_AGREE_TIMEOUT_MS = 30 * 60 * 1000  # a peer may still be indexing a large file
 
 
 @dataclasses.dataclass
@@ -117,6 +119,28 @@ def gather_processes(values: np.ndarray) -> np.ndarray:
   from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
 
   return np.asarray(multihost_utils.process_allgather(values))
+
+
+_agreements = itertools.count()  # every process asks the same questions in the same order
+
+
+def all_processes(flag: bool, name: str) -> bool:
+  """Whether `flag` holds on every process (all must call it). Through the coordinator's
+  key-value store when there is one: a collective would compile an XLA computation first
+  (seconds on a resume's critical path)."""
+  import jax  # pylint: disable=g-import-not-at-top  (only multi-process runs need it)
+
+  if jax.process_count() == 1:
+    return flag
+  from jax._src import distributed  # pylint: disable=g-import-not-at-top
+
+  client = distributed.global_state.client
+  if client is None:  # not started by jax.distributed: the collective
+    return bool(gather_processes(np.asarray([flag], np.int32)).all())
+  key = f"im_jax/agree/{next(_agreements)}/{name}"
+  client.key_value_set(f"{key}/{jax.process_index()}", str(int(flag)))
+  return all(client.blocking_key_value_get(f"{key}/{p}", _AGREE_TIMEOUT_MS) == "1"
+             for p in range(jax.process_count()))
 
 
 def make_plan(records: records_lib.Records, encoder: encode_lib.Encoder, *,

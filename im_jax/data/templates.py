@@ -32,6 +32,7 @@ Templates:
 """
 
 import dataclasses
+import functools
 import re
 from typing import Any
 
@@ -113,18 +114,11 @@ class ChatTemplate:
   def __init__(self, tokenizer: Any, config: TemplateConfig):
     self.config = config
     self.tokenizer = tokenizer
-    state = tokenizer.backend_tokenizer.to_str()
-    # Own copies of the Rust tokenizer: no post-processor (it may trim offsets; with
-    # add_special_tokens=False it adds nothing), and one that reads special text literally.
-    self._plain = tokenizers.Tokenizer.from_str(state)
-    self._literal = tokenizers.Tokenizer.from_str(state)
-    self._literal.encode_special_tokens = True
-    for own in (self._plain, self._literal):
-      own.post_processor = None
-      # a call like tokenizer(text, max_length=..., truncation=True) leaves its truncation
-      # (and padding) in the state: training truncates by itself, after kinds are known
-      own.no_truncation()
-      own.no_padding()
+    # Own copy of the Rust tokenizer: no post-processor (it may trim offsets; with
+    # add_special_tokens=False it adds nothing); `_literal` (made when first needed: a copy
+    # costs a fraction of a second) reads special text literally.
+    self._state = tokenizer.backend_tokenizer.to_str()
+    self._plain = self._own_copy()
     special = sorted({t.content for t in tokenizer.added_tokens_decoder.values() if t.special},
                      key=len, reverse=True)
     self._special_ids = {s: self._plain.token_to_id(s) for s in special}
@@ -143,6 +137,20 @@ class ChatTemplate:
       if not getattr(tokenizer, "chat_template", None):
         raise ValueError("the hf template needs a tokenizer with a chat template")
       self.prefix_ids = []
+
+  def _own_copy(self, literal: bool = False) -> tokenizers.Tokenizer:
+    own = tokenizers.Tokenizer.from_str(self._state)
+    own.encode_special_tokens = literal
+    own.post_processor = None
+    # a call like tokenizer(text, max_length=..., truncation=True) leaves its truncation
+    # (and padding) in the state: training truncates by itself, after kinds are known
+    own.no_truncation()
+    own.no_padding()
+    return own
+
+  @functools.cached_property
+  def _literal(self) -> tokenizers.Tokenizer:
+    return self._own_copy(literal=True)
 
   def tokenize(self, conversation: Conversation) -> TokenizedConversation:
     if self.config.strips:  # tulu only
