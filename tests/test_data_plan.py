@@ -132,6 +132,7 @@ def _make_plan_split(records, encoder, processes: int) -> plan_lib.ExamplePlan:
 def test_a_plan_split_over_processes_is_the_one_process_plan(config, tmp_path):
   records_in = _alpaca_like(37, seed=1)
   records_in[4] = records_in[30] = {"instruction": 3}  # bad: seen by process 0 and process 2
+  records_in[7]["output"] += " </s> <|im_end|>"  # special-token text read as text
   path = tmp_path / "bad.jsonl"
   _write_jsonl(path, records_in)
   records = records_lib.open_records(str(path), on_bad_record="skip")
@@ -140,6 +141,12 @@ def test_a_plan_split_over_processes_is_the_one_process_plan(config, tmp_path):
   one = plan_lib.make_plan(records, encoder, on_bad_record="skip")
   assert one.bad_count == 2 and one.first_bad[0] == f"{path}:5"
   assert (one.cut > 0).any() and (one.lengths > 0).sum() > 20
+  for i in range(len(records)):  # batched tokenizer calls: each record as encoded alone
+    record = records.read(i)
+    if isinstance(record, Conversation):
+      alone = encoder.encode_full(record)
+      assert (one.lengths[i], one.cut[i]) == (
+          0 if alone.example is None else len(alone.example["tokens"]), alone.truncated_tokens)
   for processes in (2, 3):
     split = _make_plan_split(records, encoder, processes)
     for field in ("lengths", "reasons", "cut", "split"):

@@ -40,6 +40,7 @@ REASONS = ("kept", "bad_record", "too_long", "too_short", "no_output", "no_weigh
 TOKENIZER_FILES = ("tokenizer*", "special_tokens_map.json", "added_tokens.json", "vocab*",
                    "merges.txt", "*.jinja", "*.model", "*.tiktoken")
 _MESSAGE_BYTES = 1024  # the first bad record's message, as gathered between processes
+ENCODE_BATCH = 256  # records per batched tokenizer call while planning
 _AGREE_TIMEOUT_MS = 30 * 60 * 1000  # a peer may still be indexing a large file
 
 
@@ -152,25 +153,30 @@ def make_plan(records: records_lib.Records, encoder: encode_lib.Encoder, *,
   lo, hi = min(n, process_index * block), min(n, (process_index + 1) * block)
   part = np.zeros((5, block), np.int64)  # length, reason, cut, split hi, split lo
   bad_count, first_bad, message = 0, -1, b""
-  for i in range(lo, hi):
-    record = records.read(i)
-    if isinstance(record, records_lib.BadRecord):
-      bad_count += 1
-      part[1, i - lo] = BAD
-      if first_bad < 0:
-        first_bad = i
-        message = json.dumps([record.where, record.reason]).encode()[:_MESSAGE_BYTES]
-      if on_bad_record == "error":
-        break  # the run stops at the first bad record; the others need not be encoded
-      continue
-    encoded = encoder.encode_full(record)
-    split = split_value(record)
-    part[2, i - lo] = encoded.truncated_tokens
-    part[3, i - lo], part[4, i - lo] = split >> 32, split & 0xFFFFFFFF
-    if encoded.example is None:
-      part[1, i - lo] = REASONS.index(encoded.drop_reason)
-    else:
-      part[0, i - lo] = len(encoded.example["tokens"])
+  stop = hi
+  for start in range(lo, hi, ENCODE_BATCH):  # tokenized a batch at a time
+    good: list[tuple[int, Conversation]] = []
+    for i in range(start, min(start + ENCODE_BATCH, stop)):
+      record = records.read(i)
+      if isinstance(record, records_lib.BadRecord):
+        bad_count += 1
+        part[1, i - lo] = BAD
+        if first_bad < 0:
+          first_bad = i
+          message = json.dumps([record.where, record.reason]).encode()[:_MESSAGE_BYTES]
+        if on_bad_record == "error":
+          stop = i  # the run stops at the first bad record; the others need not be encoded
+          break
+        continue
+      good.append((i, record))
+    for (i, record), encoded in zip(good, encoder.encode_full_many([r for _, r in good])):
+      split = split_value(record)
+      part[2, i - lo] = encoded.truncated_tokens
+      part[3, i - lo], part[4, i - lo] = split >> 32, split & 0xFFFFFFFF
+      if encoded.example is None:
+        part[1, i - lo] = REASONS.index(encoded.drop_reason)
+      else:
+        part[0, i - lo] = len(encoded.example["tokens"])
   text = np.zeros(_MESSAGE_BYTES, np.int64)
   text[:len(message)] = np.frombuffer(message, np.uint8)
   # One collective; int32 on the wire (JAX without x64), the split's halves as uint32 bits.

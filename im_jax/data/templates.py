@@ -34,6 +34,7 @@ Templates:
 import dataclasses
 import functools
 import re
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -153,14 +154,36 @@ class ChatTemplate:
     return self._own_copy(literal=True)
 
   def tokenize(self, conversation: Conversation) -> TokenizedConversation:
+    rendered = self._render(conversation)
+    return self._tokenized(rendered, *self._encode(rendered))
+
+  def tokenize_many(self, conversations: Sequence[Conversation]) -> list[TokenizedConversation]:
+    """`tokenize` of each, the plain texts in one batched tokenizer call (the Rust library
+    encodes a batch on its own threads, with one call's overhead)."""
+    rendered = [self._render(c) for c in conversations]
+    pieces = [self._special_pieces(r) for r in rendered]
+    plain = [i for i, p in enumerate(pieces) if p is None]
+    encodings = dict(zip(plain, self._plain.encode_batch([rendered[i].text for i in plain],
+                                                         add_special_tokens=False)))
+    out = []
+    for i, r in enumerate(rendered):
+      if i in encodings:
+        ids, offsets = _ids_offsets(encodings[i])
+      else:
+        ids, offsets = self._encode_pieces(r.text, pieces[i])
+      out.append(self._tokenized(r, ids, offsets))
+    return out
+
+  def _render(self, conversation: Conversation) -> _Rendered:
     if self.config.strips:  # tulu only
       conversation = dataclasses.replace(conversation, messages=tuple(
           dataclasses.replace(m, content=m.content.strip()) for m in conversation.messages))
     if self.config.name == "tulu":
-      rendered = self._render_tulu(conversation)
-    else:
-      rendered = self._render_hf(conversation)
-    ids, offsets = self._encode(rendered)
+      return self._render_tulu(conversation)
+    return self._render_hf(conversation)
+
+  def _tokenized(self, rendered: _Rendered, ids: np.ndarray,
+                 offsets: np.ndarray) -> TokenizedConversation:
     kinds, message_index = _assign_kinds(rendered, offsets)
     if self.prefix_ids:
       n = len(self.prefix_ids)
@@ -252,13 +275,17 @@ class ChatTemplate:
   # --- tokenizing ------------------------------------------------------------------------
 
   def _encode(self, rendered: _Rendered) -> tuple[np.ndarray, np.ndarray]:
-    text = rendered.text
-    matches = list(self._special_re.finditer(text)) if self._special_re else []
+    pieces = self._special_pieces(rendered)
+    if pieces is None:
+      return _ids_offsets(self._plain.encode(rendered.text, add_special_tokens=False))
+    return self._encode_pieces(rendered.text, pieces)
+
+  def _special_pieces(self, rendered: _Rendered) -> list[re.Match] | None:
+    """None when no message holds special-token text (the text is encoded whole), else the
+    special tokens the template placed (`_encode_pieces`)."""
+    matches = list(self._special_re.finditer(rendered.text)) if self._special_re else []
     inside = [m for m in matches if _overlaps(m.start(), m.end(), rendered.content_spans)]
-    if not inside:
-      encoding = self._plain.encode(text, add_special_tokens=False)
-      return np.asarray(encoding.ids, np.int64), np.asarray(encoding.offsets, np.int64)
-    return self._encode_pieces(text, [m for m in matches if m not in inside])
+    return [m for m in matches if m not in inside] if inside else None
 
   def _encode_pieces(self, text: str, placed: list[re.Match]) -> tuple[np.ndarray, np.ndarray]:
     """Special tokens only where the template put them; content's special text stays text."""
@@ -278,6 +305,10 @@ class ChatTemplate:
   def encode_text_literal(self, text: str) -> list[int]:
     """Tokenizes text with special-token matching off (used by tests and previews)."""
     return self._literal.encode(text, add_special_tokens=False).ids
+
+
+def _ids_offsets(encoding: tokenizers.Encoding) -> tuple[np.ndarray, np.ndarray]:
+  return np.asarray(encoding.ids, np.int64), np.asarray(encoding.offsets, np.int64)
 
 
 def _roles(conversation: Conversation) -> tuple[str, ...]:
