@@ -39,8 +39,6 @@ def _identity(path: pathlib.Path, kind: str) -> tuple:
 def cached(path: pathlib.Path, kind: str, build: Callable[[pathlib.Path], Index],
            cache_dir: pathlib.Path | None, write: bool) -> Index:
   """`build(path)` (arrays, `digest` among them), or its result cached for this identity."""
-  from im_jax.data import plan as plan_lib  # pylint: disable=g-import-not-at-top  (its writer)
-
   before = _identity(path, kind)
   name = hashlib.sha256(repr(before).encode()).hexdigest()[:32]
   file = cache_dir / f"index-{name}.npz" if cache_dir is not None else None
@@ -55,7 +53,7 @@ def cached(path: pathlib.Path, kind: str, build: Callable[[pathlib.Path], Index]
   index = build(path)
   settled = before[-1] < started - RACY_SECONDS * 1e9
   if file is not None and write and settled and _identity(path, kind) == before:
-    plan_lib.write_npz(file, identity=np.array(json.dumps(list(before))), **index)
+    write_npz(file, identity=np.array(json.dumps(list(before))), **index)
   return index
 
 
@@ -178,3 +176,15 @@ def json_array_elements(path: pathlib.Path) -> Index:
       except (ValueError, RecursionError) as e:
         raise NotAnArray(f"element {i}: {e}") from None
   return out
+
+
+def write_npz(path: pathlib.Path, **arrays: np.ndarray) -> None:
+  """Writes atomically: a reader sees the old file, none, or the whole new one."""
+  path.parent.mkdir(parents=True, exist_ok=True)
+  tmp = path.with_name(f".{path.name}.{os.getpid()}.partial")
+  try:
+    with open(tmp, "wb") as f:
+      np.savez(f, **arrays)
+    os.replace(tmp, path)
+  finally:
+    tmp.unlink(missing_ok=True)

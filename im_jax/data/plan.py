@@ -29,6 +29,7 @@ import numpy as np
 
 from im_jax.data import encode as encode_lib
 from im_jax.data import records as records_lib
+from im_jax.data.offsets import write_npz
 from im_jax.data.conversation import Conversation, DataError
 
 log = logging.getLogger(__name__)
@@ -232,15 +233,3 @@ def save_cached(path: pathlib.Path, plan: ExamplePlan) -> None:
   write_npz(path, version=np.array(VERSION), lengths=plan.lengths, reasons=plan.reasons,
             cut=plan.cut, split=plan.split, bad_count=np.array(plan.bad_count),
             first_bad=np.array(plan.first_bad or (), dtype=str))
-
-
-def write_npz(path: pathlib.Path, **arrays: np.ndarray) -> None:
-  """Writes atomically: a reader sees the old file, none, or the whole new one."""
-  path.parent.mkdir(parents=True, exist_ok=True)
-  tmp = path.with_name(f".{path.name}.{os.getpid()}.partial")
-  try:
-    with open(tmp, "wb") as f:
-      np.savez(f, **arrays)
-    os.replace(tmp, path)
-  finally:
-    tmp.unlink(missing_ok=True)
