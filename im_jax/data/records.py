@@ -25,6 +25,7 @@ import json
 import logging
 import os
 import pathlib
+import threading
 from collections.abc import Sequence
 from typing import Any
 
@@ -223,6 +224,7 @@ class ParquetRecords(_ItemRecords):
     rows = [meta.row_group(g).num_rows for g in range(meta.num_row_groups)]
     self.group_starts = np.concatenate([[0], np.cumsum(rows)]).astype(np.int64)
     self._groups: collections.OrderedDict = collections.OrderedDict()
+    self._lock = threading.Lock()
     super().__init__(str(path), [path], int(self.group_starts[-1]), format)
     if max(rows, default=0) > 100_000:
       log.warning("%s: row groups of up to %d rows: a shuffled read decodes a whole row group "
@@ -231,7 +233,7 @@ class ParquetRecords(_ItemRecords):
 
   def __getstate__(self):  # grain's worker processes reopen the file
     state = dict(self.__dict__)
-    state["_file"], state["_groups"], state["_errors"] = None, collections.OrderedDict(), None
+    state.update(_file=None, _groups=collections.OrderedDict(), _errors=None, _lock=None)
     return state
 
   def __setstate__(self, state):
@@ -240,19 +242,22 @@ class ParquetRecords(_ItemRecords):
     import pyarrow.parquet as pq  # pylint: disable=g-import-not-at-top
 
     self._file, self._errors = pq.ParquetFile(self.path), (pyarrow.ArrowException, OSError)
+    self._lock = threading.Lock()
 
   def _item(self, index: int) -> Any:
     group = int(np.searchsorted(self.group_starts, index, side="right")) - 1
-    table = self._groups.get(group)
-    if table is None:
-      try:
-        table = self._file.read_row_group(group)
-      except self._errors as e:
-        raise DataError(self.source, f"record {index}", f"unreadable Parquet data: {e}") from None
-      self._groups[group] = table
-      while len(self._groups) > self.CACHED_GROUPS:
-        self._groups.popitem(last=False)
-    self._groups.move_to_end(group)
+    with self._lock:  # grain's read threads share the file and the cache
+      table = self._groups.get(group)
+      if table is None:
+        try:
+          table = self._file.read_row_group(group)
+        except self._errors as e:
+          raise DataError(self.source, f"record {index}",
+                          f"unreadable Parquet data: {e}") from None
+        self._groups[group] = table
+        while len(self._groups) > self.CACHED_GROUPS:
+          self._groups.popitem(last=False)
+      self._groups.move_to_end(group)
     return table.slice(index - int(self.group_starts[group]), 1).to_pylist()[0]
 
 
