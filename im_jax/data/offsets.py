@@ -112,6 +112,14 @@ def jsonl_lines(path: pathlib.Path) -> Index:
           "digest": np.frombuffer(digest.digest(), np.uint8)}
 
 
+def file_sha256(path: pathlib.Path) -> Index:
+  """The file's `digest` alone (a container indexed by its own metadata: Parquet)."""
+  digest = hashlib.sha256()
+  for _ in _chunks(path, digest):
+    pass
+  return {"digest": np.frombuffer(digest.digest(), np.uint8)}
+
+
 class NotAnArray(ValueError):
   """The file is not a well-formed JSON array of values (its whole parse says why)."""
 

@@ -211,11 +211,11 @@ class ParquetRecords(_ItemRecords):
 
   CACHED_GROUPS = 4
 
-  def __init__(self, path: pathlib.Path, format: str | None):
+  def __init__(self, path: pathlib.Path, format: str | None, digest: bytes):
     import pyarrow  # pylint: disable=g-import-not-at-top  (only Parquet users pay the import)
     import pyarrow.parquet as pq  # pylint: disable=g-import-not-at-top
 
-    self.path, self._errors = path, (pyarrow.ArrowException, OSError)
+    self.path, self._errors, self._digest = path, (pyarrow.ArrowException, OSError), digest
     try:
       self._file = pq.ParquetFile(path)
     except self._errors as e:
@@ -230,6 +230,9 @@ class ParquetRecords(_ItemRecords):
       log.warning("%s: row groups of up to %d rows: a shuffled read decodes a whole row group "
                   "per example; rewrite it with smaller row groups or as JSONL for large runs",
                   path, max(rows))
+
+  def digests(self) -> list[bytes]:
+    return [self._digest]  # cached with the file's identity (`offsets.cached`)
 
   def __getstate__(self):  # grain's worker processes reopen the file
     state = dict(self.__dict__)
@@ -335,7 +338,8 @@ def open_records(spec: str, format: str | None = None, on_bad_record: str = "err
 def _open_file(path: pathlib.Path, format: str | None, on_bad_record: str,
                index_cache: pathlib.Path | None, write_index: bool) -> Records:
   if _is_parquet(path):
-    return ParquetRecords(path, format)
+    digest = offsets.cached(path, "parquet", offsets.file_sha256, index_cache, write_index)
+    return ParquetRecords(path, format, digest["digest"].tobytes())
   if _is_jsonl(path):
     index = offsets.cached(path, "jsonl", offsets.jsonl_lines, index_cache, write_index)
     return JsonlRecords(path, format, index)
