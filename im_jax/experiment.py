@@ -51,10 +51,9 @@ log = logging.getLogger(__name__)
 
 
 def open_source_records(c: ml_collections.ConfigDict, source: mixture.Source,
-                        cache_dir: pathlib.Path | None = None,
-                        write_cache: bool = False) -> records_lib.Records:
+                        cache_dir: pathlib.Path | None = None) -> records_lib.Records:
   """A training source's records, random access (a text file through a byte index, cached
-  in `cache_dir`)."""
+  in `cache_dir` by `records.save_indexes()`)."""
   spec = source.spec
   check(bool(spec), "data.train is empty: give a data file, tfds:NAME:SPLIT or synthetic:N")
   if spec.startswith(SYNTHETIC + ":"):
@@ -64,7 +63,7 @@ def open_source_records(c: ml_collections.ConfigDict, source: mixture.Source,
   return records_lib.open_records(paths.fetch(spec, what="data.train"),
                                   format=source.format or c.data.format or None,
                                   on_bad_record=c.data.on_bad_record,
-                                  index_cache=cache_dir, write_index=write_cache)
+                                  index_cache=cache_dir)
 
 
 def _good_conversations(records: records_lib.Records, limit: int) -> list[Conversation]:
@@ -231,6 +230,8 @@ def _example_plan(c: ml_collections.ConfigDict, source: mixture.Source,
       plan_lib.save_cached(path, plan)
   else:  # checked again for its log of skipped records
     plan_lib.check_plan(plan, source.spec, c.data.on_bad_record, records.skipped)
+  if write_cache:  # the data proved good: its file indexes are worth keeping
+    records.save_indexes()
   return plan, key
 
 
@@ -243,7 +244,7 @@ def build_data(c: ml_collections.ConfigDict, tokenizer_home: pathlib.Path,
   sources end to end, each planned, split and checked on its own."""
   processes = jax.process_count()
   sources = train_sources(c)
-  parts = [open_source_records(c, source, cache_dir, write_cache) for source in sources]
+  parts = [open_source_records(c, source, cache_dir) for source in sources]
   records = records_lib.Concatenated(parts)
   tokenizer_dir = resolve_tokenizer_dir(c, tokenizer_home, records, pretrained_tokenizer_dir)
   tokenizer = load_tokenizer(str(tokenizer_dir))

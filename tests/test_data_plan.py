@@ -280,6 +280,17 @@ def test_a_data_file_changed_in_place_is_detected(config, tmp_path, monkeypatch,
   assert "\n" not in message and "checkpoint 1" in message and "training data" in message
 
 
+def test_a_refused_start_caches_no_index(config, tmp_path, monkeypatch):
+  monkeypatch.setattr(offsets, "RACY_SECONDS", 0)
+  records_in = _alpaca_like(20)
+  records_in[9] = {"instruction": 3}
+  _write_jsonl(tmp_path / "data.jsonl", records_in)
+  cache = tmp_path / "run" / experiment.PLAN_DIR
+  with pytest.raises(DataError, match=r"data.jsonl:10: "):
+    experiment.build_data(config, tmp_path / "run", None, cache_dir=cache)
+  assert not cache.exists() or not list(cache.iterdir())
+
+
 def test_a_position_tied_to_another_process_count_is_refused_in_one_line(config, tmp_path):
   workdir = tmp_path / "run"
   data = experiment.build_data(config, workdir, None, cache_dir=workdir / experiment.PLAN_DIR)

@@ -37,8 +37,11 @@ def _identity(path: pathlib.Path, kind: str) -> tuple:
 
 
 def cached(path: pathlib.Path, kind: str, build: Callable[[pathlib.Path], Index],
-           cache_dir: pathlib.Path | None, write: bool) -> Index:
-  """`build(path)` (arrays, `digest` among them), or its result cached for this identity."""
+           cache_dir: pathlib.Path | None) -> tuple[Index, Callable[[], None] | None]:
+  """(`build(path)`: arrays, `digest` among them, or its result cached for this identity;
+  a function that stores a new result in `cache_dir`, or None when there is nothing to
+  store). The caller stores it once the data has proved good: a refused start writes
+  nothing."""
   before = _identity(path, kind)
   name = hashlib.sha256(repr(before).encode()).hexdigest()[:32]
   file = cache_dir / f"index-{name}.npz" if cache_dir is not None else None
@@ -46,15 +49,15 @@ def cached(path: pathlib.Path, kind: str, build: Callable[[pathlib.Path], Index]
     try:
       with np.load(file, allow_pickle=False) as f:
         if json.loads(str(f["identity"])) == list(before):
-          return {k: f[k] for k in f.files if k != "identity"}
+          return {k: f[k] for k in f.files if k != "identity"}, None
     except (OSError, ValueError, KeyError):
       pass  # unreadable: indexed again (and rewritten)
   started = time.time_ns()
   index = build(path)
   settled = before[-1] < started - RACY_SECONDS * 1e9
-  if file is not None and write and settled and _identity(path, kind) == before:
-    write_npz(file, identity=np.array(json.dumps(list(before))), **index)
-  return index
+  if file is None or not settled or _identity(path, kind) != before:
+    return index, None
+  return index, lambda: write_npz(file, identity=np.array(json.dumps(list(before))), **index)
 
 
 def _chunks(path: pathlib.Path, digest, size: int | None = None, skip_bom: bool = False):

@@ -26,7 +26,7 @@ import logging
 import os
 import pathlib
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
@@ -68,6 +68,18 @@ class Records:
     """SHA-256 of each of `files` (what the plan cache is keyed on)."""
     return [file_digest(p) for p in self.files]
 
+  _save: Callable[[], None] | None = None  # stores an index this start built (`saving`)
+
+  def saving(self, save: Callable[[], None] | None) -> "Records":
+    self._save = save
+    return self
+
+  def save_indexes(self) -> None:
+    """Caches the indexes built by this start (`offsets.cached`); after the data proved good."""
+    if self._save is not None:
+      self._save()
+      self._save = None
+
 
 class Concatenated(Records):
   """Several sources' records end to end: record i of source s is `offsets[s] + i`."""
@@ -83,6 +95,10 @@ class Concatenated(Records):
 
   def digests(self) -> list[bytes]:
     return [d for p in self.parts for d in p.digests()]
+
+  def save_indexes(self) -> None:
+    for part in self.parts:
+      part.save_indexes()
 
   def read(self, index: int) -> Conversation | BadRecord:
     part = int(np.searchsorted(self.offsets, index, side="right")) - 1
@@ -153,7 +169,7 @@ class _TextRecords(_ItemRecords):
 
   def __getstate__(self):  # grain's worker processes reopen the file
     state = dict(self.__dict__)
-    state["_fd"] = None
+    state.update(_fd=None, _save=None)
     return state
 
   def __setstate__(self, state):
@@ -236,7 +252,8 @@ class ParquetRecords(_ItemRecords):
 
   def __getstate__(self):  # grain's worker processes reopen the file
     state = dict(self.__dict__)
-    state.update(_file=None, _groups=collections.OrderedDict(), _errors=None, _lock=None)
+    state.update(_file=None, _groups=collections.OrderedDict(), _errors=None, _lock=None,
+                 _save=None)
     return state
 
   def __setstate__(self, state):
@@ -315,11 +332,11 @@ def _is_jsonl(path: pathlib.Path) -> bool:
 
 
 def open_records(spec: str, format: str | None = None, on_bad_record: str = "error",
-                 tfds_data_dir: str | None = None, index_cache: pathlib.Path | None = None,
-                 write_index: bool = False) -> Records:
+                 tfds_data_dir: str | None = None,
+                 index_cache: pathlib.Path | None = None) -> Records:
   """Random access to the records of `spec` (a file, `hf:`, `tfds:`); see the module doc.
-  `index_cache`: where byte-offset indexes are cached (`im_jax.data.offsets`), written
-  there when `write_index`."""
+  `index_cache`: where byte-offset indexes are cached (`im_jax.data.offsets`); a new one is
+  written there by `save_indexes`."""
   sources.check_options(format, on_bad_record)
   if spec.startswith(sources.TFDS_PREFIX):
     return TfdsRecords(spec, tfds_data_dir, format)
@@ -331,23 +348,23 @@ def open_records(spec: str, format: str | None = None, on_bad_record: str = "err
       raise DataError(spec, None, str(e)) from None
   if not all(p.is_file() for p in files):  # the whole-file reader says what is wrong
     return _read_whole(spec, format, on_bad_record, tfds_data_dir, [])
-  parts = [_open_file(p, format, on_bad_record, index_cache, write_index) for p in files]
+  parts = [_open_file(p, format, on_bad_record, index_cache) for p in files]
   return parts[0] if len(parts) == 1 else Concatenated(parts)
 
 
 def _open_file(path: pathlib.Path, format: str | None, on_bad_record: str,
-               index_cache: pathlib.Path | None, write_index: bool) -> Records:
+               index_cache: pathlib.Path | None) -> Records:
   if _is_parquet(path):
-    digest = offsets.cached(path, "parquet", offsets.file_sha256, index_cache, write_index)
-    return ParquetRecords(path, format, digest["digest"].tobytes())
+    digest, save = offsets.cached(path, "parquet", offsets.file_sha256, index_cache)
+    return ParquetRecords(path, format, digest["digest"].tobytes()).saving(save)
   if _is_jsonl(path):
-    index = offsets.cached(path, "jsonl", offsets.jsonl_lines, index_cache, write_index)
-    return JsonlRecords(path, format, index)
+    index, save = offsets.cached(path, "jsonl", offsets.jsonl_lines, index_cache)
+    return JsonlRecords(path, format, index).saving(save)
   try:
-    index = offsets.cached(path, "json", offsets.json_array_elements, index_cache, write_index)
+    index, save = offsets.cached(path, "json", offsets.json_array_elements, index_cache)
   except offsets.NotAnArray:  # the whole-file parser names the line and column (and raises)
     return _read_whole(str(path), format, on_bad_record, None, [path])
-  return JsonArrayRecords(path, format, index)
+  return JsonArrayRecords(path, format, index).saving(save)
 
 
 def _read_whole(spec: str, format: str | None, on_bad_record: str,
