@@ -3,6 +3,7 @@ with `--scale`, a training start's data cost against the number of examples.
 
     python scripts/bench_data.py --tokenizer DIR [--data-dir ../shared/data] [--max-seq-len 2048]
     python scripts/bench_data.py --scale --tokenizer DIR [--sizes 5000,50000,500000] [--repo DIR]
+        [--container jsonl|json|parquet]
 
 Prints, per file: the fraction of non-padding tokens for (a) im_jax packing (first and best
 fit), (b) dynamic padding to the longest example in batches of 8 (in the same shuffled order),
@@ -66,6 +67,10 @@ def main() -> None:
   parser.add_argument("--scale", action="store_true", help="the start-up cost against N")
   parser.add_argument("--sizes", default="5000,50000,500000", help="--scale: example counts")
   parser.add_argument("--processes", default="1,2", help="--scale: process counts")
+  parser.add_argument("--container", default="jsonl", choices=("jsonl", "json", "parquet"),
+                      help="--scale: the data file's container")
+  parser.add_argument("--row-group-rows", type=int, default=1024,
+                      help="--scale --container parquet: rows per row group")
   parser.add_argument("--repo", default=str(pathlib.Path(__file__).resolve().parents[1]),
                       help="--scale: the checkout whose code runs (default: this one)")
   parser.add_argument("--scratch", default=None, help="--scale: folder for data and workdirs "

@@ -2,7 +2,8 @@
 
 For each N: N synthetic Alpaca-like conversations (lengths drawn like Alpaca's: short
 instructions, an input on 40% of them, replies of tens to hundreds of words) in one JSONL
-file; then, for 1 and 2 processes (2 x 4 simulated CPU devices, gloo), a first start in a
+file (`--container json|parquet`: the same records as a JSON array, or Parquet with row
+groups of `--row-group-rows`); then, for 1 and 2 processes (2 x 4 simulated CPU devices, gloo), a first start in a
 fresh workdir (`train.max_steps=2`, a checkpoint every step) and a resume from its step-1
 checkpoint (the step-2 one removed). Each start runs in a child process that wraps the
 repository's own `experiment.build_data` and train step with timers, so any checkout runs
@@ -10,7 +11,8 @@ under the same command (`--repo`: its folder is put first on `sys.path`, and the
 run outside any checkout, so `python -m`'s working folder cannot shadow it).
 
 Per start: seconds to the first train step (from the child's start), seconds in
-`build_data` (reading, encoding and planning the data), peak RSS (the largest process).
+`build_data` (reading, encoding and planning the data), of which loading the tokenizer
+(`load_tokenizer`: importing transformers included), peak RSS (the largest process).
 """
 
 import json
@@ -45,6 +47,28 @@ def write_alpaca_like(path: pathlib.Path, n: int, seed: int = 0) -> None:
       f.write(json.dumps(record) + "\n")
 
 
+def write_data(scratch: pathlib.Path, n: int, container: str, row_group_rows: int) -> pathlib.Path:
+  """The N examples in `container`: JSONL, a JSON array or Parquet (row groups of
+  `row_group_rows`), written once into `scratch`."""
+  jsonl = scratch / f"alpaca_like_{n}.jsonl"
+  if not jsonl.exists():
+    write_alpaca_like(jsonl, n)
+  if container == "jsonl":
+    return jsonl
+  path = scratch / f"alpaca_like_{n}_{container}.{container}"
+  if not path.exists():
+    with open(jsonl, encoding="utf-8") as f:
+      rows = [json.loads(line) for line in f]
+    if container == "json":
+      path.write_text(json.dumps(rows, indent=1), encoding="utf-8")
+    else:
+      import pyarrow as pa  # pylint: disable=g-import-not-at-top
+      import pyarrow.parquet as pq  # pylint: disable=g-import-not-at-top
+
+      pq.write_table(pa.Table.from_pylist(rows), path, row_group_size=row_group_rows)
+  return path
+
+
 def _free_port() -> int:
   with socket.socket() as s:
     s.bind(("127.0.0.1", 0))
@@ -52,7 +76,8 @@ def _free_port() -> int:
 
 
 def _start(args, data: pathlib.Path, workdir: pathlib.Path, processes: int, out: pathlib.Path):
-  """Runs one start on `processes` processes; (seconds to first step, plan s, peak RSS MiB)."""
+  """Runs one start on `processes` processes; (seconds to first step, plan s, of which
+  tokenizer loading s, peak RSS MiB): the largest over the processes."""
   flags = ["--config", str(pathlib.Path(args.repo) / "configs" / "base.py"),
            "--workdir", str(workdir), f"--config.data.train={data}",
            f"--config.data.tokenizer={args.tokenizer}",
@@ -80,7 +105,8 @@ def _start(args, data: pathlib.Path, workdir: pathlib.Path, processes: int, out:
       raise RuntimeError(f"start failed ({p.returncode}): see {out}.{procs.index(p)}.log")
     rss.append(usage.ru_maxrss / 1024)
   timings = [json.loads(pathlib.Path(f"{out}.{i}").read_text()) for i in range(processes)]
-  return (max(t["first_step_s"] for t in timings), max(t["plan_s"] for t in timings), max(rss))
+  return (max(t["first_step_s"] for t in timings), max(t["plan_s"] for t in timings),
+          max(t.get("tokenizer_s", float("nan")) for t in timings), max(rss))
 
 
 def main(args) -> None:
@@ -88,25 +114,23 @@ def main(args) -> None:
   counts = [int(p) for p in args.processes.split(",")]
   scratch = pathlib.Path(args.scratch or tempfile.mkdtemp(prefix="bench_data_scale_"))
   scratch.mkdir(parents=True, exist_ok=True)
-  print(f"repo {args.repo}; max_seq_len {args.max_seq_len}; tiny model, 2 steps; "
+  print(f"repo {args.repo}; {args.container}; max_seq_len {args.max_seq_len}; tiny model, 2 steps; "
         f"load average {os.getloadavg()[0]:.2f}")
   print(f"{'examples':>9}{'procs':>6}{'start':>8}{'first step s':>14}{'plan s':>9}"
-        f"{'peak RSS MiB':>14}")
+        f"{'tokenizer s':>13}{'peak RSS MiB':>14}")
   try:
     for n in sizes:
-      data = scratch / f"alpaca_like_{n}.jsonl"
-      if not data.exists():
-        write_alpaca_like(data, n)
+      data = write_data(scratch, n, args.container, args.row_group_rows)
       for processes in counts:
         workdir = scratch / f"run_{n}_{processes}"
         shutil.rmtree(workdir, ignore_errors=True)
         for start in ("first", "resume"):
           if start == "resume":  # as if stopped after step 1
             shutil.rmtree(workdir / "checkpoints" / "2")
-          first, plan, rss = _start(args, data, workdir, processes,
-                                    scratch / f"timing_{n}_{processes}_{start}")
-          print(f"{n:>9}{processes:>6}{start:>8}{first:>14.1f}{plan:>9.2f}{rss:>14.0f}",
-                flush=True)
+          first, plan, tokenizer, rss = _start(args, data, workdir, processes,
+                                               scratch / f"timing_{n}_{processes}_{start}")
+          print(f"{n:>9}{processes:>6}{start:>8}{first:>14.1f}{plan:>9.2f}{tokenizer:>13.2f}"
+                f"{rss:>14.0f}", flush=True)
         shutil.rmtree(workdir)
   finally:
     if args.scratch is None:
@@ -154,6 +178,16 @@ def _child(repo: str, flags: list[str]) -> None:
     return exp
 
   experiment.build_data, experiment.build = build_data, build
+  real_load_tokenizer = getattr(experiment, "load_tokenizer", None)
+  if real_load_tokenizer is not None:  # what of build_data is loading the tokenizer
+
+    def load_tokenizer(*a, **k):
+      t = time.time()
+      out = real_load_tokenizer(*a, **k)
+      timings["tokenizer_s"] = timings.get("tokenizer_s", 0.0) + time.time() - t
+      return out
+
+    experiment.load_tokenizer = load_tokenizer
   sys.argv = ["im_jax.train", *flags]
   if hasattr(train_main, "run_from_command_line"):
     sys.exit(train_main.main(flags))

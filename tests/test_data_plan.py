@@ -16,12 +16,13 @@ from im_jax.configs import base
 from im_jax.run import experiment, settings
 from im_jax.checkpoint import store as store_lib
 from im_jax.data import encode as encode_lib
+from im_jax.data import offsets
 from im_jax.data import packing
 from im_jax.data import pipeline as pipeline_lib
 from im_jax.data import plan as plan_lib
 from im_jax.data import records as records_lib
 from im_jax.data import sources
-from im_jax.data.conversation import Conversation
+from im_jax.data.conversation import Conversation, DataError
 from im_jax.data.stats import load_tokenizer
 from im_jax.run.settings import ConfigError, encode_config
 
@@ -54,7 +55,7 @@ def config(tmp_path, tiny_tokenizer_dir):
 
 @pytest.mark.parametrize("chunk", [5, 7, 1 << 24], ids=["chunk5", "chunk7", "whole"])
 def test_jsonl_index_reads_what_the_whole_file_reader_reads(tmp_path, monkeypatch, chunk):
-  monkeypatch.setattr(records_lib, "_CHUNK", chunk)  # lines across the reads' boundaries
+  monkeypatch.setattr(offsets, "CHUNK", chunk)  # lines across the reads' boundaries
   good = [{"messages": [{"role": "user", "content": f"q{i}"},
                         {"role": "assistant", "content": f"a{i}"}]} for i in range(5)]
   lines = ["\ufeff" + json.dumps(good[0]), "", "   ", " " + json.dumps(good[1]),
@@ -71,6 +72,46 @@ def test_jsonl_index_reads_what_the_whole_file_reader_reads(tmp_path, monkeypatc
   assert [(r.where, r.reason) for r in got if isinstance(r, records_lib.BadRecord)] == skipped
   assert len(skipped) == 3 and "looks truncated" in skipped[-1][1]
   assert records.digests() == [records_lib.file_digest(path)]
+
+
+@pytest.mark.parametrize("container", ["json", "parquet"])
+def test_json_array_and_parquet_records_read_what_the_whole_file_reader_reads(
+    tmp_path, monkeypatch, container):
+  monkeypatch.setattr(offsets, "_ARRAY_CHUNK", 7)  # elements across the reads' boundaries
+  monkeypatch.setattr(records_lib.ParquetRecords, "CACHED_GROUPS", 2)
+  good = [{"instruction": f'q{i} "quoted" \\ [x], {{y}}', "input": "", "output": f"a{i} é"}
+          for i in range(11)]
+  good[4]["output"] = None  # a bad record
+  path = tmp_path / f"data.{container}"
+  if container == "json":
+    path.write_bytes(b"\xef\xbb\xbf " + json.dumps(good, indent=1).encode() + b"\n")
+  else:
+    import pyarrow as pa  # pylint: disable=g-import-not-at-top
+    import pyarrow.parquet as pq  # pylint: disable=g-import-not-at-top
+    pq.write_table(pa.Table.from_pylist(good), path, row_group_size=3)
+  skipped = []
+  want = list(sources.iter_conversations(path, on_bad_record="skip", skipped=skipped))
+  records = records_lib.open_records(str(path), on_bad_record="skip")
+  assert len(records) == 11 and records.digests() == [records_lib.file_digest(path)]
+  order = [3, 10, 0, 7, 4, 1, 9, 2, 8, 5, 6]  # shuffled: row groups leave the cache
+  got = {i: records.read(i) for i in order}
+  assert [got[i] for i in range(11) if isinstance(got[i], Conversation)] == want
+  assert [(r.where, r.reason) for r in got.values()
+          if isinstance(r, records_lib.BadRecord)] == skipped == [
+              (f"{path}:record 4", "field 'output' must be a string, got null")]
+
+
+@pytest.mark.parametrize("text", ['[{"instruction": "a", "output": "b"}, {"x": tru}]',
+                                  '[{"instruction": "a", "output": "b"}', ' [ ] '])
+def test_a_json_array_that_does_not_parse_is_named_as_the_whole_file_reader_names_it(
+    tmp_path, text):
+  path = tmp_path / "bad.json"
+  path.write_text(text)
+  with pytest.raises(DataError) as want:
+    sources.load_conversations(path, on_bad_record="skip")
+  with pytest.raises(DataError) as got:
+    records_lib.open_records(str(path), on_bad_record="skip")
+  assert str(got.value) == str(want.value)
 
 
 def _make_plan_split(records, encoder, processes: int) -> plan_lib.ExamplePlan:
@@ -91,6 +132,7 @@ def _make_plan_split(records, encoder, processes: int) -> plan_lib.ExamplePlan:
 def test_a_plan_split_over_processes_is_the_one_process_plan(config, tmp_path):
   records_in = _alpaca_like(37, seed=1)
   records_in[4] = records_in[30] = {"instruction": 3}  # bad: seen by process 0 and process 2
+  records_in[7]["output"] += " </s> <|im_end|>"  # special-token text read as text
   path = tmp_path / "bad.jsonl"
   _write_jsonl(path, records_in)
   records = records_lib.open_records(str(path), on_bad_record="skip")
@@ -100,6 +142,12 @@ def test_a_plan_split_over_processes_is_the_one_process_plan(config, tmp_path):
   one = plan_lib.make_plan(records, encoder, on_bad_record="skip")
   assert one.bad_count == 2 and one.first_bad[0] == f"{path}:5"
   assert (one.cut > 0).any() and (one.lengths > 0).sum() > 20
+  for i in range(len(records)):  # batched tokenizer calls: each record as encoded alone
+    record = records.read(i)
+    if isinstance(record, Conversation):
+      alone = encoder.encode_full(record)
+      assert (one.lengths[i], one.cut[i]) == (
+          0 if alone.example is None else len(alone.example["tokens"]), alone.truncated_tokens)
   for processes in (2, 3):
     split = _make_plan_split(records, encoder, processes)
     for field in ("lengths", "reasons", "cut", "split"):
@@ -162,18 +210,21 @@ def _all_batches(iterator):
 
 
 def test_a_cached_plan_resumes_with_the_uninterrupted_batches(config, tmp_path, monkeypatch):
+  monkeypatch.setattr(offsets, "RACY_SECONDS", 0)  # the data file was written just now
   cache = tmp_path / "run" / experiment.PLAN_DIR
   first = experiment.build_data(settings.load(config), tmp_path / "run", None, cache_dir=cache)
   uninterrupted = _all_batches(iter(first.train.dataset()))
   assert len(uninterrupted) == first.total_steps >= 4 and first.eval is not None
-  # the plan, the rows of 2 training epochs and of the held-out epoch
-  assert sorted(p.suffix for p in cache.iterdir()) == [".npz"] * 4
+  # the file's index, the plan, the rows of 2 training epochs and of the held-out epoch
+  assert sorted(p.suffix for p in cache.iterdir()) == [".npz"] * 5
+  assert len(list(cache.glob("index-*.npz"))) == 1
 
   def no(*args, **kwargs):
     raise AssertionError("planned again instead of reading the cache")
 
   monkeypatch.setattr(plan_lib, "make_plan", no)
   monkeypatch.setattr(packing, "plan_rows", no)
+  monkeypatch.setattr(offsets, "jsonl_lines", no)  # nor is the data file read again
   again = experiment.build_data(settings.load(config), tmp_path / "run", None, cache_dir=cache)
   assert again.train.stats.as_dict() == first.train.stats.as_dict()
   it = iter(first.train.dataset())
@@ -199,7 +250,10 @@ def _fake_checkpoint(workdir, step: int, states: list) -> None:
     (folder / "data" / f"process_{i}-of-{len(states)}.json").write_text(json.dumps(state))
 
 
-def test_a_data_file_changed_in_place_is_detected(config, tmp_path):
+@pytest.mark.parametrize("index_cached", [False, True], ids=["hashed", "index_cached"])
+def test_a_data_file_changed_in_place_is_detected(config, tmp_path, monkeypatch, index_cached):
+  if index_cached:  # the first start caches its index of the file, and the hash with it
+    monkeypatch.setattr(offsets, "RACY_SECONDS", 0)
   workdir = tmp_path / "run"
   cache = workdir / experiment.PLAN_DIR
   first = experiment.build_data(settings.load(config), workdir, None, cache_dir=cache)
@@ -216,6 +270,7 @@ def test_a_data_file_changed_in_place_is_detected(config, tmp_path):
     f.write(changed)
   os.utime(data, ns=(stat.st_atime_ns, stat.st_mtime_ns))
   assert os.stat(data).st_size == stat.st_size
+  assert len(list(cache.glob("index-*.npz"))) == index_cached
   plans = len(list(cache.glob("*.npz")))
   second = experiment.build_data(settings.load(config), workdir, None, cache_dir=cache)
   assert len(list(cache.glob("[0-9a-f]*.npz"))) == 2, "the changed file was not planned again"
@@ -224,6 +279,17 @@ def test_a_data_file_changed_in_place_is_detected(config, tmp_path):
     experiment.check_data_position(workdir, second.train)
   message = str(e.value)
   assert "\n" not in message and "checkpoint 1" in message and "training data" in message
+
+
+def test_a_refused_start_caches_no_index(config, tmp_path, monkeypatch):
+  monkeypatch.setattr(offsets, "RACY_SECONDS", 0)
+  records_in = _alpaca_like(20)
+  records_in[9] = {"instruction": 3}
+  _write_jsonl(tmp_path / "data.jsonl", records_in)
+  cache = tmp_path / "run" / experiment.PLAN_DIR
+  with pytest.raises(DataError, match=r"data.jsonl:10: "):
+    experiment.build_data(settings.load(config), tmp_path / "run", None, cache_dir=cache)
+  assert not cache.exists() or not list(cache.iterdir())
 
 
 def test_a_position_tied_to_another_process_count_is_refused_in_one_line(config, tmp_path):

@@ -254,6 +254,16 @@ def test_tfds_source(tfds_dir):
     sources.load_conversations("tfds:no_such_dataset:train", tfds_data_dir=str(tfds_dir))
 
 
+def test_tfds_records_read_by_index(tfds_dir):
+  from im_jax.data import records as records_lib  # pylint: disable=g-import-not-at-top
+
+  spec = "tfds:im_jax_tiny_chat:train"
+  records = records_lib.open_records(spec, tfds_data_dir=str(tfds_dir))
+  assert isinstance(records, records_lib.TfdsRecords) and records.files == []
+  want = sources.load_conversations(spec, tfds_data_dir=str(tfds_dir)).conversations
+  assert [records.read(i) for i in (2, 0, 1)] == [want[2], want[0], want[1]]
+
+
 def test_tfds_source_in_a_fresh_process(tfds_dir):
   # A new process reads the dataset from its files alone, with no builder class registered.
   done = subprocess.run(

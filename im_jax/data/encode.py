@@ -22,6 +22,7 @@ Drop rules (counted by reason in `EncodeStats`):
 
 import collections
 import dataclasses
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -110,8 +111,14 @@ class Encoder:
                               if config.loss.mode == "im_release" else None)
 
   def encode_full(self, conversation: Conversation) -> Encoded:
+    return self._encoded(self.template.tokenize(conversation))
+
+  def encode_full_many(self, conversations: Sequence[Conversation]) -> list[Encoded]:
+    """`encode_full` of each, tokenized in one batched call (`ChatTemplate.tokenize_many`)."""
+    return [self._encoded(t) for t in self.template.tokenize_many(conversations)]
+
+  def _encoded(self, tokenized: templates.TokenizedConversation) -> Encoded:
     cfg = self.config
-    tokenized = self.template.tokenize(conversation)
     n = len(tokenized)
     cut = max(0, n - cfg.max_seq_len)
     masked = None

@@ -18,6 +18,7 @@ so those settings reuse the same cache. Per record: 4 + 1 + 4 + 8 bytes.
 import dataclasses
 import fnmatch
 import hashlib
+import itertools
 import json
 import logging
 import os
@@ -28,6 +29,7 @@ import numpy as np
 
 from im_jax.data import encode as encode_lib
 from im_jax.data import records as records_lib
+from im_jax.data.offsets import write_npz
 from im_jax.data.conversation import Conversation, DataError
 
 log = logging.getLogger(__name__)
@@ -39,6 +41,8 @@ REASONS = ("kept", "bad_record", "too_long", "too_short", "no_output", "no_weigh
 TOKENIZER_FILES = ("tokenizer*", "special_tokens_map.json", "added_tokens.json", "vocab*",
                    "merges.txt", "*.jinja", "*.model", "*.tiktoken")
 _MESSAGE_BYTES = 1024  # the first bad record's message, as gathered between processes
+ENCODE_BATCH = 256  # records per batched tokenizer call while planning
+_AGREE_TIMEOUT_MS = 30 * 60 * 1000  # a peer may still be indexing a large file
 
 
 @dataclasses.dataclass
@@ -119,6 +123,28 @@ def gather_processes(values: np.ndarray) -> np.ndarray:
   return np.asarray(multihost_utils.process_allgather(values))
 
 
+_agreements = itertools.count()  # every process asks the same questions in the same order
+
+
+def all_processes(flag: bool, name: str) -> bool:
+  """Whether `flag` holds on every process (all must call it). Through the coordinator's
+  key-value store when there is one: a collective would compile an XLA computation first
+  (seconds on a resume's critical path)."""
+  import jax  # pylint: disable=g-import-not-at-top  (only multi-process runs need it)
+
+  if jax.process_count() == 1:
+    return flag
+  from jax._src import distributed  # pylint: disable=g-import-not-at-top
+
+  client = distributed.global_state.client
+  if client is None:  # not started by jax.distributed: the collective
+    return bool(gather_processes(np.asarray([flag], np.int32)).all())
+  key = f"im_jax/agree/{next(_agreements)}/{name}"
+  client.key_value_set(f"{key}/{jax.process_index()}", str(int(flag)))
+  return all(client.blocking_key_value_get(f"{key}/{p}", _AGREE_TIMEOUT_MS) == "1"
+             for p in range(jax.process_count()))
+
+
 def make_plan(records: records_lib.Records, encoder: encode_lib.Encoder, *,
               on_bad_record: str = "error", process_index: int = 0, process_count: int = 1,
               gather: Callable[[np.ndarray], np.ndarray] = gather_processes) -> ExamplePlan:
@@ -128,25 +154,30 @@ def make_plan(records: records_lib.Records, encoder: encode_lib.Encoder, *,
   lo, hi = min(n, process_index * block), min(n, (process_index + 1) * block)
   part = np.zeros((5, block), np.int64)  # length, reason, cut, split hi, split lo
   bad_count, first_bad, message = 0, -1, b""
-  for i in range(lo, hi):
-    record = records.read(i)
-    if isinstance(record, records_lib.BadRecord):
-      bad_count += 1
-      part[1, i - lo] = BAD
-      if first_bad < 0:
-        first_bad = i
-        message = json.dumps([record.where, record.reason]).encode()[:_MESSAGE_BYTES]
-      if on_bad_record == "error":
-        break  # the run stops at the first bad record; the others need not be encoded
-      continue
-    encoded = encoder.encode_full(record)
-    split = split_value(record)
-    part[2, i - lo] = encoded.truncated_tokens
-    part[3, i - lo], part[4, i - lo] = split >> 32, split & 0xFFFFFFFF
-    if encoded.example is None:
-      part[1, i - lo] = REASONS.index(encoded.drop_reason)
-    else:
-      part[0, i - lo] = len(encoded.example["tokens"])
+  stop = hi
+  for start in range(lo, hi, ENCODE_BATCH):  # tokenized a batch at a time
+    good: list[tuple[int, Conversation]] = []
+    for i in range(start, min(start + ENCODE_BATCH, stop)):
+      record = records.read(i)
+      if isinstance(record, records_lib.BadRecord):
+        bad_count += 1
+        part[1, i - lo] = BAD
+        if first_bad < 0:
+          first_bad = i
+          message = json.dumps([record.where, record.reason]).encode()[:_MESSAGE_BYTES]
+        if on_bad_record == "error":
+          stop = i  # the run stops at the first bad record; the others need not be encoded
+          break
+        continue
+      good.append((i, record))
+    for (i, record), encoded in zip(good, encoder.encode_full_many([r for _, r in good])):
+      split = split_value(record)
+      part[2, i - lo] = encoded.truncated_tokens
+      part[3, i - lo], part[4, i - lo] = split >> 32, split & 0xFFFFFFFF
+      if encoded.example is None:
+        part[1, i - lo] = REASONS.index(encoded.drop_reason)
+      else:
+        part[0, i - lo] = len(encoded.example["tokens"])
   text = np.zeros(_MESSAGE_BYTES, np.int64)
   text[:len(message)] = np.frombuffer(message, np.uint8)
   # One collective; int32 on the wire (JAX without x64), the split's halves as uint32 bits.
@@ -202,15 +233,3 @@ def save_cached(path: pathlib.Path, plan: ExamplePlan) -> None:
   write_npz(path, version=np.array(VERSION), lengths=plan.lengths, reasons=plan.reasons,
             cut=plan.cut, split=plan.split, bad_count=np.array(plan.bad_count),
             first_bad=np.array(plan.first_bad or (), dtype=str))
-
-
-def write_npz(path: pathlib.Path, **arrays: np.ndarray) -> None:
-  """Writes atomically: a reader sees the old file, none, or the whole new one."""
-  path.parent.mkdir(parents=True, exist_ok=True)
-  tmp = path.with_name(f".{path.name}.{os.getpid()}.partial")
-  try:
-    with open(tmp, "wb") as f:
-      np.savez(f, **arrays)
-    os.replace(tmp, path)
-  finally:
-    tmp.unlink(missing_ok=True)

@@ -32,7 +32,9 @@ Templates:
 """
 
 import dataclasses
+import functools
 import re
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -113,18 +115,11 @@ class ChatTemplate:
   def __init__(self, tokenizer: Any, config: TemplateConfig):
     self.config = config
     self.tokenizer = tokenizer
-    state = tokenizer.backend_tokenizer.to_str()
-    # Own copies of the Rust tokenizer: no post-processor (it may trim offsets; with
-    # add_special_tokens=False it adds nothing), and one that reads special text literally.
-    self._plain = tokenizers.Tokenizer.from_str(state)
-    self._literal = tokenizers.Tokenizer.from_str(state)
-    self._literal.encode_special_tokens = True
-    for own in (self._plain, self._literal):
-      own.post_processor = None
-      # a call like tokenizer(text, max_length=..., truncation=True) leaves its truncation
-      # (and padding) in the state: training truncates by itself, after kinds are known
-      own.no_truncation()
-      own.no_padding()
+    # Own copy of the Rust tokenizer: no post-processor (it may trim offsets; with
+    # add_special_tokens=False it adds nothing); `_literal` (made when first needed: a copy
+    # costs a fraction of a second) reads special text literally.
+    self._state = tokenizer.backend_tokenizer.to_str()
+    self._plain = self._own_copy()
     special = sorted({t.content for t in tokenizer.added_tokens_decoder.values() if t.special},
                      key=len, reverse=True)
     self._special_ids = {s: self._plain.token_to_id(s) for s in special}
@@ -144,15 +139,51 @@ class ChatTemplate:
         raise ValueError("the hf template needs a tokenizer with a chat template")
       self.prefix_ids = []
 
+  def _own_copy(self, literal: bool = False) -> tokenizers.Tokenizer:
+    own = tokenizers.Tokenizer.from_str(self._state)
+    own.encode_special_tokens = literal
+    own.post_processor = None
+    # a call like tokenizer(text, max_length=..., truncation=True) leaves its truncation
+    # (and padding) in the state: training truncates by itself, after kinds are known
+    own.no_truncation()
+    own.no_padding()
+    return own
+
+  @functools.cached_property
+  def _literal(self) -> tokenizers.Tokenizer:
+    return self._own_copy(literal=True)
+
   def tokenize(self, conversation: Conversation) -> TokenizedConversation:
+    rendered = self._render(conversation)
+    return self._tokenized(rendered, *self._encode(rendered))
+
+  def tokenize_many(self, conversations: Sequence[Conversation]) -> list[TokenizedConversation]:
+    """`tokenize` of each, the plain texts in one batched tokenizer call (the Rust library
+    encodes a batch on its own threads, with one call's overhead)."""
+    rendered = [self._render(c) for c in conversations]
+    pieces = [self._special_pieces(r) for r in rendered]
+    plain = [i for i, p in enumerate(pieces) if p is None]
+    encodings = dict(zip(plain, self._plain.encode_batch([rendered[i].text for i in plain],
+                                                         add_special_tokens=False)))
+    out = []
+    for i, r in enumerate(rendered):
+      if i in encodings:
+        ids, offsets = _ids_offsets(encodings[i])
+      else:
+        ids, offsets = self._encode_pieces(r.text, pieces[i])
+      out.append(self._tokenized(r, ids, offsets))
+    return out
+
+  def _render(self, conversation: Conversation) -> _Rendered:
     if self.config.strips:  # tulu only
       conversation = dataclasses.replace(conversation, messages=tuple(
           dataclasses.replace(m, content=m.content.strip()) for m in conversation.messages))
     if self.config.name == "tulu":
-      rendered = self._render_tulu(conversation)
-    else:
-      rendered = self._render_hf(conversation)
-    ids, offsets = self._encode(rendered)
+      return self._render_tulu(conversation)
+    return self._render_hf(conversation)
+
+  def _tokenized(self, rendered: _Rendered, ids: np.ndarray,
+                 offsets: np.ndarray) -> TokenizedConversation:
     kinds, message_index = _assign_kinds(rendered, offsets)
     if self.prefix_ids:
       n = len(self.prefix_ids)
@@ -244,13 +275,17 @@ class ChatTemplate:
   # --- tokenizing ------------------------------------------------------------------------
 
   def _encode(self, rendered: _Rendered) -> tuple[np.ndarray, np.ndarray]:
-    text = rendered.text
-    matches = list(self._special_re.finditer(text)) if self._special_re else []
+    pieces = self._special_pieces(rendered)
+    if pieces is None:
+      return _ids_offsets(self._plain.encode(rendered.text, add_special_tokens=False))
+    return self._encode_pieces(rendered.text, pieces)
+
+  def _special_pieces(self, rendered: _Rendered) -> list[re.Match] | None:
+    """None when no message holds special-token text (the text is encoded whole), else the
+    special tokens the template placed (`_encode_pieces`)."""
+    matches = list(self._special_re.finditer(rendered.text)) if self._special_re else []
     inside = [m for m in matches if _overlaps(m.start(), m.end(), rendered.content_spans)]
-    if not inside:
-      encoding = self._plain.encode(text, add_special_tokens=False)
-      return np.asarray(encoding.ids, np.int64), np.asarray(encoding.offsets, np.int64)
-    return self._encode_pieces(text, [m for m in matches if m not in inside])
+    return [m for m in matches if m not in inside] if inside else None
 
   def _encode_pieces(self, text: str, placed: list[re.Match]) -> tuple[np.ndarray, np.ndarray]:
     """Special tokens only where the template put them; content's special text stays text."""
@@ -270,6 +305,10 @@ class ChatTemplate:
   def encode_text_literal(self, text: str) -> list[int]:
     """Tokenizes text with special-token matching off (used by tests and previews)."""
     return self._literal.encode(text, add_special_tokens=False).ids
+
+
+def _ids_offsets(encoding: tokenizers.Encoding) -> tuple[np.ndarray, np.ndarray]:
+  return np.asarray(encoding.ids, np.int64), np.asarray(encoding.offsets, np.int64)
 
 
 def _roles(conversation: Conversation) -> tuple[str, ...]:

@@ -49,9 +49,10 @@ log = logging.getLogger(__name__)
 # Data.
 
 
-def open_source_records(c: RunConfig,
-                        source: mixture.Source) -> records_lib.Records:
-  """A training source's records, random access (a JSONL file through a byte index)."""
+def open_source_records(c: RunConfig, source: mixture.Source,
+                        cache_dir: pathlib.Path | None = None) -> records_lib.Records:
+  """A training source's records, random access (a text file through a byte index, cached
+  in `cache_dir` by `records.save_indexes()`)."""
   spec = source.spec
   check(bool(spec), "data.train is empty: give a data file, tfds:NAME:SPLIT or synthetic:N")
   if spec.startswith(SYNTHETIC + ":"):
@@ -60,7 +61,8 @@ def open_source_records(c: RunConfig,
   # a gs:// file is read from a local copy
   return records_lib.open_records(paths.fetch(spec, what="data.train"),
                                   format=source.format or c.data.format or None,
-                                  on_bad_record=c.data.on_bad_record)
+                                  on_bad_record=c.data.on_bad_record,
+                                  index_cache=cache_dir)
 
 
 def _good_conversations(records: records_lib.Records, limit: int) -> list[Conversation]:
@@ -215,9 +217,8 @@ def _example_plan(c: RunConfig, source: mixture.Source,
   key = plan_lib.plan_key(records.digests(), tokenizer_dir, settings)
   path = cache_dir / f"{key}.npz" if cache_dir is not None and cacheable else None
   plan = plan_lib.load_cached(path) if path is not None else None
-  if jax.process_count() > 1:  # all processes plan together, or none does
-    hits = plan_lib.gather_processes(np.asarray([plan is not None], np.int32))
-    plan = plan if hits.all() else None
+  if not plan_lib.all_processes(plan is not None, key):  # all plan together, or none does
+    plan = None
   if plan is None:
     plan = plan_lib.make_plan(records, Encoder(tokenizer, enc),
                               on_bad_record=c.data.on_bad_record,
@@ -228,6 +229,8 @@ def _example_plan(c: RunConfig, source: mixture.Source,
       plan_lib.save_cached(path, plan)
   else:  # checked again for its log of skipped records
     plan_lib.check_plan(plan, source.spec, c.data.on_bad_record, records.skipped)
+  if write_cache:  # the data proved good: its file indexes are worth keeping
+    records.save_indexes()
   return plan, key
 
 
@@ -240,7 +243,7 @@ def build_data(c: RunConfig, tokenizer_home: pathlib.Path,
   sources end to end, each planned, split and checked on its own."""
   processes = jax.process_count()
   sources = train_sources(c)
-  parts = [open_source_records(c, source) for source in sources]
+  parts = [open_source_records(c, source, cache_dir) for source in sources]
   records = records_lib.Concatenated(parts)
   tokenizer_dir = resolve_tokenizer_dir(c, tokenizer_home, records, pretrained_tokenizer_dir)
   tokenizer = load_tokenizer(str(tokenizer_dir))
