@@ -14,7 +14,6 @@ the iteration (encode + mask + pack + batch).
 
 import argparse
 import pathlib
-import sys
 import time
 
 import numpy as np

@@ -149,8 +149,12 @@ def _child(repo: str, flags: list[str]) -> None:
   try:  # the wiring in im_jax.run, argparse (since issue 25)
     from im_jax.run import experiment, train as train_main  # pylint: disable=g-import-not-at-top
   except ImportError:  # an older checkout: absl flags
-    from im_jax.run import experiment  # pylint: disable=g-import-not-at-top
+    from im_jax import experiment  # pylint: disable=g-import-not-at-top
     from im_jax.train import __main__ as train_main  # pylint: disable=g-import-not-at-top
+  try:  # where build_data loads its tokenizer (run_data since the split of experiment)
+    from im_jax.run import run_data as data_wiring  # pylint: disable=g-import-not-at-top
+  except ImportError:
+    data_wiring = experiment
 
   timings = {}
   real_build_data, real_build = experiment.build_data, experiment.build
@@ -178,7 +182,7 @@ def _child(repo: str, flags: list[str]) -> None:
     return exp
 
   experiment.build_data, experiment.build = build_data, build
-  real_load_tokenizer = getattr(experiment, "load_tokenizer", None)
+  real_load_tokenizer = getattr(data_wiring, "load_tokenizer", None)
   if real_load_tokenizer is not None:  # what of build_data is loading the tokenizer
 
     def load_tokenizer(*a, **k):
@@ -187,7 +191,7 @@ def _child(repo: str, flags: list[str]) -> None:
       timings["tokenizer_s"] = timings.get("tokenizer_s", 0.0) + time.time() - t
       return out
 
-    experiment.load_tokenizer = load_tokenizer
+    data_wiring.load_tokenizer = load_tokenizer
   sys.argv = ["im_jax.train", *flags]
   if hasattr(train_main, "run_from_command_line"):
     sys.exit(train_main.main(flags))

@@ -19,7 +19,6 @@ import resource
 import statistics
 import subprocess
 import sys
-import time
 
 
 

@@ -27,7 +27,6 @@ import math
 import os
 import re
 import resource
-import sys
 import tempfile
 import time
 

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from im_jax.configs import base
-from im_jax.run import experiment, settings
+from im_jax.run import run_data, settings
 from im_jax.checkpoint import store as store_lib
 from im_jax.data import encode as encode_lib
 from im_jax.data import offsets
@@ -153,7 +153,7 @@ def test_a_plan_split_over_processes_is_the_one_process_plan(config, tmp_path):
     for field in ("lengths", "reasons", "cut", "split"):
       np.testing.assert_array_equal(getattr(split, field), getattr(one, field), err_msg=field)
     assert (split.bad_count, split.first_bad) == (one.bad_count, one.first_bad)
-  # the held-out split's hash is the example's own (as experiment.is_held_out computes it)
+  # the held-out split's hash is the example's own (as plan.split_value computes it)
   conv = records.read(0)
   assert one.split[0] == plan_lib.split_value(conv)
 
@@ -211,8 +211,8 @@ def _all_batches(iterator):
 
 def test_a_cached_plan_resumes_with_the_uninterrupted_batches(config, tmp_path, monkeypatch):
   monkeypatch.setattr(offsets, "RACY_SECONDS", 0)  # the data file was written just now
-  cache = tmp_path / "run" / experiment.PLAN_DIR
-  first = experiment.build_data(settings.load(config), tmp_path / "run", None, cache_dir=cache)
+  cache = tmp_path / "run" / run_data.PLAN_DIR
+  first = run_data.build_data(settings.load(config), tmp_path / "run", None, cache_dir=cache)
   uninterrupted = _all_batches(iter(first.train.dataset()))
   assert len(uninterrupted) == first.total_steps >= 4 and first.eval is not None
   # the file's index, the plan, the rows of 2 training epochs and of the held-out epoch
@@ -225,7 +225,7 @@ def test_a_cached_plan_resumes_with_the_uninterrupted_batches(config, tmp_path, 
   monkeypatch.setattr(plan_lib, "make_plan", no)
   monkeypatch.setattr(packing, "plan_rows", no)
   monkeypatch.setattr(offsets, "jsonl_lines", no)  # nor is the data file read again
-  again = experiment.build_data(settings.load(config), tmp_path / "run", None, cache_dir=cache)
+  again = run_data.build_data(settings.load(config), tmp_path / "run", None, cache_dir=cache)
   assert again.train.stats.as_dict() == first.train.stats.as_dict()
   it = iter(first.train.dataset())
   for _ in range(3):
@@ -255,12 +255,12 @@ def test_a_data_file_changed_in_place_is_detected(config, tmp_path, monkeypatch,
   if index_cached:  # the first start caches its index of the file, and the hash with it
     monkeypatch.setattr(offsets, "RACY_SECONDS", 0)
   workdir = tmp_path / "run"
-  cache = workdir / experiment.PLAN_DIR
-  first = experiment.build_data(settings.load(config), workdir, None, cache_dir=cache)
+  cache = workdir / run_data.PLAN_DIR
+  first = run_data.build_data(settings.load(config), workdir, None, cache_dir=cache)
   it = iter(first.train.dataset())
   next(it)
   _fake_checkpoint(workdir, 1, [it.get_state()])
-  experiment.check_data_position(workdir, first.train)  # the same data: resumable
+  run_data.check_data_position(workdir, first.train)  # the same data: resumable
   data = config.data.train
   stat = os.stat(data)
   text = open(data, encoding="utf-8").read()
@@ -272,11 +272,11 @@ def test_a_data_file_changed_in_place_is_detected(config, tmp_path, monkeypatch,
   assert os.stat(data).st_size == stat.st_size
   assert len(list(cache.glob("index-*.npz"))) == index_cached
   plans = len(list(cache.glob("*.npz")))
-  second = experiment.build_data(settings.load(config), workdir, None, cache_dir=cache)
+  second = run_data.build_data(settings.load(config), workdir, None, cache_dir=cache)
   assert len(list(cache.glob("[0-9a-f]*.npz"))) == 2, "the changed file was not planned again"
   assert len(list(cache.glob("*.npz"))) > plans
   with pytest.raises(ConfigError) as e:
-    experiment.check_data_position(workdir, second.train)
+    run_data.check_data_position(workdir, second.train)
   message = str(e.value)
   assert "\n" not in message and "checkpoint 1" in message and "training data" in message
 
@@ -286,20 +286,20 @@ def test_a_refused_start_caches_no_index(config, tmp_path, monkeypatch):
   records_in = _alpaca_like(20)
   records_in[9] = {"instruction": 3}
   _write_jsonl(tmp_path / "data.jsonl", records_in)
-  cache = tmp_path / "run" / experiment.PLAN_DIR
+  cache = tmp_path / "run" / run_data.PLAN_DIR
   with pytest.raises(DataError, match=r"data.jsonl:10: "):
-    experiment.build_data(settings.load(config), tmp_path / "run", None, cache_dir=cache)
+    run_data.build_data(settings.load(config), tmp_path / "run", None, cache_dir=cache)
   assert not cache.exists() or not list(cache.iterdir())
 
 
 def test_a_position_tied_to_another_process_count_is_refused_in_one_line(config, tmp_path):
   workdir = tmp_path / "run"
-  data = experiment.build_data(settings.load(config), workdir, None,
-                               cache_dir=workdir / experiment.PLAN_DIR)
+  data = run_data.build_data(settings.load(config), workdir, None,
+                               cache_dir=workdir / run_data.PLAN_DIR)
   old = {"next_index": 5}  # grain's per-process iterator state, before the global plan
   _fake_checkpoint(workdir, 20, [old, old])
   with pytest.raises(ConfigError) as e:
-    experiment.check_data_position(workdir, data.train)
+    run_data.check_data_position(workdir, data.train)
   message = str(e.value)
   assert "\n" not in message
   assert "checkpoint 20" in message and "written by 2 process(es) and this run has 1" in message

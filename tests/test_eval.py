@@ -7,7 +7,6 @@ import pathlib
 import subprocess
 import sys
 
-import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch

@@ -367,7 +367,7 @@ def _study_objects() -> list[str]:
 def test_synthetic_tokenizer_of_a_bucket_workdir_is_kept_there(gcs):
   """data.tokenizer=synthetic with a gs:// workdir (a NameError lived here once): trained
   once, uploaded to WORKDIR/tokenizer, and a resumed start reads that one back."""
-  from im_jax.run import experiment, settings  # pylint: disable=g-import-not-at-top
+  from im_jax.run import run_data, settings  # pylint: disable=g-import-not-at-top
   from im_jax.configs import base  # pylint: disable=g-import-not-at-top
 
   config = base.get_config()
@@ -375,10 +375,10 @@ def test_synthetic_tokenizer_of_a_bucket_workdir_is_kept_there(gcs):
   config.data.max_seq_len, config.train.batch_size, config.train.max_steps = 64, 8, 2
   c = settings.load(config)
   workdir = paths.path(f"{BUCKET}/synthetic_run")
-  first = experiment.build_data(c, workdir, None, cache_dir=experiment.plan_cache_dir(workdir))
+  first = run_data.build_data(c, workdir, None, cache_dir=run_data.plan_cache_dir(workdir))
   uploaded = paths.path(f"{BUCKET}/synthetic_run/tokenizer/tokenizer.json").read_text()
   assert uploaded == (first.tokenizer_dir / "tokenizer.json").read_text()
-  again = experiment.build_data(c, workdir, None, cache_dir=experiment.plan_cache_dir(workdir))
+  again = run_data.build_data(c, workdir, None, cache_dir=run_data.plan_cache_dir(workdir))
   assert again.tokenizer_dir == first.tokenizer_dir  # the same objects' copy: not retrained
   assert paths.path(f"{BUCKET}/synthetic_run/tokenizer/tokenizer.json").read_text() == uploaded
   assert again.vocab_size == first.vocab_size > 0

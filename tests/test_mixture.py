@@ -18,7 +18,7 @@ import pytest
 
 from im_jax.configs import base
 from im_jax import report
-from im_jax.run import dry_run, experiment, settings
+from im_jax.run import dry_run, experiment, run_data, settings
 from im_jax.checkpoint import store as store_lib
 from im_jax.convert.__main__ import main as convert_main
 from im_jax.convert.hf_export import EXPORT_METADATA
@@ -141,8 +141,8 @@ def test_a_one_source_mixture_is_the_single_source_run(files, tiny_tokenizer_dir
   plain.train.max_steps = 40  # past the 2 epochs: epochs are added as for one source
   one = _config(f"{files['lima']}@0.7@format=alpaca", tiny_tokenizer_dir, eval_fraction=0.1)
   one.train.max_steps = 40
-  want = experiment.build_data(settings.load(plain), tmp_path / "a", None)
-  got = experiment.build_data(settings.load(one), tmp_path / "b", None)
+  want = run_data.build_data(settings.load(plain), tmp_path / "a", None)
+  got = run_data.build_data(settings.load(one), tmp_path / "b", None)
   assert got.mixture is not None and want.mixture is None
   assert got.total_steps == want.total_steps == 40 and got.updates == want.updates
   assert got.train.config.num_epochs == want.train.config.num_epochs > 2
@@ -158,8 +158,8 @@ def test_a_mixture_resumes_exactly_from_a_saved_position(files, tiny_tokenizer_d
   c = _config(f"{files['lima']}@1,{files['dolly']}@3@template=hf", tiny_tokenizer_dir,
               eval_fraction=0.1)
   c.train.epochs = 3
-  cache = tmp_path / "run" / experiment.PLAN_DIR
-  first = experiment.build_data(settings.load(c), tmp_path / "run", None, cache_dir=cache)
+  cache = tmp_path / "run" / run_data.PLAN_DIR
+  first = run_data.build_data(settings.load(c), tmp_path / "run", None, cache_dir=cache)
   uninterrupted = _batches(first.train)
   assert packing.SOURCE_IDS in uninterrupted[0]
   stop = first.train.steps_per_epoch + 3  # inside the second epoch
@@ -167,12 +167,12 @@ def test_a_mixture_resumes_exactly_from_a_saved_position(files, tiny_tokenizer_d
   for _ in range(stop):
     next(it)
   state = json.loads(json.dumps(it.get_state()))  # as a checkpoint stores it
-  rebuilt = experiment.build_data(settings.load(c), tmp_path / "run", None, cache_dir=cache)
+  rebuilt = run_data.build_data(settings.load(c), tmp_path / "run", None, cache_dir=cache)
   resumed = iter(rebuilt.train.dataset())
   resumed.set_state(state)
   _assert_same([dict(b) for b in resumed], uninterrupted[stop:])
   c.data.train = f"{files['lima']}@1,{files['dolly']}@2@template=hf"  # another weight
-  other = experiment.build_data(settings.load(c), tmp_path / "run", None, cache_dir=cache)
+  other = run_data.build_data(settings.load(c), tmp_path / "run", None, cache_dir=cache)
   assert "training data" in other.train.state_problem(state)
 
 
@@ -240,7 +240,7 @@ def test_per_source_metrics_equal_each_source_evaluated_alone(files, tiny_tokeni
   from flax import nnx  # pylint: disable=g-import-not-at-top
   model = nnx.merge(exp.graphdef, exp.state.params, *exp.state.fixed())
   tokenizer = load_tokenizer(str(exp.tokenizer_dir))
-  records = experiment.open_source_records
+  records = run_data.open_source_records
   for source in mixture.parse(spec):
     part = records(c, source)
     held = [part.read(i) for i in range(len(part))

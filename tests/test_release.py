@@ -8,7 +8,6 @@ LLaMA-2's (the paper's), which adds `<s>`.
 
 import copy
 
-import numpy as np
 import pytest
 import transformers
 from tokenizers.processors import TemplateProcessing
@@ -195,7 +194,7 @@ def test_drop_rule_follows_the_loss_mode():
         "no_output"
   for method in paper.METHODS:
     c = paper.get_config(f"lima,{method},tiny")
-    rule = experiment.encode_config(settings.load(c)).drop_rule
+    rule = settings.encode_config(settings.load(c)).drop_rule
     assert rule == ("no_weight" if method == "im_release" else "no_output"), method
 
 

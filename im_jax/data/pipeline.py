@@ -80,7 +80,7 @@ class DataPipeline:
 
   `lengths[i]`: the shifted length of example i, 0 when it is not in this pipeline (dropped,
   held out); `get_example(i)` encodes it. Build with `build_pipeline` (conversations) or
-  `from_examples` (already encoded); `experiment.build_data` uses the cached plan.
+  `from_examples` (already encoded); `run_data.build_data` uses the cached plan.
   """
 
   def __init__(self, get_example: Callable[[int], dict[str, np.ndarray] | None],

@@ -21,7 +21,6 @@ import hashlib
 import itertools
 import json
 import logging
-import os
 import pathlib
 from collections.abc import Callable, Sequence
 
@@ -67,7 +66,7 @@ class ExamplePlan:
 
   def select(self, eval_fraction: float, max_examples: int) -> tuple[np.ndarray, np.ndarray]:
     """(train, held-out) masks over records: good records, the first `max_examples` of them
-    (0: all), split by the hash (`is_held_out`)."""
+    (0: all), split by the hash (`split_value`)."""
     good = self.reasons != BAD
     if max_examples > 0:
       good &= np.cumsum(good) <= max_examples

@@ -98,7 +98,7 @@ def model_config(c: settings.RunConfig) -> LlamaConfig:
   pretrained = None
   if c.model.init_from:
     try:
-      pretrained = read_model_config(c.model.init_from, **experiment.model_options(c))
+      pretrained = read_model_config(c.model.init_from, **settings.model_options(c))
     except ModelFileError as e:  # a damaged file: the line names it
       raise experiment.ConfigError(str(e)) from None
     except (OSError, ValueError, KeyError) as e:

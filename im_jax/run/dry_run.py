@@ -14,7 +14,7 @@ from typing import Any
 import jax
 
 from im_jax import paths
-from im_jax.run import experiment
+from im_jax.run import experiment, run_data
 from im_jax.checkpoint.store import newest_meta
 from im_jax.convert.load import read_pretrained
 from im_jax.models.llama import config as llama_config
@@ -36,10 +36,10 @@ def data_plan(c: RunConfig, workdir: str | pathlib.Path) -> dict[str, Any]:
       raise ConfigError(f"model.init_from={c.model.init_from}: {e}") from None
   reuse = (workdir / "tokenizer" / "tokenizer.json").exists()  # a synthetic one, kept on resume
   with tempfile.TemporaryDirectory(prefix="im_jax_dry_run_") as scratch:
-    data = experiment.build_data(c, workdir if reuse else pathlib.Path(scratch),
-                                 pretrained_tokenizer, cache_dir=experiment.plan_cache_dir(workdir),
-                                 write_cache=False)  # reads the plan cache, writes nothing
-  experiment.check_data_position(workdir, data.train)
+    data = run_data.build_data(c, workdir if reuse else pathlib.Path(scratch),
+                               pretrained_tokenizer, cache_dir=run_data.plan_cache_dir(workdir),
+                               write_cache=False)  # reads the plan cache, writes nothing
+  run_data.check_data_position(workdir, data.train)
   tokenizer = str(data.tokenizer_dir)
   if c.data.tokenizer == SYNTHETIC and not reuse:
     tokenizer = "synthetic (a BPE trained on the data, written to the workdir by the run)"
