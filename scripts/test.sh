@@ -10,6 +10,11 @@ select=()
 if [[ "${1:-}" == "--fast" ]]; then
   shift
   select=(-m "not slow")
+  # The edit-test loop keeps its compiled graphs between runs: JAX's persistent compilation
+  # cache, keyed on the graph, the compile options and jax's version, so an edit recompiles
+  # only the graphs it changed (and a graph compiled twice in one run compiles once).
+  export JAX_COMPILATION_CACHE_DIR="${JAX_COMPILATION_CACHE_DIR:-$PWD/.pytest_cache/d/jax_cache}"
+  export JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS=0 JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES=-1
 fi
 targets=(tests)
 if [[ $# -gt 0 && -e "${1%%::*}" ]]; then
