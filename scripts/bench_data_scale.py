@@ -112,6 +112,8 @@ def _start(args, data: pathlib.Path, workdir: pathlib.Path, processes: int, out:
 def main(args) -> None:
   sizes = [int(s) for s in args.sizes.split(",")]
   counts = [int(p) for p in args.processes.split(",")]
+  if pathlib.Path(args.tokenizer).is_dir():  # the starts run in the scratch folder
+    args.tokenizer = str(pathlib.Path(args.tokenizer).absolute())
   scratch = pathlib.Path(args.scratch or tempfile.mkdtemp(prefix="bench_data_scale_"))
   scratch.mkdir(parents=True, exist_ok=True)
   print(f"repo {args.repo}; {args.container}; max_seq_len {args.max_seq_len}; tiny model, 2 steps; "
