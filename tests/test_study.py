@@ -152,10 +152,16 @@ def test_every_planned_run_has_a_valid_config(scale, tmp_path):
     c = runs_lib.config_for(run, scale, tmp_path / "data.jsonl",
                             "" if scale.model == "tiny" else "hf:/models/m",
                             str(tmp_path / "tok") if scale.model == "tiny" else "")
-    # cpu runs on one CPU device; the smoke study runs here on the tests' 8.
-    settings.check_mesh(c, num_devices=1 if scale.name == "cpu" else 8, process_count=1)
+    # cpu and replicated run on one CPU device; the smoke studies run here on the tests' 8.
+    one_cpu = scale.model == "smollm2_135m"
+    settings.check_mesh(c, num_devices=1 if one_cpu else 8, process_count=1)
     assert c.data.eval_fraction == 0 and c.train.seed == run.seed
     assert c.loss.mode == ("im" if run.method.startswith("im") else "it")
+    sources = settings.train_sources(c)
+    if run.method == runs_lib.INSTRUCTIONS_ONLY:  # IT beside the instructions under im
+      assert [(s.loss, s.drop_rule) for s in sources] == [(None, None), ("im", "no_weight")]
+    else:
+      assert len(sources) == 1
 
 
 def test_every_scale_finds_its_subsets_in_the_data(shared_data_dir):
@@ -190,7 +196,7 @@ def test_speed_probe_measures_tokens_per_second(smoke, shared_data_dir):
   scale = scales.SMOKE
   splits = {d: subsets.load_split(d, scale.held_out, shared_data_dir) for d in subsets.DATASETS}
   study = runner.Study(smoke, scale, results.ResultStore(smoke / "results" / "smoke"), splits,
-                       start_models.start("smoke", smoke, "", []))
+                       start_models.start("tiny", smoke, "", []))
   tokens_per_sec, tokens_per_example = runner.measure_speed(study)
   assert tokens_per_sec > 0
   assert 10 < tokens_per_example <= scale.overrides["data.max_seq_len"]

@@ -7,7 +7,9 @@ Syntax (one string, so config.json and the resume check keep one value):
 
 Entries are separated by `,`; each is `SOURCE@WEIGHT` followed by any of `@format=F`,
 `@template=T`, `@name=N` (the name in per-source metrics; default: the file's stem, or the
-Hub/TFDS dataset's name). A spec with no `,` and no `@` (or naming an existing file) is one
+Hub/TFDS dataset's name), `@loss=MODE` and `@drop_rule=RULE` (the source's loss mode and drop
+rule, as loss.mode and data.drop_rule: e.g. plain instructions with loss on every token,
+`instr.jsonl@1@loss=im@drop_rule=no_weight`, beside an IT source). A spec with no `,` and no `@` (or naming an existing file) is one
 source, read exactly as before. In a config file `spec([dict(path=..., weight=...), ...])`
 writes the string.
 
@@ -38,10 +40,12 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 
 from im_jax import hub
+from im_jax.data import encode
 from im_jax.data import sources as sources_lib
 from im_jax.data import templates
+from im_jax.data import weights
 
-OPTIONS = ("format", "template", "name")
+OPTIONS = ("format", "template", "name", "loss", "drop_rule")
 _STREAM = 0x6D6978  # tags the per-source permutations apart from the epoch shuffle's seeds
 _NAME = re.compile(r"[A-Za-z0-9_.-]+")
 
@@ -59,6 +63,8 @@ class Source:
   format: str | None = None  # None: data.format
   template: str | None = None  # None: data.template
   name: str = ""
+  loss: str | None = None  # None: loss.mode
+  drop_rule: str | None = None  # None: data.drop_rule
 
 
 def is_mixture(spec: str) -> bool:
@@ -110,7 +116,8 @@ def _parse_entry(entry: str) -> Source:
       raise MixtureError(f"data.train: source {spec}: {key} is given twice")
     options[key] = value
   return _checked(Source(spec, weight, options.get("format"), options.get("template"),
-                         options.get("name") or default_name(spec)))
+                         options.get("name") or default_name(spec), options.get("loss"),
+                         options.get("drop_rule")))
 
 
 def _checked(source: Source) -> Source:
@@ -120,6 +127,12 @@ def _checked(source: Source) -> Source:
   if source.template is not None and source.template not in templates.TEMPLATES:
     raise MixtureError(f"data.train: source {source.spec}: unknown template "
                        f"{source.template!r} (one of {', '.join(templates.TEMPLATES)})")
+  if source.loss is not None and source.loss not in weights.LOSS_MODES:
+    raise MixtureError(f"data.train: source {source.spec}: unknown loss {source.loss!r} "
+                       f"(one of {', '.join(weights.LOSS_MODES)})")
+  if source.drop_rule is not None and source.drop_rule not in encode.DROP_RULES:
+    raise MixtureError(f"data.train: source {source.spec}: unknown drop_rule "
+                       f"{source.drop_rule!r} (one of {', '.join(encode.DROP_RULES)})")
   if not _NAME.fullmatch(source.name):
     raise MixtureError(f"data.train: source {source.spec}: name {source.name!r} must be "
                        "letters, digits, '_', '.' or '-'")
@@ -238,7 +251,8 @@ def source_table(mix_sources: Sequence[Source], offsets: np.ndarray, lengths: np
   for s, source in enumerate(mix_sources):
     out.append({
         "name": source.name, "source": source.spec, "weight": source.weight,
-        "format": source.format, "template": source.template, **stats[s],
+        "format": source.format, "template": source.template, "loss": source.loss,
+        "drop_rule": source.drop_rule, **stats[s],
         "held_out": int(held_out[s]),
         "example_share": float(count[s] / max(count.sum(), 1)),
         "token_share": float(tokens[s] / max(tokens.sum(), 1)),

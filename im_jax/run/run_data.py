@@ -113,7 +113,7 @@ def _example_plan(c: RunConfig, source: mixture.Source,
                   write_cache: bool) -> tuple[plan_lib.ExamplePlan, str]:
   """The plan of every record of one source, read from the cache or made (each process its
   share). A mixture plans each source on its own (its own format and template)."""
-  enc = encode_config(c, source.template)
+  enc = encode_config(c, source)
   settings = {"encode": repr(enc), "format": source.format or c.data.format,
               "on_bad_record": c.data.on_bad_record}
   if source.spec.startswith(SYNTHETIC + ":"):
@@ -170,7 +170,7 @@ def build_data(c: RunConfig, tokenizer_home: pathlib.Path,
     helds.append(held)
   plan = plan_lib.ExamplePlan.concatenate(plans)
   train, held = np.concatenate(trains), np.concatenate(helds)
-  encoders = [Encoder(tokenizer, encode_config(c, source.template)) for source in sources]
+  encoders = [Encoder(tokenizer, encode_config(c, source)) for source in sources]
   offsets = records.offsets
 
   def get_example(i: int):

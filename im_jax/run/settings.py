@@ -227,6 +227,8 @@ def load(c: ml_collections.ConfigDict) -> RunConfig:
   check(not lora.enabled or bool(run.model.init_from),
         f"model.lora.rank={lora.rank} needs model.init_from: adapters train on a pretrained base")
   _typed(["data", "loss"], lambda: encode_config(run))
+  for source in train_sources(run):  # a source's own template / loss mode / drop rule
+    _typed(["data.train"], lambda source=source: encode_config(run, source))
   _typed(["loss"], lambda: loss_config(run))
   _typed(["data"], lambda: pipeline_config(run, rows=1, epochs=1, shuffle=True))
   return run
@@ -266,15 +268,19 @@ def train_sources(run: RunConfig) -> list[mixture.Source]:
     raise ConfigError(str(e)) from None
 
 
-def encode_config(run: RunConfig, template: str | None = None) -> encode_lib.EncodeConfig:
-  """The run's encoding; `template` (a mixture source's override) replaces data.template."""
+def encode_config(run: RunConfig, source: Any = None) -> encode_lib.EncodeConfig:
+  """The run's encoding; a mixture `source`'s template, loss mode and drop rule, where it
+  sets them, replace data.template, loss.mode and data.drop_rule."""
   data, loss = run.data, run.loss
+  template = getattr(source, "template", None) or data.template
+  mode = getattr(source, "loss", None) or loss.mode
+  drop_rule = getattr(source, "drop_rule", None) or data.drop_rule or None  # None: by mode
   return encode_lib.EncodeConfig(
-      template=templates.TemplateConfig(template or data.template,
-                                        strip_content=data.strip_content),
-      loss=weights_lib.LossMaskConfig(loss.mode, loss.instruction_weight, loss.assistant_turns),
-      max_seq_len=data.max_seq_len, truncation=data.truncation,
-      drop_rule=data.drop_rule or None)  # "": by loss mode
+      template=templates.TemplateConfig(template, strip_content=data.strip_content),
+      # instruction_weight is an im setting: a source of another mode than the run's keeps 1
+      loss=weights_lib.LossMaskConfig(
+          mode, loss.instruction_weight if mode == loss.mode else 1.0, loss.assistant_turns),
+      max_seq_len=data.max_seq_len, truncation=data.truncation, drop_rule=drop_rule)
 
 
 def model_options(run: RunConfig) -> dict[str, Any]:

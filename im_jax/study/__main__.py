@@ -1,13 +1,16 @@
 """Reproduce the paper's findings: IT vs IM on its data, one resumable command.
 
-    python -m im_jax.study --out DIR [--scale smoke|cpu|accelerator] [--only NAME ...]
+    python -m im_jax.study --out DIR [--scale SCALE] [--only NAME ...]
         [--results FOLDER] [--model hf:DIR] [--data-dir DIR]
 
 Experiments (--only picks some): overfitting, memorisation, data_size, length_ratio,
 second_seed (the LIMA IT-vs-IM comparison again with another seed).
 Scales: smoke (tiny random-init model, every experiment in minutes: tests the machinery),
 cpu (SmolLM2-135M-Instruct sized to about 2 hours of a 2-core CPU by a measured tokens/s),
-accelerator (any Hugging Face model given with --model hf:DIR; every method).
+accelerator (any Hugging Face model given with --model hf:DIR; every method),
+replicated (the second edition, docs/study_plan.md: IT, IM and the it_instr control on 3
+disjoint LIMA subsets for 10 epochs, the held-out loss of every example after every epoch;
+smoke_replicated: the same machinery at the smoke scale's size).
 
 Each run is an ordinary training workdir under DIR/runs/; each finished run's measures go to
 the results folder (default DIR/results/SCALE; give e.g. docs/study to commit them) and are
@@ -27,6 +30,7 @@ import sys
 import time
 
 from im_jax import cli
+from im_jax.study import scales  # plain dataclasses: --help stays light
 
 # runs.EXPERIMENTS, repeated so that --help imports nothing heavy (tested equal).
 EXPERIMENTS = ("overfitting", "memorisation", "data_size", "length_ratio", "second_seed")
@@ -36,7 +40,7 @@ def _parser() -> argparse.ArgumentParser:
   parser = cli.ArgumentParser(prog="python -m im_jax.study", description=__doc__)
   parser.add_argument("--out", required=True,
                       help="study folder: data subsets, run workdirs, the report")
-  parser.add_argument("--scale", choices=("smoke", "cpu", "accelerator"), default="smoke")
+  parser.add_argument("--scale", choices=tuple(scales.SCALES), default="smoke")
   parser.add_argument("--only", nargs="+", action="extend", choices=EXPERIMENTS,
                       help="only these experiments (default: all)")
   parser.add_argument("--results", default=None,

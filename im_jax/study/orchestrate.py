@@ -51,7 +51,7 @@ def run_study(out: pathlib.Path, scale_name: str, only: tuple[str, ...], results
   out.mkdir(parents=True, exist_ok=True)
   _compilation_cache(out)
   texts = [c for s in splits.values() for c in s.held_out + s.pool[:4 * scale.overfit_size]]
-  start = start_models.start(scale.name, out, model, texts)
+  start = start_models.start(scale.model, out, model, texts)
   study = runner.Study(out, scale, store, splits, start)
   study.scale, sized = _sized_scale(study)
   runs = runs_lib.make_plan(study.scale, only)

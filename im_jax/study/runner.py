@@ -18,14 +18,16 @@ from collections.abc import Sequence
 from typing import Any
 
 import jax
+from flax import nnx
 
-from im_jax import report
+from im_jax import report, write_faults
 from im_jax.run import experiment
 from im_jax.convert.load import load_pretrained
 from im_jax.data import pipeline as pipeline_lib
 from im_jax.data.conversation import Conversation
 from im_jax.data.stats import load_tokenizer
 from im_jax.run.settings import check_mesh, encode_config, model_options, pipeline_config
+from im_jax.train import loop as loop_lib
 from im_jax.study import evaluation, results, runs as runs_lib, scales, start_models, subsets
 
 
@@ -76,7 +78,11 @@ class Study:
             "examples": ids_digest(self.subset(run)), "experiments": list(run.experiments)}
 
   def config(self, run: runs_lib.Run):
-    data = subsets.write_jsonl(self.out / "data" / f"{run.subset.name}.jsonl", self.subset(run))
+    conversations = self.subset(run)
+    data = subsets.write_jsonl(self.out / "data" / f"{run.subset.name}.jsonl", conversations)
+    if run.method == runs_lib.INSTRUCTIONS_ONLY:
+      subsets.write_jsonl(runs_lib.instructions_file(data),
+                          runs_lib.instructions_only(conversations))
     return runs_lib.config_for(run, self.scale, data, self.start.init_from, self.start.tokenizer)
 
 
@@ -101,12 +107,10 @@ def evaluate_model(study: Study, mut: evaluation.ModelUnderTest, datasets: Seque
   for dataset in datasets:
     losses = evaluation.example_losses(mut, study.splits[dataset].held_out, max_seq_len, batch,
                                        chunk)
-    out["held_out"][dataset] = {**losses, "output_mean": evaluation.mean(losses["output"]),
-                                "instruction_mean": evaluation.mean(losses["instruction"])}
+    out["held_out"][dataset] = _with_means(losses)
   if train:
     losses = evaluation.example_losses(mut, train, max_seq_len, batch, chunk)
-    out["train"] = {**losses, "output_mean": evaluation.mean(losses["output"]),
-                    "instruction_mean": evaluation.mean(losses["instruction"])}
+    out["train"] = _with_means(losses)
   return out
 
 
@@ -123,8 +127,11 @@ def baseline(study: Study, datasets: Sequence[str]) -> None:
     # The training examples it is scored on are part of the key: a change in how subsets
     # are drawn must not reuse a baseline scored on other examples.
     key = {**study.base_key(), "dataset": dataset, "train_examples": ids_digest(train)}
+    prompts = _baseline_prompts(study, dataset)
+    if prompts:  # the memorisation floor: the untrained model on the same prompts
+      key["prompts"] = ids_digest(prompts)
     if study.store.get(baseline_name(dataset), key) is None:
-      todo.append((dataset, train, key))
+      todo.append((dataset, train, prompts, key))
   if not todo:
     say("baseline: done (from results)")
     return
@@ -139,18 +146,36 @@ def baseline(study: Study, datasets: Sequence[str]) -> None:
     mcfg = experiment.model_config(c, len(tokenizer))
     mut = evaluation.ModelUnderTest(Llama(mcfg, rngs=nnx.Rngs(c.train.seed)), tokenizer,
                                     c.data.template, c.data.strip_content)
-  for dataset, train, key in todo:
+  for dataset, train, prompts, key in todo:
     value = evaluate_model(study, mut, [dataset], train, c.data.max_seq_len)
+    if prompts:
+      value["memorisation"] = evaluation.memorisation(mut, prompts, study.scale.max_new_tokens)
     study.store.put(baseline_name(dataset), key, value)
 
 
 def _baseline_train(study: Study, dataset: str) -> list[Conversation]:
   """The training examples the baseline is scored on: the first of the overfitting subset."""
+  if study.scale.replicas:  # replica 0's first examples, as its runs' train scores
+    return _replica0(study, dataset)[:study.scale.train_eval]
   if dataset not in runs_lib.OVERFIT_DATASETS:
     return []
   subset = runs_lib.overfit_subset(study.scale, dataset)
   train = runs_lib.subset_conversations(subset, study.splits[dataset], study.max_seq_len())
   return train[:study.scale.train_eval]
+
+
+def _replica0(study: Study, dataset: str) -> list[Conversation]:
+  """The examples of the replicated design's replica 0 (none for another dataset)."""
+  if dataset != runs_lib.REPLICATED_DATASET:
+    return []
+  return study.subset(runs_lib.replicated_plan(study.scale)[0])
+
+
+def _baseline_prompts(study: Study, dataset: str) -> list[Conversation]:
+  """The replicated design's memorisation prompts, as its replica-0 runs generate from."""
+  if not study.scale.replicas:
+    return []
+  return _replica0(study, dataset)[:study.scale.generations]
 
 
 def epoch_curves(workdir: pathlib.Path, steps_per_epoch: int) -> list[dict[str, Any]]:
@@ -173,6 +198,44 @@ def epoch_curves(workdir: pathlib.Path, steps_per_epoch: int) -> list[dict[str, 
   return epochs
 
 
+HELD_OUT_CURVE = "held_out_epochs"  # WORKDIR/held_out_epochs/step_N.json (replicated)
+
+
+def held_out_hook(study: Study, run: runs_lib.Run, exp: experiment.Experiment,
+                  tokenizer: Any, every: int) -> loop_lib.StepHook:
+  """Every `every` steps and at the end: each held-out example's losses, written to
+  WORKDIR/held_out_epochs/step_N.json (kept on resume: a step's file is its model's), and
+  their means logged. The same measure (`evaluation.example_losses`) as every other score
+  of the study, on the model in memory."""
+  c = exp.config
+  held = study.splits[run.subset.dataset].held_out
+  folder = exp.workdir / HELD_OUT_CURVE
+
+  def fn(state) -> dict[str, float]:
+    model = nnx.merge(exp.graphdef, state.params, *state.fixed())
+    mut = evaluation.ModelUnderTest(model, tokenizer, c.data.template, c.data.strip_content)
+    losses = evaluation.example_losses(mut, held, c.data.max_seq_len, c.eval.batch_size,
+                                       c.loss.chunk_size)
+    folder.mkdir(parents=True, exist_ok=True)
+    write_faults.replace_text(folder / f"step_{int(state.step)}.json", json.dumps(losses))
+    return {"held_out_output_loss_per_example": evaluation.mean(losses["output"]),
+            "held_out_instruction_loss_per_example": evaluation.mean(losses["instruction"])}
+
+  return loop_lib.StepHook(fn, every)
+
+
+def held_out_epochs(workdir: pathlib.Path, steps_per_epoch: int,
+                    epochs: int) -> list[dict[str, list[float | None]]]:
+  """The per-example held-out losses after each epoch, from `held_out_hook`'s files."""
+  out = []
+  for epoch in range(1, epochs + 1):
+    path = workdir / HELD_OUT_CURVE / f"step_{epoch * steps_per_epoch}.json"
+    if not path.exists():
+      raise FileNotFoundError(f"{path}: the held-out losses after epoch {epoch} are missing")
+    out.append(json.loads(path.read_text(encoding="utf-8")))
+  return out
+
+
 def train(study: Study, run: runs_lib.Run) -> dict[str, Any]:
   """Trains (or resumes) the run's workdir; its curves and throughput."""
   c = study.config(run)
@@ -180,22 +243,34 @@ def train(study: Study, run: runs_lib.Run) -> dict[str, Any]:
   check_mesh(c, jax.device_count(), jax.process_count())
   exp = experiment.build(c, workdir)
   tokenizer = load_tokenizer(str(exp.tokenizer_dir))
-  held = study.splits[run.subset.dataset].held_out
-  exp.eval_data = pipeline_lib.build_pipeline(
-      held, tokenizer, encode_config(c), pipeline_config(c, c.eval.batch_size, 1, False),
-      shard_index=0, shard_count=1)
   spe = exp.train_data.steps_per_epoch
-  exp.loop_config = dataclasses.replace(exp.loop_config, eval_every=spe)
+  held = study.splits[run.subset.dataset].held_out
+  if study.scale.replicas:  # every example after every epoch, not only their mean
+    exp.eval_data = None
+    exp.hooks = exp.hooks + (held_out_hook(study, run, exp, tokenizer, spe),)
+  else:
+    exp.eval_data = pipeline_lib.build_pipeline(
+        held, tokenizer, encode_config(c), pipeline_config(c, c.eval.batch_size, 1, False),
+        shard_index=0, shard_count=1)
+    exp.loop_config = dataclasses.replace(exp.loop_config, eval_every=spe)
   say(f"  training {exp.loop_config.total_steps} steps ({spe} per epoch) in {workdir}")
   result = exp.run()
   if result.preempted:
     raise StudyStopped(f"{run.name} was stopped at step {result.step} (its checkpoint is "
                        "saved): rerun the same command to resume")
   summary = report.summarize(report.load_run(workdir))
-  return {"workdir": str(workdir), "steps": result.step, "steps_per_epoch": spe,
-          "epochs": epoch_curves(workdir, spe), "tokens": summary.tokens,
-          "tokens_per_sec": summary.tokens_per_sec,
-          "data_stats": exp.train_data.stats.as_dict()}
+  epochs = epoch_curves(workdir, spe)
+  value = {"workdir": str(workdir), "steps": result.step, "steps_per_epoch": spe,
+           "epochs": epochs, "tokens": summary.tokens,
+           "tokens_per_sec": summary.tokens_per_sec,
+           "data_stats": exp.train_data.stats.as_dict()}
+  if study.scale.replicas:
+    curve = held_out_epochs(workdir, spe, len(epochs))
+    for point, losses in zip(epochs, curve):
+      point["held_out_output_loss"] = evaluation.mean(losses["output"])
+      point["held_out_instruction_loss"] = evaluation.mean(losses["instruction"])
+    value["held_out_epochs"] = curve
+  return value
 
 
 def run_one(study: Study, run: runs_lib.Run, datasets: Sequence[str]) -> dict[str, Any]:
@@ -207,13 +282,23 @@ def run_one(study: Study, run: runs_lib.Run, datasets: Sequence[str]) -> dict[st
   c = study.config(run)
   mut = _mut_from_loaded(load_pretrained(value["workdir"], **eval_options(c)))
   own = (datasets if "overfitting" in run.experiments else (run.subset.dataset,))
+  curve = value.get("held_out_epochs")
+  if curve:  # the last epoch's held-out losses are this model's: not computed twice
+    own = tuple(d for d in own if d != run.subset.dataset)
   value.update(evaluate_model(study, mut, own, study.subset(run)[:study.scale.train_eval],
                               c.data.max_seq_len))
+  if curve:
+    value["held_out"][run.subset.dataset] = _with_means(curve[-1])
   if "memorisation" in run.experiments:
     prompts = study.subset(run)[:study.scale.generations]
     value["memorisation"] = evaluation.memorisation(mut, prompts, study.scale.max_new_tokens)
   value["seconds"] = time.perf_counter() - started
   return study.store.put(run.name, key, value)
+
+
+def _with_means(losses: dict[str, list]) -> dict[str, Any]:
+  return {**losses, "output_mean": evaluation.mean(losses["output"]),
+          "instruction_mean": evaluation.mean(losses["instruction"])}
 
 
 def run_all(study: Study, runs: Sequence[runs_lib.Run], datasets: Sequence[str]) -> None:

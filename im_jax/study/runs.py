@@ -14,6 +14,7 @@ from typing import Any
 
 from im_jax.run import settings
 from im_jax.configs import paper
+from im_jax.data.conversation import Conversation
 from im_jax.study import scales, subsets
 
 OVERFIT_DATASETS = ("lima", "alpaca5k")
@@ -27,6 +28,7 @@ class Subset:
   dataset: str  # the dataset whose held-out set measures it
   size: int
   band: str = ""  # "low" / "high" for length-ratio subsets
+  offset: int = 0  # where in the pool it starts: replicas are disjoint slices of it
 
 
 @dataclasses.dataclass(frozen=True)
@@ -45,11 +47,29 @@ class Run:
 # this seed: how much of a difference one seed's data order and noise make.
 SECOND_SEED = 1
 EXPERIMENTS = ("overfitting", "memorisation", "data_size", "length_ratio", "second_seed")
+REPLICATED_DATASET = "lima"
+# The control of the second edition: IT on the subset plus, as separate sequences of their
+# own, each example's instruction (system and user messages) with loss on its every token.
+INSTRUCTIONS_ONLY = "it_instr"
 
 
 def methods(scale: scales.Scale) -> tuple[str, ...]:
-  """it and im, then the scale's extra methods that configs/paper.py knows."""
-  return scales.CORE_METHODS + tuple(m for m in scale.extra_methods if m in paper.METHODS)
+  """it and im, then the scale's extra methods that configs/paper.py knows, then its
+  controls."""
+  return (scales.CORE_METHODS + tuple(m for m in scale.extra_methods if m in paper.METHODS)
+          + scale.controls)
+
+
+def replicated_plan(scale: scales.Scale) -> list[Run]:
+  """The second edition: replica r is the r-th disjoint slice of the pool, trained with seed
+  r by every method; replica 0 also serves memorisation."""
+  runs = []
+  for r in range(scale.replicas):
+    n = scale.overfit_size
+    subset = Subset(f"{REPLICATED_DATASET}_r{r}_n{n}", REPLICATED_DATASET, n, offset=r * n)
+    experiments = ("overfitting", "memorisation") if r == 0 else ("overfitting",)
+    runs += [Run(subset, method, experiments, seed=r) for method in methods(scale)]
+  return runs
 
 
 def make_plan(scale: scales.Scale, only: tuple[str, ...] = ()) -> list[Run]:
@@ -58,6 +78,10 @@ def make_plan(scale: scales.Scale, only: tuple[str, ...] = ()) -> list[Run]:
   A run always lists every experiment it serves, whatever `only` picks, so its result (and
   the evaluations it holds) is the same with or without `--only`.
   """
+  if scale.replicas:
+    if only:
+      raise ValueError(f"the {scale.name} scale runs one design whole: --only does not apply")
+    return replicated_plan(scale)
   chosen = only or EXPERIMENTS
   unknown = sorted(set(chosen) - set(EXPERIMENTS))
   if unknown:
@@ -100,14 +124,30 @@ def subset_conversations(subset: Subset, split: subsets.DatasetSplit, max_seq_le
   if subset.band:
     # About 3 tokens per word at most (template and a small BPE included): no output is cut.
     return subsets.ratio_bands(split, subset.size, max_seq_len // 3)[subset.band]
-  return subsets.first(split, subset.size)
+  return subsets.first(split, subset.size, subset.offset)
+
+
+def instructions_file(data_file: pathlib.Path) -> pathlib.Path:
+  return data_file.with_name(f"{data_file.stem}_instructions.jsonl")
+
+
+def instructions_only(conversations: list[Conversation]) -> list[Conversation]:
+  """Each example without its assistant messages: under loss `im` exactly the tokens IM adds
+  to IT's (system and user content), predicted from the same template header."""
+  return [dataclasses.replace(c, messages=tuple(m for m in c.messages if m.role != "assistant"),
+                              id=f"{c.id}/instruction")
+          for c in conversations]
 
 
 def config_for(run: Run, scale: scales.Scale, data_file: pathlib.Path, init_from: str,
                tokenizer: str, overrides: dict[str, Any] | None = None) -> settings.RunConfig:
   """The paper recipe for this run's data and method, with the scale's overrides (then
   `overrides`), as the typed config."""
-  c = paper.get_config(f"{data_file},{run.method},{scale.model}")
+  control = run.method == INSTRUCTIONS_ONLY
+  c = paper.get_config(f"{data_file},{'it' if control else run.method},{scale.model}")
+  if control:  # both sources once per epoch (equal weights, equal sizes: mixture.py)
+    c.data.train = (f"{data_file}@1,{instructions_file(data_file)}@1@loss=im"
+                    "@drop_rule=no_weight@name=instructions")
   c.data.eval_fraction = 0.0  # the study's own held-out set replaces the hashed split
   c.train.log_every = 1  # per-step train losses: the per-epoch train curve averages them
   c.train.seed = run.seed

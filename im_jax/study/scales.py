@@ -28,6 +28,11 @@ class Scale:
   overrides: dict[str, Any]  # config overrides on top of the paper recipe
   reasons: dict[str, str]  # why each override (shown in the report)
   init_from: str = ""  # "" for the tiny random init; set by the runner for cpu/accelerator
+  # The second edition's design (docs/study_plan.md): `replicas` disjoint LIMA subsets of
+  # `overfit_size` examples, subset r trained with seed r, by it, im and `controls`; the
+  # held-out loss of every example after every epoch. 0: the first edition's experiments.
+  replicas: int = 0
+  controls: tuple[str, ...] = ()
 
 
 SMOKE = Scale(
@@ -74,4 +79,29 @@ ACCELERATOR = Scale(
     reasons={"train.epochs": "3 epochs: per-epoch points for the overfitting curve "
                              "(the paper trains 2, LIMA also 10)"})
 
-SCALES = {s.name: s for s in (SMOKE, CPU, ACCELERATOR)}
+# The second edition (issue 31): the main cell only, replicated, into the overfitting regime.
+REPLICATED = Scale(
+    name="replicated", model="smollm2_135m", overfit_size=64, sizes=(), ratio_size=0,
+    held_out=100, train_eval=64, generations=64, max_new_tokens=64, extra_methods=(),
+    overrides={"data.max_seq_len": 512, "data.packing": "best_fit", "train.batch_size": 2,
+               "train.grad_accum": 1, "loss.chunk_size": 128, "train.epochs": 10,
+               "eval.batch_size": 8, "model.compute_dtype": "float32",
+               "checkpoint.every_steps": 32, "checkpoint.keep": 1, "export_hf": False},
+    reasons={
+        "design": "docs/study_plan.md, committed before any run: 3 disjoint LIMA subsets, "
+                  "each with its own seed, IT, IM and the it_instr control",
+        "train.batch_size": "2 packed rows per step (about 3 LIMA examples): about 4 times "
+                            "the updates per epoch of the first edition, lr still 2e-5",
+        "train.epochs": "10 epochs: the paper's LIMA setting, to reach the overfitting regime",
+        "data.max_seq_len, data.packing, model.compute_dtype, loss.chunk_size":
+            "as the cpu scale (a 2-core CPU)"},
+    replicas=3, controls=("it_instr",))
+
+# The second edition's machinery at the smoke scale's size (its test and golden result).
+SMOKE_REPLICATED = dataclasses.replace(
+    REPLICATED, name="smoke_replicated", model="tiny", overfit_size=8, held_out=12,
+    train_eval=8, generations=4, max_new_tokens=8,
+    overrides={**SMOKE.overrides, "train.epochs": 3},  # 8 rows: the tests' 8 CPU devices
+    reasons=SMOKE.reasons)
+
+SCALES = {s.name: s for s in (SMOKE, CPU, ACCELERATOR, REPLICATED, SMOKE_REPLICATED)}

