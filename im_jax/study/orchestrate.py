@@ -42,7 +42,8 @@ def _sized_scale(study: runner.Study) -> tuple[scales.Scale, dict[str, Any] | No
 
 def run_study(out: pathlib.Path, scale_name: str, only: tuple[str, ...], results_dir: str | None,
               model: str, data_dir: str | None, command: str, started: float,
-              results_mirror: str | None = None) -> list[pathlib.Path]:
+              results_mirror: str | None = None,
+              first_edition: str | None = None) -> list[pathlib.Path]:
   scale = scales.SCALES[scale_name]
   store = results.ResultStore(pathlib.Path(results_dir) if results_dir
                               else out / "results" / scale.name, mirror=results_mirror)
@@ -80,5 +81,13 @@ def run_study(out: pathlib.Path, scale_name: str, only: tuple[str, ...], results
                              f"factor {sized['factor']:.3f}, estimated "
                              f"{sized['estimate_seconds'] / 3600:.2f} h of "
                              f"{sized['budget_seconds'] / 3600:.1f} h")
+  if scale.replicas:
+    from im_jax.study import second_edition  # pylint: disable=g-import-not-at-top
+
+    first = None
+    if first_edition:
+      first = results.ResultStore(pathlib.Path(first_edition)).all()
+      header["first edition's results (re-read)"] = first_edition
+    return second_edition.write(out, records, header, first)
   from im_jax.study import writeup  # pylint: disable=g-import-not-at-top  (matplotlib)
   return writeup.write(out, records, header)
