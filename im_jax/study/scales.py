@@ -100,8 +100,8 @@ REPLICATED = Scale(
 # The second edition's machinery at the smoke scale's size (its test and golden result).
 SMOKE_REPLICATED = dataclasses.replace(
     REPLICATED, name="smoke_replicated", model="tiny", overfit_size=8, held_out=12,
-    train_eval=8, generations=4, max_new_tokens=8,
-    overrides={**SMOKE.overrides, "train.epochs": 3},  # 8 rows: the tests' 8 CPU devices
+    train_eval=8, generations=4, max_new_tokens=8, replicas=2,  # 2: across-run statistics
+    overrides={**SMOKE.overrides, "train.epochs": 2},  # 8 rows: the tests' 8 CPU devices
     reasons=SMOKE.reasons)
 
 SCALES = {s.name: s for s in (SMOKE, CPU, ACCELERATOR, REPLICATED, SMOKE_REPLICATED)}
