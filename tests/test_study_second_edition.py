@@ -163,3 +163,20 @@ def test_the_control_trains_each_instruction_alone(replicated):
   # 128-token rows cut off
   assert record["data_stats"]["examples"] == 2 * it["data_stats"]["examples"]
   assert record["data_stats"]["kept"] > it["data_stats"]["kept"]
+
+
+def test_the_pilot_sizing_rule():
+  """docs/study_plan.md: 9 runs of the pilot's mean time + 10 min must fit 5.5 h and each run
+  45 min, else 32 examples; no upturn in IT's held-out loss doubles the epochs."""
+  from im_jax.study import sizing  # pylint: disable=g-import-not-at-top
+
+  def record(seconds, losses=()):
+    return {"seconds": seconds, "epochs": [{"held_out_output_loss": v} for v in losses]}
+
+  turns_up = (2.0, 1.9, 1.95)
+  keep = sizing.pilot_decision(record(2000, turns_up), record(2100), 9, 10, 64)
+  assert (keep["decision"], keep["it_best_epoch"], keep["size"]) == ("keep the design", 2, 64)
+  too_slow = sizing.pilot_decision(record(2600, turns_up), record(2600), 9, 10, 64)
+  assert (too_slow["size"], too_slow["epochs"]) == (32, 10)  # 9 x 43 min > 5.5 h
+  flat = sizing.pilot_decision(record(1000, (2.0, 1.9, 1.85)), record(1000), 9, 10, 64)
+  assert (flat["it_overfits"], flat["size"], flat["epochs"]) == (False, 64, 20)

@@ -40,6 +40,24 @@ def _sized_scale(study: runner.Study) -> tuple[scales.Scale, dict[str, Any] | No
   return fitted, stored
 
 
+def _pilot(study: runner.Study, runs: list[runs_lib.Run], datasets) -> None:
+  """The replicated design's pilot: replica 0's IT/IM pair runs first and its sizing is
+  stored (`sizing.json`); a design the pilot rejects stops here, before the other runs."""
+  pilot = [r for r in runs if r.seed == 0 and r.method in scales.CORE_METHODS]
+  runner.run_all(study, pilot, datasets)
+  key = {**study.base_key(), "pilot": [r.name for r in pilot]}
+  stored = study.store.get("sizing", key)
+  if stored is None:
+    it, im = (study.store.get(r.name, study.run_key(r)) for r in pilot)
+    stored = study.store.put("sizing", key, sizing.pilot_decision(
+        it, im, len(runs), study.scale.overrides["train.epochs"], study.scale.overfit_size))
+  runner.say(f"pilot: {stored['t'] / 60:.0f} min for the pair, IT's best epoch "
+             f"{stored['it_best_epoch']}: {stored['decision']}")
+  if stored["decision"] != "keep the design":
+    raise ValueError(f"{study.store.path('sizing')}: the pilot says {stored['decision']}: "
+                     "the plan's rule changes the design (docs/study_plan.md)")
+
+
 def run_study(out: pathlib.Path, scale_name: str, only: tuple[str, ...], results_dir: str | None,
               model: str, data_dir: str | None, command: str, started: float,
               results_mirror: str | None = None,
@@ -59,6 +77,8 @@ def run_study(out: pathlib.Path, scale_name: str, only: tuple[str, ...], results
   datasets = runs_lib.needed_datasets(runs)
   for dataset in datasets:
     study.held_out_file(dataset)  # on disk too: `python -m im_jax.eval` can reuse them
+  if study.scale.pilot:
+    _pilot(study, runs, datasets)
   runner.run_all(study, runs, datasets)
   names = {runner.baseline_name(d) for d in datasets} | {r.name for r in runs}
   records = {k: v for k, v in store.all().items() if k in names}

@@ -33,6 +33,7 @@ class Scale:
   # held-out loss of every example after every epoch. 0: the first edition's experiments.
   replicas: int = 0
   controls: tuple[str, ...] = ()
+  pilot: bool = False  # the first IT/IM pair sizes the rest (sizing.pilot_decision)
 
 
 SMOKE = Scale(
@@ -95,12 +96,12 @@ REPLICATED = Scale(
         "train.epochs": "10 epochs: the paper's LIMA setting, to reach the overfitting regime",
         "data.max_seq_len, data.packing, model.compute_dtype, loss.chunk_size":
             "as the cpu scale (a 2-core CPU)"},
-    replicas=3, controls=("it_instr",))
+    replicas=3, controls=("it_instr",), pilot=True)
 
 # The second edition's machinery at the smoke scale's size (its test and golden result).
 SMOKE_REPLICATED = dataclasses.replace(
     REPLICATED, name="smoke_replicated", model="tiny", overfit_size=8, held_out=12,
-    train_eval=8, generations=4, max_new_tokens=8, replicas=2,  # 2: across-run statistics
+    train_eval=8, generations=4, max_new_tokens=8, replicas=2, pilot=False,  # 2: enough
     overrides={**SMOKE.overrides, "train.epochs": 2},  # 8 rows: the tests' 8 CPU devices
     reasons=SMOKE.reasons)
 
