@@ -121,8 +121,12 @@ def test_smoke_replicated_writes_every_artefact(replicated):
   assert alpaca["per_example"]["mean"] == pytest.approx(-0.0518, abs=1e-4)
   assert alpaca["per_example"]["median"] == pytest.approx(0.0025, abs=1e-4)
   assert alpaca["verdict"] == claims.DEPENDS
-  base = json.loads((results / "baseline_lima.json").read_text())
-  assert len(base["memorisation"]["bleu_per_example"]) == scale.generations
+  # the floor: the untrained model on every memorisation replica's prompts, in their order
+  base = json.loads((results / "baseline_lima.json").read_text())["memorisation"]
+  generated = [json.loads((results / f"{r.name}.json").read_text())["memorisation"]
+               for r in runs if r.method == "it" and "memorisation" in r.experiments]
+  assert len(generated) == 2 and [g["instruction"] for g in base["generations"]] == [
+      g["instruction"] for part in generated for g in part["generations"]]
 
 
 @pytest.mark.slow  # runs the study
