@@ -184,3 +184,16 @@ def test_the_pilot_sizing_rule():
   assert (too_slow["size"], too_slow["epochs"]) == (32, 10)  # 9 x 43 min > 5.5 h
   flat = sizing.pilot_decision(record(1000, (2.0, 1.9, 1.85)), record(1000), 9, 10, 64)
   assert (flat["it_overfits"], flat["size"], flat["epochs"]) == (False, 64, 20)
+
+
+def test_docs_study_shows_the_first_edition_as_the_code_re_reads_it():
+  """docs/study.md's re-read table is what the committed first-edition results compute to."""
+  from im_jax.study import results, second_edition  # pylint: disable=g-import-not-at-top
+
+  root = pathlib.Path(__file__).resolve().parents[1]
+  rows = second_edition.reread(results.ResultStore(root / "docs" / "study").all())
+  table = second_edition.claims_table(rows)
+  assert len(rows) == 10 and sum(not r["descriptive"] for r in rows) == 6
+  doc = (root / "docs" / "study.md").read_text()
+  for line in table.splitlines()[2:]:
+    assert line in doc, line
