@@ -4,14 +4,21 @@
   sizing) carries the key the current code computes for it (`orchestrate.result_keys`, no
   training and no model loaded). A code change that alters a key makes the documented rebuild
   stop with a stale-result error; this test names the file and the fields instead.
+- A golden smoke result (study_smoke_golden.json): a few training steps of the smoke scale
+  give the committed per-step losses, so a change in what training computes cannot land
+  silently beside results made before it.
 """
 
+import dataclasses
 import json
+import os
 import pathlib
 
+import numpy as np
 import pytest
 
-from im_jax.study import orchestrate, results, runner, scales, start_models
+from im_jax.study import orchestrate, results, runner, runs as runs_lib, scales, start_models
+from im_jax.study import subsets
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 # The committed results folders; the second edition's fills as its runs finish.
@@ -73,3 +80,67 @@ def test_a_changed_key_is_named(shared_data_dir, tmp_path):
   assert len(problems) == 1 and "lima_n64_it.json" in problems[0], problems
   assert 'examples: stored "0000000000000000", now "c7241fb7783e254b"' in problems[0], problems
 
+
+# The golden smoke result: what training computes, pinned (see the test's docstring).
+GOLDEN = pathlib.Path(__file__).with_name("study_smoke_golden.json")
+GOLDEN_STEPS = 5
+GOLDEN_METHODS = ("it", "im", runs_lib.INSTRUCTIONS_ONLY)
+EXACT = ("step", "tokens", "output_tokens", "instruction_tokens", "output_examples",
+         "instruction_examples")  # what each step trained on: counts, equal
+CLOSE = ("loss", "output_loss_per_example", "instruction_loss_per_example", "grad_norm", "lr")
+RTOL = 1e-4  # float32 on another x86 CPU differs by ~1e-6; a changed computation by far more
+
+
+def smoke_steps(tmp: pathlib.Path) -> dict[str, list[dict[str, float]]]:
+  """GOLDEN_STEPS steps of a smoke-scale run of each of GOLDEN_METHODS: the study's own
+  config (Study.config: runs.config_for with scales.SMOKE, the it_instr control's second
+  source), starting model and tokenizer (start_models.start: tiny random init, a BPE
+  tokenizer trained on the data) and trainer (experiment.build(...).run()), on 96 synthetic
+  conversations (no data files needed); each logged step's EXACT and CLOSE fields."""
+  from im_jax import report  # pylint: disable=g-import-not-at-top
+  from im_jax.data import synthetic  # pylint: disable=g-import-not-at-top
+  from im_jax.run import experiment  # pylint: disable=g-import-not-at-top
+
+  conversations = synthetic.make_conversations(96)
+  scale = dataclasses.replace(scales.SMOKE, overrides={**scales.SMOKE.overrides,
+                                                       "train.max_steps": GOLDEN_STEPS})
+  study = runner.Study(tmp, scale, results.ResultStore(tmp / "results"),
+                       {"lima": subsets.DatasetSplit("lima", [], conversations)},
+                       start_models.start(scale.model, tmp, "", conversations))
+  subset = runs_lib.Subset("golden", "lima", len(conversations))
+  out = {}
+  for method in GOLDEN_METHODS:
+    workdir = tmp / "runs" / method
+    experiment.build(study.config(runs_lib.Run(subset, method, ())), workdir).run()
+    out[method] = [{k: r[k] for k in EXACT + CLOSE} for r in report.load_run(workdir).train]
+  return out
+
+
+def test_smoke_training_computes_the_golden_losses(tmp_path):
+  """A few smoke-scale training steps give the committed per-step losses (GOLDEN): a code
+  change that alters what training computes (data encoding or packing, the loss, the model,
+  the optimizer, the study's configs) fails here, before results made with the old code
+  meet code that would no longer reproduce them.
+
+  Regenerate (under this test environment: conftest's 8 simulated devices and LLVM -O0):
+
+      IM_JAX_REGEN_GOLDEN=1 bash scripts/test.sh tests/test_study_rebuild.py -k golden
+
+  Only when a change is meant to alter training (a fixed bug, a new data order, a changed
+  recipe) or a pinned dependency's upgrade changes it (jax's numerics, the `tokenizers` BPE
+  trainer behind the tiny tokenizer): say so in its commit, and rerun the committed study
+  results it makes stale or say why they still stand (their keys need not change with it:
+  this test is the alarm). Never to quiet a difference nobody explained.
+  """
+  got = smoke_steps(tmp_path)
+  if os.environ.get("IM_JAX_REGEN_GOLDEN"):
+    GOLDEN.write_text(json.dumps({"steps": GOLDEN_STEPS, "runs": got}, indent=1) + "\n")
+    pytest.skip(f"regenerated {GOLDEN}")
+  golden = json.loads(GOLDEN.read_text(encoding="utf-8"))["runs"]
+  assert set(got) == set(golden)
+  for method, steps in golden.items():
+    assert len(got[method]) == len(steps) == GOLDEN_STEPS, method
+    for want, have in zip(steps, got[method]):
+      assert {k: have[k] for k in EXACT} == {k: want[k] for k in EXACT}, (method, want["step"])
+      np.testing.assert_allclose([have[k] for k in CLOSE], [want[k] for k in CLOSE], rtol=RTOL,
+                                 err_msg=f"{method} step {want['step']}: {CLOSE}")
