@@ -188,6 +188,10 @@ def test_a_mixture_resumes_exactly_from_a_saved_position(files, tiny_tokenizer_d
     ("{a}@1,{b}@1@template=chatml", "source {b}: unknown template 'chatml'"),
     ("{a}@1,{b}@1@sep=x", "source {b}: unknown option 'sep=x'"),
     ("{a}@1,{b}@1@name=lima", "have the same name 'lima'"),
+    ("{a}@1,{b}@1@loss=lm", "source {b}: unknown loss 'lm'"),
+    ("{a}@1,{b}@1@drop_rule=none", "source {b}: unknown drop_rule 'none'"),
+    ("{a}@1,{b}@1@loss=im_release@template=hf",
+     "mode im_release reproduces the authors' tulu code"),
 ])
 def test_bad_mixtures_are_one_line_naming_the_source(files, tiny_tokenizer_dir, spec, message):
   a, b = files["lima"], files["dolly"]
@@ -195,6 +199,41 @@ def test_bad_mixtures_are_one_line_naming_the_source(files, tiny_tokenizer_dir, 
   with pytest.raises(ConfigError) as e:
     validate(c, 8, 1)
   assert message.format(a=a, b=b) in str(e.value) and "\n" not in str(e.value)
+
+
+def test_a_source_may_train_under_its_own_loss_mode_and_drop_rule(tmp_path, tiny_tokenizer_dir):
+  """IT beside instructions alone (the study's it_instr control): the instructions' tokens
+  carry the weight `im` gives them, the IT source's only its outputs, as each alone would."""
+  from im_jax.data.conversation import Conversation, Message  # pylint: disable=g-import-not-at-top
+  from im_jax.data.encode import Encoder  # pylint: disable=g-import-not-at-top
+
+  pairs = tmp_path / "pairs.jsonl"
+  pairs.write_text("".join(json.dumps({"messages": [
+      {"role": "user", "content": f"question {i} alpha beta"},
+      {"role": "assistant", "content": f"answer {i} gamma"}]}) + "\n" for i in range(6)))
+  alone = tmp_path / "alone.jsonl"
+  alone.write_text("".join(json.dumps({"messages": [
+      {"role": "user", "content": f"question {i} alpha beta"}]}) + "\n" for i in range(6)))
+  config = _config(f"{pairs}@1,{alone}@1@loss=im@drop_rule=no_weight", tiny_tokenizer_dir,
+                   eval_fraction=0.0)
+  config.loss.mode = "it"
+  c = settings.load(config)
+  it_source, lm_source = settings.train_sources(c)
+  tokenizer = load_tokenizer(str(tiny_tokenizer_dir))
+  question = Conversation((Message("user", "question 0 alpha beta"),))
+  pair = Conversation(question.messages + (Message("assistant", "answer 0 gamma"),))
+  lm = Encoder(tokenizer, settings.encode_config(c, lm_source)).encode_full(question)
+  it = Encoder(tokenizer, settings.encode_config(c, it_source)).encode_full(pair)
+  im = Encoder(tokenizer, settings.encode_config(c, lm_source)).encode_full(pair)
+  assert lm.example is not None and it.example is not None
+  # the lone instruction's weights are IM's on the same tokens; IT's source keeps outputs only
+  n = len(lm.example["loss_weights"])
+  np.testing.assert_array_equal(lm.example["loss_weights"], im.example["loss_weights"][:n])
+  assert lm.example["loss_weights"].sum() > 0
+  assert it.example["loss_weights"][:n].sum() == 0 and it.example["loss_weights"].sum() > 0
+  # and the pipeline keeps every lone instruction (under no_output they would be dropped)
+  data = run_data.build_data(c, tmp_path / "w", None)
+  assert data.train.stats.kept == 12
 
 
 def test_a_source_with_no_example_left_stops_before_training(files, tiny_tokenizer_dir,

@@ -45,6 +45,9 @@ def _parser() -> argparse.ArgumentParser:
                       help="only these experiments (default: all)")
   parser.add_argument("--results", default=None,
                       help="folder of finished runs' results (default DIR/results/SCALE)")
+  parser.add_argument("--first-edition", default=None,
+                      help="the replicated scales' report re-reads this results folder's cells "
+                           "(the first edition's: docs/study) with its statistics")
   parser.add_argument("--model", default="",
                       help="hf:DIR, the model of the accelerator scale (Llama-2-7B: the paper's)")
   parser.add_argument("--data-dir", default=None,
@@ -122,9 +125,15 @@ def _run(args: argparse.Namespace, argv: list[str] | None, started: float,
   kind = output_guard.protected_kind(out)
   if kind is not None and not kind.startswith("a folder holding"):  # its own runs/ hold some
     raise ValueError(f"--out {out} is {kind}: give the study a folder of its own")
+  if args.first_edition and not scales.SCALES[args.scale].replicas:
+    raise ValueError(f"--first-edition is read by the replicated scales' report, not by "
+                     f"--scale {args.scale}")
+  if args.first_edition and not pathlib.Path(args.first_edition).is_dir():
+    raise ValueError(f"--first-edition {args.first_edition}: no such folder")
   return orchestrate.run_study(out, args.scale, tuple(args.only or ()), args.results,
                                args.model, args.data_dir, argv_text(argv), started,
-                               results_mirror=results_mirror)
+                               results_mirror=results_mirror,
+                               first_edition=args.first_edition)
 
 
 def argv_text(argv: list[str] | None) -> str:

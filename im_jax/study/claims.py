@@ -68,3 +68,42 @@ def verdicts(analysis: dict[str, Any]) -> list[dict[str, str]]:
                                           rows[last]["gain_per_example"]).as_dict()
       add(claim, diff, +1)
   return out
+
+
+# The second edition's rule (docs/study_plan.md, "The verdict rule").
+ALPHA = 0.05
+DEPENDS = "depends on the statistic"
+NOT_ACROSS_RUNS = "reproduced per example, not across runs"
+
+
+def mean_reading(diff: dict[str, Any], expected_sign: int) -> str:
+  """From the bootstrap interval of the mean."""
+  if diff["mean_low"] <= 0 <= diff["mean_high"]:
+    return "within noise"
+  return "reproduced" if (diff["mean"] > 0) == (expected_sign > 0) else "opposite"
+
+
+def robust_reading(diff: dict[str, Any], expected_sign: int, holm_p: float) -> str:
+  """From the Holm-corrected sign test, read in the direction of the median (of the sign
+  majority where the median is 0)."""
+  if holm_p >= ALPHA:
+    return "within noise"
+  direction = diff["median"] or (diff["positive_fraction"] - diff["negative_fraction"])
+  return "reproduced" if (direction > 0) == (expected_sign > 0) else "opposite"
+
+
+def robust_verdict(diff: dict[str, Any], expected_sign: int, holm_p: float,
+                   runs: dict[str, Any] | None = None) -> str:
+  """The plan's verdict: both readings when they agree, else "depends on the statistic"; a
+  per-example "reproduced" that runs do not all share (or whose t-interval holds 0) says so."""
+  if diff["examples"] < MIN_EXAMPLES:
+    return "too few examples"
+  by_mean, by_sign = mean_reading(diff, expected_sign), robust_reading(diff, expected_sign,
+                                                                       holm_p)
+  if by_mean != by_sign:
+    return DEPENDS
+  if by_mean == "reproduced" and runs is not None:
+    same_side = all((v > 0) == (expected_sign > 0) and v != 0 for v in runs["values"])
+    if not same_side or runs["low"] <= 0 <= runs["high"]:
+      return NOT_ACROSS_RUNS
+  return by_mean

@@ -42,6 +42,32 @@ def _sized_scale(study: runner.Study) -> tuple[scales.Scale, dict[str, Any] | No
   return fitted, stored
 
 
+def _pilot(study: runner.Study, runs: list[runs_lib.Run], datasets) -> None:
+  """The replicated design's pilot: replica 0's IT/IM pair runs first and its sizing is
+  stored (`sizing.json`); a design the pilot rejects stops here, before the other runs."""
+  pilot = _pilot_runs(runs)
+  runner.run_all(study, pilot, datasets)
+  key = _pilot_key(study, pilot)
+  stored = study.store.get("sizing", key)
+  if stored is None:
+    it, im = (study.store.get(r.name, study.run_key(r)) for r in pilot)
+    stored = study.store.put("sizing", key, sizing.pilot_decision(
+        it, im, len(runs), study.scale.overrides["train.epochs"], study.scale.overfit_size))
+  runner.say(f"pilot: {stored['t'] / 60:.0f} min for the pair, IT's best epoch "
+             f"{stored['it_best_epoch']}: {stored['decision']}")
+  if stored["decision"] != "keep the design":
+    raise ValueError(f"{study.store.path('sizing')}: the pilot says {stored['decision']}: "
+                     "the plan's rule changes the design (docs/study_plan.md)")
+
+
+def _pilot_runs(runs: list[runs_lib.Run]) -> list[runs_lib.Run]:
+  return [r for r in runs if r.seed == 0 and r.method in scales.CORE_METHODS]
+
+
+def _pilot_key(study: runner.Study, pilot: list[runs_lib.Run]) -> dict[str, Any]:
+  return {**study.base_key(), "pilot": [r.name for r in pilot]}
+
+
 def _fitted(scale: scales.Scale, sizing: dict[str, Any]) -> scales.Scale:
   """The scale with the subset sizes a stored sizing result chose."""
   return dataclasses.replace(scale, overfit_size=sizing["overfit_size"],
@@ -57,7 +83,8 @@ def result_keys(study: runner.Study) -> dict[str, dict[str, Any]]:
   """The key of every result the full study of `study.scale` stores, by result name, as
   `run_study` computes them, without training, converting or loading a model. The cpu
   scale's run keys depend on its sizing: they are computed from the stored sizing file
-  (which must exist; its key is among those returned, not checked here)."""
+  (which must exist; its key is among those returned, not checked here). A pilot scale's
+  sizing is the pilot's decision (`_pilot`): its key is returned, whether stored yet or not."""
   keys: dict[str, dict[str, Any]] = {}
   scale = study.scale
   if scale.name == SIZED_SCALE:
@@ -71,12 +98,15 @@ def result_keys(study: runner.Study) -> dict[str, dict[str, Any]]:
   for dataset in runs_lib.needed_datasets(runs):
     keys[runner.baseline_name(dataset)] = runner.baseline_work(sized, dataset)[2]
   keys.update({run.name: sized.run_key(run) for run in runs})
+  if scale.pilot:  # as _pilot
+    keys["sizing"] = _pilot_key(sized, _pilot_runs(runs))
   return json.loads(json.dumps(keys))  # as stored: tuples become lists
 
 
 def run_study(out: pathlib.Path, scale_name: str, only: tuple[str, ...], results_dir: str | None,
               model: str, data_dir: str | None, command: str, started: float,
-              results_mirror: str | None = None) -> list[pathlib.Path]:
+              results_mirror: str | None = None,
+              first_edition: str | None = None) -> list[pathlib.Path]:
   scale = scales.SCALES[scale_name]
   store = results.ResultStore(pathlib.Path(results_dir) if results_dir
                               else out / "results" / scale.name, mirror=results_mirror)
@@ -91,6 +121,8 @@ def run_study(out: pathlib.Path, scale_name: str, only: tuple[str, ...], results
   datasets = runs_lib.needed_datasets(runs)
   for dataset in datasets:
     study.held_out_file(dataset)  # on disk too: `python -m im_jax.eval` can reuse them
+  if study.scale.pilot:
+    _pilot(study, runs, datasets)
   runner.run_all(study, runs, datasets)
   names = {runner.baseline_name(d) for d in datasets} | {r.name for r in runs}
   records = {k: v for k, v in store.all().items() if k in names}
@@ -113,5 +145,13 @@ def run_study(out: pathlib.Path, scale_name: str, only: tuple[str, ...], results
                              f"factor {sized['factor']:.3f}, estimated "
                              f"{sized['estimate_seconds'] / 3600:.2f} h of "
                              f"{sized['budget_seconds'] / 3600:.1f} h")
+  if scale.replicas:
+    from im_jax.study import second_edition  # pylint: disable=g-import-not-at-top
+
+    first = None
+    if first_edition:
+      first = results.ResultStore(pathlib.Path(first_edition)).all()
+      header["first edition's results (re-read)"] = first_edition
+    return second_edition.write(out, records, header, first)
   from im_jax.study import writeup  # pylint: disable=g-import-not-at-top  (matplotlib)
   return writeup.write(out, records, header)

@@ -179,11 +179,17 @@ def _replica0(study: Study, dataset: str) -> list[Conversation]:
   return study.subset(runs_lib.replicated_plan(study.scale)[0])
 
 
+def memorisation_prompts(study: Study, run: runs_lib.Run) -> list[Conversation]:
+  return study.subset(run)[:study.scale.generations]
+
+
 def _baseline_prompts(study: Study, dataset: str) -> list[Conversation]:
-  """The replicated design's memorisation prompts, as its replica-0 runs generate from."""
-  if not study.scale.replicas:
+  """The replicated design's memorisation prompts, every memorisation replica's in turn."""
+  if not study.scale.replicas or dataset != runs_lib.REPLICATED_DATASET:
     return []
-  return _replica0(study, dataset)[:study.scale.generations]
+  return [c for run in runs_lib.replicated_plan(study.scale)
+          if run.method == "it" and "memorisation" in run.experiments
+          for c in memorisation_prompts(study, run)]
 
 
 def epoch_curves(workdir: pathlib.Path, steps_per_epoch: int) -> list[dict[str, Any]]:
@@ -298,7 +304,7 @@ def run_one(study: Study, run: runs_lib.Run, datasets: Sequence[str]) -> dict[st
   if curve:
     value["held_out"][run.subset.dataset] = _with_means(curve[-1])
   if "memorisation" in run.experiments:
-    prompts = study.subset(run)[:study.scale.generations]
+    prompts = memorisation_prompts(study, run)
     value["memorisation"] = evaluation.memorisation(mut, prompts, study.scale.max_new_tokens)
   value["seconds"] = time.perf_counter() - started
   return study.store.put(run.name, key, value)

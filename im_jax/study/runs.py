@@ -62,12 +62,14 @@ def methods(scale: scales.Scale) -> tuple[str, ...]:
 
 def replicated_plan(scale: scales.Scale) -> list[Run]:
   """The second edition: replica r is the r-th disjoint slice of the pool, trained with seed
-  r by every method; replica 0 also serves memorisation."""
+  r by every method; the first replicas also serve memorisation, as many as hold
+  `scale.generations` training prompts together (each scored by the models trained on it)."""
   runs = []
+  n = scale.overfit_size
   for r in range(scale.replicas):
-    n = scale.overfit_size
     subset = Subset(f"{REPLICATED_DATASET}_r{r}_n{n}", REPLICATED_DATASET, n, offset=r * n)
-    experiments = ("overfitting", "memorisation") if r == 0 else ("overfitting",)
+    experiments = (("overfitting", "memorisation") if r * n < scale.generations
+                   else ("overfitting",))
     runs += [Run(subset, method, experiments, seed=r) for method in methods(scale)]
   return runs
 

@@ -33,6 +33,7 @@ class Scale:
   # held-out loss of every example after every epoch. 0: the first edition's experiments.
   replicas: int = 0
   controls: tuple[str, ...] = ()
+  pilot: bool = False  # the first IT/IM pair sizes the rest (sizing.pilot_decision)
 
 
 SMOKE = Scale(
@@ -81,7 +82,8 @@ ACCELERATOR = Scale(
 
 # The second edition (issue 31): the main cell only, replicated, into the overfitting regime.
 REPLICATED = Scale(
-    name="replicated", model="smollm2_135m", overfit_size=64, sizes=(), ratio_size=0,
+    # 32 examples per subset: the pilot's first epoch at 64 projected 6.7 h (study_plan.md)
+    name="replicated", model="smollm2_135m", overfit_size=32, sizes=(), ratio_size=0,
     held_out=100, train_eval=64, generations=64, max_new_tokens=64, extra_methods=(),
     overrides={"data.max_seq_len": 512, "data.packing": "best_fit", "train.batch_size": 2,
                "train.grad_accum": 1, "loss.chunk_size": 128, "train.epochs": 10,
@@ -90,18 +92,20 @@ REPLICATED = Scale(
     reasons={
         "design": "docs/study_plan.md, committed before any run: 3 disjoint LIMA subsets, "
                   "each with its own seed, IT, IM and the it_instr control",
+        "subset size": "32 LIMA examples per subset: 64 did not fit the budget (the "
+                       "pilot's first epoch; docs/study_plan.md, Changes)",
         "train.batch_size": "2 packed rows per step (about 3 LIMA examples): about 4 times "
                             "the updates per epoch of the first edition, lr still 2e-5",
         "train.epochs": "10 epochs: the paper's LIMA setting, to reach the overfitting regime",
         "data.max_seq_len, data.packing, model.compute_dtype, loss.chunk_size":
             "as the cpu scale (a 2-core CPU)"},
-    replicas=3, controls=("it_instr",))
+    replicas=3, controls=("it_instr",), pilot=True)
 
 # The second edition's machinery at the smoke scale's size (its test and golden result).
 SMOKE_REPLICATED = dataclasses.replace(
     REPLICATED, name="smoke_replicated", model="tiny", overfit_size=8, held_out=12,
-    train_eval=8, generations=4, max_new_tokens=8,
-    overrides={**SMOKE.overrides, "train.epochs": 3},  # 8 rows: the tests' 8 CPU devices
+    train_eval=8, generations=12, max_new_tokens=8, replicas=2, pilot=False,  # 2: enough
+    overrides={**SMOKE.overrides, "train.epochs": 2},  # 8 rows: the tests' 8 CPU devices
     reasons=SMOKE.reasons)
 
 SCALES = {s.name: s for s in (SMOKE, CPU, ACCELERATOR, REPLICATED, SMOKE_REPLICATED)}

@@ -74,3 +74,39 @@ def fit(scale: scales.Scale, tokens_per_example: float, tokens_per_sec: float,
       "tokens_per_sec": tokens_per_sec, "tokens_per_example": tokens_per_example,
       "budget_seconds": budget_seconds, "estimate_at_full_size": estimate(1.0),
       "factor": high, "estimate_seconds": estimate(high)}
+
+
+# The second edition's rule (docs/study_plan.md, "The pilot and the sizing rule").
+REPLICATED_BUDGET_SECONDS = 5.5 * 3600  # of the 6 CPU-hours the issue allows
+RUN_LIMIT_SECONDS = 45 * 60
+GENERATION_SECONDS = 10 * 60
+
+
+def pilot_decision(it: dict, im: dict, runs: int, epochs: int, size: int) -> dict:
+  """What the pilot pair (replica 0's IT and IM results) says the edition should run: `size`
+  examples per subset when `runs` runs of the pair's mean wall time fit the budget, else
+  32; twice the epochs (20) when IT's held-out loss did not turn upward, within the same
+  rule (the size drops to 32 first)."""
+  t = it["seconds"] + im["seconds"]
+  per_run = t / 2
+  means = [e["held_out_output_loss"] for e in it["epochs"]]
+  it_best = 1 + min(range(len(means)), key=means.__getitem__)  # the untrained model aside
+  overfits = it_best < len(means)
+  new_epochs = epochs if overfits else 2 * epochs
+  scale_time = new_epochs / epochs  # a run's time grows with its epochs
+
+  def fits(n: int) -> bool:
+    run = per_run * scale_time * n / size
+    return (runs * run + GENERATION_SECONDS <= REPLICATED_BUDGET_SECONDS
+            and run <= RUN_LIMIT_SECONDS)
+
+  new_size = size if fits(size) else 32
+  return {"pilot_seconds": [it["seconds"], im["seconds"]], "t": t,
+          "estimate_seconds": runs * per_run + GENERATION_SECONDS,
+          "budget_seconds": REPLICATED_BUDGET_SECONDS, "run_limit_seconds": RUN_LIMIT_SECONDS,
+          "tokens_per_sec": [it.get("tokens_per_sec"), im.get("tokens_per_sec")],
+          "it_held_out_by_epoch": means, "it_best_epoch": it_best, "it_overfits": overfits,
+          "size": new_size, "epochs": new_epochs,
+          "fits_in_budget": fits(new_size),
+          "decision": ("keep the design" if (new_size, new_epochs) == (size, epochs) else
+                       f"{new_size} examples per subset, {new_epochs} epochs")}
