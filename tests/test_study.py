@@ -126,17 +126,10 @@ def test_rerun_skips_finished_work(smoke, shared_data_dir, capsys):
 
 
 def test_result_keys_are_those_the_study_stored(smoke, shared_data_dir):
-  """`orchestrate.result_keys` (the committed results' check, tests/test_study_rebuild.py)
-  computes, without training, the very keys a study stores."""
-  # pylint: disable-next=g-import-not-at-top
-  from im_jax.study import orchestrate, results, runner, start_models
+  from tests import test_study_rebuild  # pylint: disable=g-import-not-at-top
 
-  store = results.ResultStore(smoke / "results" / "smoke")
-  start = start_models.Start("", "", start_models.description(scales.SMOKE.model, ""))
-  study = runner.Study(smoke, scales.SMOKE, store,
-                       orchestrate.load_splits(scales.SMOKE.held_out, str(shared_data_dir)),
-                       start)
-  assert {k: r["key"] for k, r in store.all().items()} == orchestrate.result_keys(study)
+  test_study_rebuild.assert_result_keys_are_stored(smoke / "results" / "smoke", scales.SMOKE,
+                                                   shared_data_dir, smoke)
 
 
 def test_baseline_scored_on_other_examples_is_not_reused(smoke, shared_data_dir, capsys,

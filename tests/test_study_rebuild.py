@@ -32,10 +32,7 @@ def key_problems(folder: pathlib.Path, data_dir: pathlib.Path,
   scale_names = {r["key"]["scale"] for r in records.values()}
   assert len(scale_names) == 1, f"{folder}: results of several scales {sorted(scale_names)}"
   scale = scales.SCALES[scale_names.pop()]
-  start = start_models.Start("", "", start_models.description(scale.model, ""))
-  study = runner.Study(tmp, scale, results.ResultStore(folder),
-                       _splits(scale.held_out, data_dir), start)
-  expected = orchestrate.result_keys(study)
+  expected = orchestrate.result_keys(_study(folder, scale, data_dir, tmp))
   problems = []
   for path, record in records.items():
     name = path.relative_to(ROOT) if path.is_relative_to(ROOT) else path
@@ -44,6 +41,23 @@ def key_problems(folder: pathlib.Path, data_dir: pathlib.Path,
     elif differences := results.key_differences(record["key"], expected[path.stem]):
       problems.append(f"{name}: key differs from the code's: {'; '.join(differences)}")
   return problems, set(expected)
+
+
+def assert_result_keys_are_stored(folder: pathlib.Path, scale: scales.Scale,
+                                  data_dir: pathlib.Path, out: pathlib.Path) -> None:
+  """`orchestrate.result_keys` computes, without training, the very keys a study of `scale`
+  (run in full) stored in `folder`: the check above checks what the study does."""
+  store = results.ResultStore(folder)
+  expected = orchestrate.result_keys(_study(folder, scale, data_dir, out))
+  assert {k: r["key"] for k, r in store.all().items()} == expected
+
+
+def _study(folder: pathlib.Path, scale: scales.Scale, data_dir: pathlib.Path,
+           out: pathlib.Path) -> runner.Study:
+  """A study of the results in `folder` as far as keys go: no model converted or loaded."""
+  start = start_models.Start("", "", start_models.description(scale.model, ""))
+  return runner.Study(out, scale, results.ResultStore(folder),
+                      _splits(scale.held_out, data_dir), start)
 
 
 _SPLITS: dict[int, dict] = {}
