@@ -125,6 +125,13 @@ def test_rerun_skips_finished_work(smoke, shared_data_dir, capsys):
   assert {p: p.stat().st_mtime_ns for p in results} == before
 
 
+def test_result_keys_are_those_the_study_stored(smoke, shared_data_dir):
+  from tests import test_study_rebuild  # pylint: disable=g-import-not-at-top
+
+  test_study_rebuild.assert_result_keys_are_stored(smoke / "results" / "smoke", scales.SMOKE,
+                                                   shared_data_dir, smoke)
+
+
 def test_baseline_scored_on_other_examples_is_not_reused(smoke, shared_data_dir, capsys,
                                                          monkeypatch):
   """The baseline's key names the training examples it was scored on: when they change, the
@@ -282,11 +289,15 @@ def test_bad_settings_are_one_line_and_exit_2(tmp_path, shared_data_dir, capsys,
   assert code == 2 and len(err) == 1 and message in err[0], err
 
 
-def test_committed_cpu_results_give_the_claims_docs_study_states():
-  """docs/study.md's claim table is what the committed results (docs/study/) compute to."""
+def test_committed_cpu_results_give_the_claims_docs_study_states(shared_data_dir, tmp_path):
+  """docs/study.md's claim table is what the committed results (docs/study/) compute to,
+  and they are results the current code reuses (the keys it computes: no stale file)."""
   from im_jax.study import claims, results, writeup  # pylint: disable=g-import-not-at-top
+  from tests.test_study_rebuild import key_problems  # pylint: disable=g-import-not-at-top
 
   root = pathlib.Path(__file__).resolve().parents[1]
+  problems, _ = key_problems(root / "docs" / "study", shared_data_dir, tmp_path)
+  assert not problems, "\n".join(problems)
   records = {k: v for k, v in results.ResultStore(root / "docs" / "study").all().items()
              if k != "sizing"}
   verdicts = claims.verdicts(writeup.analyse(records))

@@ -169,6 +169,15 @@ def test_the_control_trains_each_instruction_alone(replicated):
   assert record["data_stats"]["kept"] > it["data_stats"]["kept"]
 
 
+@pytest.mark.slow  # runs the study
+def test_result_keys_are_those_the_study_stored(replicated, shared_data_dir):
+  from tests import test_study_rebuild  # pylint: disable=g-import-not-at-top
+
+  scale = scales.SMOKE_REPLICATED
+  test_study_rebuild.assert_result_keys_are_stored(replicated / "results" / scale.name, scale,
+                                                   shared_data_dir, replicated)
+
+
 def test_the_pilot_sizing_rule():
   """docs/study_plan.md: 9 runs of the pilot's mean time + 10 min must fit 5.5 h and each run
   45 min, else 32 examples; no upturn in IT's held-out loss doubles the epochs."""

@@ -20,9 +20,12 @@ def _compilation_cache(out: pathlib.Path) -> None:
   jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
 
 
+SIZED_SCALE = "cpu"  # the scale whose subset sizes a measured speed fits to the budget
+
+
 def _sized_scale(study: runner.Study) -> tuple[scales.Scale, dict[str, Any] | None]:
   """The cpu scale fitted to the budget by a measured tokens/s (measured once, stored)."""
-  if study.scale.name != "cpu":
+  if study.scale.name != SIZED_SCALE:
     return study.scale, None
   key = study.base_key()
   stored = study.store.get("sizing", key)
@@ -33,8 +36,7 @@ def _sized_scale(study: runner.Study) -> tuple[scales.Scale, dict[str, Any] | No
     stored = study.store.put("sizing", key, {**info, "overfit_size": fitted.overfit_size,
                                              "sizes": list(fitted.sizes),
                                              "ratio_size": fitted.ratio_size})
-  fitted = dataclasses.replace(study.scale, overfit_size=stored["overfit_size"],
-                               sizes=tuple(stored["sizes"]), ratio_size=stored["ratio_size"])
+  fitted = _fitted(study.scale, stored)
   runner.say(f"sizing: {stored['tokens_per_sec']:.0f} tokens/s, factor {stored['factor']:.2f}, "
              f"estimated {stored['estimate_seconds'] / 3600:.2f} h")
   return fitted, stored
@@ -43,9 +45,9 @@ def _sized_scale(study: runner.Study) -> tuple[scales.Scale, dict[str, Any] | No
 def _pilot(study: runner.Study, runs: list[runs_lib.Run], datasets) -> None:
   """The replicated design's pilot: replica 0's IT/IM pair runs first and its sizing is
   stored (`sizing.json`); a design the pilot rejects stops here, before the other runs."""
-  pilot = [r for r in runs if r.seed == 0 and r.method in scales.CORE_METHODS]
+  pilot = _pilot_runs(runs)
   runner.run_all(study, pilot, datasets)
-  key = {**study.base_key(), "pilot": [r.name for r in pilot]}
+  key = _pilot_key(study, pilot)
   stored = study.store.get("sizing", key)
   if stored is None:
     it, im = (study.store.get(r.name, study.run_key(r)) for r in pilot)
@@ -58,6 +60,49 @@ def _pilot(study: runner.Study, runs: list[runs_lib.Run], datasets) -> None:
                      "the plan's rule changes the design (docs/study_plan.md)")
 
 
+def _pilot_runs(runs: list[runs_lib.Run]) -> list[runs_lib.Run]:
+  return [r for r in runs if r.seed == 0 and r.method in scales.CORE_METHODS]
+
+
+def _pilot_key(study: runner.Study, pilot: list[runs_lib.Run]) -> dict[str, Any]:
+  return {**study.base_key(), "pilot": [r.name for r in pilot]}
+
+
+def _fitted(scale: scales.Scale, sizing: dict[str, Any]) -> scales.Scale:
+  """The scale with the subset sizes a stored sizing result chose."""
+  return dataclasses.replace(scale, overfit_size=sizing["overfit_size"],
+                             sizes=tuple(sizing["sizes"]), ratio_size=sizing["ratio_size"])
+
+
+def load_splits(held_out: int, data_dir: str | None) -> dict[str, subsets.DatasetSplit]:
+  data_path = pathlib.Path(data_dir) if data_dir else None
+  return {d: subsets.load_split(d, held_out, data_path) for d in subsets.DATASETS}
+
+
+def result_keys(study: runner.Study) -> dict[str, dict[str, Any]]:
+  """The key of every result the full study of `study.scale` stores, by result name, as
+  `run_study` computes them, without training, converting or loading a model. The cpu
+  scale's run keys depend on its sizing: they are computed from the stored sizing file
+  (which must exist; its key is among those returned, not checked here). A pilot scale's
+  sizing is the pilot's decision (`_pilot`): its key is returned, whether stored yet or not."""
+  keys: dict[str, dict[str, Any]] = {}
+  scale = study.scale
+  if scale.name == SIZED_SCALE:
+    keys["sizing"] = study.base_key()
+    path = study.store.path("sizing")
+    if not path.exists():
+      raise ValueError(f"{path}: no sizing result, so the cpu scale's subset sizes are unknown")
+    scale = _fitted(scale, json.loads(path.read_text(encoding="utf-8")))
+  sized = dataclasses.replace(study, scale=scale)
+  runs = runs_lib.make_plan(scale)
+  for dataset in runs_lib.needed_datasets(runs):
+    keys[runner.baseline_name(dataset)] = runner.baseline_work(sized, dataset)[2]
+  keys.update({run.name: sized.run_key(run) for run in runs})
+  if scale.pilot:  # as _pilot
+    keys["sizing"] = _pilot_key(sized, _pilot_runs(runs))
+  return json.loads(json.dumps(keys))  # as stored: tuples become lists
+
+
 def run_study(out: pathlib.Path, scale_name: str, only: tuple[str, ...], results_dir: str | None,
               model: str, data_dir: str | None, command: str, started: float,
               results_mirror: str | None = None,
@@ -65,8 +110,7 @@ def run_study(out: pathlib.Path, scale_name: str, only: tuple[str, ...], results
   scale = scales.SCALES[scale_name]
   store = results.ResultStore(pathlib.Path(results_dir) if results_dir
                               else out / "results" / scale.name, mirror=results_mirror)
-  data_path = pathlib.Path(data_dir) if data_dir else None
-  splits = {d: subsets.load_split(d, scale.held_out, data_path) for d in subsets.DATASETS}
+  splits = load_splits(scale.held_out, data_dir)
   out.mkdir(parents=True, exist_ok=True)
   _compilation_cache(out)
   texts = [c for s in splits.values() for c in s.held_out + s.pool[:4 * scale.overfit_size]]

@@ -17,6 +17,20 @@ class StaleResult(ValueError):
   """A result file made with other settings; the message is one line."""
 
 
+def key_differences(stored: dict[str, Any], key: dict[str, Any]) -> list[str]:
+  """Each top-level field where a stored result's key and `key` differ, with both values
+  (shortened): "FIELD: stored X, now Y" ("absent" where one lacks the field)."""
+  key = json.loads(json.dumps(key))  # as stored: tuples become lists
+
+  def show(k: dict[str, Any], field: str) -> str:
+    text = json.dumps(k[field]) if field in k else "absent"
+    return text if len(text) <= 80 else text[:77] + "..."
+
+  return [f"{field}: stored {show(stored, field)}, now {show(key, field)}"
+          for field in sorted(set(stored) | set(key))
+          if stored.get(field, ...) != key.get(field, ...)]
+
+
 class ResultStore:
   """`folder` holds the results; with `mirror` (a gs:// folder: `study.bucket`) each result
   is also uploaded when it is put, and the two are synced when the store opens."""
@@ -38,9 +52,11 @@ class ResultStore:
     if not path.exists():
       return None
     record = json.loads(path.read_text(encoding="utf-8"))
-    if record.get("key") != json.loads(json.dumps(key)):
-      raise StaleResult(f"{path} was made with other settings (a different plan or scale): "
-                        "move it away or use another results folder")
+    differences = key_differences(record.get("key") or {}, key)
+    if differences:
+      raise StaleResult(f"{path} was made with other settings (a different plan or scale; "
+                        f"{'; '.join(differences)}): move it away or use another results "
+                        "folder")
     return record
 
   def put(self, name: str, key: dict[str, Any], value: dict[str, Any]) -> dict[str, Any]:

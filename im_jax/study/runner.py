@@ -123,13 +123,7 @@ def baseline(study: Study, datasets: Sequence[str]) -> None:
   the first training examples of their subset: one result per dataset."""
   todo = []
   for dataset in datasets:
-    train = _baseline_train(study, dataset)
-    # The training examples it is scored on are part of the key: a change in how subsets
-    # are drawn must not reuse a baseline scored on other examples.
-    key = {**study.base_key(), "dataset": dataset, "train_examples": ids_digest(train)}
-    prompts = _baseline_prompts(study, dataset)
-    if prompts:  # the memorisation floor: the untrained model on the same prompts
-      key["prompts"] = ids_digest(prompts)
+    train, prompts, key = baseline_work(study, dataset)
     if study.store.get(baseline_name(dataset), key) is None:
       todo.append((dataset, train, prompts, key))
   if not todo:
@@ -151,6 +145,20 @@ def baseline(study: Study, datasets: Sequence[str]) -> None:
     if prompts:
       value["memorisation"] = evaluation.memorisation(mut, prompts, study.scale.max_new_tokens)
     study.store.put(baseline_name(dataset), key, value)
+
+
+def baseline_work(study: Study, dataset: str
+                  ) -> tuple[list[Conversation], list[Conversation], dict[str, Any]]:
+  """(training examples, memorisation prompts) the baseline of `dataset` is scored on, and
+  its result's key."""
+  train = _baseline_train(study, dataset)
+  # The training examples it is scored on are part of the key: a change in how subsets
+  # are drawn must not reuse a baseline scored on other examples.
+  key = {**study.base_key(), "dataset": dataset, "train_examples": ids_digest(train)}
+  prompts = _baseline_prompts(study, dataset)
+  if prompts:  # the memorisation floor: the untrained model on the same prompts
+    key["prompts"] = ids_digest(prompts)
+  return train, prompts, key
 
 
 def _baseline_train(study: Study, dataset: str) -> list[Conversation]:

