@@ -189,6 +189,8 @@ def test_a_mixture_resumes_exactly_from_a_saved_position(files, tiny_tokenizer_d
     ("{a}@1,{b}@1@sep=x", "source {b}: unknown option 'sep=x'"),
     ("{a}@1,{b}@1@name=lima", "have the same name 'lima'"),
     ("{a}@1,{b}@1@loss=lm", "source {b}: unknown loss 'lm'"),
+    ("{a}@1,{b}@1@example_weight=0", "source {b}: example_weight '0' is not a positive"),
+    ("{a}@1@example_weight=0.5", "example_weight weighs a source against the others"),
     ("{a}@1,{b}@1@drop_rule=none", "source {b}: unknown drop_rule 'none'"),
     ("{a}@1,{b}@1@loss=im_release@template=hf",
      "mode im_release reproduces the authors' tulu code"),

@@ -130,7 +130,7 @@ def test_smoke_replicated_writes_every_artefact(replicated):
 
 
 @pytest.mark.slow  # runs the study
-def test_each_epoch_scores_every_held_out_example(replicated):
+def test_each_epoch_scores_every_held_out_example(replicated, shared_data_dir):
   """The per-example curve: one file per epoch, its mean the loss the run logged then; the
   last epoch's losses are the final model's held-out losses of the result."""
   scale = scales.SMOKE_REPLICATED
@@ -146,6 +146,22 @@ def test_each_epoch_scores_every_held_out_example(replicated):
     present = [[v for v in e["output"] if v is not None] for e in epochs]
     assert logged == pytest.approx([sum(p) / len(p) for p in present])
     assert record["held_out"]["lima"]["output"] == epochs[-1]["output"]
+  # The last epoch's file (the model in memory) is the saved model's held-out losses: the
+  # checkpoint loaded as any evaluation loads it, scored again.
+  import ml_collections  # pylint: disable=g-import-not-at-top
+  from im_jax.convert.load import load_pretrained  # pylint: disable=g-import-not-at-top
+  from im_jax.run import settings  # pylint: disable=g-import-not-at-top
+  from im_jax.study import evaluation, runner, subsets  # pylint: disable=g-import-not-at-top
+
+  workdir = replicated / "runs" / run.name
+  c = settings.load(ml_collections.ConfigDict(json.loads((workdir / "config.json").read_text())))
+  mut = runner._mut_from_loaded(load_pretrained(str(workdir), **runner.eval_options(c)))
+  held = subsets.load_split("lima", scale.held_out, shared_data_dir).held_out
+  again = evaluation.example_losses(mut, held, c.data.max_seq_len, c.eval.batch_size,
+                                    c.loss.chunk_size)["output"]
+  assert [v is None for v in again] == [v is None for v in epochs[-1]["output"]]
+  assert [v for v in again if v is not None] == pytest.approx(
+      [v for v in epochs[-1]["output"] if v is not None], rel=1e-5, abs=1e-6)
 
 
 @pytest.mark.slow  # runs the study
@@ -158,15 +174,23 @@ def test_the_control_trains_each_instruction_alone(replicated):
   pairs = [json.loads(line) for line in data.read_text().splitlines()]
   alone = [json.loads(line) for line in
            runs_lib.instructions_file(data).read_text().splitlines()]
+  by_id = {p["id"]: p for p in pairs}
   assert [a["messages"] for a in alone] == [
-      [m for m in p["messages"] if m["role"] != "assistant"] for p in pairs]
+      [m for m in by_id[a["id"].removesuffix("/instruction")]["messages"]
+       if m["role"] != "assistant"] for a in alone]
   record = json.loads((replicated / "results" / scale.name / f"{control.name}.json").read_text())
   it = json.loads((replicated / "results" / scale.name /
                    f"{control.subset.name}_it.json").read_text())
-  # both sources' examples, each trained once an epoch: twice IT's examples, less what the
-  # 128-token rows cut off
-  assert record["data_stats"]["examples"] == 2 * it["data_stats"]["examples"]
-  assert record["data_stats"]["kept"] > it["data_stats"]["kept"]
+  # only the instructions of the examples IT keeps (one example each, read once an epoch)
+  kept_ids = {p["id"] + "/instruction" for p in pairs}
+  assert {a["id"] for a in alone} <= kept_ids
+  assert len(alone) == it["data_stats"]["kept"] == record["control"]["instructions"]
+  assert record["data_stats"]["kept"] == 2 * it["data_stats"]["kept"]
+  # each weighs IM's mean share of instruction tokens, as the run's config says
+  share = record["control"]["example_weight"]
+  assert 0 < share < 1
+  config = json.loads((replicated / "runs" / control.name / "config.json").read_text())
+  assert f"@example_weight={share:.6g}@" in config["data"]["train"]
 
 
 @pytest.mark.slow  # runs the study
@@ -193,6 +217,11 @@ def test_the_pilot_sizing_rule():
   assert (too_slow["size"], too_slow["epochs"]) == (32, 10)  # 9 x 43 min > 5.5 h
   flat = sizing.pilot_decision(record(1000, (2.0, 1.9, 1.85)), record(1000), 9, 10, 64)
   assert (flat["it_overfits"], flat["size"], flat["epochs"]) == (False, 64, 20)
+  # already at 32 and still over the budget (or the run limit): no decision to go on with
+  over = sizing.pilot_decision(record(2900, turns_up), record(2900), 9, 10, 32)
+  assert over["decision"] != "keep the design" and not over["fits_in_budget"]
+  flat32 = sizing.pilot_decision(record(1500, (2.0, 1.9, 1.85)), record(1500), 9, 10, 32)
+  assert flat32["epochs"] == 20 and not flat32["fits_in_budget"]  # 50 min a run > 45
 
 
 def test_docs_study_shows_the_first_edition_as_the_code_re_reads_it():

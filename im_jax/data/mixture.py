@@ -9,7 +9,10 @@ Entries are separated by `,`; each is `SOURCE@WEIGHT` followed by any of `@forma
 `@template=T`, `@name=N` (the name in per-source metrics; default: the file's stem, or the
 Hub/TFDS dataset's name), `@loss=MODE` and `@drop_rule=RULE` (the source's loss mode and drop
 rule, as loss.mode and data.drop_rule: e.g. plain instructions with loss on every token,
-`instr.jsonl@1@loss=im@drop_rule=no_weight`, beside an IT source). A spec with no `,` and no `@` (or naming an existing file) is one
+`instr.jsonl@1@loss=im@drop_rule=no_weight`, beside an IT source) and `@example_weight=X`
+(each of its examples counts as X examples in the loss, e.g. 0.1: a tenth of an example's
+weight in the per-example mean; the weight above decides how often examples are read, this
+one how much each weighs). A spec with no `,` and no `@` (or naming an existing file) is one
 source, read exactly as before. In a config file `spec([dict(path=..., weight=...), ...])`
 writes the string.
 
@@ -45,7 +48,7 @@ from im_jax.data import sources as sources_lib
 from im_jax.data import templates
 from im_jax.data import weights
 
-OPTIONS = ("format", "template", "name", "loss", "drop_rule")
+OPTIONS = ("format", "template", "name", "loss", "drop_rule", "example_weight")
 _STREAM = 0x6D6978  # tags the per-source permutations apart from the epoch shuffle's seeds
 _NAME = re.compile(r"[A-Za-z0-9_.-]+")
 
@@ -65,6 +68,7 @@ class Source:
   name: str = ""
   loss: str | None = None  # None: loss.mode
   drop_rule: str | None = None  # None: data.drop_rule
+  example_weight: float = 1.0  # what each of its examples counts as in the loss
 
 
 def is_mixture(spec: str) -> bool:
@@ -98,13 +102,7 @@ def _parse_entry(entry: str) -> Source:
     raise MixtureError(f"data.train: an empty source in the mixture ({entry!r})")
   if len(parts) < 2:
     raise MixtureError(f"data.train: source {spec} has no weight (write {spec}@WEIGHT)")
-  try:
-    weight = float(parts[1])
-  except ValueError:
-    weight = float("nan")
-  if not (np.isfinite(weight) and weight > 0):
-    raise MixtureError(f"data.train: source {spec}: weight {parts[1]!r} is not a positive "
-                       "number")
+  weight = _positive(spec, "weight", parts[1])
   options: dict[str, str] = {}
   for option in parts[2:]:
     key, _, value = option.partition("=")
@@ -117,7 +115,18 @@ def _parse_entry(entry: str) -> Source:
     options[key] = value
   return _checked(Source(spec, weight, options.get("format"), options.get("template"),
                          options.get("name") or default_name(spec), options.get("loss"),
-                         options.get("drop_rule")))
+                         options.get("drop_rule"),
+                         _positive(spec, "example_weight", options.get("example_weight", "1"))))
+
+
+def _positive(spec: str, what: str, text: str) -> float:
+  try:
+    value = float(text)
+  except ValueError:
+    value = float("nan")
+  if not (np.isfinite(value) and value > 0):
+    raise MixtureError(f"data.train: source {spec}: {what} {text!r} is not a positive number")
+  return value
 
 
 def _checked(source: Source) -> Source:
@@ -252,7 +261,7 @@ def source_table(mix_sources: Sequence[Source], offsets: np.ndarray, lengths: np
     out.append({
         "name": source.name, "source": source.spec, "weight": source.weight,
         "format": source.format, "template": source.template, "loss": source.loss,
-        "drop_rule": source.drop_rule, **stats[s],
+        "drop_rule": source.drop_rule, "example_weight": source.example_weight, **stats[s],
         "held_out": int(held_out[s]),
         "example_share": float(count[s] / max(count.sum(), 1)),
         "token_share": float(tokens[s] / max(tokens.sum(), 1)),

@@ -69,11 +69,12 @@ def make_eval_loss_fn(config: loss_lib.LossConfig = loss_lib.LossConfig()) -> st
     if config.kl_to_base > 0:
       ce, kl = kl_lib.ce_and_kl(model, hidden, reference, batch, config)
       sums = loss_lib.loss_sums(ce, batch, config.normalization, kl, config.kl_to_base,
-                                sources=config.sources)
+                                sources=config.sources, example_weights=config.example_weights)
     else:
       ce = loss_lib.chunked_cross_entropy(hidden, model.output_embedding(), batch["targets"],
                                           config.chunk_size)
-      sums = loss_lib.loss_sums(ce, batch, config.normalization, sources=config.sources)
+      sums = loss_lib.loss_sums(ce, batch, config.normalization, sources=config.sources,
+                                example_weights=config.example_weights)
     for norm in ("token", "sequence"):
       other = loss_lib.loss_sums(ce, batch, norm)
       sums[f"{norm}_numerator"] = other[loss_lib.NUMERATOR]

@@ -297,10 +297,14 @@ def lora_config(run: RunConfig) -> LoraConfig:
 
 
 def loss_config(run: RunConfig) -> LossConfig:
-  names = [source.name for source in train_sources(run)]
+  sources = train_sources(run)
   loss = run.loss
+  weights = tuple(s.example_weight for s in sources)
+  check(len(sources) > 1 or weights == (1.0,),
+        "data.train: example_weight weighs a source against the others: give a second source")
   return LossConfig(loss.normalization, loss.chunk_size, loss.kl_to_base, loss.kl_type,
-                    tuple(names) if len(names) > 1 else ())
+                    tuple(s.name for s in sources) if len(sources) > 1 else (),
+                    weights if any(w != 1.0 for w in weights) else ())
 
 
 def pipeline_config(run: RunConfig, rows: int, epochs: int,

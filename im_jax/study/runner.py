@@ -18,13 +18,18 @@ from collections.abc import Sequence
 from typing import Any
 
 import jax
+import numpy as np
 from flax import nnx
 
 from im_jax import report, write_faults
 from im_jax.run import experiment
 from im_jax.convert.load import load_pretrained
 from im_jax.data import pipeline as pipeline_lib
+from im_jax.data import encode as encode_lib
+from im_jax.data import templates
+from im_jax.data import weights as weights_lib
 from im_jax.data.conversation import Conversation
+from im_jax.data.kinds import INSTRUCTION_KINDS
 from im_jax.data.stats import load_tokenizer
 from im_jax.run.settings import check_mesh, encode_config, model_options, pipeline_config
 from im_jax.train import loop as loop_lib
@@ -80,10 +85,34 @@ class Study:
   def config(self, run: runs_lib.Run):
     conversations = self.subset(run)
     data = subsets.write_jsonl(self.out / "data" / f"{run.subset.name}.jsonl", conversations)
-    if run.method == runs_lib.INSTRUCTIONS_ONLY:
-      subsets.write_jsonl(runs_lib.instructions_file(data),
-                          runs_lib.instructions_only(conversations))
-    return runs_lib.config_for(run, self.scale, data, self.start.init_from, self.start.tokenizer)
+    c = runs_lib.config_for(run, self.scale, data, self.start.init_from, self.start.tokenizer)
+    if run.method != runs_lib.INSTRUCTIONS_ONLY:
+      return c
+    kept, share = self.instruction_share(c, conversations)
+    subsets.write_jsonl(runs_lib.instructions_file(data), runs_lib.instructions_only(kept))
+    return runs_lib.config_for(run, self.scale, data, self.start.init_from, self.start.tokenizer,
+                               instructions_weight=share)
+
+  def instruction_share(self, c, conversations: Sequence[Conversation]
+                        ) -> tuple[list[Conversation], float]:
+    """(the examples training keeps, their mean share of instruction tokens in IM's loss):
+    the control trains the kept examples' instructions only, each weighing that share of an
+    example, so the instructions carry about the weight IM gives them (runs.config_for)."""
+    tokenizer = load_tokenizer(c.data.tokenizer or c.model.init_from.removeprefix("hf:"))
+    encoder = encode_lib.Encoder(tokenizer, encode_lib.EncodeConfig(
+        template=templates.TemplateConfig(c.data.template, strip_content=c.data.strip_content),
+        loss=weights_lib.LossMaskConfig("im"), max_seq_len=c.data.max_seq_len,
+        truncation=c.data.truncation))  # drop rule no_output, as IT's and IM's runs
+    kept, shares = [], []
+    for conversation in conversations:
+      example = encoder.encode(conversation)
+      if example is None:
+        continue
+      weights, kinds = example["loss_weights"], example["target_kinds"]
+      instruction = np.isin(kinds, [int(k) for k in INSTRUCTION_KINDS])
+      kept.append(conversation)
+      shares.append(float(weights[instruction].sum() / weights.sum()))
+    return kept, float(np.mean(shares))
 
 
 def eval_options(c) -> dict[str, Any]:
@@ -303,6 +332,9 @@ def run_one(study: Study, run: runs_lib.Run, datasets: Sequence[str]) -> dict[st
                               c.data.max_seq_len))
   if curve:
     value["held_out"][run.subset.dataset] = _with_means(curve[-1])
+  if run.method == runs_lib.INSTRUCTIONS_ONLY:  # what the control's second source held
+    kept, share = study.instruction_share(c, study.subset(run))
+    value["control"] = {"instructions": len(kept), "example_weight": share}
   if "memorisation" in run.experiments:
     prompts = memorisation_prompts(study, run)
     value["memorisation"] = evaluation.memorisation(mut, prompts, study.scale.max_new_tokens)

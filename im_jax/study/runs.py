@@ -10,6 +10,7 @@ validated: `settings.load`), so each run is an ordinary `python -m im_jax.train`
 
 import dataclasses
 import pathlib
+from collections.abc import Sequence
 from typing import Any
 
 from im_jax.run import settings
@@ -133,7 +134,7 @@ def instructions_file(data_file: pathlib.Path) -> pathlib.Path:
   return data_file.with_name(f"{data_file.stem}_instructions.jsonl")
 
 
-def instructions_only(conversations: list[Conversation]) -> list[Conversation]:
+def instructions_only(conversations: Sequence[Conversation]) -> list[Conversation]:
   """Each example without its assistant messages: under loss `im` exactly the tokens IM adds
   to IT's (system and user content), predicted from the same template header."""
   return [dataclasses.replace(c, messages=tuple(m for m in c.messages if m.role != "assistant"),
@@ -142,14 +143,17 @@ def instructions_only(conversations: list[Conversation]) -> list[Conversation]:
 
 
 def config_for(run: Run, scale: scales.Scale, data_file: pathlib.Path, init_from: str,
-               tokenizer: str, overrides: dict[str, Any] | None = None) -> settings.RunConfig:
+               tokenizer: str, overrides: dict[str, Any] | None = None,
+               instructions_weight: float = 1.0) -> settings.RunConfig:
   """The paper recipe for this run's data and method, with the scale's overrides (then
-  `overrides`), as the typed config."""
+  `overrides`), as the typed config. The control's instruction sequences each count as
+  `instructions_weight` of an example (the share IM gives an example's instruction)."""
   control = run.method == INSTRUCTIONS_ONLY
   c = paper.get_config(f"{data_file},{'it' if control else run.method},{scale.model}")
-  if control:  # both sources once per epoch (equal weights, equal sizes: mixture.py)
+  if control:  # both sources once per epoch (equal weights, as many kept examples each)
     c.data.train = (f"{data_file}@1,{instructions_file(data_file)}@1@loss=im"
-                    "@drop_rule=no_weight@name=instructions")
+                    f"@drop_rule=no_weight@example_weight={instructions_weight:.6g}"
+                    "@name=instructions")
   c.data.eval_fraction = 0.0  # the study's own held-out set replaces the hashed split
   c.train.log_every = 1  # per-step train losses: the per-epoch train curve averages them
   c.train.seed = run.seed

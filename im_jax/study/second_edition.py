@@ -83,8 +83,10 @@ def main_cell(records: Records) -> dict[str, Any]:
   """Curves, overfitting and the claims C1-C6 of the replicated cell."""
   floor = records[f"baseline_{DATASET}"]["held_out"][DATASET]["output"]
   reps = {r: m for r, m in replicas(records).items() if {"it", "im"} <= set(m)}
-  methods = [m for m in METHODS if all(m in runs for runs in reps.values())]
-  curves = {m: {r: curve(runs[m], floor) for r, runs in reps.items()} for m in methods}
+  # a method shows where it ran (the control may run on fewer replicas: its rows say which)
+  methods = [m for m in METHODS if any(m in runs for runs in reps.values())]
+  curves = {m: {r: curve(runs[m], floor) for r, runs in reps.items() if m in runs}
+            for m in methods}
   over = {m: {r: overfitting(c) for r, c in by_run.items()} for m, by_run in curves.items()}
   it, im = curves["it"], curves["im"]
   rows = [
@@ -107,26 +109,29 @@ def main_cell(records: Records) -> dict[str, Any]:
         pool="concatenate"))
   if "it_instr" in curves:
     ctl = curves["it_instr"]
+    where = "" if len(ctl) == len(reps) else f"; replicas {', '.join(map(str, sorted(ctl)))}"
     rows.append(_comparison(
-        "C6", "the control does not explain IM's gain (control - IM held-out output loss > 0)",
-        +1, [_sub(ctl[r][-1], im[r][-1]) for r in reps]))
+        "C6", "the control does not explain IM's gain (control - IM held-out output loss > 0"
+        f"{where})", +1, [_sub(ctl[r][-1], im[r][-1]) for r in sorted(ctl)]))
     rows.append(_comparison(
-        "-", "the control's held-out output loss is lower than IT's (IT - control > 0)", +1,
-        [_sub(it[r][-1], ctl[r][-1]) for r in reps], descriptive=True))
+        "-", f"the control's held-out output loss is lower than IT's (IT - control > 0{where})",
+        +1, [_sub(it[r][-1], ctl[r][-1]) for r in sorted(ctl)], descriptive=True))
   rows.append(_comparison(
       "-", "IM's train output loss is higher (IT - IM < 0)", -1,
       [_sub(reps[r]["it"]["train"]["output"], reps[r]["im"]["train"]["output"]) for r in reps],
       descriptive=True, pool="concatenate"))
-  train_curves = {m: {r: [e["train_output_loss"] for e in reps[r][m]["epochs"]] for r in reps}
+  train_curves = {m: {r: [e["train_output_loss"] for e in reps[r][m]["epochs"]] for r in curves[m]}
                   for m in methods}
   return {"replicas": sorted(reps), "methods": methods, "curves": curves, "overfitting": over,
           "train_curves": train_curves, "rows": rows,
           "memorisation": _memorisation(records, [reps[r] for r in memorised], methods),
-          "other_held_out": {m: {d: [reps[r][m]["held_out"][d]["output_mean"] for r in reps]
-                                 for d in reps[min(reps)][m]["held_out"] if d != DATASET}
+          "other_held_out": {m: {d: [reps[r][m]["held_out"][d]["output_mean"] for r in curves[m]]
+                                 for d in reps[min(curves[m])][m]["held_out"] if d != DATASET}
                              for m in methods},
-          "seconds": {m: [reps[r][m].get("seconds") for r in reps] for m in methods},
-          "steps": {m: [reps[r][m]["steps"] for r in reps] for m in methods}}
+          "it_overfits": [over["it"][r]["best_epoch"] < over["it"][r]["last_epoch"]
+                          for r in sorted(over["it"])],
+          "seconds": {m: [reps[r][m].get("seconds") for r in curves[m]] for m in methods},
+          "steps": {m: [reps[r][m]["steps"] for r in curves[m]] for m in methods}}
 
 
 def _memorisation(records: Records, memorised: list[dict[str, Any]], methods: Sequence[str]):
@@ -264,6 +269,13 @@ def markdown(analysis: dict[str, Any], header: dict[str, Any]) -> str:
            "replica (replica r: the r-th disjoint LIMA subset, seed r).\n\n"]
   if header["scale"].startswith("smoke"):
     parts.append(writeup.SMOKE_NOTE + "\n\n")
+  best = [o["best_epoch"] for _, o in sorted(cell["overfitting"]["it"].items())]
+  last = next(iter(cell["overfitting"]["it"].values()))["last_epoch"]
+  parts.append(
+      f"**C2, IT overfits** (the precondition of C3 and C4): IT's held-out output loss is "
+      f"lowest at epoch {', '.join(map(str, best))} of {last} in replicas "
+      f"{', '.join(map(str, cell['replicas']))}: before the last epoch in "
+      f"{sum(cell['it_overfits'])} of {len(best)} runs.\n\n")
   parts.append("## Claims\n\n" + claims_table(cell["rows"]))
   if analysis["first_edition"]:
     parts.append("\n## The first edition's cells, re-read (single pairs)\n\n"

@@ -101,12 +101,17 @@ def pilot_decision(it: dict, im: dict, runs: int, epochs: int, size: int) -> dic
             and run <= RUN_LIMIT_SECONDS)
 
   new_size = size if fits(size) else 32
+  fitting = fits(new_size)
+  run_estimate = per_run * scale_time * new_size / size
   return {"pilot_seconds": [it["seconds"], im["seconds"]], "t": t,
-          "estimate_seconds": runs * per_run + GENERATION_SECONDS,
+          "estimate_seconds": runs * run_estimate + GENERATION_SECONDS,
+          "run_estimate_seconds": run_estimate,
           "budget_seconds": REPLICATED_BUDGET_SECONDS, "run_limit_seconds": RUN_LIMIT_SECONDS,
           "tokens_per_sec": [it.get("tokens_per_sec"), im.get("tokens_per_sec")],
           "it_held_out_by_epoch": means, "it_best_epoch": it_best, "it_overfits": overfits,
           "size": new_size, "epochs": new_epochs,
-          "fits_in_budget": fits(new_size),
-          "decision": ("keep the design" if (new_size, new_epochs) == (size, epochs) else
-                       f"{new_size} examples per subset, {new_epochs} epochs")}
+          "fits_in_budget": fitting,
+          # a design that does not fit is no decision: the plan has to change (the study stops)
+          "decision": ("keep the design" if (new_size, new_epochs) == (size, epochs) and fitting
+                       else f"{new_size} examples per subset, {new_epochs} epochs"
+                       + ("" if fitting else ": over the budget or the 45-minute run limit"))}

@@ -76,13 +76,6 @@ class RobustDifference:
     return dataclasses.asdict(self)
 
 
-def paired_values(a: Sequence[float | None], b: Sequence[float | None]) -> np.ndarray:
-  """a - b over the positions both have (the pairing is by position)."""
-  if len(a) != len(b):
-    raise ValueError(f"paired lists differ in length: {len(a)} vs {len(b)}")
-  return np.array([x - y for x, y in zip(a, b) if x is not None and y is not None], float)
-
-
 def sign_test(diffs: np.ndarray) -> float:
   """Exact two-sided sign test of the differences' signs (zeros dropped); 1.0 with none."""
   from scipy import stats  # pylint: disable=g-import-not-at-top

@@ -65,6 +65,11 @@ class LossConfig:
   # The names of a mixture's sources (several only): rows carry 1-based `source_ids` and the
   # per-example group losses are also reported per source (`source_sums`).
   sources: tuple[str, ...] = ()
+  # Per source (aligned with `sources`; empty: all 1): how many examples each example of that
+  # source counts as in the loss (`@example_weight=` in the mixture syntax). Under `sequence`
+  # an example's mean is scaled by it and the denominator counts it; under `token` its
+  # tokens' weights are. The metrics never are.
+  example_weights: tuple[float, ...] = ()
 
   def __post_init__(self):
     if self.normalization not in ("token", "sequence"):
@@ -248,15 +253,25 @@ def _kind_mask(kinds: jax.Array, group: tuple[int, ...]) -> jax.Array:
   return mask
 
 
-def numerator_token_grads(batch: Batch, normalization: Normalization) -> jax.Array:
+def numerator_token_grads(batch: Batch, normalization: Normalization,
+                          example_weights: tuple[float, ...] = ()) -> jax.Array:
   """d numerator / d CE_t [B, T] float32 for `ce_and_numerator`.
 
   The numerator is linear in the per-token CE, so its gradient depends on the batch alone:
   the loss weights (token), or each weight over its example's weight sum (sequence).
   """
   weights, segments = _loss_weights(batch), batch["segment_ids"]
-  return jax.grad(lambda ce: _normalized(ce, weights, segments, normalization)[0])(
+  scale = _example_scale(batch, example_weights)
+  return jax.grad(lambda ce: _normalized(ce, weights, segments, normalization, scale)[0])(
       jnp.zeros(weights.shape, jnp.float32))
+
+
+def _example_scale(batch: Batch, example_weights: tuple[float, ...]) -> jax.Array | None:
+  """Each token's example weight, from its row's 1-based `source_ids`; None when all are 1."""
+  if not example_weights or all(w == 1.0 for w in example_weights):
+    return None
+  table = jnp.asarray((1.0,) + tuple(example_weights), jnp.float32)  # id 0: padding
+  return table[batch["source_ids"]]
 
 
 def _loss_weights(batch: Batch) -> jax.Array:
@@ -266,25 +281,28 @@ def _loss_weights(batch: Batch) -> jax.Array:
 
 def loss_sums(ce: jax.Array, batch: Batch, normalization: Normalization,
               kl: jax.Array | None = None, kl_to_base: float = 0.0,
-              numerator: jax.Array | None = None, sources: tuple[str, ...] = ()) -> LossSums:
+              numerator: jax.Array | None = None, sources: tuple[str, ...] = (),
+              example_weights: tuple[float, ...] = ()) -> LossSums:
   """Reduces per-token CE [B, T] to the numerator, denominator and metric sums.
 
   With a per-token `kl` [B, T] (train/kl.py) the numerator is that of CE + kl_to_base * KL:
   the KL weighted and normalised as the CE (the same denominator); KL_NUMERATOR holds its
   own numerator for the `kl` metric. `numerator`: the CE's numerator as `ce_and_numerator`
   formed it (differentiable; its `ce` then serves the metrics and denominator only).
-  `sources`: a mixture's source names, whose per-example sums join (`source_sums`).
+  `sources`: a mixture's source names, whose per-example sums join (`source_sums`);
+  `example_weights`: theirs (`LossConfig.example_weights`).
   """
   ce = ce.astype(jnp.float32)
   weights, segments = _loss_weights(batch), batch["segment_ids"]
-  ce_numerator, denominator = _normalized(ce, weights, segments, normalization)
+  scale = _example_scale(batch, example_weights)
+  ce_numerator, denominator = _normalized(ce, weights, segments, normalization, scale)
   numerator = ce_numerator if numerator is None else numerator
   kinds = batch["target_kinds"]
   real = segments > 0
   sums = {NUMERATOR: numerator, DENOMINATOR: denominator}
   if kl is not None:
     sums[KL_NUMERATOR] = _normalized(kl.astype(jnp.float32), weights, segments,
-                                     normalization)[0]
+                                     normalization, scale)[0]
     sums[NUMERATOR] = numerator + kl_to_base * sums[KL_NUMERATOR]
   for group, kinds_of_group in (("output", OUTPUT_KINDS), ("instruction", INSTRUCTION_KINDS)):
     mask = _kind_mask(kinds, kinds_of_group) & real
@@ -313,27 +331,37 @@ def source_sums(ce: jax.Array, batch: Batch, sources: tuple[str, ...]) -> LossSu
 
 
 def _normalized(values: jax.Array, weights: jax.Array, segments: jax.Array,
-                normalization: Normalization) -> tuple[jax.Array, jax.Array]:
-  """(numerator, denominator) of per-token `values` under `normalization`."""
+                normalization: Normalization, scale: jax.Array | None = None
+                ) -> tuple[jax.Array, jax.Array]:
+  """(numerator, denominator) of per-token `values` under `normalization`; `scale`: each
+  token's example weight (`_example_scale`), None for 1."""
   if normalization == "token":
-    return jnp.sum(weights * values), jnp.sum(weights)
+    scaled = weights if scale is None else weights * scale
+    return jnp.sum(scaled * values), jnp.sum(scaled)
   if normalization == "sequence":
-    return per_example_means(values, weights, segments)
+    return per_example_means(values, weights, segments, scale)
   raise ValueError(f"unknown loss normalization {normalization!r}")
 
 
-def per_example_means(ce: jax.Array, weights: jax.Array, segments: jax.Array
-                      ) -> tuple[jax.Array, jax.Array]:
+def per_example_means(ce: jax.Array, weights: jax.Array, segments: jax.Array,
+                      scale: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
   """(sum over examples of each example's weighted mean CE, examples with positive weight).
 
   Examples are the segments of packed rows (never split across rows), so the pair sums
-  exactly over micro-batches, devices and eval batches.
+  exactly over micro-batches, devices and eval batches. With `scale` (constant within an
+  example) each example counts as its scale, in both sums.
   """
   seg_num = segment_sums(weights * ce, segments)[:, 1:]
   seg_den = segment_sums(weights, segments)[:, 1:]
   counted = seg_den > 0
-  means = jnp.sum(jnp.where(counted, seg_num / jnp.where(counted, seg_den, 1.0), 0.0))
-  return means, jnp.sum(counted.astype(jnp.float32))
+  safe_den = jnp.where(counted, seg_den, 1.0)
+  if scale is None:
+    per_example = jnp.where(counted, 1.0, 0.0)
+  else:  # the weighted mean of a constant is that constant
+    per_example = jnp.where(counted, segment_sums(weights * scale, segments)[:, 1:] / safe_den,
+                            0.0)
+  means = jnp.sum(per_example * seg_num / safe_den)
+  return means, jnp.sum(per_example)
 
 
 def finalize(sums: Mapping[str, jax.Array]) -> dict[str, jax.Array]:

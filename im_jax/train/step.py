@@ -104,12 +104,13 @@ def make_loss_fn(config: LossConfig = LossConfig(), neftune_alpha: float = 0.0) 
     if config.kl_to_base > 0:
       ce, kl = kl_lib.ce_and_kl(model, hidden, reference, batch, config)
       return loss_sums(ce, batch, config.normalization, kl, config.kl_to_base,
-                       sources=config.sources)
+                       sources=config.sources, example_weights=config.example_weights)
     ce, numerator = ce_and_numerator(hidden, model.output_embedding(), batch["targets"],
-                                     numerator_token_grads(batch, config.normalization),
+                                     numerator_token_grads(batch, config.normalization,
+                                                           config.example_weights),
                                      config.chunk_size)
     return loss_sums(ce, batch, config.normalization, numerator=numerator,
-                     sources=config.sources)
+                     sources=config.sources, example_weights=config.example_weights)
 
   return loss_fn
 
