@@ -130,18 +130,12 @@ def _positive(spec: str, what: str, text: str) -> float:
 
 
 def _checked(source: Source) -> Source:
-  if source.format is not None and source.format not in sources_lib.FORMATS:
-    raise MixtureError(f"data.train: source {source.spec}: unknown format {source.format!r} "
-                       f"(one of {', '.join(sources_lib.FORMATS)})")
-  if source.template is not None and source.template not in templates.TEMPLATES:
-    raise MixtureError(f"data.train: source {source.spec}: unknown template "
-                       f"{source.template!r} (one of {', '.join(templates.TEMPLATES)})")
-  if source.loss is not None and source.loss not in weights.LOSS_MODES:
-    raise MixtureError(f"data.train: source {source.spec}: unknown loss {source.loss!r} "
-                       f"(one of {', '.join(weights.LOSS_MODES)})")
-  if source.drop_rule is not None and source.drop_rule not in encode.DROP_RULES:
-    raise MixtureError(f"data.train: source {source.spec}: unknown drop_rule "
-                       f"{source.drop_rule!r} (one of {', '.join(encode.DROP_RULES)})")
+  for option, choices in (("format", sources_lib.FORMATS), ("template", templates.TEMPLATES),
+                          ("loss", weights.LOSS_MODES), ("drop_rule", encode.DROP_RULES)):
+    value = getattr(source, option)
+    if value is not None and value not in choices:
+      raise MixtureError(f"data.train: source {source.spec}: unknown {option} {value!r} "
+                         f"(one of {', '.join(choices)})")
   if not _NAME.fullmatch(source.name):
     raise MixtureError(f"data.train: source {source.spec}: name {source.name!r} must be "
                        "letters, digits, '_', '.' or '-'")
