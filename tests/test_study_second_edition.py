@@ -235,3 +235,25 @@ def test_docs_study_shows_the_first_edition_as_the_code_re_reads_it():
   doc = (root / "docs" / "study.md").read_text()
   for line in table.splitlines()[2:]:
     assert line in doc, line
+
+
+def test_docs_study_shows_the_pilot_as_committed():
+  """docs/study.md's pilot table and figures are what docs/study2's replica 0 computes to."""
+  from im_jax.study import results, second_edition  # pylint: disable=g-import-not-at-top
+
+  root = pathlib.Path(__file__).resolve().parents[1]
+  records = results.ResultStore(root / "docs" / "study2").all()
+  if not {"lima_r0_n32_it", "lima_r0_n32_im"} <= set(records):
+    pytest.skip("the pilot's results are not committed")
+  cell = second_edition.pilot(records)
+  doc = (root / "docs" / "study.md").read_text()
+  for line in second_edition.curve_table(cell).splitlines()[2:]:
+    assert line in doc, line
+  over = {m: cell["overfitting"][m][0] for m in ("it", "im")}
+  assert over["it"]["best_epoch"] == over["im"]["best_epoch"] == 3
+  assert f"IT's by {over['it']['amount']:.4f}" in doc and f"IM's by {over['im']['amount']:.4f}" in doc
+  memo = cell["memorisation"]
+  assert (f"corpus BLEU {memo['im']['corpus_bleu']:.2f} against IT's {memo['it']['corpus_bleu']:.2f}"
+          f" and the untrained model's {memo['base']['corpus_bleu']:.2f}") in doc
+  minutes = [round(records[f"lima_r0_n32_{m}"]["seconds"] / 60) for m in ("it", "im")]
+  assert f"took {minutes[0]}\nand {minutes[1]} minutes" in doc

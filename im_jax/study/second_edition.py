@@ -141,8 +141,17 @@ def _memorisation(records: Records, memorised: list[dict[str, Any]], methods: Se
   import sacrebleu  # pylint: disable=g-import-not-at-top  (the study's own dependency)
 
   out = {}
-  models = [("base", [records[f"baseline_{DATASET}"].get("memorisation")])]
-  models += [(m, [runs[m].get("memorisation") for runs in memorised]) for m in methods]
+  base = records[f"baseline_{DATASET}"].get("memorisation")
+  models = [(m, [runs[m].get("memorisation") for runs in memorised]) for m in methods]
+  if base and memorised and memorised[0].get("it", {}).get("memorisation"):
+    # the floor on the same prompts as the runs shown (the baseline holds every replica's)
+    prompts = [g["instruction"] for runs in memorised
+               for g in runs["it"]["memorisation"]["generations"]]
+    index = {g["instruction"]: i for i, g in enumerate(base["generations"])}
+    if all(p in index for p in prompts):
+      rows = [index[p] for p in prompts]
+      models.insert(0, ("base", [{key: [base[key][i] for i in rows] for key in
+                                  ("generations", "bleu_per_example", "rouge_l_per_example")}]))
   for name, parts in models:
     if not parts or not all(parts):
       continue
@@ -261,6 +270,23 @@ def reread(first: Records) -> list[dict[str, Any]]:
   return rows
 
 
+def curve_table(cell: dict[str, Any]) -> str:
+  """Held-out output loss by epoch, each method's mean over the replicas (0: untrained)."""
+  epochs = len(next(iter(cell["overfitting"]["it"].values()))["curve"])
+  rows = []
+  for m in cell["methods"]:
+    means = np.mean([o["curve"] for o in cell["overfitting"][m].values()], axis=0)
+    rows.append([LABELS[m]] + [f"{v:.4f}" for v in means])
+  return writeup._table(["method"] + [str(e) for e in range(epochs)], rows)
+
+
+def pilot(records: Records) -> dict[str, Any]:
+  """Replica 0's IT/IM pair alone (the pilot), as the main cell reads it."""
+  keep = {k: v for k, v in records.items()
+          if k.startswith("baseline") or (v.get("seed") == 0 and v.get("method") in ("it", "im"))}
+  return main_cell(keep)
+
+
 def markdown(analysis: dict[str, Any], header: dict[str, Any]) -> str:
   cell = analysis["main"]
   parts = [f"# IM vs IT study, second edition: `{header['scale']}` scale\n\n",
@@ -282,11 +308,7 @@ def markdown(analysis: dict[str, Any], header: dict[str, Any]) -> str:
                  + claims_table(analysis["first_edition"]))
   parts.append("\n## Held-out output loss by epoch (mean of the replicas; epoch 0: untrained)\n\n")
   epochs = len(next(iter(cell["overfitting"]["it"].values()))["curve"])
-  rows = []
-  for m in cell["methods"]:
-    means = np.mean([o["curve"] for o in cell["overfitting"][m].values()], axis=0)
-    rows.append([LABELS[m]] + [f"{v:.4f}" for v in means])
-  parts.append(writeup._table(["method"] + [str(e) for e in range(epochs)], rows))
+  parts.append(curve_table(cell))
   parts.append("\n## Overfitting per run (best epoch: lowest held-out output loss)\n\n")
   rows = [[LABELS[m], r, o["best_epoch"], f"{o['curve'][o['best_epoch']]:.4f}",
            f"{o['curve'][-1]:.4f}", f"{o['amount']:+.4f}"]
