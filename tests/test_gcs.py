@@ -309,8 +309,8 @@ def test_study_out_in_the_bucket_keeps_every_result(gcs, tmp_path, monkeypatch, 
   computed = []
 
   def run_study(out, scale, only, results_dir, model, data_dir, command, started,
-                results_mirror=None):
-    del only, model, data_dir, command, started
+                results_mirror=None, first_edition=None):
+    del only, model, data_dir, command, started, first_edition
     assert results_dir is None and results_mirror == f"{BUCKET}/study/results/smoke"
     store = results.ResultStore(out / "results" / scale, mirror=results_mirror)
     for name in ("run_a", "run_b"):

@@ -199,14 +199,15 @@ def test_lora_run_killed_resumes_exactly(tmp_path, tokenizer_dir, lora_args):
     np.testing.assert_array_equal(got[name], want[name], err_msg=name)
 
   # What a checkpoint holds, on disk: the fields of one definition, and bytes of the order of
-  # the adapters and their two Adam moments (orbax keeps some arrays twice plus metadata),
-  # far below the base's weights.
+  # the adapters and their two Adam moments (orbax keeps some arrays twice plus metadata, and
+  # how much of it varies with the writes' timing: 417-500 KB for these 3 x 32 KB on a loaded
+  # 2-core host), far below the base's weights.
   step_dir = uninterrupted / "checkpoints" / str(STEPS)
   assert set(_state_tree(step_dir)) == set(step_lib.CHECKPOINTED)
   adapter_bytes = sum(v.nbytes for v in want.values())
   base_bytes = (base_dir / "model.safetensors").stat().st_size
   state_bytes = _folder_bytes(step_dir / "state")
-  assert state_bytes <= 4 * 3 * adapter_bytes + 64 * 1024, (state_bytes, adapter_bytes)
+  assert state_bytes <= 6 * 3 * adapter_bytes + 128 * 1024, (state_bytes, adapter_bytes)
   assert state_bytes < base_bytes, (state_bytes, base_bytes)
 
   # The old layout: resumes from the same step to the same losses and adapters, nothing moved.
