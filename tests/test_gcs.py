@@ -135,7 +135,10 @@ def test_bucket_run_killed_resumes_exactly_and_reads_back(gcs, inputs, tmp_path,
   assert proc.returncode == -signal.SIGKILL, err[-3000:]
   assert max(_complete_steps(workdir)) < STEPS, "finished before the kill: nothing was tested"
   assert f"{paths.split(workdir)[1]}/.lock" in _objects(workdir)  # left behind by the kill
-  assert max(_losses(workdir), default=0) < STEPS
+  # (Not asserted: that the killed run's metrics stop before the last step. Metrics upload
+  # beside the checkpoints, so on a loaded host the run may log every step before its first
+  # checkpoint shows complete in the bucket: CI saw 8 of 8. The resumed run below must still
+  # give exactly the uninterrupted losses, step by step.)
 
   resumed = _run(workdir, inputs["gs_model"], inputs["gs_data"])
   assert "resumed from checkpoint" in resumed.stderr
