@@ -59,8 +59,9 @@ CPU = Scale(
                         "probe measured 85 tokens/s unpacked, 176 packed); the per-example "
                         "loss is unchanged by packing (segments never attend across)",
         "train.batch_size": "8 packed rows per step (6-11 LIMA examples, ~20 of the shorter "
-                            "Alpaca and Dolly ones; paper: 128 examples) so that small subsets "
-                            "still give several updates per epoch; lr stays the paper's 2e-5, "
+                            "Alpaca and Dolly ones; paper: 128 examples): 7 updates per epoch on "
+                            "LIMA 64 but 2 on Alpaca 64 and the Dolly bands and 1 on Alpaca 16 "
+                            "and 32 (their size arm is no finding); lr stays the paper's 2e-5, "
                             "fixed before any result",
         "methods": "it and im only: NEFTune's runs would take a third of the budget from the "
                    "comparisons the paper's claims rest on",

@@ -142,7 +142,8 @@ def _memorisation(records: Records, memorised: list[dict[str, Any]], methods: Se
 
   out = {}
   base = records[f"baseline_{DATASET}"].get("memorisation")
-  models = [(m, [runs[m].get("memorisation") for runs in memorised]) for m in methods]
+  # a model shows only where it ran on every replica's prompts (the same prompts as the floor)
+  models = [(m, [runs.get(m, {}).get("memorisation") for runs in memorised]) for m in methods]
   if base and memorised and memorised[0].get("it", {}).get("memorisation"):
     # the floor on the same prompts as the runs shown (the baseline holds every replica's)
     prompts = [g["instruction"] for runs in memorised
