@@ -7,6 +7,7 @@ worked by hand; for the design, the data the study wrote (disjoint subsets, the 
 instruction sequences) and the trainer's own logged evaluation.
 """
 
+import functools
 import json
 import math
 import pathlib
@@ -224,36 +225,130 @@ def test_the_pilot_sizing_rule():
   assert flat32["epochs"] == 20 and not flat32["fits_in_budget"]  # 50 min a run > 45
 
 
-def test_docs_study_shows_the_first_edition_as_the_code_re_reads_it():
-  """docs/study.md's re-read table is what the committed first-edition results compute to."""
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+REPORT = ROOT / "docs" / "study2_report"
+
+
+@functools.cache  # read only by the tests below
+def _committed_analysis():
+  """The second edition's analysis as the report computes it from the committed results."""
   from im_jax.study import results, second_edition  # pylint: disable=g-import-not-at-top
 
-  root = pathlib.Path(__file__).resolve().parents[1]
-  rows = second_edition.reread(results.ResultStore(root / "docs" / "study").all())
-  table = second_edition.claims_table(rows)
-  assert len(rows) == 10 and sum(not r["descriptive"] for r in rows) == 6
-  doc = (root / "docs" / "study.md").read_text()
-  for line in table.splitlines()[2:]:
-    assert line in doc, line
+  records = {k: v for k, v in results.ResultStore(ROOT / "docs" / "study2").all().items()
+             if k != "sizing"}
+  first = results.ResultStore(ROOT / "docs" / "study").all()
+  return second_edition.analyse(records, first), records
 
 
-def test_docs_study_shows_the_pilot_as_committed():
-  """docs/study.md's pilot table and figures are what docs/study2's replica 0 computes to."""
-  from im_jax.study import results, second_edition  # pylint: disable=g-import-not-at-top
+def test_committed_report_is_what_the_committed_results_compute():
+  """docs/study2_report is the report code's output on docs/study2 and docs/study: a change
+  to the statistics or the tables, or an edited result, fails here until it is rebuilt."""
+  from im_jax.study import second_edition  # pylint: disable=g-import-not-at-top
 
-  root = pathlib.Path(__file__).resolve().parents[1]
-  records = results.ResultStore(root / "docs" / "study2").all()
-  if not {"lima_r0_n32_it", "lima_r0_n32_im"} <= set(records):
-    pytest.skip("the pilot's results are not committed")
-  cell = second_edition.pilot(records)
-  doc = (root / "docs" / "study.md").read_text()
-  for line in second_edition.curve_table(cell).splitlines()[2:]:
-    assert line in doc, line
-  over = {m: cell["overfitting"][m][0] for m in ("it", "im")}
-  assert over["it"]["best_epoch"] == over["im"]["best_epoch"] == 3
-  assert f"IT's by {over['it']['amount']:.4f}" in doc and f"IM's by {over['im']['amount']:.4f}" in doc
+  analysis, records = _committed_analysis()
+  assert second_edition.replicas(records).keys() == {0, 1, 2}
+  assert all(len(runs) == 3 for runs in second_edition.replicas(records).values())
+  stored = json.loads((REPORT / "results.json").read_text())
+  assert json.loads(json.dumps(analysis, default=second_edition._jsonable)) == stored["analysis"]  # pylint: disable=protected-access
+  assert (REPORT / "results.md").read_text() == second_edition.markdown(analysis,
+                                                                       stored["header"])
+  assert (REPORT / "curves_replicated.png").stat().st_size > 10_000
+
+
+def _table_rows(markdown: str, section: str) -> list[str]:
+  body = markdown.split(f"## {section}", 1)[1].split("\n## ", 1)[0]
+  rows = [line for line in body.splitlines() if line.startswith("| ")]
+  return rows[1:]  # the header row
+
+
+def test_docs_study_shows_the_second_edition_as_committed():
+  """Every table row of docs/study.md's second edition is the committed report's."""
+  from im_jax.study import second_edition  # pylint: disable=g-import-not-at-top
+
+  analysis, _ = _committed_analysis()
+  md = second_edition.markdown(analysis, {"scale": "replicated"})
+  doc = (ROOT / "docs" / "study.md").read_text()
+  sections = ("Claims", "The first edition's cells, re-read", "Held-out output loss by epoch",
+              "Overfitting per run", "Train output loss by epoch", "Memorisation")
+  for section in sections:
+    rows = _table_rows(md, section)
+    assert rows, section
+    for row in rows:
+      assert row in doc, f"{section}: {row}"
+
+
+def test_docs_study_prose_numbers_are_the_committed_results(shared_data_dir):
+  """The numbers docs/study.md's sentences cite, recomputed from the committed results."""
+  from im_jax.study import orchestrate, results, subsets, writeup  # pylint: disable=g-import-not-at-top
+
+  analysis, records = _committed_analysis()
+  cell = analysis["main"]
+  over, rows = cell["overfitting"], {r["id"]: r for r in cell["rows"]}
+  doc = " ".join((ROOT / "docs" / "study.md").read_text().split())  # sentences over lines
+  cited = []
+  for claim in ("C1", "C3", "C4", "C6"):
+    d, runs = rows[claim]["per_example"], rows[claim]["runs"]["values"]
+    cited += [f"{d['mean']:+.4f} nats per example [{d['mean_low']:+.4f}, {d['mean_high']:+.4f}]"
+              if claim == "C1" else f"{d['mean']:+.4f} [{d['mean_low']:+.4f}, {d['mean_high']:+.4f}]",
+              ", ".join(f"{v:+.4f}" for v in runs), f'"{rows[claim]["verdict"]}"'
+              if claim == "C6" else rows[claim]["verdict"]]
+  gaps = np.mean([np.subtract(over["it"][r]["curve"], over["im"][r]["curve"])
+                  for r in cell["replicas"]], axis=0)
+  cited.append(f"{gaps[1]:.4f} after epoch 1, {gaps[3]:.4f} at epoch 3")
+  cited.append(f"and {gaps[10]:.4f} after epoch 10")
+  assert all(o["best_epoch"] == 3 for m in over for o in over[m].values())
+  # "rises every epoch after it"
+  assert all(np.all(np.diff(o["curve"][3:]) > 0) for o in over["it"].values())
+  rise = {m: np.mean([o["amount"] for o in over[m].values()]) for m in over}
+  cited.append(f"IT's held-out loss rises by {rise['it']:.4f} and IM's by {rise['im']:.4f}")
+  cited.append(f"IM's rise is {rise['im'] / rise['it']:.0%} of IT's")
+  cited.append(f"IM's best, {np.mean([o['curve'][3] for o in over['im'].values()]):.4f}")
+  shares = [(over["it"][r]["curve"][-1] - over["it_instr"][r]["curve"][-1]) /
+            (over["it"][r]["curve"][-1] - over["im"][r]["curve"][-1]) for r in cell["replicas"]]
+  assert all(0 < s < 1 for s in shares)  # "between IT's and IM's in every replica"
+  cited.append(", ".join(f"{s:.0%}" for s in shares) + " of IM's gain")
+  train_last = {m: np.mean([c[-1] for c in cell["train_curves"][m].values()]) for m in over}
+  assert train_last["it"] < train_last["it_instr"] < train_last["im"]
+  cited.append(f"({train_last['it_instr']:.4f} after epoch 10, between IT's "
+               f"{train_last['it']:.4f} and IM's {train_last['im']:.4f})")
+  cited.append(f"({gaps[10] - gaps[3]:+.4f} from epoch 3 to 10, after {gaps[3] - gaps[1]:+.4f} "
+               "from epoch 1 to 3)")
+  # out of distribution: "IM is lower than IT on both in replicas 1 and 2, higher in replica 0"
+  other = cell["other_held_out"]
+  for dataset in ("alpaca5k", "dolly3k"):
+    lower = [i < t for i, t in zip(other["im"][dataset], other["it"][dataset])]
+    assert lower == [False, True, True], dataset
+  cited.append(f"{sum(r.get('seconds', 0) for r in records.values()):,.0f} s (3.9 h)")
+  controls = sorted((r for r in records.values() if r.get("method") == "it_instr"),
+                    key=lambda r: r["seed"])
+  cited.append(", ".join(f"{r['control']['example_weight']:.3f}" for r in controls))
+  train = next(r for r in cell["rows"] if r["claim"].startswith("IM's train"))
+  cited.append(f"{-train['runs']['mean']:.4f} nats on average over the runs")
   memo = cell["memorisation"]
-  assert (f"corpus BLEU {memo['im']['corpus_bleu']:.2f} against IT's {memo['it']['corpus_bleu']:.2f}"
-          f" and the untrained model's {memo['base']['corpus_bleu']:.2f}") in doc
-  minutes = [round(records[f"lima_r0_n32_{m}"]["seconds"] / 60) for m in ("it", "im")]
-  assert f"took {minutes[0]}\nand {minutes[1]} minutes" in doc
+  cited.append(f"({memo['im']['sentence_bleu']:.2f} vs {memo['it']['sentence_bleu']:.2f})")
+  cited.append(f"({memo['im']['corpus_bleu']:.2f} vs {memo['it']['corpus_bleu']:.2f})")
+  cited.append(f"({memo['im']['rouge_l']:.4f} vs {memo['it']['rouge_l']:.4f})")
+  cited.append(f"(corpus BLEU {memo['base']['corpus_bleu']:.2f})")
+  cited.append(" and ".join(f"{v:+.2f}" for v in rows["C5"]["runs"]["values"]))
+  # the first edition's figures in the re-read's prose
+  first = {r["id"]: r["per_example"] for r in analysis["first_edition"]}
+  alpaca = first["E1 alpaca5k_n64"]
+  cited.append(f"its median is {alpaca['median']:+.4f} and IM is better on "
+               f"{alpaca['positive_fraction']:.0%}")
+  first_records = results.ResultStore(ROOT / "docs" / "study").all()
+  report = writeup.analyse({k: v for k, v in first_records.items()
+                            if k != "sizing"})["memorisation"]
+  bleu = {d: [report[f"{d}:{m}"]["bleu"] for m in ("it", "im")] for d in ("alpaca5k", "lima")}
+  cited.append(f"is {bleu['alpaca5k'][0]:.2f} (IT) vs {bleu['alpaca5k'][1]:.2f} (IM)")
+  cited.append(f"(LIMA: {bleu['lima'][0]:.2f} vs {bleu['lima'][1]:.2f})")
+  it, im = first_records["alpaca5k_n64_it"], first_records["alpaca5k_n64_im"]
+  gaps = np.subtract(it["held_out"]["alpaca5k"]["output"], im["held_out"]["alpaca5k"]["output"])
+  cited.append(f"carries {gaps.min() / gaps.size:+.4f} of the {gaps.mean():+.4f}")
+  # the control's multi-turn examples, per subset
+  split = orchestrate.load_splits(scales.REPLICATED.held_out, str(shared_data_dir))["lima"]
+  n = scales.REPLICATED.overfit_size
+  multi = [sum(sum(m.role == "user" for m in c.messages) > 1
+               for c in subsets.first(split, n, r * n)) for r in cell["replicas"]]
+  cited.append(f"({multi[0]}, {multi[1]} and {multi[2]} of the three subsets' {n})")
+  for text in cited:
+    assert " ".join(text.split()) in doc, text
