@@ -263,14 +263,6 @@ def claims_table(rows: list[dict[str, Any]]) -> str:
   return writeup._table(CLAIM_HEADER, _claim_rows(rows))
 
 
-def reread(first: Records) -> list[dict[str, Any]]:
-  """The first edition's cells judged on their own (Holm over their claims alone): what
-  docs/study.md shows until the second edition's runs are all in."""
-  rows = first_edition(first)
-  judge(rows)
-  return rows
-
-
 def curve_table(cell: dict[str, Any]) -> str:
   """Held-out output loss by epoch, each method's mean over the replicas (0: untrained)."""
   epochs = len(next(iter(cell["overfitting"]["it"].values()))["curve"])
@@ -279,13 +271,6 @@ def curve_table(cell: dict[str, Any]) -> str:
     means = np.mean([o["curve"] for o in cell["overfitting"][m].values()], axis=0)
     rows.append([LABELS[m]] + [f"{v:.4f}" for v in means])
   return writeup._table(["method"] + [str(e) for e in range(epochs)], rows)
-
-
-def pilot(records: Records) -> dict[str, Any]:
-  """Replica 0's IT/IM pair alone (the pilot), as the main cell reads it."""
-  keep = {k: v for k, v in records.items()
-          if k.startswith("baseline") or (v.get("seed") == 0 and v.get("method") in ("it", "im"))}
-  return main_cell(keep)
 
 
 def markdown(analysis: dict[str, Any], header: dict[str, Any]) -> str:
