@@ -198,17 +198,21 @@ def test_lora_run_killed_resumes_exactly(tmp_path, tokenizer_dir, lora_args):
   for name in want:
     np.testing.assert_array_equal(got[name], want[name], err_msg=name)
 
-  # What a checkpoint holds, on disk: the fields of one definition, and bytes of the order of
-  # the adapters and their two Adam moments (orbax keeps some arrays twice plus metadata, and
-  # how much of it varies with the writes' timing: 417-500 KB for these 3 x 32 KB on a loaded
-  # 2-core host), far below the base's weights.
+  # What a checkpoint holds: the fields of one definition, and arrays that add up to the
+  # adapters and their two Adam moments (plus scalars: step, counts, the dropout key), far
+  # below the base's weights. On disk orbax keeps some arrays twice plus metadata, and how
+  # much varies with the writes' timing (417-586 KB for these 3 x 32 KB on a loaded 2-core
+  # host, as large as this tiny base's file), so the disk gets only a loose upper bound.
   step_dir = uninterrupted / "checkpoints" / str(STEPS)
-  assert set(_state_tree(step_dir)) == set(step_lib.CHECKPOINTED)
+  state = _state_tree(step_dir)
+  assert set(state) == set(step_lib.CHECKPOINTED)
   adapter_bytes = sum(v.nbytes for v in want.values())
+  held_bytes = sum(np.asarray(v).nbytes for v in jax.tree.leaves(state))
+  assert 3 * adapter_bytes <= held_bytes <= 3 * adapter_bytes + 1024, (held_bytes, adapter_bytes)
   base_bytes = (base_dir / "model.safetensors").stat().st_size
+  assert held_bytes < base_bytes / 4, (held_bytes, base_bytes)
   state_bytes = _folder_bytes(step_dir / "state")
-  assert state_bytes <= 6 * 3 * adapter_bytes + 128 * 1024, (state_bytes, adapter_bytes)
-  assert state_bytes < base_bytes, (state_bytes, base_bytes)
+  assert state_bytes <= 8 * 3 * adapter_bytes + 128 * 1024, (state_bytes, adapter_bytes)
 
   # The old layout: resumes from the same step to the same losses and adapters, nothing moved.
   resumed = _run(old_layout, tokenizer_dir, *lora_args)
