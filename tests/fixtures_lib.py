@@ -82,3 +82,10 @@ def tiny_hf_base(tokenizer_dir: pathlib.Path, out: pathlib.Path) -> pathlib.Path
   config = LlamaConfig.preset("tiny")
   return hf_export.export_hf(out, Llama(config, rngs=nnx.Rngs(7)), config, tokenizer_dir,
                              template="tulu")
+
+
+def one_error_line(err: str) -> str:
+  """The one line a command printed on a fault, checked to be the only one and no traceback."""
+  lines = [line for line in err.strip().splitlines() if line.strip()]
+  assert len(lines) == 1 and "Traceback" not in err, err
+  return lines[0]
