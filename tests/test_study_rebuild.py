@@ -95,6 +95,23 @@ def test_a_changed_key_is_named(shared_data_dir, tmp_path):
   assert 'examples: stored "0000000000000000", now "c7241fb7783e254b"' in problems[0], problems
 
 
+def test_committed_control_weights_are_what_the_code_computes(shared_data_dir, tmp_path,
+                                                             smollm2_tokenizer_dir):
+  """The control's example weight (IM's mean instruction share of its subset, from the run's
+  own encoding under IM's loss mode) and instruction count, as each committed control run
+  of the second edition stored them: computed here with the same SmolLM2 tokenizer."""
+  folder = ROOT / "docs" / "study2"
+  study = dataclasses.replace(_study(folder, scales.REPLICATED, shared_data_dir, tmp_path),
+                              start=start_models.Start("", str(smollm2_tokenizer_dir), ""))
+  controls = [r for r in runs_lib.make_plan(scales.REPLICATED)
+              if r.method == runs_lib.INSTRUCTIONS_ONLY]
+  assert len(controls) == 3
+  for run in controls:
+    stored = json.loads((folder / f"{run.name}.json").read_text(encoding="utf-8"))["control"]
+    kept, share = study.instruction_share(study.config(run), study.subset(run))
+    assert {"instructions": len(kept), "example_weight": share} == stored, run.name
+
+
 # The golden smoke result: what training computes, pinned (see the test's docstring).
 GOLDEN = pathlib.Path(__file__).with_name("study_smoke_golden.json")
 GOLDEN_STEPS = 5

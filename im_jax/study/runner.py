@@ -26,8 +26,6 @@ from im_jax.run import experiment
 from im_jax.convert.load import load_pretrained
 from im_jax.data import pipeline as pipeline_lib
 from im_jax.data import encode as encode_lib
-from im_jax.data import templates
-from im_jax.data import weights as weights_lib
 from im_jax.data.conversation import Conversation
 from im_jax.data.kinds import INSTRUCTION_KINDS
 from im_jax.data.stats import load_tokenizer
@@ -99,10 +97,10 @@ class Study:
     the control trains the kept examples' instructions only, each weighing that share of an
     example, so the instructions carry about the weight IM gives them (runs.config_for)."""
     tokenizer = load_tokenizer(c.data.tokenizer or c.model.init_from.removeprefix("hf:"))
-    encoder = encode_lib.Encoder(tokenizer, encode_lib.EncodeConfig(
-        template=templates.TemplateConfig(c.data.template, strip_content=c.data.strip_content),
-        loss=weights_lib.LossMaskConfig("im"), max_seq_len=c.data.max_seq_len,
-        truncation=c.data.truncation))  # drop rule no_output, as IT's and IM's runs
+    # the run's own encoding (settings.encode_config) under IM's loss mode, so a new encoding
+    # option reaches both; the config's drop rule is no_output, as IT's and IM's runs
+    im = dataclasses.replace(c, loss=dataclasses.replace(c.loss, mode="im"))
+    encoder = encode_lib.Encoder(tokenizer, encode_config(im))
     kept, shares = [], []
     for conversation in conversations:
       example = encoder.encode(conversation)
