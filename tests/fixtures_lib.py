@@ -1,8 +1,21 @@
 """Builders for the local test assets (no network): tokenizers and the SmolLM2 HF folder."""
 
+import contextlib
+import fcntl
 import pathlib
 
 _DONE = ".complete"
+
+
+@contextlib.contextmanager
+def _building(out: pathlib.Path):
+  """Holds a lock beside the cached asset `out` while it is checked and built: the suite's
+  pytest-xdist workers share pytest's cache folder, and two of them may ask for the same
+  asset at once (the second waits, then finds it complete)."""
+  out.parent.mkdir(parents=True, exist_ok=True)
+  with open(out.parent / f".{out.name}.lock", "w", encoding="utf-8") as lock:
+    fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+    yield
 
 
 def _ready(out: pathlib.Path) -> bool:
@@ -15,20 +28,22 @@ def _mark(out: pathlib.Path) -> pathlib.Path:
 
 
 def smollm2_tokenizer_dir(gguf: pathlib.Path, out: pathlib.Path) -> pathlib.Path:
-  if _ready(out):
-    return out
-  import transformers
+  with _building(out):
+    if _ready(out):
+      return out
+    import transformers
 
-  tok = transformers.AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
-  tok.save_pretrained(out)
-  return _mark(out)
+    tok = transformers.AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    tok.save_pretrained(out)
+    return _mark(out)
 
 
 def smollm2_hf_dir(gguf: pathlib.Path, out: pathlib.Path) -> pathlib.Path:
   """The study's runtime conversion (im_jax/study/start_models.py), so the tests exercise it."""
   from im_jax.study import start_models
 
-  return start_models.smollm2_hf_folder(out, gguf)
+  with _building(out):
+    return start_models.smollm2_hf_folder(out, gguf)
 
 
 TINY_CHAT_TEMPLATE = (
@@ -50,6 +65,11 @@ _TINY_CORPUS = [
 
 
 def tiny_tokenizer_dir(out: pathlib.Path, vocab_size: int = 512) -> pathlib.Path:
+  with _building(out):
+    return _tiny_tokenizer(out, vocab_size)
+
+
+def _tiny_tokenizer(out: pathlib.Path, vocab_size: int) -> pathlib.Path:
   if _ready(out):
     return out
   import tokenizers
