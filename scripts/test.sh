@@ -4,9 +4,10 @@
 # file or folder (tests/test_plan.py, tests/test_plan.py::test_x) only those run.
 # `--fast` (first) leaves out the tests marked slow (pyproject.toml: training subprocesses,
 # killed runs, TPU compiles, the study): the edit-test loop. CI runs everything.
-# The whole suite (or tier) runs in IM_JAX_TEST_WORKERS pytest-xdist workers (default 2, at
-# most the CPU count; 0: one process), a test file to each, so a module's fixtures are built
-# once: 906 s instead of 1,316 s on 2 cores (docs/benchmarks.md). Named files run in one process.
+# IM_JAX_TEST_WORKERS=N runs the whole suite (or tier) in N pytest-xdist workers (at most the
+# CPU count), a test file to each, so a module's fixtures are built once: 848-952 s instead of
+# 1,126-1,535 s on 2 cores (docs/benchmarks.md). Default 0, one process, as CI runs: one of
+# four two-worker runs lost a worker and hung. Named files always run in one process.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 select=()
@@ -20,7 +21,7 @@ if [[ "${1:-}" == "--fast" ]]; then
   export JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS=0 JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES=-1
 fi
 targets=(tests)
-workers="${IM_JAX_TEST_WORKERS:-2}"
+workers="${IM_JAX_TEST_WORKERS:-0}"
 if [[ $# -gt 0 && -e "${1%%::*}" ]]; then
   targets=()
   workers=0
